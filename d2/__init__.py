@@ -1,0 +1,1 @@
+"""Diffusion^2 pipeline."""

@@ -1,0 +1,162 @@
+"""File helpers: atomic writes, images, videos, grids.
+
+Every writer goes to a temporary path beside the target and renames it into place, so a
+crash or a bad input never leaves a half-written file where a good one was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success replace ``path`` with it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_tensor(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_tensor(path: str | os.PathLike) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def to_uint8(image: Tensor | np.ndarray) -> np.ndarray:
+    """[3, H, W] or [H, W, 3] float in [0, 1] (or uint8) -> [H, W, 3] uint8."""
+    if isinstance(image, Tensor):
+        image = image.detach().float().cpu().numpy()
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+        image = np.transpose(image, (1, 2, 0))
+    if image.dtype != np.uint8:
+        image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return image
+
+
+def save_image(path: str | os.PathLike, image: Tensor | np.ndarray) -> None:
+    """Save one image ([3, H, W] / [H, W, 3], float in [0, 1] or uint8) as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(to_uint8(image)).save(tmp, format="PNG")
+
+
+def load_image(path: str | os.PathLike, size: int | None = None, background: float = 1.0) -> Tensor:
+    """Load an image as [3, H, W] float in [0, 1]; alpha is composited on ``background``."""
+    img = Image.open(path)
+    img.load()
+    if img.mode in ("RGBA", "LA", "P"):
+        img = img.convert("RGBA")
+        arr = np.asarray(img).astype(np.float32) / 255.0
+        rgb, alpha = arr[..., :3], arr[..., 3:4]
+        arr = rgb * alpha + background * (1.0 - alpha)
+    else:
+        arr = np.asarray(img.convert("RGB")).astype(np.float32) / 255.0
+    out = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    if size is not None and (out.shape[1] != size or out.shape[2] != size):
+        out = torch.nn.functional.interpolate(out[None], size=(size, size), mode="bilinear", antialias=True,
+                                              align_corners=False)[0].clamp(0, 1)
+    return out
+
+
+def save_video(path: str | os.PathLike, frames: Tensor | np.ndarray | list, fps: int = 8) -> None:
+    """Save frames ([T, 3, H, W] float in [0, 1], or a list of images) as an H.264 MP4, atomically.
+
+    Frames are padded to even sizes (H.264 needs them).
+    """
+    import imageio.v3 as iio
+
+    arrs = [to_uint8(f) for f in frames]
+    h, w = arrs[0].shape[:2]
+    ph, pw = h + (h % 2), w + (w % 2)
+    if (ph, pw) != (h, w):
+        arrs = [np.pad(a, ((0, ph - h), (0, pw - w), (0, 0)), constant_values=255) for a in arrs]
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, np.stack(arrs), extension=".mp4", fps=fps, codec="libx264",
+                    macro_block_size=1, plugin="pyav" if _has_pyav() else None)
+
+
+def _has_pyav() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def image_grid(images: Tensor, pad: int = 1, pad_value: float = 1.0) -> Tensor:
+    """[R, C, 3, H, W] -> one [3, R*(H+pad)-pad, C*(W+pad)-pad] image."""
+    r, c, ch, h, w = images.shape
+    out = torch.full((ch, r * (h + pad) - pad, c * (w + pad) - pad), pad_value, dtype=images.dtype)
+    for i in range(r):
+        for j in range(c):
+            out[:, i * (h + pad): i * (h + pad) + h, j * (w + pad): j * (w + pad) + w] = images[i, j]
+    return out
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()

@@ -1,0 +1,37 @@
+# Diffusion² — every entry point creates .venv when missing (Python 3.11 + pip only).
+#   make demo       the benchmark flow on the procedural mini-benchmark, CPU backends
+#   make test       the whole test suite (what CI runs)
+#   make test-fast  the suite without the tests marked slow
+#   make bench      orchestration overhead per task (bench/overhead.py)
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.d2-installed
+DEMO_OUT ?= runs/demo
+
+.PHONY: venv demo test test-fast bench clean-runs
+
+venv: $(STAMP)
+
+# pip runs again only when pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -e '.[dev]'
+	@touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/d2 demo --out $(DEMO_OUT)
+
+# pytest exits 5 when it collects no test: that is not a failure of the suite.
+test: venv
+	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow"; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+bench: venv
+	$(PY) bench/overhead.py
+
+clean-runs:
+	rm -rf runs/demo runs/bench

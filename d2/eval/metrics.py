@@ -1,0 +1,568 @@
+"""Image and video metrics: SSIM, PSNR, LPIPS (VGG), CLIP similarity, FVD.
+
+Conventions: images are float ``[N, 3, H, W]`` in [0, 1] (white background); every
+per-image metric returns one value per pair, ``[N]``. SSIM, PSNR and LPIPS are
+differentiable (the fitting stage uses SSIM and LPIPS as losses).
+
+Weights. LPIPS needs torchvision's ImageNet VGG16 (``vgg16-397923af.pth``) besides the
+linear heads that ship inside the ``lpips`` package; CLIP similarity needs the OpenAI
+ViT-B/32 checkpoint; FVD needs an I3D TorchScript file. None can be downloaded here. A
+metric whose weights are missing is *unavailable*: :class:`MetricSuite` records the reason
+(naming each file it looked for) and the results tables print "unavailable"; no number is
+ever computed from random weights outside tests. ``require`` turns unavailability into
+:class:`MetricUnavailable`.
+
+Test hooks: :func:`build_lpips` with ``random_backbone=True`` and :func:`tiny_clip_model`
+build the same code paths on random weights so the plumbing (symmetry, batch-order
+invariance, identical-image values) can be tested without weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol as TypingProtocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+MetricName = Literal["clip", "lpips", "psnr", "ssim", "fvd"]
+ALL_METRICS: tuple[str, ...] = ("clip", "lpips", "psnr", "ssim", "fvd")
+# Direction of each metric (True: higher is better), for tables.
+HIGHER_IS_BETTER: dict[str, bool] = {"clip": True, "lpips": False, "psnr": True, "ssim": True, "fvd": False}
+
+# File names as the upstream tools cache them.
+VGG16_FILENAME = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 (torch hub cache name)
+CLIP_HF_REPO = "timm/vit_base_patch32_clip_224.openai"  # open_clip's hub location of the OpenAI ViT-B/32
+CLIP_HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+CLIP_OPENAI_FILENAME = "ViT-B-32.pt"  # OpenAI's own `clip` package cache name (~/.cache/clip)
+I3D_FILENAME = "i3d_torchscript.pt"  # StyleGAN-V's TorchScript I3D (Kinetics-400)
+
+# OpenAI CLIP normalisation (open_clip's OPENAI_DATASET_MEAN / STD).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# PSNR of identical images is +inf; we report it capped at this value and flag it.
+PSNR_CAP_DB = 100.0
+
+METRIC_DEFINITIONS: dict[str, str] = {
+    "clip": "CLIP similarity: cosine of CLIP ViT-B/32 (OpenAI weights, open-clip-torch) image features of "
+            "prediction and ground truth; images resized to the eval resolution, then bicubic to 224 and "
+            "normalised with the OpenAI mean/std. Higher is better, 1 for identical images.",
+    "lpips": "LPIPS v0.1 with the VGG16 backbone (ImageNet weights) and the package's linear heads, images at "
+             "the eval resolution mapped to [-1, 1]. Lower is better, 0 for identical images.",
+    "psnr": f"PSNR = 10 log10(1 / MSE) over all pixels and channels, images in [0, 1]; identical images "
+            f"(MSE = 0) are capped at {PSNR_CAP_DB:g} dB and counted as capped.",
+    "ssim": "SSIM (Wang et al. 2004): Gaussian window 11x11, sigma 1.5, K1 = 0.01, K2 = 0.03, data range 1, "
+            "valid windows only, per channel then averaged (= scikit-image, gaussian_weights=True).",
+    "fvd": "FVD (pooled): one I3D (Kinetics-400, TorchScript) feature per (object, view) video of the scored "
+           "frames, resized to 224, in [-1, 1]; Frechet distance between Gaussians fitted to all predicted "
+           "and all ground-truth videos pooled over objects and views (one number per benchmark, not per "
+           "object: one video per side has no covariance).",
+}
+
+
+class MetricUnavailable(RuntimeError):
+    """A metric cannot be computed (missing weights or package); the message says why."""
+
+
+class MetricsConfig(BaseModel):
+    """Which metrics to compute and where their weights are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metrics: list[MetricName] = Field(default_factory=lambda: list(ALL_METRICS))  # metrics to compute
+    clip_weights: Path | None = None  # OpenAI ViT-B/32 checkpoint (open_clip .safetensors/.bin or OpenAI ViT-B-32.pt); None: search caches
+    lpips_vgg_weights: Path | None = None  # torchvision vgg16-397923af.pth; None: search the torch hub cache
+    i3d_weights: Path | None = None  # I3D TorchScript file for FVD; None: search $D2_WEIGHTS_DIR
+    device: str = "cpu"  # torch device the metric networks run on
+    resolution: int | None = 512  # images are resized to this square size before scoring (None: native)
+    batch_size: int = Field(16, ge=1)  # images per forward pass of CLIP / LPIPS
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_pair(x: Tensor, y: Tensor, name: str) -> None:
+    if x.shape != y.shape:
+        raise ValueError(f"{name}: shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name}: expected images [N, 3, H, W], got {tuple(x.shape)}")
+
+
+def resize_square(x: Tensor, size: int | None) -> Tensor:
+    """[N, 3, H, W] -> [N, 3, size, size] (bilinear, antialiased); unchanged when already that size."""
+    if size is None or (x.shape[-2] == size and x.shape[-1] == size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------- SSIM / PSNR
+
+
+def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g.to(dtype=dtype, device=device)  # [size]
+
+
+def ssim(x: Tensor, y: Tensor, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0,
+         k1: float = 0.01, k2: float = 0.03) -> Tensor:
+    """Mean SSIM per image pair, differentiable.
+
+    Args:
+        x, y: [N, 3, H, W] in [0, data_range]; H, W >= window_size.
+    Returns:
+        [N] SSIM, averaged over valid window positions and channels (scikit-image's
+        ``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``).
+    """
+    _check_pair(x, y, "ssim")
+    if min(x.shape[-2:]) < window_size:
+        raise ValueError(f"ssim: images {tuple(x.shape[-2:])} smaller than the {window_size}px window")
+    c = x.shape[1]
+    g = _gaussian_window(window_size, sigma, x.dtype, x.device)
+    w_row = g.view(1, 1, 1, -1).expand(c, 1, 1, window_size)  # [C, 1, 1, k]
+    w_col = g.view(1, 1, -1, 1).expand(c, 1, window_size, 1)  # [C, 1, k, 1]
+
+    def filt(z: Tensor) -> Tensor:  # separable valid Gaussian filter, per channel
+        return F.conv2d(F.conv2d(z, w_row, groups=c), w_col, groups=c)
+
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    mu_x, mu_y = filt(x), filt(y)  # [N, C, H', W']
+    sxx = filt(x * x) - mu_x**2
+    syy = filt(y * y) - mu_y**2
+    sxy = filt(x * y) - mu_x * mu_y
+    s_map = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return s_map.mean(dim=(1, 2, 3))  # [N]
+
+
+def mse(x: Tensor, y: Tensor) -> Tensor:
+    """Mean squared error per image pair: [N, 3, H, W] x2 -> [N]."""
+    _check_pair(x, y, "mse")
+    return ((x - y) ** 2).mean(dim=(1, 2, 3))
+
+
+def psnr(x: Tensor, y: Tensor, data_range: float = 1.0, cap_db: float = PSNR_CAP_DB) -> Tensor:
+    """PSNR in dB per image pair ([N, 3, H, W] x2 -> [N]), capped at ``cap_db`` (identical images).
+
+    Use :func:`psnr_capped` for the flag saying which values hit the cap.
+    """
+    err = mse(x, y)
+    floor = data_range**2 * 10.0 ** (-cap_db / 10.0)
+    return 10.0 * torch.log10(data_range**2 / err.clamp_min(floor))
+
+
+def psnr_capped(x: Tensor, y: Tensor, data_range: float = 1.0, cap_db: float = PSNR_CAP_DB) -> Tensor:
+    """[N] bool: which pairs are so close (e.g. identical) that their PSNR was capped."""
+    floor = data_range**2 * 10.0 ** (-cap_db / 10.0)
+    return mse(x, y) <= floor
+
+
+# --------------------------------------------------------------------------- LPIPS
+
+
+def vgg16_search_paths(explicit: Path | None = None) -> list[Path]:
+    """Where the VGG16 ImageNet weights are looked for, in order."""
+    paths: list[Path] = []
+    if explicit is not None:
+        return [Path(explicit)]
+    env = os.environ.get("D2_WEIGHTS_DIR")
+    if env:
+        paths.append(Path(env) / VGG16_FILENAME)
+    paths.append(Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILENAME)
+    return paths
+
+
+def _find_file(paths: list[Path]) -> Path | None:
+    for p in paths:
+        if p.is_file():
+            return p
+    return None
+
+
+def build_lpips(vgg_weights: Path | None = None, random_backbone: bool = False, device: str = "cpu") -> torch.nn.Module:
+    """The LPIPS v0.1 VGG network (``lpips.LPIPS``), eval mode, frozen.
+
+    The linear heads always come from the ``lpips`` package. The VGG16 backbone is loaded
+    from ``vgg_weights`` (or the torch hub cache); ``random_backbone=True`` (tests only)
+    keeps torchvision's random initialisation instead.
+
+    Raises:
+        MetricUnavailable: the backbone file is missing (the message names where it looked).
+    """
+    try:
+        import lpips  # noqa: F401
+    except ImportError as e:  # pragma: no cover - dependency of the package
+        raise MetricUnavailable(f"lpips: the `lpips` package is not installed ({e})") from e
+    state = None
+    if not random_backbone:
+        candidates = vgg16_search_paths(vgg_weights)
+        found = _find_file(candidates)
+        if found is None:
+            raise MetricUnavailable(
+                "lpips: VGG16 ImageNet weights not found; looked for "
+                + ", ".join(str(p) for p in candidates)
+                + f". Copy torchvision's {VGG16_FILENAME} there or set metrics.lpips_vgg_weights."
+            )
+        state = torch.load(found, map_location="cpu", weights_only=True)
+    import lpips
+
+    import warnings
+
+    with warnings.catch_warnings():  # torchvision's deprecation notes about lpips' `pretrained=` call
+        warnings.simplefilter("ignore", UserWarning)
+        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    if state is not None:
+        _load_vgg_into_lpips(net, state)
+    net = net.eval().to(device)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def _load_vgg_into_lpips(net: torch.nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy torchvision VGG16 ``features.{i}.*`` weights into lpips' sliced backbone."""
+    slices = [getattr(net.net, f"slice{k}") for k in range(1, 6)]
+    loaded = 0
+    for sl in slices:
+        for name, module in sl.named_children():  # children are named by their index in vgg.features
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.data.copy_(state[f"features.{name}.weight"])
+                module.bias.data.copy_(state[f"features.{name}.bias"])
+                loaded += 1
+    if loaded != 13:
+        raise MetricUnavailable(f"lpips: expected 13 VGG16 conv layers, loaded {loaded}")
+
+
+def lpips_distance(net: torch.nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """LPIPS per pair: x, y [N, 3, H, W] in [0, 1] (mapped to [-1, 1] here) -> [N]."""
+    _check_pair(x, y, "lpips")
+    return net(x * 2 - 1, y * 2 - 1, normalize=False).view(-1)
+
+
+# --------------------------------------------------------------------------- CLIP
+
+
+def clip_search_paths(explicit: Path | None = None) -> list[Path]:
+    """Where the OpenAI CLIP ViT-B/32 checkpoint is looked for, in order."""
+    if explicit is not None:
+        return [Path(explicit)]
+    paths: list[Path] = []
+    env = os.environ.get("D2_WEIGHTS_DIR")
+    if env:
+        paths += [Path(env) / f for f in CLIP_HF_FILES] + [Path(env) / CLIP_OPENAI_FILENAME]
+    hf_home = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    snap = hf_home / ("models--" + CLIP_HF_REPO.replace("/", "--")) / "snapshots"
+    if snap.is_dir():
+        for d in sorted(snap.iterdir()):
+            paths += [d / f for f in CLIP_HF_FILES]
+    else:
+        paths.append(snap / "<revision>" / CLIP_HF_FILES[0])
+    paths.append(Path.home() / ".cache" / "clip" / CLIP_OPENAI_FILENAME)
+    return paths
+
+
+def load_clip_model(weights: Path | None = None, device: str = "cpu") -> torch.nn.Module:
+    """CLIP ViT-B/32 with the OpenAI weights from a local file (open_clip, QuickGELU as OpenAI trained it).
+
+    Raises:
+        MetricUnavailable: no checkpoint found (the message lists every path tried).
+    """
+    try:
+        import open_clip
+    except ImportError as e:  # pragma: no cover
+        raise MetricUnavailable(f"clip: open-clip-torch is not installed ({e})") from e
+    candidates = clip_search_paths(weights)
+    found = _find_file(candidates)
+    if found is None:
+        raise MetricUnavailable(
+            "clip: OpenAI CLIP ViT-B/32 weights not found; looked for "
+            + ", ".join(str(p) for p in candidates)
+            + f". Put open_clip's {CLIP_HF_FILES[0]} (hub repo {CLIP_HF_REPO}) or OpenAI's {CLIP_OPENAI_FILENAME} "
+              "there, or set metrics.clip_weights."
+        )
+    model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
+    try:  # OpenAI's own ViT-B-32.pt is a TorchScript archive
+        state = torch.jit.load(str(found), map_location="cpu").state_dict()
+        for key in ("input_resolution", "context_length", "vocab_size"):
+            state.pop(key, None)
+        model.load_state_dict(state)
+    except RuntimeError:  # an open_clip state dict (.safetensors / .bin)
+        from open_clip.factory import load_checkpoint
+
+        load_checkpoint(model, str(found))
+    model = model.eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def tiny_clip_model(embed_dim: int = 16, seed: int = 0) -> torch.nn.Module:
+    """A tiny random-weight open_clip CLIP (224 px, 1 layer) for tests of the CLIP code path."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = CLIP(
+            embed_dim=embed_dim,
+            vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=32, image_size=224),
+            text_cfg=CLIPTextCfg(context_length=8, vocab_size=64, width=16, heads=2, layers=1),
+            quick_gelu=True,
+        )
+    finally:
+        torch.random.set_rng_state(gen_state)
+    model = model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def clip_preprocess(x: Tensor, eval_resolution: int | None = 512, model_size: int = 224) -> Tensor:
+    """[N, 3, H, W] in [0, 1] -> [N, 3, 224, 224] normalised CLIP input.
+
+    Resize to the eval resolution (bilinear, antialiased), then bicubic to the model's 224
+    (square images: open_clip's resize + centre crop is a plain resize), then the OpenAI
+    mean/std.
+    """
+    x = resize_square(x, eval_resolution)
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"clip: expected square images, got {tuple(x.shape[-2:])}")
+    x = F.interpolate(x, size=(model_size, model_size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def clip_image_features(model: torch.nn.Module, x: Tensor, eval_resolution: int | None = 512) -> Tensor:
+    """Unit-norm CLIP image features: [N, 3, H, W] in [0, 1] -> [N, D]."""
+    size = _clip_image_size(model)
+    feats = model.encode_image(clip_preprocess(x, eval_resolution, size))  # [N, D]
+    return F.normalize(feats.float(), dim=-1)
+
+
+def _clip_image_size(model: torch.nn.Module) -> int:
+    s = getattr(getattr(model, "visual", None), "image_size", 224)
+    return int(s[0] if isinstance(s, (tuple, list)) else s)
+
+
+def clip_similarity(model: torch.nn.Module, x: Tensor, y: Tensor, eval_resolution: int | None = 512) -> Tensor:
+    """Cosine similarity of CLIP image features per pair: [N, 3, H, W] x2 -> [N]."""
+    _check_pair(x, y, "clip")
+    fx = clip_image_features(model, x, eval_resolution)
+    fy = clip_image_features(model, y, eval_resolution)
+    return (fx * fy).sum(dim=-1)
+
+
+# --------------------------------------------------------------------------- FVD
+
+
+class VideoFeatureExtractor(TypingProtocol):
+    """Maps videos [B, T, 3, H, W] in [0, 1] to one feature vector each, [B, D]."""
+
+    def __call__(self, videos: Tensor) -> Tensor: ...
+
+
+def i3d_search_paths(explicit: Path | None = None) -> list[Path]:
+    """Where the I3D TorchScript file is looked for."""
+    if explicit is not None:
+        return [Path(explicit)]
+    paths = []
+    env = os.environ.get("D2_WEIGHTS_DIR")
+    if env:
+        paths.append(Path(env) / I3D_FILENAME)
+    paths.append(Path(torch.hub.get_dir()) / "checkpoints" / I3D_FILENAME)
+    return paths
+
+
+class I3DFeatures:
+    """I3D (Kinetics-400) features from StyleGAN-V's TorchScript detector.
+
+    Videos [B, T, 3, H, W] in [0, 1] are resized to 224, mapped to [-1, 1], laid out as
+    [B, 3, T, 224, 224] and passed with ``rescale=False, resize=False, return_features=True``
+    (the 400-d pre-softmax logits, as StyleGAN-V's FVD uses).
+    """
+
+    def __init__(self, weights: Path | None = None, device: str = "cpu") -> None:
+        candidates = i3d_search_paths(weights)
+        found = _find_file(candidates)
+        if found is None:
+            raise MetricUnavailable(
+                "fvd: I3D TorchScript weights not found; looked for " + ", ".join(str(p) for p in candidates)
+                + f". Put StyleGAN-V's {I3D_FILENAME} there or set metrics.i3d_weights."
+            )
+        self.device = device
+        self.model = torch.jit.load(str(found), map_location=device).eval()
+
+    @torch.no_grad()
+    def __call__(self, videos: Tensor) -> Tensor:
+        b, t = videos.shape[:2]
+        frames = resize_square(videos.reshape(b * t, *videos.shape[2:]), 224)  # [B*T, 3, 224, 224]
+        v = (frames * 2 - 1).reshape(b, t, 3, 224, 224).permute(0, 2, 1, 3, 4).contiguous()  # [B, 3, T, 224, 224]
+        feats = self.model(v.to(self.device), rescale=False, resize=False, return_features=True)
+        return feats.float().cpu()  # [B, D]
+
+
+def frechet_distance(feats_a: np.ndarray | Tensor, feats_b: np.ndarray | Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets [Na, D], [Nb, D] (Na, Nb >= 2).
+
+    ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` with unbiased covariances.
+    """
+    import scipy.linalg
+
+    a = np.asarray(feats_a.detach().cpu() if isinstance(feats_a, Tensor) else feats_a, dtype=np.float64)
+    b = np.asarray(feats_b.detach().cpu() if isinstance(feats_b, Tensor) else feats_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"frechet_distance: expected [N, D] feature sets, got {a.shape} and {b.shape}")
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError("frechet_distance: each set needs at least 2 samples (a covariance); "
+                         "pool videos over objects and views")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    s_a, s_b = np.atleast_2d(s_a), np.atleast_2d(s_b)
+    covmean = scipy.linalg.sqrtm(s_a @ s_b)
+    if not np.isfinite(covmean).all():
+        eps = 1e-6 * np.eye(s_a.shape[0])
+        covmean = scipy.linalg.sqrtm((s_a + eps) @ (s_b + eps))
+    covmean = np.real(covmean)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean))
+
+
+def fvd_pooled(pred_videos: list[Tensor], gt_videos: list[Tensor], extractor: VideoFeatureExtractor,
+               batch_size: int = 4) -> float:
+    """Pooled FVD: features of every predicted and ground-truth video ([T, 3, H, W] each, one per
+    (object, view)), then :func:`frechet_distance` between the two pooled sets."""
+    if len(pred_videos) != len(gt_videos):
+        raise ValueError(f"fvd: {len(pred_videos)} predicted vs {len(gt_videos)} ground-truth videos")
+
+    def feats(vids: list[Tensor]) -> Tensor:
+        out = [extractor(torch.stack(vids[i:i + batch_size])) for i in range(0, len(vids), batch_size)]
+        return torch.cat(out)  # [N, D]
+
+    return frechet_distance(feats(pred_videos), feats(gt_videos))
+
+
+# --------------------------------------------------------------------------- suite
+
+
+@dataclass
+class MetricSuite:
+    """The metrics of one evaluation, with the reason for each that is unavailable.
+
+    Build with :func:`build_metric_suite`; ``score_images`` gives per-pair values of the
+    available per-image metrics; FVD is pooled (see :func:`fvd_pooled`).
+    """
+
+    requested: list[str]
+    resolution: int | None = 512
+    batch_size: int = 16
+    device: str = "cpu"
+    clip_model: torch.nn.Module | None = None
+    lpips_net: torch.nn.Module | None = None
+    video_extractor: VideoFeatureExtractor | None = None
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def available(self) -> list[str]:
+        """Requested metrics that can be computed."""
+        return [m for m in self.requested if m not in self.unavailable]
+
+    @property
+    def image_metrics(self) -> list[str]:
+        """Available per-image metrics (everything but FVD)."""
+        return [m for m in self.available if m != "fvd"]
+
+    def require(self, names: list[str] | tuple[str, ...]) -> None:
+        """Raise :class:`MetricUnavailable` if any of ``names`` cannot be computed."""
+        bad = [n for n in names if n not in ALL_METRICS]
+        if bad:
+            raise ValueError(f"unknown metric(s) {bad}; known: {list(ALL_METRICS)}")
+        missing = [n for n in names if n not in self.available]
+        if missing:
+            reasons = "; ".join(f"{n}: {self.unavailable.get(n, 'not requested in metrics config')}" for n in missing)
+            raise MetricUnavailable(f"required metric(s) unavailable: {reasons}")
+
+    @torch.no_grad()
+    def score_images(self, pred: Tensor, gt: Tensor) -> dict[str, Tensor]:
+        """Per-pair values of every available image metric.
+
+        Args:
+            pred, gt: [N, 3, H, W] in [0, 1].
+        Returns:
+            name -> [N] float64 on CPU, plus ``psnr_capped`` -> [N] bool when PSNR is computed.
+        """
+        _check_pair(pred, gt, "score_images")
+        out: dict[str, list[Tensor]] = {}
+        for i in range(0, pred.shape[0], self.batch_size):
+            p = resize_square(pred[i:i + self.batch_size].float(), self.resolution).to(self.device)
+            g = resize_square(gt[i:i + self.batch_size].float(), self.resolution).to(self.device)
+            vals: dict[str, Tensor] = {}
+            for m in self.image_metrics:
+                if m == "psnr":
+                    vals["psnr"] = psnr(p, g)
+                    vals["psnr_capped"] = psnr_capped(p, g)
+                elif m == "ssim":
+                    vals["ssim"] = ssim(p, g)
+                elif m == "lpips":
+                    vals["lpips"] = lpips_distance(self.lpips_net, p, g)
+                elif m == "clip":
+                    vals["clip"] = clip_similarity(self.clip_model, p, g, eval_resolution=None)
+            for k, v in vals.items():
+                out.setdefault(k, []).append(v.detach().cpu())
+        return {k: (torch.cat(v) if k == "psnr_capped" else torch.cat(v).double()) for k, v in out.items()}
+
+
+def build_metric_suite(
+    cfg: MetricsConfig,
+    clip_model: torch.nn.Module | None = None,
+    lpips_net: torch.nn.Module | None = None,
+    video_extractor: VideoFeatureExtractor | None = None,
+) -> MetricSuite:
+    """Load the networks of the requested metrics; missing weights mark a metric unavailable.
+
+    ``clip_model`` / ``lpips_net`` / ``video_extractor`` inject ready networks (tests use
+    tiny random ones); otherwise they are loaded from the config's weight paths.
+    """
+    suite = MetricSuite(requested=list(dict.fromkeys(cfg.metrics)), resolution=cfg.resolution,
+                        batch_size=cfg.batch_size, device=cfg.device)
+    if "clip" in suite.requested:
+        try:
+            suite.clip_model = (clip_model or load_clip_model(cfg.clip_weights, cfg.device)).to(cfg.device)
+        except MetricUnavailable as e:
+            suite.unavailable["clip"] = str(e)
+    if "lpips" in suite.requested:
+        try:
+            suite.lpips_net = (lpips_net or build_lpips(cfg.lpips_vgg_weights, device=cfg.device)).to(cfg.device)
+        except MetricUnavailable as e:
+            suite.unavailable["lpips"] = str(e)
+    if "fvd" in suite.requested:
+        try:
+            suite.video_extractor = video_extractor or I3DFeatures(cfg.i3d_weights, cfg.device)
+        except MetricUnavailable as e:
+            suite.unavailable["fvd"] = str(e)
+    return suite
+
+
+def parse_metric_list(text: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """``"clip,lpips"`` -> ``["clip", "lpips"]`` with validation (for ``--require-metrics``)."""
+    if text is None:
+        return []
+    items = text.split(",") if isinstance(text, str) else list(text)
+    names = [s.strip().lower() for s in items if s.strip()]
+    bad = [n for n in names if n not in ALL_METRICS]
+    if bad:
+        raise ValueError(f"unknown metric(s) {bad}; known: {', '.join(ALL_METRICS)}")
+    return names
+
+
+__all__ = [
+    "ALL_METRICS", "HIGHER_IS_BETTER", "METRIC_DEFINITIONS", "MetricSuite", "MetricUnavailable", "MetricsConfig",
+    "I3DFeatures", "VideoFeatureExtractor", "build_lpips", "build_metric_suite", "clip_image_features",
+    "clip_preprocess", "clip_similarity", "frechet_distance", "fvd_pooled", "load_clip_model", "lpips_distance",
+    "mse", "parse_metric_list", "psnr", "psnr_capped", "resize_square", "ssim", "tiny_clip_model",
+]

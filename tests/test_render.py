@@ -72,7 +72,7 @@ def test_matches_slow_reference(seed: int) -> None:
     vm, K = orbit_cameras([30.0 + 70 * seed, 200.0], OrbitSpec(radius=2.0, fov_deg=40.0, elevation_deg=15.0), w, h)
     vm, K = vm.double(), K.double()
     bg = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
-    out, alpha = rasterize(means, covars, opac, colors, vm, K, w, h, background=bg, backend="torch", tile_size=8)
+    out, alpha = rasterize(means, covars, opac, colors, vm, K, w, h, background=bg, backend="torch", torch_tile_size=6)
     assert out.shape == (2, h, w, 3) and alpha.shape == (2, h, w, 1)
     for ci in range(2):
         ref, ref_a = _reference(means, covars, opac, colors, vm[ci], K[ci], w, h, bg)

@@ -106,6 +106,7 @@ def rasterize(
     far_plane: float = 1e10,
     eps2d: float = 0.3,
     tile_size: int = 16,
+    torch_tile_size: int = 8,
     max_elements: int = 1 << 23,
 ) -> tuple[Tensor, Tensor]:
     """Render Gaussians into every camera of every batch entry.
@@ -121,7 +122,9 @@ def rasterize(
             or "auto" (gsplat on CUDA when importable, torch otherwise).
         near_plane, far_plane: depth culling planes (camera z).
         eps2d: low-pass added to the 2D covariance's diagonal (pixels^2).
-        tile_size: torch backend: tile side for binning Gaussians (pixels).
+        tile_size: gsplat backend: tile side (pixels).
+        torch_tile_size: torch backend: tile side for binning Gaussians (pixels; smaller
+            tiles mean shorter per-tile lists and less dense work on CPU).
         max_elements: torch backend: bound on pixels x Gaussians evaluated at once.
 
     Returns:
@@ -141,7 +144,7 @@ def rasterize(
         return _rasterize_gsplat(means, covars, opacities, colors, viewmats, Ks, width, height, background,
                                  near_plane, far_plane, eps2d, tile_size)
     return _rasterize_torch(means, covars, opacities, colors, viewmats, Ks, width, height, background,
-                            near_plane, far_plane, eps2d, tile_size, max_elements, per_cam)
+                            near_plane, far_plane, eps2d, torch_tile_size, max_elements, per_cam)
 
 
 def _rasterize_gsplat(
@@ -250,17 +253,41 @@ def _rasterize_torch(
     n = means.shape[-2]
     c = viewmats.shape[-3]
     d = colors.shape[-1]
-    dtype, device = means.dtype, means.device
     means2d, conics, cov2d, depths, valid = project(means, covars, viewmats, Ks, width, height, eps2d,
                                                     near_plane, far_plane)
     b = math.prod(batch) * c
-    means2d = means2d.reshape(b, n, 2)
-    conics = conics.reshape(b, n, 3)
-    cov2d = cov2d.reshape(b, n, 3)
-    depths = depths.reshape(b, n)
-    valid = valid.reshape(b, n)
     opac = opacities.unsqueeze(-2).expand(*batch, c, n).reshape(b, n)
     cols = (colors if per_cam else colors.unsqueeze(-3).expand(*batch, c, n, d)).reshape(b, n, d)
+    args = (means2d.reshape(b, n, 2), conics.reshape(b, n, 3), cov2d.reshape(b, n, 3), depths.reshape(b, n),
+            valid.reshape(b, n), opac, cols)
+    # bound the tile-binning tensors too: split the images into groups
+    n_tiles = math.ceil(width / tile_size) * math.ceil(height / tile_size)
+    per = max(1, max_elements // max(1, n * n_tiles))
+    outs = [_splat_images(*(a[i:i + per] for a in args), width, height, tile_size, max_elements)
+            for i in range(0, b, per)]
+    col = torch.cat([o[0] for o in outs])  # [b, H, W, D]
+    alp = torch.cat([o[1] for o in outs])  # [b, H, W, 1]
+    if background is not None:
+        col = col + (1.0 - alp) * background.reshape(b, 1, 1, d)
+    return col.reshape(*batch, c, height, width, d), alp.reshape(*batch, c, height, width, 1)
+
+
+def _splat_images(
+    means2d: Tensor,  # [b, n, 2]
+    conics: Tensor,  # [b, n, 3]
+    cov2d: Tensor,  # [b, n, 3]
+    depths: Tensor,  # [b, n]
+    valid: Tensor,  # [b, n]
+    opac: Tensor,  # [b, n]
+    cols: Tensor,  # [b, n, D]
+    width: int,
+    height: int,
+    tile_size: int,
+    max_elements: int,
+) -> tuple[Tensor, Tensor]:
+    """Sort, bin and composite projected Gaussians into b images: ([b, H, W, D], [b, H, W, 1])."""
+    b, n, d = cols.shape
+    dtype, device = means2d.dtype, means2d.device
     valid = valid & (opac >= ALPHA_THRESHOLD)
     opac = torch.where(valid, opac, torch.zeros_like(opac))
 
@@ -332,6 +359,4 @@ def _rasterize_torch(
     col = col.reshape(b, th * tile_size, tw * tile_size, d)[:, :height, :width]
     alp = alp.reshape(b, th, tw, tile_size, tile_size).permute(0, 1, 3, 2, 4)
     alp = alp.reshape(b, th * tile_size, tw * tile_size)[:, :height, :width, None]
-    if background is not None:
-        col = col + (1.0 - alp) * background.reshape(b, 1, 1, d)
-    return col.reshape(*batch, c, height, width, d), alp.reshape(*batch, c, height, width, 1)
+    return col, alp

@@ -1,0 +1,794 @@
+"""The diffusion priors: one interface for the video model and the multi-view model.
+
+A :class:`Prior` is an ``nn.Module`` holding diffusers-style components
+
+    unet               diffusers ``UNetSpatioTemporalConditionModel`` (video family) or
+                       :class:`d2.stages.sv3d.SV3DUNet` (multi-view family: per-frame cameras)
+    vae                ``AutoencoderKLTemporalDecoder`` or :class:`PixelSpaceVAE` (identity,
+                       scale factor 1, 3 channels: pixel-space miniature priors)
+    image_encoder      transformers ``CLIPVisionModelWithProjection``
+    feature_extractor  transformers ``CLIPImageProcessor`` (only its mean/std are used)
+
+and offers
+
+    encode(images [N,3,H,W] in [0,1]) -> latents [N,C,h,w] (scaled diffusion space)
+    decode(latents [N,C,h,w]) -> images [N,3,H,W] in [0,1] (N consecutive latents = one video)
+    condition(images [N,3,H,W], ...) -> PriorCondition (N batch elements)
+    denoise(x [B,T,C,h,w] fp32, sigma [B], cond, cfg_scale [B,T]) -> D(x; sigma) [B,T,C,h,w] fp32
+
+``denoise`` is EDM v-prediction preconditioning with sigma_data = 1:
+``c_skip = 1/(s^2+1)``, ``c_out = -s/sqrt(s^2+1)``, ``c_in = 1/sqrt(s^2+1)``, ``c_noise = ln(s)/4``,
+``D = c_skip x + c_out F(c_in x, c_noise)`` with classifier-free guidance inside:
+``D = D_u + cfg (D_c - D_u)``, where the unconditional branch has the CLIP context and the
+concatenated latent zeroed and the vector conditioning kept. It has no ``torch.no_grad``
+inside (callers wrap it), so the miniature-priors trainer trains through the same path.
+
+Conditioning (``PriorCondition``):
+    video family:      added ids per batch element ``[N, 3]`` = (fps_id, motion_bucket_id, cond_aug)
+    multi-view family: added ids per frame ``[N, T, 3]`` = (cond_aug, polar_rad, azimuth_rad),
+                       azimuth measured from the input view (SV3D_p: view v at (v+1)*360/T deg,
+                       the last = 360 = the input view), polar = 90 deg - elevation.
+    context: CLIP image embedding of the clean image ``[N, 1, D]``;
+    concat: un-scaled VAE latent (distribution mode) of the image plus ``cond_aug`` Gaussian
+    noise in model space ``[N, C, h, w]``, concatenated to every frame's input.
+
+Backends (registry :data:`BACKENDS`, name -> ``"module:function"``, imported lazily; add one with
+:func:`register_backend`). A factory is ``factory(cfg: PriorsConfig, family, device) -> Prior``.
+
+    gaussian   analytic prior: data ~ a known Gaussian, D in closed form (proves the sampler)
+    tiny       both families from tiny configs with seeded random weights (tests, CPU runs)
+    svd        video: SVD-XT in diffusers layout (``cfg.video_path`` or the HF cache of
+               ``stabilityai/stable-video-diffusion-img2vid-xt``, ``local_files_only``)
+    sv3d_p     multi-view: Stability's ``sv3d_p.safetensors`` (``cfg.multiview_path``), UNet keys
+               converted and loaded with ``strict=True``; VAE + CLIP from the SVD-XT folder
+    stability  video -> svd, multi-view -> sv3d_p (the paper's pair)
+
+Prior folder layout (what :func:`save_prior_folder` writes and :func:`load_prior_folder`,
+``svd`` and ``sv3d_p`` read; issue 6's ``mini`` backend saves trained priors this way)::
+
+    <folder>/
+      d2_prior.json        {"family": "video"|"multiview", "latent": "pixel"|"vae",
+                            "resolution": 32, ... free extra keys}
+      unet/                config.json + diffusion_pytorch_model.safetensors (diffusers save_pretrained;
+                            multi-view: SV3DUNet, same config keys as the video UNet)
+      image_encoder/       config.json + model.safetensors (CLIPVisionModelWithProjection)
+      feature_extractor/   preprocessor_config.json (CLIPImageProcessor)
+      vae/                 only when latent == "vae" (AutoencoderKLTemporalDecoder)
+
+A folder without ``d2_prior.json`` is read as SVD-XT's diffusers layout (video family, VAE).
+Weights are read only from safetensors (or ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+Family = Literal["video", "multiview"]
+FAMILIES: tuple[Family, ...] = ("video", "multiview")
+
+SVD_XT_REPO = "stabilityai/stable-video-diffusion-img2vid-xt"
+SV3D_REPO = "stabilityai/sv3d"
+PRIOR_META = "d2_prior.json"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------
+
+
+class TinyPriorConfig(BaseModel):
+    """Sizes of the ``tiny`` backend (random weights; tests and CPU runs)."""
+
+    model_config = ConfigDict(extra="forbid")
+    resolution: int = 32  # image side in pixels
+    block_out_channels: tuple[int, ...] = (32, 64)  # UNet widths per level (multiples of 32: GroupNorm)
+    layers_per_block: int = 1  # resnets per UNet level
+    num_attention_heads: int = 2  # heads in every UNet attention
+    cross_attention_dim: int = 32  # CLIP projection width = UNet context width
+    addition_time_embed_dim: int = 32  # sinusoidal width per added id (SV3D camera ids get 2x)
+    vae: bool = True  # True: tiny AutoencoderKLTemporalDecoder (scale 2, 4 ch); False: PixelSpaceVAE
+    vae_block_out_channels: tuple[int, ...] = (32, 64)  # tiny VAE widths (scale factor 2^(n-1))
+    clip_hidden_size: int = 32  # tiny CLIP vision width
+    clip_layers: int = 2  # tiny CLIP vision depth
+    clip_image_size: int = 32  # tiny CLIP input side
+    seed: int = 0  # weights seed (video uses seed, multi-view seed + 1)
+
+
+class GaussianPriorConfig(BaseModel):
+    """The analytic prior: x0 ~ N(m, std^2 R) per element, R_ij = rho^|i-j| along the sequence axis."""
+
+    model_config = ConfigDict(extra="forbid")
+    resolution: int = 8  # image side (pixel space, 3 channels)
+    std: float = 0.5  # marginal std of every latent entry
+    video_rho: float = 0.9  # correlation of neighbouring frames (video family)
+    multiview_rho: float = 0.5  # correlation of neighbouring views (multi-view family)
+    video_offset: float = 0.0  # constant added to the video family's mean
+    multiview_offset: float = 0.0  # constant added to the multi-view family's mean
+    cond_weight: float = 1.0  # conditional mean = offset + cond_weight * latent of the conditioning image
+
+
+class PriorsConfig(BaseModel):
+    """Which priors to load and how."""
+
+    model_config = ConfigDict(extra="forbid")
+    backend: str = "tiny"  # registry name used for both families unless overridden below
+    video_backend: str | None = None  # override for the video family (e.g. "svd", "mini")
+    multiview_backend: str | None = None  # override for the multi-view family (e.g. "sv3d_p", "mini")
+    video_path: str | None = None  # video weights: diffusers-layout / d2 prior folder (svd, mini)
+    multiview_path: str | None = None  # multi-view weights: sv3d_p.safetensors file or d2 prior folder
+    components_path: str | None = None  # folder with vae/ image_encoder/ feature_extractor/ for sv3d_p (default: SVD-XT)
+    hf_repo_id: str = SVD_XT_REPO  # Hugging Face repo searched in the local cache when video_path is unset
+    hf_cache_dir: str | None = None  # Hugging Face cache dir (default: HF_HUB_CACHE / ~/.cache/huggingface/hub)
+    device: str = "cpu"  # torch device of the models
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights / activations dtype (x stays fp32)
+    tiny: TinyPriorConfig = Field(default_factory=TinyPriorConfig)  # sizes of the tiny backend
+    gaussian: GaussianPriorConfig = Field(default_factory=GaussianPriorConfig)  # the analytic prior
+
+
+# ---------------------------------------------------------------------------------------
+# conditioning
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class PriorCondition:
+    """Batched conditioning of N sequences (one entry per batch element)."""
+
+    context: Tensor  # [N, L, D] CLIP image embeddings (cross-attention)
+    concat: Tensor  # [N, C, h, w] un-scaled latent of the (noised) conditioning image
+    added_ids: Tensor  # video [N, 3]; multi-view [N, T, 3]
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    def select(self, idx: slice | Tensor | list[int]) -> "PriorCondition":
+        """Rows ``idx`` of every field."""
+        return PriorCondition(self.context[idx], self.concat[idx], self.added_ids[idx])
+
+    def to(self, device: torch.device | str) -> "PriorCondition":
+        return PriorCondition(self.context.to(device), self.concat.to(device), self.added_ids.to(device))
+
+    def unconditional(self) -> "PriorCondition":
+        """CLIP context and concatenated latent zeroed, vector conditioning kept."""
+        return replace(self, context=torch.zeros_like(self.context), concat=torch.zeros_like(self.concat))
+
+    @staticmethod
+    def cat(items: list["PriorCondition"]) -> "PriorCondition":
+        return PriorCondition(
+            torch.cat([c.context for c in items]), torch.cat([c.concat for c in items]),
+            torch.cat([c.added_ids for c in items]),
+        )
+
+    def state(self) -> dict[str, Tensor]:
+        return {"context": self.context, "concat": self.concat, "added_ids": self.added_ids}
+
+
+def edm_coefficients(sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """EDM v-prediction preconditioning (sigma_data = 1): c_skip, c_out, c_in, c_noise, all shaped like sigma."""
+    sigma = sigma.to(torch.float32)
+    s2 = sigma**2 + 1.0
+    return 1.0 / s2, -sigma / s2.sqrt(), 1.0 / s2.sqrt(), sigma.log() / 4.0
+
+
+# ---------------------------------------------------------------------------------------
+# pixel-space "VAE"
+# ---------------------------------------------------------------------------------------
+
+
+class PixelSpaceVAE(nn.Module):
+    """Identity autoencoder: latents are the images in [-1, 1] (3 channels, scale factor 1)."""
+
+    latent_channels = 3
+    scale_factor = 1
+    scaling_factor = 1.0
+
+    def encode_images(self, x: Tensor) -> Tensor:
+        """[N, 3, H, W] in [-1, 1] -> the same tensor."""
+        return x
+
+    def decode_latents(self, z: Tensor, num_frames: int) -> Tensor:
+        return z
+
+
+# ---------------------------------------------------------------------------------------
+# the prior interface
+# ---------------------------------------------------------------------------------------
+
+
+class Prior(nn.Module):
+    """A video (rows) or multi-view (columns) diffusion prior; see the module docstring."""
+
+    def __init__(
+        self,
+        family: Family,
+        unet: nn.Module | None,
+        vae: nn.Module,
+        image_encoder: nn.Module | None,
+        feature_extractor: Any | None,
+        resolution: int,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        self.family: Family = family
+        self.unet = unet
+        self.vae = vae
+        self.image_encoder = image_encoder
+        self.feature_extractor = feature_extractor
+        self.resolution = int(resolution)
+        self.name = name or family
+        mean = getattr(feature_extractor, "image_mean", None) or [0.48145466, 0.4578275, 0.40821073]
+        std = getattr(feature_extractor, "image_std", None) or [0.26862954, 0.26130258, 0.27577711]
+        self.register_buffer("clip_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("clip_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    # ---- properties ----
+    @property
+    def latent_channels(self) -> int:
+        if isinstance(self.vae, PixelSpaceVAE):
+            return 3
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if isinstance(self.vae, PixelSpaceVAE):
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.vae_scale_factor
+
+    @property
+    def scaling_factor(self) -> float:
+        if isinstance(self.vae, PixelSpaceVAE):
+            return 1.0
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip_mean.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            return p.dtype
+        return torch.float32
+
+    @property
+    def default_num_frames(self) -> int:
+        """Sequence length the model was built for (25 for SVD-XT, 21 for SV3D_p)."""
+        if self.unet is not None and hasattr(self.unet, "config"):
+            return int(self.unet.config.num_frames)
+        return 8
+
+    # ---- images <-> latents ----
+    def _check_images(self, images: Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            raise ValueError(f"images must be {self.resolution}x{self.resolution} for this prior, got "
+                             f"{tuple(images.shape[-2:])}")
+
+    def _encode_unscaled(self, images_pm1: Tensor) -> Tensor:
+        """[N, 3, H, W] in [-1, 1] -> VAE latent mode [N, C, h, w] (fp32, not scaled)."""
+        if isinstance(self.vae, PixelSpaceVAE):
+            return images_pm1.float()
+        vdtype = next(self.vae.parameters()).dtype
+        return self.vae.encode(images_pm1.to(vdtype)).latent_dist.mode().float()
+
+    def encode(self, images: Tensor, chunk: int = 16) -> Tensor:
+        """Images [N, 3, H, W] in [0, 1] -> latents [N, C, h, w] in the diffusion space (scaled), fp32."""
+        self._check_images(images)
+        x = images.to(self.device, torch.float32) * 2 - 1
+        out = [self._encode_unscaled(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]
+        return torch.cat(out) * self.scaling_factor
+
+    def decode(self, latents: Tensor, chunk: int = 14) -> Tensor:
+        """Latents [N, C, h, w] (one video of N frames) -> images [N, 3, H, W] in [0, 1], fp32.
+
+        The temporal decoder sees ``chunk`` consecutive frames at a time.
+        """
+        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"latents must be [N, {self.latent_channels}, h, w], got {tuple(latents.shape)}")
+        z = latents.to(self.device, torch.float32) / self.scaling_factor
+        outs = []
+        for i in range(0, z.shape[0], chunk):
+            zi = z[i:i + chunk]
+            if isinstance(self.vae, PixelSpaceVAE):
+                outs.append(zi)
+            else:
+                vdtype = next(self.vae.parameters()).dtype
+                outs.append(self.vae.decode(zi.to(vdtype), num_frames=zi.shape[0]).sample.float())
+        return ((torch.cat(outs) + 1) / 2).clamp(0, 1)
+
+    def clip_embed(self, images: Tensor) -> Tensor:
+        """Images [N, 3, H, W] in [0, 1] -> CLIP image embeddings [N, 1, D] (fp32)."""
+        size = int(self.image_encoder.config.image_size)
+        x = images.to(self.device, torch.float32)
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        x = (x - self.clip_mean) / self.clip_std
+        edtype = next(self.image_encoder.parameters()).dtype
+        return self.image_encoder(pixel_values=x.to(edtype)).image_embeds.float()[:, None]
+
+    # ---- conditioning ----
+    def condition(
+        self,
+        images: Tensor,
+        *,
+        cond_aug: float,
+        azimuths_deg: list[float] | None = None,
+        elevations_deg: list[float] | float | None = None,
+        fps_id: int = 24,
+        motion_bucket_id: int = 127,
+        generator: torch.Generator | None = None,
+    ) -> PriorCondition:
+        """Conditioning images [N, 3, H, W] in [0, 1] -> :class:`PriorCondition` of N elements.
+
+        Multi-view family: ``azimuths_deg`` (T values, from the input view; SV3D_p orbit:
+        ``cameras.orbit_azimuths(T)``) and ``elevations_deg`` (one or T values) give the
+        per-frame cameras shared by all N elements. The cond_aug noise is drawn from
+        ``generator`` (a CPU generator) so results are reproducible on any device.
+        """
+        self._check_images(images)
+        n = images.shape[0]
+        x = images.to(self.device, torch.float32) * 2 - 1
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(self.device)
+        concat = torch.cat([self._encode_unscaled(x[i:i + 16] + cond_aug * noise[i:i + 16]) for i in range(0, n, 16)])
+        context = self.clip_embed(images)
+        if self.family == "video":
+            ids = torch.tensor([[float(fps_id), float(motion_bucket_id), float(cond_aug)]] * n, device=self.device)
+        else:
+            if azimuths_deg is None:
+                raise ValueError("the multi-view prior needs azimuths_deg (one per generated view)")
+            t = len(azimuths_deg)
+            if elevations_deg is None:
+                elevations_deg = 0.0
+            elevs = [float(elevations_deg)] * t if isinstance(elevations_deg, (int, float)) else list(elevations_deg)
+            if len(elevs) != t:
+                raise ValueError(f"elevations_deg has {len(elevs)} values for {t} azimuths")
+            polar = torch.tensor([math.radians(90.0 - e) for e in elevs])
+            azim = torch.tensor([math.radians(a) for a in azimuths_deg])
+            per_frame = torch.stack([torch.full((t,), float(cond_aug)), polar, azim], dim=-1)  # [T, 3]
+            ids = per_frame[None].expand(n, t, 3).clone().to(self.device)
+        return PriorCondition(context=context, concat=concat, added_ids=ids)
+
+    # ---- denoising ----
+    def network(self, x_in: Tensor, c_noise: Tensor, cond: PriorCondition) -> Tensor:
+        """Raw network output F for scaled inputs ``x_in`` [B, T, C, h, w] -> [B, T, C, h, w] fp32."""
+        b, t = x_in.shape[:2]
+        dtype = self.dtype
+        concat = cond.concat.to(dtype)[:, None].expand(b, t, *cond.concat.shape[1:])
+        sample = torch.cat([x_in.to(dtype), concat], dim=2)  # [B, T, 2C, h, w]
+        ids = cond.added_ids
+        if self.family == "multiview" and ids.shape[1] != t:
+            raise ValueError(f"conditioning has cameras for {ids.shape[1]} views, sample has {t}")
+        out = self.unet(sample, c_noise.to(torch.float32), encoder_hidden_states=cond.context.to(dtype),
+                        added_time_ids=ids.to(dtype), return_dict=False)[0]
+        return out.float()
+
+    def denoise_raw(self, x: Tensor, sigma: Tensor, cond: PriorCondition) -> Tensor:
+        """D(x; sigma) without guidance: x [B, T, C, h, w] fp32, sigma [B] -> [B, T, C, h, w] fp32."""
+        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma)
+        shape = (-1, 1, 1, 1, 1)
+        f = self.network(c_in.view(shape) * x, c_noise, cond)
+        return c_skip.view(shape) * x + c_out.view(shape) * f
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: PriorCondition, cfg_scale: Tensor | float) -> Tensor:
+        """Guided D(x; sigma): x [B, T, C, h, w] fp32, sigma [B], cond with B elements, cfg_scale [B, T].
+
+        ``D = D_u + cfg (D_c - D_u)``, both branches in one network call; when every scale
+        is 1 the unconditional branch is skipped.
+        """
+        if x.ndim != 5:
+            raise ValueError(f"x must be [B, T, C, h, w], got {tuple(x.shape)}")
+        b, t = x.shape[:2]
+        x = x.float()
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
+        cfg = torch.broadcast_to(torch.as_tensor(cfg_scale, dtype=torch.float32, device=x.device), (b, t))
+        if len(cond) != b:
+            raise ValueError(f"conditioning has {len(cond)} elements, x has {b}")
+        if bool((cfg == 1).all()):
+            return self.denoise_raw(x, sigma, cond)
+        both = PriorCondition.cat([cond.unconditional(), cond])
+        d = self.denoise_raw(torch.cat([x, x]), torch.cat([sigma, sigma]), both)
+        d_u, d_c = d[:b], d[b:]
+        return d_u + cfg.view(b, t, 1, 1, 1) * (d_c - d_u)
+
+
+class GaussianPrior(Prior):
+    """Analytic prior: x0 of a sequence ~ N(m, std^2 R (x) I), R_ij = rho^|i-j| along T.
+
+    Conditional mean ``m = offset + cond_weight * concat`` (the latent of the conditioning
+    image, repeated over T); unconditional ``m = offset``. D is the posterior mean
+    ``m + A (x - m)`` with ``A = S (S + sigma^2 I)^-1`` along T, computed in float64.
+    Pixel space (3 channels, scale factor 1).
+    """
+
+    def __init__(self, family: Family, cfg: GaussianPriorConfig) -> None:
+        super().__init__(family, None, PixelSpaceVAE(), None, None, cfg.resolution, name=f"gaussian-{family}")
+        self.cfg = cfg
+        self.rho = cfg.video_rho if family == "video" else cfg.multiview_rho
+        self.offset = cfg.video_offset if family == "video" else cfg.multiview_offset
+
+    @property
+    def default_num_frames(self) -> int:
+        return 8
+
+    def covariance(self, t: int) -> Tensor:
+        """[T, T] float64 covariance along the sequence axis."""
+        i = torch.arange(t, dtype=torch.float64)
+        return self.cfg.std**2 * self.rho ** (i[:, None] - i[None, :]).abs()
+
+    def clip_embed(self, images: Tensor) -> Tensor:
+        return torch.zeros(images.shape[0], 1, 1, device=self.device)
+
+    def mean(self, cond: PriorCondition) -> Tensor:
+        """[B, 1, C, h, w] conditional mean (the unconditional branch has concat = 0)."""
+        return self.offset + self.cfg.cond_weight * cond.concat.float()[:, None]
+
+    def denoise_raw(self, x: Tensor, sigma: Tensor, cond: PriorCondition) -> Tensor:
+        b, t = x.shape[:2]
+        cov = self.covariance(t).to(x.device)  # [T, T]
+        eye = torch.eye(t, dtype=torch.float64, device=x.device)
+        s2 = sigma.to(torch.float64).view(b, 1, 1) ** 2
+        a = torch.linalg.solve(cov[None] + s2 * eye, cov[None].expand(b, t, t)).transpose(1, 2)  # S (S+s2)^-1
+        m = self.mean(cond).to(torch.float64)
+        r = x.to(torch.float64) - m
+        return (m + torch.einsum("bts,bs...->bt...", a, r)).float()
+
+
+# ---------------------------------------------------------------------------------------
+# registry
+# ---------------------------------------------------------------------------------------
+
+BackendFactory = Callable[["PriorsConfig", Family, torch.device], Prior]
+
+BACKENDS: dict[str, str] = {
+    "gaussian": "d2.stages.priors:build_gaussian",
+    "tiny": "d2.stages.priors:build_tiny",
+    "svd": "d2.stages.priors:build_svd",
+    "sv3d_p": "d2.stages.priors:build_sv3d_p",
+    "stability": "d2.stages.priors:build_stability",
+}
+"""Backend name -> ``"module:function"`` of a factory ``(cfg, family, device) -> Prior``."""
+
+
+def register_backend(name: str, target: str) -> None:
+    """Register (or replace) a backend: ``register_backend("mini", "d2.train.mini:build_mini")``."""
+    if ":" not in target:
+        raise ValueError(f"backend target must be 'module:function', got {target!r}")
+    BACKENDS[name] = target
+
+
+def get_backend(name: str) -> BackendFactory:
+    """Import and return the factory of backend ``name``."""
+    if name not in BACKENDS:
+        raise KeyError(f"unknown priors backend {name!r}; known: {sorted(BACKENDS)}")
+    mod, fn = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def load_priors(cfg: PriorsConfig, device: str | torch.device | None = None) -> tuple[Prior, Prior]:
+    """Build ``(video_prior, multiview_prior)`` from the configured backends, in eval mode, no grads."""
+    dev = torch.device(device if device is not None else cfg.device)
+    out = []
+    for family in FAMILIES:
+        name = (cfg.video_backend if family == "video" else cfg.multiview_backend) or cfg.backend
+        prior = get_backend(name)(cfg, family, dev)
+        if prior.family != family:
+            raise ValueError(f"backend {name!r} returned a {prior.family} prior for the {family} slot")
+        prior.eval().requires_grad_(False)
+        out.append(prior.to(dev))
+    return out[0], out[1]
+
+
+def build_gaussian(cfg: PriorsConfig, family: Family, device: torch.device) -> Prior:
+    """The analytic Gaussian prior of ``cfg.gaussian``."""
+    return GaussianPrior(family, cfg.gaussian).to(device)
+
+
+# ---------------------------------------------------------------------------------------
+# tiny backend
+# ---------------------------------------------------------------------------------------
+
+
+def tiny_unet_config(t: TinyPriorConfig, family: Family, latent_channels: int, num_frames: int) -> dict:
+    """diffusers UNet config of the tiny backend (SV3D: adm = cond_aug d + 2 * 2d camera)."""
+    n = len(t.block_out_channels)
+    d = t.addition_time_embed_dim
+    return dict(
+        sample_size=None,
+        in_channels=2 * latent_channels,
+        out_channels=latent_channels,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal",) * (n - 1) + ("DownBlockSpatioTemporal",),
+        up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * (n - 1),
+        block_out_channels=tuple(t.block_out_channels),
+        addition_time_embed_dim=d,
+        projection_class_embeddings_input_dim=3 * d if family == "video" else 5 * d,
+        layers_per_block=t.layers_per_block,
+        cross_attention_dim=t.cross_attention_dim,
+        num_attention_heads=t.num_attention_heads,
+        num_frames=num_frames,
+    )
+
+
+def build_tiny_prior(t: TinyPriorConfig, family: Family, seed: int | None = None) -> Prior:
+    """A prior of ``family`` from tiny configs with seeded random weights (CPU, fp32)."""
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from d2.stages.sv3d import SV3DUNet
+
+    seed = t.seed + (0 if family == "video" else 1) if seed is None else seed
+    cpu_rng = torch.random.fork_rng(devices=[])
+    with cpu_rng:
+        torch.manual_seed(seed)
+        if t.vae:
+            nb = len(t.vae_block_out_channels)
+            vae: nn.Module = AutoencoderKLTemporalDecoder(
+                in_channels=3, out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * nb,
+                block_out_channels=tuple(t.vae_block_out_channels),
+                layers_per_block=1, latent_channels=4, sample_size=t.resolution,
+            )
+            latent_channels = 4
+        else:
+            vae = PixelSpaceVAE()
+            latent_channels = 3
+        ucfg = tiny_unet_config(t, family, latent_channels, 8)
+        unet = (UNetSpatioTemporalConditionModel if family == "video" else SV3DUNet)(**ucfg)
+        clip_cfg = CLIPVisionConfig(
+            hidden_size=t.clip_hidden_size, projection_dim=t.cross_attention_dim, num_hidden_layers=t.clip_layers,
+            num_attention_heads=2, intermediate_size=2 * t.clip_hidden_size, image_size=t.clip_image_size,
+            patch_size=8,
+        )
+        encoder = CLIPVisionModelWithProjection(clip_cfg)
+    fe = CLIPImageProcessor(crop_size=t.clip_image_size, size={"shortest_edge": t.clip_image_size})
+    return Prior(family, unet, vae, encoder, fe, t.resolution, name=f"tiny-{family}")
+
+
+def build_tiny(cfg: PriorsConfig, family: Family, device: torch.device) -> Prior:
+    """Backend ``tiny``."""
+    prior = build_tiny_prior(cfg.tiny, family)
+    return prior.to(device=device, dtype=_DTYPES[cfg.dtype])
+
+
+# ---------------------------------------------------------------------------------------
+# real weights: folders, the HF cache, sv3d_p.safetensors
+# ---------------------------------------------------------------------------------------
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Weights not found: the message lists every missing file, where it looked and how to get it."""
+
+
+_SVD_HOWTO = (
+    "Obtain SVD-XT (gated: accept the licence at https://huggingface.co/" + SVD_XT_REPO + " first) with\n"
+    "  huggingface-cli download " + SVD_XT_REPO + " --include 'unet/*' 'vae/*' 'image_encoder/*' "
+    "'feature_extractor/*' 'model_index.json'\n"
+    "then leave it in the Hugging Face cache, or point priors.video_path (and priors.components_path) at a "
+    "folder with that layout."
+)
+_SV3D_HOWTO = (
+    "Obtain SV3D_p (gated: accept the licence at https://huggingface.co/" + SV3D_REPO + ") with\n"
+    "  huggingface-cli download " + SV3D_REPO + " sv3d_p.safetensors --local-dir <dir>\n"
+    "and set priors.multiview_path to <dir>/sv3d_p.safetensors."
+)
+
+
+def _weights_file(folder: Path, stem: str) -> Path | None:
+    """``stem.safetensors`` or ``stem.fp16.safetensors`` in folder (None when neither exists)."""
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _required_files(folder: Path, parts: dict[str, str]) -> list[str]:
+    """Missing files of the diffusers components ``parts`` (subfolder -> weights stem or '' for config only)."""
+    missing: list[str] = []
+    for sub, stem in parts.items():
+        cfg_name = "preprocessor_config.json" if sub == "feature_extractor" else "config.json"
+        if not (folder / sub / cfg_name).is_file():
+            missing.append(str(folder / sub / cfg_name))
+        if stem and _weights_file(folder / sub, stem) is None:
+            missing.append(str(folder / sub / f"{stem}.safetensors") + " (or .fp16.safetensors)")
+    return missing
+
+
+def _variant(folder: Path, stem: str) -> str | None:
+    f = _weights_file(folder, stem)
+    return "fp16" if f is not None and f.name.endswith(".fp16.safetensors") else None
+
+
+def _hf_snapshot(cfg: PriorsConfig) -> tuple[Path | None, str]:
+    """Local snapshot folder of ``cfg.hf_repo_id`` in the HF cache (no network), and where it looked."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    where = cfg.hf_cache_dir or HF_HUB_CACHE
+    try:
+        p = snapshot_download(cfg.hf_repo_id, local_files_only=True, cache_dir=cfg.hf_cache_dir)
+        return Path(p), where
+    except Exception:  # LocalEntryNotFoundError and friends: nothing cached
+        return None, where
+
+
+def _svd_folder(cfg: PriorsConfig, explicit: str | None, what: str) -> Path:
+    """The folder holding SVD-XT components: ``explicit`` or the HF cache; raises MissingWeightsError."""
+    if explicit:
+        folder = Path(explicit).expanduser()
+        if not folder.is_dir():
+            raise MissingWeightsError(f"{what}: folder {folder} does not exist.\n{_SVD_HOWTO}")
+        return folder
+    snap, where = _hf_snapshot(cfg)
+    if snap is None:
+        parts = ["unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                 "vae/diffusion_pytorch_model.safetensors", "image_encoder/config.json",
+                 "image_encoder/model.safetensors", "feature_extractor/preprocessor_config.json"]
+        raise MissingWeightsError(
+            f"{what}: {cfg.hf_repo_id} is not in the Hugging Face cache at {where} and no path is set.\n"
+            "Missing files:\n" + "\n".join(f"  {cfg.hf_repo_id}/{p}" for p in parts) + f"\n{_SVD_HOWTO}"
+        )
+    return snap
+
+
+def _load_components(folder: Path, latent: str, dtype: torch.dtype, what: str, need_unet: bool,
+                     unet_cls: type | None = None) -> dict[str, Any]:
+    """Load unet (optional), vae (or PixelSpaceVAE), image encoder and feature extractor from a folder."""
+    from diffusers import AutoencoderKLTemporalDecoder
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    parts = {"image_encoder": "model", "feature_extractor": ""}
+    if need_unet:
+        parts["unet"] = "diffusion_pytorch_model"
+    if latent == "vae":
+        parts["vae"] = "diffusion_pytorch_model"
+    missing = _required_files(folder, parts)
+    if missing:
+        howto = _SVD_HOWTO if not (folder / PRIOR_META).is_file() else (
+            "This is a d2 prior folder: re-save it with d2.stages.priors.save_prior_folder.")
+        raise MissingWeightsError(f"{what}: missing files in {folder}:\n" + "\n".join(f"  {m}" for m in missing)
+                                  + f"\n{howto}")
+    out: dict[str, Any] = {}
+    kw = dict(local_files_only=True, use_safetensors=True, torch_dtype=dtype)
+    if need_unet:
+        from diffusers import UNetSpatioTemporalConditionModel
+
+        cls = unet_cls or UNetSpatioTemporalConditionModel
+        out["unet"] = cls.from_pretrained(folder / "unet", variant=_variant(folder / "unet", "diffusion_pytorch_model"),
+                                          **kw)
+    if latent == "vae":
+        out["vae"] = AutoencoderKLTemporalDecoder.from_pretrained(
+            folder / "vae", variant=_variant(folder / "vae", "diffusion_pytorch_model"), **kw)
+    else:
+        out["vae"] = PixelSpaceVAE()
+    out["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(
+        folder / "image_encoder", variant=_variant(folder / "image_encoder", "model"), local_files_only=True,
+        use_safetensors=True, dtype=dtype)
+    out["feature_extractor"] = CLIPImageProcessor.from_pretrained(folder / "feature_extractor", local_files_only=True)
+    return out
+
+
+def read_prior_meta(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """``d2_prior.json`` of a prior folder (None when absent); validates family/latent/resolution."""
+    p = Path(folder) / PRIOR_META
+    if not p.is_file():
+        return None
+    meta = json.loads(p.read_text())
+    if meta.get("family") not in FAMILIES:
+        raise ValueError(f"{p}: 'family' must be one of {FAMILIES}, got {meta.get('family')!r}")
+    if meta.get("latent") not in ("pixel", "vae"):
+        raise ValueError(f"{p}: 'latent' must be 'pixel' or 'vae', got {meta.get('latent')!r}")
+    if not isinstance(meta.get("resolution"), int) or meta["resolution"] <= 0:
+        raise ValueError(f"{p}: 'resolution' must be a positive int, got {meta.get('resolution')!r}")
+    return meta
+
+
+def load_prior_folder(folder: str | os.PathLike, family: Family | None = None, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu") -> Prior:
+    """A prior from a folder in the layout of the module docstring (d2 prior folder or SVD-XT diffusers folder)."""
+    from d2.stages.sv3d import SV3DUNet
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise MissingWeightsError(f"prior folder {folder} does not exist")
+    meta = read_prior_meta(folder)
+    if meta is None:
+        meta = {"family": "video", "latent": "vae", "resolution": 576}
+    if family is not None and meta["family"] != family:
+        raise ValueError(f"{folder} holds a {meta['family']} prior, a {family} prior was asked for")
+    fam: Family = meta["family"]
+    comps = _load_components(folder, meta["latent"], dtype, f"{fam} prior", need_unet=True,
+                             unet_cls=SV3DUNet if fam == "multiview" else None)
+    prior = Prior(fam, comps["unet"], comps["vae"], comps["image_encoder"], comps["feature_extractor"],
+                  meta["resolution"], name=str(folder))
+    return prior.to(device)
+
+
+def save_prior_folder(prior: Prior, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+    """Write ``prior`` as a d2 prior folder (atomically: the folder appears complete or not at all)."""
+    from d2.utils.io import atomic_dir, write_json
+
+    if prior.unet is None or prior.image_encoder is None:
+        raise ValueError("only network priors (unet + image encoder) can be saved")
+    with atomic_dir(folder) as tmp:
+        prior.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        prior.image_encoder.save_pretrained(tmp / "image_encoder", safe_serialization=True)
+        prior.feature_extractor.save_pretrained(tmp / "feature_extractor")
+        latent = "pixel" if isinstance(prior.vae, PixelSpaceVAE) else "vae"
+        if latent == "vae":
+            prior.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        meta = {"family": prior.family, "latent": latent, "resolution": prior.resolution, **(extra or {})}
+        write_json(tmp / PRIOR_META, meta)
+
+
+def build_svd(cfg: PriorsConfig, family: Family, device: torch.device) -> Prior:
+    """Backend ``svd``: SVD-XT (video family) from ``cfg.video_path`` or the HF cache."""
+    if family != "video":
+        raise ValueError("backend 'svd' is a video prior; use 'sv3d_p' (or 'stability') for the multi-view slot")
+    folder = _svd_folder(cfg, cfg.video_path, "video prior (svd)")
+    return load_prior_folder(folder, "video", _DTYPES[cfg.dtype], device)
+
+
+def load_sv3d_unet(ckpt: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                   config: dict | None = None) -> nn.Module:
+    """SV3D_p's UNet from Stability's ``sv3d_p.safetensors`` (keys converted, ``strict=True``).
+
+    ``config`` overrides the UNet config (default: SV3D_p's full-size config).
+    """
+    from safetensors.torch import load_file
+
+    from d2.stages.sv3d import SV3D_P_UNET_CONFIG, SV3DUNet, convert_sgm_unet_state_dict
+
+    ckpt = Path(ckpt)
+    if ckpt.suffix == ".safetensors":
+        sd = load_file(str(ckpt))
+    else:
+        sd = torch.load(ckpt, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd)
+    with torch.device("meta"):
+        unet = SV3DUNet(**(config or SV3D_P_UNET_CONFIG))
+    converted = convert_sgm_unet_state_dict(sd, unet)
+    unet.load_state_dict(converted, strict=True, assign=True)
+    return unet.to(dtype)
+
+
+def build_sv3d_p(cfg: PriorsConfig, family: Family, device: torch.device) -> Prior:
+    """Backend ``sv3d_p``: ``cfg.multiview_path`` = sv3d_p.safetensors (or a d2 multi-view prior folder)."""
+    if family != "multiview":
+        raise ValueError("backend 'sv3d_p' is a multi-view prior; use 'svd' (or 'stability') for the video slot")
+    if cfg.multiview_path and Path(cfg.multiview_path).is_dir():
+        return load_prior_folder(cfg.multiview_path, "multiview", _DTYPES[cfg.dtype], device)
+    if not cfg.multiview_path or not Path(cfg.multiview_path).expanduser().is_file():
+        looked = cfg.multiview_path or "(priors.multiview_path is unset)"
+        raise MissingWeightsError(f"multi-view prior (sv3d_p): missing file sv3d_p.safetensors; looked at {looked}.\n"
+                                  f"{_SV3D_HOWTO}")
+    comps_dir = _svd_folder(cfg, cfg.components_path or cfg.video_path, "sv3d_p components (vae, image encoder)")
+    dtype = _DTYPES[cfg.dtype]
+    comps = _load_components(comps_dir, "vae", dtype, "sv3d_p components", need_unet=False)
+    unet = load_sv3d_unet(Path(cfg.multiview_path).expanduser(), dtype)
+    prior = Prior("multiview", unet, comps["vae"], comps["image_encoder"], comps["feature_extractor"], 576,
+                  name="sv3d_p")
+    return prior.to(device)
+
+
+def build_stability(cfg: PriorsConfig, family: Family, device: torch.device) -> Prior:
+    """Backend ``stability``: SVD-XT for the video slot, SV3D_p for the multi-view slot."""
+    return build_svd(cfg, family, device) if family == "video" else build_sv3d_p(cfg, family, device)

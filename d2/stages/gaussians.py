@@ -1,0 +1,330 @@
+"""Native 4D Gaussians (the 4DGS of Yang et al., the Diffusion² authors' group).
+
+Each Gaussian lives in space-time (x, y, z, t): a 4D mean, four scales and a 4D rotation
+``R = L(q_l) R(q_r)`` made of a left and a right isoclinic rotation (two unit quaternions),
+so its covariance is ``Sigma = R diag(s)^2 R^T`` (4 x 4). Slicing at time ``t`` gives the
+3D Gaussian of the conditional distribution, weighted by the temporal marginal:
+
+    mu(t)    = mu_xyz + S_xt / S_tt * (t - mu_t)
+    S3(t)    = S_xx - S_xt S_xt^T / S_tt
+    alpha(t) = sigmoid(o) * exp(-(t - mu_t)^2 / (2 S_tt))
+
+Colour: real spherical harmonics of the viewing direction (degree ``sh_degree``) whose DC
+term varies in time with a small cosine basis, ``dc(t) = dc + sum_k a_k cos(pi k t)``,
+k = 1..``time_basis``; RGB = max(SH(dir) + 0.5, 0) as in 3DGS. Times are in [0, 1]
+(frame f of F at f / (F - 1), :mod:`d2.stages.cameras`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from d2.stages.render import Backend, rasterize
+
+# real SH constants (as in the 3DGS reference code)
+SH_C0 = 0.28209479177387814
+SH_C1 = 0.4886025119029199
+SH_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
+SH_C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154, -0.4570457994644658,
+         1.445305721320277, -0.5900435899266435)
+
+PARAM_NAMES = ("means", "log_scales", "quats_l", "quats_r", "opacity_logits", "sh_dc", "sh_rest", "time_coefs")
+
+
+def rgb_to_sh_dc(rgb: Tensor) -> Tensor:
+    """DC SH coefficient giving the colour ``rgb`` (any shape [..., 3])."""
+    return (rgb - 0.5) / SH_C0
+
+
+def eval_sh(degree: int, coeffs: Tensor, dirs: Tensor) -> Tensor:
+    """Real SH up to ``degree``: coeffs [..., (degree+1)^2, 3], unit dirs [..., 3] -> [..., 3]."""
+    if not 0 <= degree <= 3:
+        raise ValueError(f"sh_degree must be in 0..3, got {degree}")
+    out = SH_C0 * coeffs[..., 0, :]
+    if degree == 0:
+        return out
+    x, y, z = (dirs[..., i:i + 1] for i in range(3))
+    out = out - SH_C1 * y * coeffs[..., 1, :] + SH_C1 * z * coeffs[..., 2, :] - SH_C1 * x * coeffs[..., 3, :]
+    if degree == 1:
+        return out
+    xx, yy, zz, xy, yz, xz = x * x, y * y, z * z, x * y, y * z, x * z
+    out = (out + SH_C2[0] * xy * coeffs[..., 4, :] + SH_C2[1] * yz * coeffs[..., 5, :]
+           + SH_C2[2] * (2.0 * zz - xx - yy) * coeffs[..., 6, :] + SH_C2[3] * xz * coeffs[..., 7, :]
+           + SH_C2[4] * (xx - yy) * coeffs[..., 8, :])
+    if degree == 2:
+        return out
+    out = (out + SH_C3[0] * y * (3 * xx - yy) * coeffs[..., 9, :] + SH_C3[1] * xy * z * coeffs[..., 10, :]
+           + SH_C3[2] * y * (4 * zz - xx - yy) * coeffs[..., 11, :]
+           + SH_C3[3] * z * (2 * zz - 3 * xx - 3 * yy) * coeffs[..., 12, :]
+           + SH_C3[4] * x * (4 * zz - xx - yy) * coeffs[..., 13, :] + SH_C3[5] * z * (xx - yy) * coeffs[..., 14, :]
+           + SH_C3[6] * x * (xx - 3 * yy) * coeffs[..., 15, :])
+    return out
+
+
+def left_isoclinic(q: Tensor) -> Tensor:
+    """Matrix [..., 4, 4] of left multiplication by the unit quaternion q [..., 4] (a, b, c, d)."""
+    a, b, c, d = q.unbind(-1)
+    return torch.stack([
+        torch.stack([a, -b, -c, -d], -1),
+        torch.stack([b, a, -d, c], -1),
+        torch.stack([c, d, a, -b], -1),
+        torch.stack([d, -c, b, a], -1),
+    ], -2)
+
+
+def right_isoclinic(q: Tensor) -> Tensor:
+    """Matrix [..., 4, 4] of right multiplication by the unit quaternion q [..., 4] (p, q, r, s)."""
+    p, qq, r, s = q.unbind(-1)
+    return torch.stack([
+        torch.stack([p, -qq, -r, -s], -1),
+        torch.stack([qq, p, s, -r], -1),
+        torch.stack([r, -s, p, qq], -1),
+        torch.stack([s, r, -qq, p], -1),
+    ], -2)
+
+
+_TXYZ_TO_XYZT = [1, 2, 3, 0]
+
+
+def rotation_4d(quats_l: Tensor, quats_r: Tensor) -> Tensor:
+    """4D rotation [..., 4, 4] in (x, y, z, t) coordinates from two quaternions [..., 4] (normalised here).
+
+    The isoclinic matrices act on 4-vectors read as quaternions (t, x, y, z), time being
+    the real part; so ``q_r = conj(q_l)`` gives ``v -> q v q^-1``, a pure spatial rotation
+    (3DGS's quaternion), and space-time tilts come from ``q_r != conj(q_l)``.
+    """
+    ql = quats_l / quats_l.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    qr = quats_r / quats_r.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    R = left_isoclinic(ql) @ right_isoclinic(qr)  # in (t, x, y, z)
+    return R[..., _TXYZ_TO_XYZT, :][..., :, _TXYZ_TO_XYZT]
+
+
+def covariance_4d(log_scales: Tensor, quats_l: Tensor, quats_r: Tensor) -> Tensor:
+    """Sigma = R diag(exp(2 log_scales)) R^T: [..., 4] scales, [..., 4] quaternions -> [..., 4, 4]."""
+    R = rotation_4d(quats_l, quats_r)
+    M = R * torch.exp(log_scales).unsqueeze(-2)  # R @ diag(s)
+    return M @ M.transpose(-1, -2)
+
+
+def slice_covariance(
+    means4: Tensor,  # [N, 4]
+    cov4: Tensor,  # [N, 4, 4]
+    opacities: Tensor,  # [N] (after sigmoid)
+    t: Tensor,  # [T]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Condition 4D Gaussians on time: ([T, N, 3] means, [T, N, 3, 3] covariances, [T, N] opacities)."""
+    s_xx = cov4[:, :3, :3]  # [N, 3, 3]
+    s_xt = cov4[:, :3, 3]  # [N, 3]
+    s_tt = cov4[:, 3, 3].clamp(min=1e-12)  # [N]
+    dt = t[:, None] - means4[None, :, 3]  # [T, N]
+    means = means4[None, :, :3] + (s_xt / s_tt[:, None])[None] * dt[..., None]  # [T, N, 3]
+    cov3 = s_xx - s_xt[:, :, None] * s_xt[:, None, :] / s_tt[:, None, None]  # [N, 3, 3]
+    cov3 = 0.5 * (cov3 + cov3.transpose(-1, -2))
+    opac = opacities[None] * torch.exp(-0.5 * dt * dt / s_tt[None])  # [T, N]
+    return means, cov3.unsqueeze(0).expand(t.shape[0], -1, -1, -1), opac
+
+
+def camera_centers(viewmats: Tensor) -> Tensor:
+    """World positions [..., 3] of cameras given world-to-camera matrices [..., 4, 4]."""
+    R = viewmats[..., :3, :3]
+    return -(R.transpose(-1, -2) @ viewmats[..., :3, 3:4]).squeeze(-1)
+
+
+class Gaussians4D(nn.Module):
+    """A set of N native 4D Gaussians (parameters as ``nn.Parameter``; see the module docstring)."""
+
+    def __init__(self, n: int, sh_degree: int = 1, time_basis: int = 2, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not 0 <= sh_degree <= 3:
+            raise ValueError(f"sh_degree must be in 0..3, got {sh_degree}")
+        if time_basis < 0:
+            raise ValueError(f"time_basis must be >= 0, got {time_basis}")
+        self.sh_degree = sh_degree
+        self.time_basis = time_basis
+        k = (sh_degree + 1) ** 2
+        ident = torch.zeros(n, 4, dtype=dtype)
+        ident[:, 0] = 1.0
+        self.means = nn.Parameter(torch.zeros(n, 4, dtype=dtype))  # [N, 4] (x, y, z, t)
+        self.log_scales = nn.Parameter(torch.full((n, 4), math.log(0.05), dtype=dtype))  # [N, 4]
+        self.quats_l = nn.Parameter(ident.clone())  # [N, 4] left isoclinic quaternion
+        self.quats_r = nn.Parameter(ident.clone())  # [N, 4] right isoclinic quaternion
+        self.opacity_logits = nn.Parameter(torch.zeros(n, dtype=dtype))  # [N]
+        self.sh_dc = nn.Parameter(torch.zeros(n, 3, dtype=dtype))  # [N, 3]
+        self.sh_rest = nn.Parameter(torch.zeros(n, k - 1, 3, dtype=dtype))  # [N, K-1, 3]
+        self.time_coefs = nn.Parameter(torch.zeros(n, time_basis, 3, dtype=dtype))  # [N, B, 3]
+
+    @property
+    def num(self) -> int:
+        return self.means.shape[0]
+
+    def covariance(self) -> Tensor:
+        """4D covariances [N, 4, 4]."""
+        return covariance_4d(self.log_scales, self.quats_l, self.quats_r)
+
+    def slice(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """3D Gaussians at times t [T]: means [T, N, 3], covars [T, N, 3, 3], opacities [T, N]."""
+        t = t.to(self.means)
+        return slice_covariance(self.means, self.covariance(), torch.sigmoid(self.opacity_logits), t)
+
+    def sh_at(self, t: Tensor) -> Tensor:
+        """SH coefficients at times t [T]: [T, N, (deg+1)^2, 3] (time-varying DC, fixed higher bands)."""
+        t = t.to(self.means)
+        k = torch.arange(1, self.time_basis + 1, dtype=t.dtype, device=t.device)
+        basis = torch.cos(math.pi * t[:, None] * k[None])  # [T, B]
+        dc = self.sh_dc[None] + torch.einsum("tb,nbc->tnc", basis, self.time_coefs)  # [T, N, 3]
+        rest = self.sh_rest[None].expand(t.shape[0], -1, -1, -1)
+        return torch.cat([dc[:, :, None], rest], dim=2)
+
+    def colors(self, t: Tensor, means_t: Tensor, cam_centers: Tensor) -> Tensor:
+        """RGB [T, C, N, 3] seen from cameras at cam_centers [T, C, 3], Gaussians at means_t [T, N, 3]."""
+        coeffs = self.sh_at(t)  # [T, N, K, 3]
+        if self.sh_degree == 0:
+            rgb = eval_sh(0, coeffs, means_t)[:, None].expand(-1, cam_centers.shape[1], -1, -1)
+        else:
+            dirs = means_t[:, None] - cam_centers[:, :, None]  # [T, C, N, 3]
+            dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp(min=1e-9)
+            rgb = eval_sh(self.sh_degree, coeffs[:, None], dirs)
+        return torch.clamp(rgb + 0.5, min=0.0)
+
+    def render(
+        self,
+        t: Tensor,  # [T]
+        viewmats: Tensor,  # [T, C, 4, 4]
+        Ks: Tensor,  # [T, C, 3, 3]
+        width: int,
+        height: int,
+        background: Tensor | None = None,  # [3]
+        backend: Backend = "auto",
+        **kwargs,
+    ) -> tuple[Tensor, Tensor]:
+        """Render time t[i] from cameras viewmats[i]: colors [T, C, H, W, 3], alphas [T, C, H, W, 1]."""
+        if viewmats.dim() != 4 or viewmats.shape[0] != t.shape[0]:
+            raise ValueError(f"viewmats must be [T={t.shape[0]}, C, 4, 4], got {tuple(viewmats.shape)}")
+        means, covars, opac = self.slice(t)
+        cols = self.colors(t, means, camera_centers(viewmats).to(means))
+        return rasterize(means, covars, opac, cols, viewmats.to(means), Ks.to(means), width, height,
+                         background=background, backend=backend, **kwargs)
+
+    def export_state(self) -> dict:
+        """Plain dict (tensors and ints) for torch.save / torch.load(weights_only=True)."""
+        return {"version": 1, "sh_degree": self.sh_degree, "time_basis": self.time_basis,
+                "params": {k: getattr(self, k).detach().cpu().clone() for k in PARAM_NAMES}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Gaussians4D":
+        """Inverse of :meth:`export_state`."""
+        if not isinstance(state, dict) or "params" not in state:
+            raise ValueError("not a Gaussians4D state (expected a dict with 'params', 'sh_degree', 'time_basis')")
+        p = state["params"]
+        g = cls(p["means"].shape[0], int(state["sh_degree"]), int(state["time_basis"]), dtype=p["means"].dtype)
+        g.set_params({k: p[k] for k in PARAM_NAMES})
+        return g
+
+    def set_params(self, params: dict[str, Tensor]) -> None:
+        """Replace every parameter (e.g. after densification) with new tensors of a common N."""
+        n = params["means"].shape[0]
+        for k in PARAM_NAMES:
+            if params[k].shape[0] != n:
+                raise ValueError(f"parameter {k} has {params[k].shape[0]} rows, means has {n}")
+            setattr(self, k, nn.Parameter(params[k].detach().clone()))
+
+
+def init_random(
+    n: int,
+    extent: float = 0.5,
+    sh_degree: int = 1,
+    time_basis: int = 2,
+    time_scale: float = 0.25,
+    color: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Gaussians4D:
+    """N Gaussians uniform in the cube [-extent, extent]^3 x [0, 1] (no point cloud needed).
+
+    Spatial scale = the mean spacing (volume / N)^(1/3) / 2, temporal scale ``time_scale``, no
+    space-time rotation, opacity 0.1, colour ``color`` [N, 3] or grey.
+    """
+    if n < 1:
+        raise ValueError(f"number of Gaussians must be >= 1, got {n}")
+    g = Gaussians4D(n, sh_degree, time_basis)
+    xyz = (torch.rand(n, 3, generator=generator) * 2 - 1) * extent
+    t = torch.rand(n, 1, generator=generator)
+    spacing = (8 * extent ** 3 / n) ** (1 / 3)
+    with torch.no_grad():
+        g.means.copy_(torch.cat([xyz, t], 1))
+        g.log_scales[:, :3] = math.log(spacing / 2)
+        g.log_scales[:, 3] = math.log(time_scale)
+        g.opacity_logits.fill_(math.log(0.1 / 0.9))
+        if color is not None:
+            g.sh_dc.copy_(rgb_to_sh_dc(color.clamp(0.02, 0.98)))
+    return g
+
+
+@torch.no_grad()
+def init_from_images(
+    images: Tensor,  # [V, F, 3, H, W] in [0, 1]
+    viewmats: Tensor,  # [V, 4, 4]
+    Ks: Tensor,  # [V, 3, 3]
+    times: Tensor,  # [F]
+    n: int,
+    extent: float = 0.6,
+    background: float = 1.0,
+    threshold: float = 0.06,
+    sh_degree: int = 1,
+    time_basis: int = 2,
+    time_scale: float = 0.25,
+    generator: torch.Generator | None = None,
+) -> Gaussians4D:
+    """Initialise N Gaussians by space carving the image matrix itself (no external point cloud).
+
+    Candidate points uniform in [-extent, extent]^3 x [0, 1] are kept when, at the nearest
+    frame, every view that sees them shows foreground there (a pixel farther than
+    ``threshold`` from the background colour); their colour is the mean of those pixels.
+    Falls back to uniform points when the images show no foreground at all.
+    """
+    v, f, _, h, w = images.shape
+    if viewmats.shape[0] != v or Ks.shape[0] != v or times.shape[0] != f:
+        raise ValueError("images [V, F, 3, H, W], viewmats [V, 4, 4], Ks [V, 3, 3], times [F] disagree")
+    fg = (images - background).abs().amax(2) > threshold  # [V, F, H, W]
+    kept_xyz, kept_t, kept_rgb = [], [], []
+    total = 0
+    for _ in range(20):  # at most 20 rounds of candidates
+        m = max(4 * n, 4096)
+        xyz = (torch.rand(m, 3, generator=generator) * 2 - 1) * extent
+        t = torch.rand(m, generator=generator)
+        fi = torch.round(t * (f - 1)).long() if f > 1 else torch.zeros(m, dtype=torch.long)
+        cam = torch.einsum("vij,mj->vmi", viewmats[:, :3, :3].float(), xyz) + viewmats[None, :, :3, 3].float().transpose(0, 1)
+        z = cam[..., 2].clamp(min=1e-6)  # [V, M]
+        u = Ks[:, None, 0, 0] * cam[..., 0] / z + Ks[:, None, 0, 2]
+        vv = Ks[:, None, 1, 1] * cam[..., 1] / z + Ks[:, None, 1, 2]
+        px, py = u.floor().long(), vv.floor().long()
+        inside = (px >= 0) & (px < w) & (py >= 0) & (py < h) & (cam[..., 2] > 0)  # [V, M]
+        pxc, pyc = px.clamp(0, w - 1), py.clamp(0, h - 1)
+        vid = torch.arange(v)[:, None].expand(v, m)
+        fgv = fg[vid, fi[None].expand(v, m), pyc, pxc] | ~inside  # [V, M]
+        ok = fgv.all(0) & inside.any(0)
+        rgb = images[vid, fi[None].expand(v, m), :, pyc, pxc]  # [V, M, 3]
+        wgt = (inside & fg[vid, fi[None].expand(v, m), pyc, pxc]).float()
+        rgb = (rgb * wgt[..., None]).sum(0) / wgt.sum(0).clamp(min=1)[..., None]
+        kept_xyz.append(xyz[ok])
+        kept_t.append(t[ok])
+        kept_rgb.append(rgb[ok])
+        total += int(ok.sum())
+        if total >= n:
+            break
+    if total == 0:
+        return init_random(n, extent, sh_degree, time_basis, time_scale, generator=generator)
+    xyz, t, rgb = torch.cat(kept_xyz), torch.cat(kept_t), torch.cat(kept_rgb)
+    if total < n:  # repeat with jitter
+        idx = torch.randint(0, total, (n,), generator=generator)
+        xyz, t, rgb = xyz[idx], t[idx], rgb[idx]
+    xyz, t, rgb = xyz[:n], t[:n], rgb[:n]
+    g = init_random(n, extent, sh_degree, time_basis, time_scale, color=rgb, generator=generator)
+    # spacing from the carved volume: fraction of candidates kept times the cube's volume
+    volume = 8 * extent ** 3 * max(total, 1) / max(1, len(kept_xyz) * max(4 * n, 4096))
+    spacing = (volume / n) ** (1 / 3)
+    g.means.copy_(torch.cat([xyz, t[:, None]], 1))
+    g.log_scales[:, :3] = math.log(max(spacing, 1e-3) / 2)
+    return g

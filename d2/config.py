@@ -145,9 +145,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_override(data: dict, path: list[str], value: Any) -> None:
-    """Set ``data[path[0]][path[1]]... = value`` after checking every key exists in Params."""
-    model: type[BaseModel] | None = Params
+def apply_override(data: dict, path: list[str], value: Any, root: type[BaseModel] | None = None) -> None:
+    """Set ``data[path[0]][path[1]]... = value`` after checking every key exists in ``root`` (Params)."""
+    model: type[BaseModel] | None = Params if root is None else root
     node = data
     for i, part in enumerate(path):
         prefix = ".".join(path[:i]) + ("." if i else "")
@@ -214,9 +214,9 @@ def with_overrides(params: BaseModel, overrides: Iterable[str]) -> BaseModel:
     overrides = list(overrides)
     for text in overrides:
         path_keys, value = parse_override(text)
-        apply_override(data, path_keys, value)
+        apply_override(data, path_keys, value, type(params))
     try:
-        return Params.model_validate(data)
+        return type(params).model_validate(data)
     except ValidationError as e:
         raise ParamsError(_format_validation_error(e, "--set " + " ".join(overrides))) from None
 
@@ -240,7 +240,7 @@ def params_subset_hash(params: BaseModel, keys: Iterable[str]) -> str:
 
 def params_hash(params: BaseModel) -> str:
     """sha256 of every parameter except ``run`` (which has no effect on results)."""
-    return params_subset_hash(params, [k for k in Params.model_fields if k != "run"])
+    return params_subset_hash(params, [k for k in type(params).model_fields if k != "run"])
 
 
 def flatten_params(params: BaseModel) -> dict[str, Any]:

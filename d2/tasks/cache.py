@@ -1,0 +1,296 @@
+"""The content-addressed stage cache.
+
+A stage's cache key is the sha256 of
+
+* the content hash of each of its input artifacts (files or folders; paths do not count),
+* the subset of params it reads (``params_subset_hash``),
+* the version of its code: the source of its modules and of every module of the same
+  top-level package they import (transitively, imports inside functions included), plus
+  the source of the stage's wrapper function.
+
+Results live in ``<cache_dir>/<stage>/<key>/`` (``out/`` holds the stage's files,
+``done.json`` is written last, so a folder without it is an interrupted computation and is
+recomputed). A stage always computes into that same folder, so paths a stage records in
+its outputs are the same on every machine run, and downstream keys stay stable. Runs see
+the results as hard-linked copies under their own output folder.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import inspect
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from pydantic import BaseModel
+
+from d2.config import params_subset_hash
+from d2.utils.io import write_json
+
+# ---------------------------------------------------------------------------------------
+# Content hashes of artifacts
+
+_hash_memo: dict[tuple[str, int, int], str] = {}
+_hash_lock = threading.Lock()
+
+
+def _file_hash(path: Path) -> str:
+    st = path.stat()
+    memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _hash_lock:
+        hit = _hash_memo.get(memo_key)
+    if hit is not None:
+        return hit
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    with _hash_lock:
+        _hash_memo[memo_key] = digest
+    return digest
+
+
+def hash_path(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, or of a folder's sorted (relative path, file hash) list.
+
+    A cache entry's ``out/`` folder is hashed once when stored (read back from its
+    ``done.json``). Hidden files (``.name``) are ignored.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"input artifact not found: {p}")
+    if p.is_file():
+        return _file_hash(p)
+    done = p.parent / "done.json"
+    if p.name == "out" and done.exists():
+        try:
+            return json.loads(done.read_text())["content_hash"]
+        except (KeyError, ValueError):
+            pass
+    h = hashlib.sha256()
+    for f in sorted(p.rglob("*")):
+        rel = f.relative_to(p)
+        if any(part.startswith(".") for part in rel.parts) or not f.is_file():
+            continue
+        h.update(rel.as_posix().encode() + b"\0" + _file_hash(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Code versions
+
+
+_ast_memo: dict[tuple[str, int, int], tuple[bytes, list[str]]] = {}
+
+
+def _module_file(name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin)
+
+
+def _imports_of(name: str, path: Path) -> tuple[bytes, list[str]]:
+    """(source bytes, absolute names of the modules it imports anywhere in the file)."""
+    st = path.stat()
+    memo_key = (str(path), st.st_size, st.st_mtime_ns)
+    if memo_key in _ast_memo:
+        return _ast_memo[memo_key]
+    src = path.read_bytes()
+    is_pkg = path.name == "__init__.py"
+    package = name if is_pkg else name.rpartition(".")[0]
+    found: list[str] = []
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package.split(".")
+                base_parts = base_parts[: len(base_parts) - (node.level - 1)] if node.level > 1 else base_parts
+                base = ".".join(base_parts)
+                mod = f"{base}.{node.module}" if node.module else base
+            else:
+                mod = node.module or ""
+            found.append(mod)
+            found += [f"{mod}.{a.name}" for a in node.names]  # `from pkg import module`
+    _ast_memo[memo_key] = (src, found)
+    return src, found
+
+
+def module_closure(roots: list[str]) -> dict[str, Path]:
+    """The modules ``roots`` import transitively, within their own top-level packages and d2."""
+    packages = {r.split(".")[0] for r in roots} | {"d2"}
+    seen: dict[str, Path] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen or name.split(".")[0] not in packages:
+            continue
+        path = _module_file(name)
+        if path is None:
+            continue
+        seen[name] = path
+        _, imported = _imports_of(name, path)
+        todo += imported
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run too
+    return seen
+
+
+def code_version(modules: list[str], functions: list[Callable] = ()) -> str:
+    """sha256 over the source of ``modules``' import closure and of ``functions``."""
+    h = hashlib.sha256()
+    closure = module_closure(list(modules))
+    missing = [m for m in modules if m not in closure]
+    if missing:
+        raise ImportError(f"stage code not found: {', '.join(missing)}")
+    for name in sorted(closure):
+        src, _ = _imports_of(name, closure[name])
+        h.update(name.encode() + b"\0" + hashlib.sha256(src).hexdigest().encode() + b"\n")
+    for fn in functions:
+        h.update(b"fn\0" + inspect.getsource(fn).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Stages and the cache
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What the cache needs to know about a stage."""
+
+    name: str  # stage name (folder name in the cache and in run folders)
+    compute: Callable[[dict[str, Path], Path, BaseModel], dict | None]  # (inputs, out_dir, params) -> info
+    modules: tuple[str, ...]  # modules whose source (with their imports) versions the stage
+    params_keys: tuple[str, ...]  # dotted params keys the stage reads
+
+
+@dataclass
+class StageResult:
+    """One stage execution of one object, as recorded in the manifest."""
+
+    stage: str
+    object: str
+    status: str  # "computed" or "cached"
+    key: str
+    seconds: float  # wall time of this execution (lookup, compute or link)
+    compute_seconds: float  # seconds the computation took when it was computed
+    store_dir: Path  # <cache>/<stage>/<key>/out (immutable input of downstream stages)
+    out_dir: Path  # the run's copy
+    outputs: list[str] = field(default_factory=list)  # files, relative to out_dir
+    info: dict[str, Any] = field(default_factory=dict)  # what the stage returned
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form for the manifest."""
+        return {
+            "stage": self.stage, "object": self.object, "status": self.status, "key": self.key,
+            "seconds": round(self.seconds, 4), "compute_seconds": round(self.compute_seconds, 4),
+            "out_dir": str(self.out_dir), "store_dir": str(self.store_dir), "outputs": self.outputs,
+            "info": self.info,
+        }
+
+
+def stage_key(spec: StageSpec, inputs: Mapping[str, str | os.PathLike], params: BaseModel) -> tuple[str, dict]:
+    """(cache key, its ingredients) of ``spec`` on ``inputs`` under ``params``."""
+    ingredients = {
+        "stage": spec.name,
+        "code": code_version(list(spec.modules), [spec.compute]),
+        "params": params_subset_hash(params, spec.params_keys),
+        "inputs": {name: hash_path(p) for name, p in sorted(inputs.items())},
+    }
+    blob = json.dumps(ingredients, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest(), ingredients
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock (threads and processes) on ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Make ``dst`` a copy of ``src`` made of hard links (plain copies across devices)."""
+    if dst.exists() or dst.is_symlink():
+        shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, tmp, copy_function=link)
+    os.replace(tmp, dst)
+
+
+def _list_outputs(d: Path) -> list[str]:
+    return sorted(f.relative_to(d).as_posix() for f in d.rglob("*") if f.is_file())
+
+
+def run_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str | os.PathLike], params: BaseModel,
+              cache_dir: str | os.PathLike, run_out_dir: str | os.PathLike | None,
+              use_cache: bool = True) -> StageResult:
+    """Run ``spec`` for ``obj`` through the cache: compute on a miss, reuse on a hit.
+
+    ``inputs`` maps names to artifact paths (files or folders); the stage's ``compute``
+    gets them as ``Path``s and writes into its ``out_dir``. With ``run_out_dir`` the result
+    is linked there. Concurrent calls with the same key compute once (a file lock).
+    """
+    t0 = time.perf_counter()
+    key, ingredients = stage_key(spec, inputs, params)
+    entry = Path(cache_dir).resolve() / spec.name / key
+    out = entry / "out"
+    done = entry / "done.json"
+    with _locked(Path(cache_dir).resolve() / spec.name / f"{key}.lock"):
+        if use_cache and done.exists():
+            meta = json.loads(done.read_text())
+            status = "cached"
+        else:
+            if entry.exists():
+                shutil.rmtree(entry)  # an interrupted computation, or use_cache=False
+            out.mkdir(parents=True)
+            tc = time.perf_counter()
+            try:
+                info = spec.compute({k: Path(v) for k, v in inputs.items()}, out, params) or {}
+            except BaseException:
+                shutil.rmtree(entry, ignore_errors=True)
+                raise
+            compute_s = time.perf_counter() - tc
+            meta = {"stage": spec.name, "object": obj, "key": key, "ingredients": ingredients,
+                    "compute_seconds": compute_s, "info": info, "content_hash": hash_path(out),
+                    "created": time.time()}
+            write_json(done, meta)
+            status = "computed"
+    run_copy = out
+    if run_out_dir is not None:
+        run_copy = Path(run_out_dir)
+        _link_tree(out, run_copy)
+    return StageResult(stage=spec.name, object=obj, status=status, key=key,
+                       seconds=time.perf_counter() - t0, compute_seconds=float(meta["compute_seconds"]),
+                       store_dir=out, out_dir=run_copy, outputs=_list_outputs(out),
+                       info=json.loads(json.dumps(meta.get("info", {}), default=str)))

@@ -1,0 +1,103 @@
+"""Miniature priors (issue 6): training data, a training step, save / reload through the loaders."""
+
+from __future__ import annotations
+
+import torch
+
+from d2.stages.cameras import orbit_azimuths
+from d2.stages.priors import PriorsConfig, build_svd, build_sv3d_p, load_prior_folder
+from d2.train.data import DataConfig, check_disjoint, render_training_set, scene_seeds
+from d2.train.mini import build_mini
+from d2.train.priors import (MiniModelConfig, TrainConfig, build_mini_prior, edm_loss, make_condition,
+                             save_mini_prior, train_prior)
+
+TINY = MiniModelConfig(resolution=8, num_frames=4, block_out_channels=(32, 32), attention_from_level=1,
+                       clip_patch_size=4)
+
+
+def test_training_scenes_are_disjoint_from_the_benchmark() -> None:
+    import pytest
+
+    from d2.train.data import _world, benchmark_scenes
+
+    world = _world()
+    cfg = DataConfig(resolution=8, num_frames=4, num_scenes=4, videos_per_scene=1, orbits_per_scene=1)
+    seeds = scene_seeds(cfg)
+    assert check_disjoint(seeds, resolution=8) > 0.02
+    bench = benchmark_scenes()
+    names = {b.name for b in bench}
+    for s in seeds:
+        assert world.random_training_scene(s).name not in names
+    # the check can fail: a "training" factory that hands out a benchmark object is refused
+    with pytest.raises(ValueError, match="benchmark object"):
+        check_disjoint([0], resolution=8, scene_factory=lambda s: bench[0])
+    ds = render_training_set(cfg, progress=False)
+    assert ds.videos.shape == (4, 4, 3, 8, 8) and ds.videos.dtype == torch.uint8
+    assert ds.orbits.shape == (4, 4, 3, 8, 8) and ds.orbit_elevations.shape == (4,)
+    assert ds.videos.float().std() > 1.0  # not blank
+
+
+def _toy_sequences(n: int, t: int, res: int, gen: torch.Generator) -> torch.Tensor:
+    """uint8 [n, t, 3, res, res]: a coloured square moving right on white."""
+    out = torch.full((n, t, 3, res, res), 255, dtype=torch.uint8)
+    for i in range(n):
+        col = (torch.rand(3, generator=gen) * 200).to(torch.uint8)
+        for f in range(t):
+            x0 = f % (res - 3)
+            out[i, f, :, 2:5, x0:x0 + 3] = col[:, None, None]
+    return out
+
+
+def _fixed_loss(prior, seq: torch.Tensor, family: str, seed: int = 123) -> float:
+    g = torch.Generator().manual_seed(seed)
+    x = seq.float() / 255
+    cond_img = x[:, 0] if family == "video" else x[:, -1]
+    elev = torch.zeros(x.shape[0])
+    drop = torch.zeros(x.shape[0], dtype=torch.bool)
+    sigma = torch.tensor([0.3, 1.0, 3.0, 0.1])[: x.shape[0]]
+    noise = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        cond = make_condition(prior, cond_img, x.shape[1], 0.02, elev, g, drop)
+        return float(edm_loss(prior, x * 2 - 1, cond, sigma, noise))
+
+
+def test_a_few_training_steps_lower_the_loss() -> None:
+    gen = torch.Generator().manual_seed(0)
+    seq = _toy_sequences(4, 4, 8, gen)
+    for family in ("video", "multiview"):
+        cfg = TrainConfig(model=TINY, steps=25, batch_size=4, lr=2e-3, warmup_steps=1, ema_decay=0.0,
+                          p_uncond=0.0, progress=False, seed=1)
+        start = build_mini_prior(TINY, family, seed=1)
+        before = _fixed_loss(start, seq, family)
+        trained, summary = train_prior(family, seq, cfg, torch.zeros(4), prior=build_mini_prior(TINY, family, seed=1))
+        after = _fixed_loss(trained, seq, family)
+        assert summary["steps"] == 25
+        assert after < 0.7 * before, (family, before, after)
+
+
+def test_saved_priors_reload_through_the_loaders_with_identical_outputs(tmp_path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 8, 8)
+    sigma = torch.tensor([0.5, 4.0])
+    images = torch.rand(2, 3, 8, 8)
+    for family in ("video", "multiview"):
+        prior = build_mini_prior(TINY, family, seed=3).eval()
+        folder = tmp_path / family
+        save_mini_prior(prior, folder, extra={"num_frames": 4}, half=True)
+        size = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+        assert size < 2.2 * sum(p.numel() for p in prior.parameters())  # stored in fp16
+        kw = {"azimuths_deg": orbit_azimuths(4), "elevations_deg": 10.0} if family == "multiview" else {}
+        loaded = [load_prior_folder(folder, family)]
+        cfg = PriorsConfig(video_path=str(folder), multiview_path=str(folder))
+        loaded.append(build_mini(cfg, family, torch.device("cpu")))
+        loaded.append(build_svd(cfg, family, torch.device("cpu")) if family == "video"
+                      else build_sv3d_p(cfg, family, torch.device("cpu")))
+        with torch.no_grad():
+            cond = prior.condition(images, cond_aug=0.02, generator=torch.Generator().manual_seed(5), **kw)
+            ref = prior.denoise(x, sigma, cond, torch.full((2, 4), 2.0))
+            for other in loaded:
+                other.eval()
+                c2 = other.condition(images, cond_aug=0.02, generator=torch.Generator().manual_seed(5), **kw)
+                out = other.denoise(x, sigma, c2, torch.full((2, 4), 2.0))
+                assert other.family == family and other.resolution == 8
+                torch.testing.assert_close(out, ref, rtol=0, atol=0)

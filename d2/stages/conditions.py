@@ -1,0 +1,364 @@
+"""Stage: the conditions of the matrix sampler (a reference orbit and a reference video).
+
+Three input kinds (``ConditionsConfig.input_kind``, "auto" guesses from the path):
+
+    image   one image file (.png/.jpg/.jpeg/.webp/.bmp): the reference orbit is sampled from the
+            multi-view prior on the image (its input-view entry then replaced by the image), the
+            reference video from the video prior on the image.
+    video   a video file (.mp4/.gif/.mov/.avi/.webm/.mkv) or a folder of frames (sorted by the
+            number in their names): the first ``num_frames`` frames (every ``frame_stride``-th)
+            are the reference video; frame 0 is the reference time (the authors' code takes the
+            last one, which looks like a bug); the orbit is sampled from frame 0.
+    orbit   a folder holding ``orbit.json`` ({"elevation_deg": e, optional "azimuths_deg"}) and
+            ``num_views`` images in SV3D_p order (view v at (v+1)*360/V degrees from the front, the
+            last = the front view): the orbit is given; the video is sampled from its front view.
+
+Preprocessing of every image: alpha composited on white; the object (alpha > threshold, or
+non-white pixels when there is no alpha) cropped to its bounding box, recentred on a white
+square so its longer side is ``object_fraction`` of the image (one box for all frames of a
+video, so the object does not jitter), resized to ``resolution``.
+
+Outputs (one folder, written atomically): ``conditions.pt`` (see :class:`Conditions`),
+``input.png``, ``orbit/view_XX.png``, ``video/frame_YY.png``, ``conditions.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from d2.stages.cameras import OrbitSpec, orbit_azimuths
+from d2.stages.priors import Prior
+from d2.stages.schedules import multiview_cfg_scales, video_cfg_scales
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+VIDEO_EXTS = {".mp4", ".gif", ".mov", ".avi", ".webm", ".mkv"}
+_ORBIT_DEFAULTS = OrbitSpec()
+
+
+class ConditionsConfig(BaseModel):
+    """Knobs of the conditions stage."""
+
+    model_config = ConfigDict(extra="forbid")
+    input_kind: Literal["auto", "image", "video", "orbit"] = "auto"  # how to read the input path
+    num_views: int = Field(21, ge=1)  # V: views of the reference orbit
+    num_frames: int = Field(25, ge=1)  # F: frames of the reference video
+    resolution: int = Field(576, ge=8)  # image side in pixels (the priors' resolution)
+    elevation_deg: float = 10.0  # orbit elevation (authors' default 10; an orbit input's orbit.json overrides it)
+    fov_deg: float = _ORBIT_DEFAULTS.fov_deg  # camera field of view recorded for the fitting stage
+    radius: float = _ORBIT_DEFAULTS.radius  # camera distance recorded for the fitting stage
+    object_fraction: float | None = Field(0.85, gt=0, le=1)  # object's longer side / image side; None: keep framing
+    alpha_threshold: float = Field(0.5, gt=0, lt=1)  # alpha above this is object
+    white_threshold: float = Field(0.04, gt=0, lt=1)  # without alpha: a pixel this far from white is object
+    frame_stride: int = Field(1, ge=1)  # take every k-th frame of a video input
+    replace_input_view: bool = True  # put the input image into the sampled orbit's input view
+    num_steps: int = Field(50, ge=1)  # denoising steps of the reference samples
+    sigma_min: float = Field(0.002, gt=0)  # Karras sigma_min
+    sigma_max: float = Field(700.0, gt=0)  # Karras sigma_max
+    rho: float = Field(7.0, gt=0)  # Karras rho
+    seed: int = 23  # seed of the reference samples (cond_aug noise and initial noise)
+    fps_id: int = 24  # SVD micro-conditioning fps id
+    motion_bucket_id: int = 127  # SVD micro-conditioning motion bucket
+    video_cond_aug: float = Field(0.02, ge=0)  # SVD conditioning-image noise
+    multiview_cond_aug: float = Field(1e-5, ge=0)  # SV3D conditioning-image noise
+    video_cfg_min: float = 1.5  # video CFG at frame 0 (linear over frames)
+    video_cfg_max: float = 3.0  # video CFG at the last frame
+    multiview_cfg: Literal["constant", "triangle"] = "constant"  # multi-view CFG profile (authors: constant)
+    multiview_cfg_scale: float = 2.5  # constant value / triangle peak
+    multiview_cfg_min: float = 1.0  # triangle ends
+    chunk_size: int = Field(4, ge=1)  # sequences per UNet call
+    decode_chunk: int = Field(14, ge=1)  # frames per temporal-decoder call
+    progress: bool = True  # tqdm bars
+
+
+@dataclass
+class Conditions:
+    """What the matrix sampler is conditioned on (images float32 [.., 3, H, W] in [0, 1])."""
+
+    orbit: Tensor  # [V, 3, H, W] reference orbit; view v at azimuths_deg[v]
+    video: Tensor  # [F, 3, H, W] reference video; frame 0 = the reference time
+    input: Tensor  # [3, H, W] the preprocessed input image (front view at frame 0)
+    azimuths_deg: list[float]  # [V] azimuth of each orbit view from the input view
+    elevation_deg: float  # orbit elevation
+    fov_deg: float  # field of view (for fitting)
+    radius: float  # camera distance (for fitting)
+    input_view_index: int  # orbit index of the input (front) view: V - 1 in SV3D_p order
+    kind: str  # "image" | "video" | "orbit"
+
+    def state(self) -> dict:
+        return {"orbit": self.orbit, "video": self.video, "input": self.input,
+                "azimuths_deg": [float(a) for a in self.azimuths_deg], "elevation_deg": float(self.elevation_deg),
+                "fov_deg": float(self.fov_deg), "radius": float(self.radius),
+                "input_view_index": int(self.input_view_index), "kind": self.kind}
+
+
+def load_conditions(conditions_dir: str | Path) -> Conditions:
+    """Read ``conditions.pt`` of a conditions folder."""
+    from d2.utils.io import load_tensor
+
+    path = Path(conditions_dir) / "conditions.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the conditions stage first")
+    s = load_tensor(path)
+    return Conditions(**s)
+
+
+# ---------------------------------------------------------------------------------------
+# preprocessing
+# ---------------------------------------------------------------------------------------
+
+
+def _to_rgba(img: Image.Image) -> tuple[np.ndarray, bool]:
+    """PIL image -> ([H, W, 4] float32 in [0, 1], has_alpha)."""
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    arr = np.asarray(img.convert("RGBA")).astype(np.float32) / 255.0
+    return arr, has_alpha
+
+
+def read_image(path: Path) -> tuple[np.ndarray, bool]:
+    """An image file -> ([H, W, 4] float32, has_alpha); clear errors for unreadable files."""
+    if not path.is_file():
+        raise FileNotFoundError(f"input image {path} does not exist")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read {path} as an image: {e}") from e
+    return _to_rgba(img)
+
+
+def object_mask(rgba: np.ndarray, has_alpha: bool, cfg: ConditionsConfig) -> np.ndarray:
+    """[H, W] bool: alpha > threshold, or (no alpha) farther than white_threshold from white."""
+    if has_alpha:
+        return rgba[..., 3] > cfg.alpha_threshold
+    return (1.0 - rgba[..., :3]).max(-1) > cfg.white_threshold
+
+
+def composite_white(rgba: np.ndarray) -> np.ndarray:
+    """[H, W, 4] -> [H, W, 3] with alpha composited on white."""
+    a = rgba[..., 3:4]
+    return rgba[..., :3] * a + (1.0 - a)
+
+
+def bbox(mask: np.ndarray, name: str) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of the True pixels; error when there are none."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        raise ValueError(f"{name}: no object found (the image is empty / all background); give an RGBA image with "
+                         "an alpha mask or an object on a white background")
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+
+
+def recentre(rgb: np.ndarray, box: tuple[int, int, int, int] | None, cfg: ConditionsConfig) -> Tensor:
+    """[H, W, 3] on white -> [3, R, R] tensor: box cropped, centred with its longer side = object_fraction * R."""
+    r = cfg.resolution
+    img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()  # [3, H, W]
+    if box is None or cfg.object_fraction is None:  # keep framing: pad to a square, then resize
+        h, w = img.shape[1:]
+        side = max(h, w)
+        canvas = torch.ones(3, side, side)
+        canvas[:, (side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = img
+        return F.interpolate(canvas[None], size=(r, r), mode="bilinear", antialias=True,
+                             align_corners=False)[0].clamp(0, 1)
+    y0, y1, x0, x1 = box
+    crop = img[:, y0:y1, x0:x1]
+    ch, cw = crop.shape[1:]
+    scale = cfg.object_fraction * r / max(ch, cw)
+    nh, nw = max(1, round(ch * scale)), max(1, round(cw * scale))
+    crop = F.interpolate(crop[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+    canvas = torch.ones(3, r, r)
+    top, left = (r - nh) // 2, (r - nw) // 2
+    canvas[:, top:top + nh, left:left + nw] = crop.clamp(0, 1)
+    return canvas
+
+
+def preprocess_frames(frames: list[tuple[np.ndarray, bool]], cfg: ConditionsConfig, name: str) -> Tensor:
+    """RGBA frames -> [N, 3, R, R]; one bounding box (the union) for all frames."""
+    if not frames:
+        raise ValueError(f"{name}: no frames")
+    shapes = {f[0].shape[:2] for f in frames}
+    if len(shapes) != 1:
+        raise ValueError(f"{name}: frames differ in size: {sorted(shapes)}")
+    boxes = [bbox(object_mask(a, al, cfg), f"{name} frame {i}") for i, (a, al) in enumerate(frames)]
+    union = (min(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes), max(b[3] for b in boxes))
+    return torch.stack([recentre(composite_white(a), union, cfg) for a, _ in frames])
+
+
+def _numbered(paths: list[Path]) -> list[Path]:
+    def key(p: Path):
+        nums = re.findall(r"\d+", p.stem)
+        return (int(nums[-1]) if nums else math.inf, p.name)
+
+    return sorted(paths, key=key)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return _numbered([p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS])
+
+
+def read_video_frames(path: Path, count: int, stride: int) -> list[tuple[np.ndarray, bool]]:
+    """The first ``count`` frames (every ``stride``-th) of a video file or a folder of frames."""
+    need = (count - 1) * stride + 1
+    if path.is_dir():
+        files = _image_files(path)
+        if len(files) < need:
+            raise ValueError(f"{path}: {len(files)} frames, need {need} (num_frames {count}, stride {stride})")
+        return [read_image(p) for p in files[:need:stride]]
+    import imageio.v3 as iio
+
+    frames = []
+    try:
+        for i, fr in enumerate(iio.imiter(path)):
+            if i >= need:
+                break
+            if i % stride == 0:
+                frames.append(_to_rgba(Image.fromarray(np.asarray(fr))))
+    except Exception as e:  # imageio raises many types for unreadable files
+        raise ValueError(f"cannot read {path} as a video: {e}") from e
+    if len(frames) < count:
+        raise ValueError(f"{path}: only {len(frames)} usable frames, need {count} (stride {stride})")
+    return frames
+
+
+def detect_kind(path: Path) -> Literal["image", "video", "orbit"]:
+    """Guess the input kind from the path (see the module docstring)."""
+    if not path.exists():
+        raise FileNotFoundError(f"input {path} does not exist")
+    if path.is_dir():
+        if (path / "orbit.json").is_file():
+            return "orbit"
+        if _image_files(path):
+            return "video"
+        raise ValueError(f"{path}: a folder without images (nor orbit.json)")
+    ext = path.suffix.lower()
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in VIDEO_EXTS:
+        return "video"
+    raise ValueError(f"{path}: unsupported input extension {ext!r} (images: {sorted(IMAGE_EXTS)}, "
+                     f"videos: {sorted(VIDEO_EXTS)})")
+
+
+# ---------------------------------------------------------------------------------------
+# reference samples
+# ---------------------------------------------------------------------------------------
+
+
+def sample_reference_orbit(multiview_prior: Prior, image: Tensor, azimuths_deg: list[float], elevation_deg: float,
+                           cfg: ConditionsConfig) -> Tensor:
+    """Orbit [V, 3, H, W] from the multi-view prior conditioned on ``image`` [3, H, W]."""
+    from d2.stages.sampling import sample_sequences
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        cond = multiview_prior.condition(image[None], cond_aug=cfg.multiview_cond_aug, azimuths_deg=azimuths_deg,
+                                         elevations_deg=elevation_deg, generator=gen)
+    scale = multiview_cfg_scales(len(azimuths_deg), cfg.multiview_cfg, cfg.multiview_cfg_scale, cfg.multiview_cfg_min)
+    lat = sample_sequences(multiview_prior, cond, len(azimuths_deg), scale, cfg.num_steps, cfg.seed, cfg.sigma_min,
+                           cfg.sigma_max, cfg.rho, chunk_size=cfg.chunk_size, progress=cfg.progress)
+    with torch.no_grad():
+        return multiview_prior.decode(lat[0], chunk=cfg.decode_chunk).cpu()
+
+
+def sample_reference_video(video_prior: Prior, image: Tensor, cfg: ConditionsConfig) -> Tensor:
+    """Video [F, 3, H, W] from the video prior conditioned on ``image`` [3, H, W]."""
+    from d2.stages.sampling import sample_sequences
+
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    with torch.no_grad():
+        cond = video_prior.condition(image[None], cond_aug=cfg.video_cond_aug, fps_id=cfg.fps_id,
+                                     motion_bucket_id=cfg.motion_bucket_id, generator=gen)
+    scale = video_cfg_scales(cfg.num_frames, cfg.video_cfg_min, cfg.video_cfg_max)
+    lat = sample_sequences(video_prior, cond, cfg.num_frames, scale, cfg.num_steps, cfg.seed + 1, cfg.sigma_min,
+                           cfg.sigma_max, cfg.rho, chunk_size=cfg.chunk_size, progress=cfg.progress)
+    with torch.no_grad():
+        return video_prior.decode(lat[0], chunk=cfg.decode_chunk).cpu()
+
+
+def make_conditions(input_path: str | Path, cfg: ConditionsConfig, priors: tuple[Prior, Prior]) -> Conditions:
+    """Read, preprocess and complete the conditions of one input (no files written)."""
+    video_prior, multiview_prior = priors
+    path = Path(input_path).expanduser()
+    kind = detect_kind(path) if cfg.input_kind == "auto" else cfg.input_kind
+    if not path.exists():
+        raise FileNotFoundError(f"input {path} does not exist")
+    for p in (video_prior, multiview_prior):
+        if p.resolution != cfg.resolution:
+            raise ValueError(f"conditions.resolution {cfg.resolution} != the {p.family} prior's {p.resolution}")
+    azimuths = orbit_azimuths(cfg.num_views)
+    elevation = cfg.elevation_deg
+    v_in = cfg.num_views - 1
+    if kind == "image":
+        if not path.is_file():
+            raise ValueError(f"input kind 'image' needs an image file, got {path}")
+        image = preprocess_frames([read_image(path)], cfg, str(path))[0]
+        orbit = sample_reference_orbit(multiview_prior, image, azimuths, elevation, cfg)
+        if cfg.replace_input_view:
+            orbit[v_in] = image
+        video = sample_reference_video(video_prior, image, cfg)
+    elif kind == "video":
+        frames = read_video_frames(path, cfg.num_frames, cfg.frame_stride)
+        video = preprocess_frames(frames, cfg, str(path))
+        image = video[0]
+        orbit = sample_reference_orbit(multiview_prior, image, azimuths, elevation, cfg)
+        if cfg.replace_input_view:
+            orbit[v_in] = image
+    elif kind == "orbit":
+        if not path.is_dir():
+            raise ValueError(f"input kind 'orbit' needs a folder with orbit.json, got {path}")
+        meta_path = path / "orbit.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        elevation = float(meta.get("elevation_deg", elevation))
+        if "azimuths_deg" in meta:
+            given = [float(a) % 360 for a in meta["azimuths_deg"]]
+            want = [a % 360 for a in azimuths]
+            if len(given) != len(want) or any(min(abs(g - w), 360 - abs(g - w)) > 1e-3 for g, w in zip(given, want)):
+                raise ValueError(f"{meta_path}: azimuths_deg {meta['azimuths_deg']} are not the SV3D_p orbit of "
+                                 f"{cfg.num_views} views {azimuths}")
+        files = _image_files(path)
+        if len(files) != cfg.num_views:
+            raise ValueError(f"{path}: {len(files)} orbit images, num_views is {cfg.num_views}")
+        orbit = preprocess_frames([read_image(p) for p in files], cfg, str(path))
+        image = orbit[v_in]
+        video = sample_reference_video(video_prior, image, cfg)
+    else:
+        raise ValueError(f"unknown input kind {kind!r}")
+    return Conditions(orbit=orbit.float(), video=video.float(), input=image.float(), azimuths_deg=azimuths,
+                      elevation_deg=elevation, fov_deg=cfg.fov_deg, radius=cfg.radius, input_view_index=v_in,
+                      kind=kind)
+
+
+def write_conditions(conditions: Conditions, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write a conditions folder atomically (layout of the module docstring)."""
+    from d2.utils.io import atomic_dir, save_image, save_tensor, write_json
+
+    with atomic_dir(out_dir) as tmp:
+        save_tensor(tmp / "conditions.pt", conditions.state())
+        save_image(tmp / "input.png", conditions.input)
+        for v in range(conditions.orbit.shape[0]):
+            save_image(tmp / "orbit" / f"view_{v:02d}.png", conditions.orbit[v])
+        for f in range(conditions.video.shape[0]):
+            save_image(tmp / "video" / f"frame_{f:02d}.png", conditions.video[f])
+        meta = {k: v for k, v in conditions.state().items() if not isinstance(v, Tensor)}
+        meta.update({"V": conditions.orbit.shape[0], "F": conditions.video.shape[0],
+                     "resolution": int(conditions.orbit.shape[-1]), **(extra or {})})
+        write_json(tmp / "conditions.json", meta)
+    return Path(out_dir)
+
+
+def run_conditions(input_path: str | Path, out_dir: str | Path, cfg: ConditionsConfig,
+                   priors: tuple[Prior, Prior]) -> Path:
+    """Stage: input (image / video / orbit) -> conditions folder (``conditions.pt`` and previews)."""
+    conditions = make_conditions(input_path, cfg, priors)
+    return write_conditions(conditions, out_dir, {"input_path": str(input_path), "config": cfg.model_dump()})

@@ -1,0 +1,315 @@
+"""Stage: sample the V-views x F-frames latent matrix by composing the two priors' denoisers.
+
+Row v (a video over the F frames at orbit view v) is denoised by the video prior conditioned
+on reference-orbit view v; column f (an orbit of V views at frame f) by the multi-view prior
+conditioned on reference-video frame f with the orbit's cameras. Both see the same x and
+sigma, so the composed score is the same blend of their x0 predictions (each after its own
+CFG): ``D = w_video[v] D_video + w_multiview[v] D_multiview`` (see :mod:`d2.stages.schedules`
+for the weights and their mapping to the paper's ``s``). Deterministic Euler (Heun optional)
+on Karras sigmas, x kept in fp32, the first ``rollback_steps`` steps each taken twice (step,
+re-add noise, step again from the same sigma: the authors' variance reduction). Rows and
+columns go through the UNets ``chunk_size`` sequences at a time, so memory is bounded by the
+chunk, not by V x F. All randomness comes from one CPU generator seeded with ``seed``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from d2.stages.priors import Prior, PriorCondition
+from d2.stages.schedules import (
+    base_multiview_weight,
+    composition_weights,
+    karras_sigmas,
+    multiview_cfg_scales,
+    video_cfg_scales,
+)
+
+if TYPE_CHECKING:
+    from d2.stages.conditions import Conditions
+
+
+class SamplingConfig(BaseModel):
+    """Knobs of the composed sampler (defaults follow the authors' code, see DESIGN.md section 4)."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_views: int = Field(21, ge=1)  # V: views of the orbit (must match the conditions)
+    num_frames: int = Field(25, ge=1)  # F: frames of the video (must match the conditions)
+    resolution: int = Field(576, ge=8)  # image side in pixels (must match the priors and the conditions)
+    num_steps: int = Field(50, ge=1)  # N: denoising steps
+    sigma_min: float = Field(0.002, gt=0)  # smallest Karras sigma (before the final 0)
+    sigma_max: float = Field(700.0, gt=0)  # largest Karras sigma; initial noise std = sqrt(1 + sigma_max^2)
+    rho: float = Field(7.0, gt=0)  # Karras rho
+    solver: Literal["euler", "heun"] = "euler"  # deterministic ODE solver
+    weight_schedule: Literal["constant", "logistic"] = "constant"  # base multi-view weight m(i) (authors: constant)
+    w_multiview_constant: float = Field(0.6, ge=0, le=1)  # m for the constant schedule (authors' sv3d_scale 0.6)
+    logistic_s0: float = 0.5  # logistic midpoint s0 (paper 0.5; authors' code 0.6)
+    logistic_k: float = 20.0  # logistic steepness k (paper 20; authors' code 15)
+    logistic_min: float = Field(0.0, ge=0, le=1)  # m after the drop (authors' sv3d_scale_min)
+    logistic_max: float = Field(1.0, ge=0, le=1)  # m before the drop (authors' sv3d_scale_max)
+    step_fraction: Literal["i/(N-1)", "i/N"] = "i/(N-1)"  # progress in the logistic: authors i/(N-1), paper i/N
+    per_view_video_weight: bool = True  # scale w_video by the authors' cosine profile over views
+    per_view_amplitude: float = Field(0.75, ge=0, le=1)  # depth a of that profile
+    video_cfg_min: float = 1.5  # video CFG at frame 0 (linear over frames)
+    video_cfg_max: float = 3.0  # video CFG at the last frame
+    multiview_cfg: Literal["constant", "triangle"] = "constant"  # multi-view CFG profile over views
+    multiview_cfg_scale: float = 2.5  # constant value / triangle peak
+    multiview_cfg_min: float = 1.0  # triangle ends (SV3D's own default 1.0 -> 2.5 -> 1.0)
+    rollback_steps: int = Field(10, ge=0)  # the first steps taken twice (authors: 10 of 50)
+    rollback_noise: Literal["linear", "vp"] = "linear"  # re-added noise std: |sigma - sigma_next| (authors) or sqrt(sigma^2 - sigma_next^2)
+    chunk_size: int = Field(4, ge=1)  # rows / columns per UNet call (CFG doubles the batch)
+    seed: int = 23  # one seed for the initial noise, cond_aug noise and rollback noise (authors: 23)
+    fps_id: int = 24  # SVD micro-conditioning fps id
+    motion_bucket_id: int = 127  # SVD micro-conditioning motion bucket
+    video_cond_aug: float = Field(0.02, ge=0)  # noise added to the video prior's conditioning image (SVD)
+    multiview_cond_aug: float = Field(1e-5, ge=0)  # noise added to the multi-view prior's conditioning image (SV3D)
+    decode_chunk: int = Field(14, ge=1)  # frames per temporal-decoder call
+    grid_thumb: int = Field(128, ge=8)  # thumbnail side in grid.png / grid.mp4
+    video_fps: int = Field(8, ge=1)  # fps of grid.mp4
+    progress: bool = True  # show tqdm bars
+
+
+def weights_at(i: int, cfg: SamplingConfig, num_views: int) -> tuple[Tensor, Tensor]:
+    """(w_video [V], w_multiview [V]) float32 at step i."""
+    m = base_multiview_weight(i, cfg.num_steps, cfg.weight_schedule, cfg.w_multiview_constant, cfg.logistic_s0,
+                              cfg.logistic_k, cfg.logistic_min, cfg.logistic_max, cfg.step_fraction)
+    wv, wm = composition_weights(m, num_views, cfg.per_view_video_weight, cfg.per_view_amplitude)
+    return wv.float(), wm.float()
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+class ComposedDenoiser:
+    """D(x; sigma) of the whole matrix x [V, F, C, h, w] at step i (fp32)."""
+
+    def __init__(self, video_prior: Prior, multiview_prior: Prior, video_cond: PriorCondition,
+                 multiview_cond: PriorCondition, cfg: SamplingConfig, num_views: int, num_frames: int) -> None:
+        self.video, self.mv = video_prior, multiview_prior
+        self.vcond, self.mcond = video_cond, multiview_cond
+        self.cfg = cfg
+        self.v, self.f = num_views, num_frames
+        self.video_cfg = video_cfg_scales(num_frames, cfg.video_cfg_min, cfg.video_cfg_max)  # [F]
+        self.mv_cfg = multiview_cfg_scales(num_views, cfg.multiview_cfg, cfg.multiview_cfg_scale,
+                                           cfg.multiview_cfg_min)  # [V]
+        self.unet_seconds = 0.0  # wall time spent inside the priors' denoise calls (bench)
+        self.timer: Callable[[], float] | None = None
+
+    def _call(self, prior: Prior, x: Tensor, sigma: float, cond: PriorCondition, cfg_scale: Tensor) -> Tensor:
+        b = x.shape[0]
+        dev = prior.device
+        t0 = self.timer() if self.timer else 0.0
+        out = prior.denoise(x.to(dev), torch.full((b,), sigma, device=dev), cond.to(dev),
+                            cfg_scale.to(dev)[None].expand(b, -1))
+        if self.timer:
+            self.unet_seconds += self.timer() - t0
+        return out.to(x.device)
+
+    def __call__(self, x: Tensor, sigma: float, i: int) -> Tensor:
+        w_video, w_mv = weights_at(i, self.cfg, self.v)
+        w_video, w_mv = w_video.to(x.device), w_mv.to(x.device)
+        d = torch.zeros_like(x)  # [V, F, C, h, w]
+        if bool((w_video > 0).any()):
+            for sl in _chunks(self.v, self.cfg.chunk_size):  # rows: videos over frames
+                dv = self._call(self.video, x[sl], sigma, self.vcond.select(sl), self.video_cfg)
+                d[sl] += w_video[sl].view(-1, 1, 1, 1, 1) * dv
+        if bool((w_mv > 0).any()):
+            for sl in _chunks(self.f, self.cfg.chunk_size):  # columns: orbits over views
+                xc = x[:, sl].transpose(0, 1)  # [b, V, C, h, w]
+                dm = self._call(self.mv, xc, sigma, self.mcond.select(sl), self.mv_cfg).transpose(0, 1)
+                d[:, sl] += w_mv.view(-1, 1, 1, 1, 1) * dm
+        return d
+
+
+def edm_sample(
+    denoiser: Callable[[Tensor, float, int], Tensor],
+    noise: Tensor,
+    sigmas: Tensor,
+    solver: Literal["euler", "heun"] = "euler",
+    rollback_steps: int = 0,
+    rollback_noise: Literal["linear", "vp"] = "linear",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    desc: str = "sampling",
+) -> Tensor:
+    """Deterministic EDM sampling from unit ``noise`` (any shape, fp32) with ``denoiser(x, sigma, i)``.
+
+    x starts at ``noise * sqrt(1 + sigma_0^2)``; step i goes from sigmas[i] to sigmas[i+1]. The
+    first ``rollback_steps`` steps are each taken twice: step, add N(0, std^2) noise (std =
+    |dt| for "linear", sqrt(sigma_i^2 - sigma_{i+1}^2) for "vp"; drawn from ``generator`` on the
+    CPU), step again from sigmas[i].
+    """
+    x = noise.float() * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    n = len(sigmas) - 1
+    for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        passes = 2 if i < rollback_steps else 1
+        for j in range(passes):
+            d0 = (x - denoiser(x, s, i)) / s
+            x_next = x + (s_next - s) * d0
+            if solver == "heun" and s_next > 0:
+                d1 = (x_next - denoiser(x_next, s_next, i)) / s_next
+                x_next = x + (s_next - s) * (d0 + d1) / 2
+            if j < passes - 1:
+                std = abs(s - s_next) if rollback_noise == "linear" else math.sqrt(max(s * s - s_next * s_next, 0.0))
+                eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+                x = x_next + std * eps
+            else:
+                x = x_next
+    return x
+
+
+def build_matrix_conditions(video_prior: Prior, multiview_prior: Prior, conditions: "Conditions",
+                            cfg: SamplingConfig, generator: torch.Generator) -> tuple[PriorCondition, PriorCondition]:
+    """Row v: video prior on orbit view v (V elements); column f: multi-view prior on video frame f (F elements)."""
+    with torch.no_grad():
+        vcond = video_prior.condition(conditions.orbit, cond_aug=cfg.video_cond_aug, fps_id=cfg.fps_id,
+                                      motion_bucket_id=cfg.motion_bucket_id, generator=generator)
+        mcond = multiview_prior.condition(conditions.video, cond_aug=cfg.multiview_cond_aug,
+                                          azimuths_deg=list(conditions.azimuths_deg),
+                                          elevations_deg=conditions.elevation_deg, generator=generator)
+    return vcond, mcond
+
+
+def check_compatible(video_prior: Prior, multiview_prior: Prior, conditions: "Conditions | None",
+                     cfg: SamplingConfig) -> None:
+    """Clear errors before any compute: families, latent spaces, sizes."""
+    if video_prior.family != "video" or multiview_prior.family != "multiview":
+        raise ValueError(f"need (video, multiview) priors, got ({video_prior.family}, {multiview_prior.family})")
+    a = (video_prior.latent_channels, video_prior.vae_scale_factor, video_prior.resolution)
+    b = (multiview_prior.latent_channels, multiview_prior.vae_scale_factor, multiview_prior.resolution)
+    if a != b:
+        raise ValueError(f"the priors' latent spaces differ: video (channels, scale, resolution) {a} vs multiview {b}")
+    if cfg.resolution != video_prior.resolution:
+        raise ValueError(f"sampling.resolution {cfg.resolution} != the priors' resolution {video_prior.resolution}")
+    if conditions is not None:
+        v, f = conditions.orbit.shape[0], conditions.video.shape[0]
+        if (v, f) != (cfg.num_views, cfg.num_frames):
+            raise ValueError(f"conditions have {v} views x {f} frames, sampling asks for "
+                             f"{cfg.num_views} x {cfg.num_frames}")
+        if conditions.orbit.shape[-1] != cfg.resolution or conditions.video.shape[-1] != cfg.resolution:
+            raise ValueError(f"conditions are {conditions.orbit.shape[-1]} px, sampling.resolution is {cfg.resolution}")
+
+
+def sample_matrix(video_prior: Prior, multiview_prior: Prior, conditions: "Conditions", cfg: SamplingConfig,
+                  noise: Tensor | None = None, denoiser_hook: Callable[[ComposedDenoiser], None] | None = None
+                  ) -> Tensor:
+    """The composed latent matrix [V, F, C, h, w] fp32 (on the CPU).
+
+    ``noise`` (unit Gaussian [V, F, C, h, w]) replaces the seeded initial noise when given.
+    ``denoiser_hook`` sees the :class:`ComposedDenoiser` before sampling (benchmarks).
+    """
+    check_compatible(video_prior, multiview_prior, conditions, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    vcond, mcond = build_matrix_conditions(video_prior, multiview_prior, conditions, cfg, gen)
+    v, f = cfg.num_views, cfg.num_frames
+    c, h = video_prior.latent_channels, video_prior.latent_size
+    if noise is None:
+        noise = torch.randn((v, f, c, h, h), generator=gen, dtype=torch.float32)
+    if noise.shape != (v, f, c, h, h):
+        raise ValueError(f"noise must be {(v, f, c, h, h)}, got {tuple(noise.shape)}")
+    denoiser = ComposedDenoiser(video_prior, multiview_prior, vcond, mcond, cfg, v, f)
+    if denoiser_hook is not None:
+        denoiser_hook(denoiser)
+    sigmas = karras_sigmas(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+    with torch.no_grad():
+        x = edm_sample(denoiser, noise.to(video_prior.device), sigmas, cfg.solver, cfg.rollback_steps,
+                       cfg.rollback_noise, gen, cfg.progress, desc=f"matrix {v}x{f}")
+    return x.float().cpu()
+
+
+def sample_sequences(prior: Prior, cond: PriorCondition, num_frames: int, cfg_scale: Tensor, num_steps: int,
+                     seed: int, sigma_min: float = 0.002, sigma_max: float = 700.0, rho: float = 7.0,
+                     solver: Literal["euler", "heun"] = "euler", chunk_size: int = 4,
+                     progress: bool = False) -> Tensor:
+    """Plain single-model sampling of N sequences (one per ``cond`` element): latents [N, T, C, h, w]."""
+    n = len(cond)
+    gen = torch.Generator().manual_seed(seed)
+    c, h = prior.latent_channels, prior.latent_size
+    noise = torch.randn((n, num_frames, c, h, h), generator=gen, dtype=torch.float32)
+    scale = cfg_scale.float().reshape(1, -1).expand(n, num_frames)
+
+    def denoiser(x: Tensor, sigma: float, i: int) -> Tensor:
+        out = torch.empty_like(x)
+        for sl in _chunks(n, chunk_size):
+            b = x[sl].shape[0]
+            out[sl] = prior.denoise(x[sl], torch.full((b,), sigma, device=x.device), cond.select(sl),
+                                    scale[sl].to(x.device))
+        return out
+
+    sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+    with torch.no_grad():
+        x = edm_sample(denoiser, noise.to(prior.device), sigmas, solver, progress=progress, desc="reference")
+    return x.float().cpu()
+
+
+def decode_matrix(video_prior: Prior, latents: Tensor, chunk: int = 14, progress: bool = False) -> Tensor:
+    """[V, F, C, h, w] latents -> [V, F, 3, H, W] images in [0, 1]; each row decoded as one video."""
+    rows = []
+    with torch.no_grad():
+        for v in tqdm(range(latents.shape[0]), desc="decode", disable=not progress, leave=False):
+            rows.append(video_prior.decode(latents[v], chunk=chunk).cpu())
+    return torch.stack(rows)
+
+
+def _thumbs(images: Tensor, size: int) -> Tensor:
+    """[..., 3, H, W] -> [..., 3, s, s] with s = min(size, H)."""
+    h = images.shape[-1]
+    if h <= size:
+        return images
+    flat = images.reshape(-1, *images.shape[-3:])
+    out = torch.nn.functional.interpolate(flat, size=(size, size), mode="bilinear", antialias=True,
+                                          align_corners=False).clamp(0, 1)
+    return out.reshape(*images.shape[:-2], size, size)
+
+
+def run_sampling(conditions_dir: str | Path, out_dir: str | Path, cfg: SamplingConfig,
+                 priors: tuple[Prior, Prior]) -> Path:
+    """Stage: conditions folder -> matrix folder.
+
+    Writes (atomically, the folder appears whole) ``latents.pt`` ({"latents": [V, F, C, h, w]}),
+    ``view_XX/frame_YY.png``, ``grid.png`` (rows = views, columns = frames), ``grid.mp4`` (over
+    frames, all views tiled), ``matrix.json`` (V, F, resolution, azimuths_deg, elevation_deg,
+    fov_deg, radius, times, input_view_index, seed, sampling config).
+    """
+    from d2.stages.cameras import frame_times
+    from d2.stages.conditions import load_conditions
+    from d2.utils.io import atomic_dir, image_grid, save_image, save_tensor, save_video, write_json
+
+    video_prior, multiview_prior = priors
+    conditions = load_conditions(conditions_dir)
+    check_compatible(video_prior, multiview_prior, conditions, cfg)
+    latents = sample_matrix(video_prior, multiview_prior, conditions, cfg)  # [V, F, C, h, w]
+    images = decode_matrix(video_prior, latents, cfg.decode_chunk, cfg.progress)  # [V, F, 3, H, W]
+    v, f = latents.shape[:2]
+    with atomic_dir(out_dir) as tmp:
+        save_tensor(tmp / "latents.pt", {"latents": latents})
+        for vi in range(v):
+            for fi in range(f):
+                save_image(tmp / f"view_{vi:02d}" / f"frame_{fi:02d}.png", images[vi, fi])
+        thumbs = _thumbs(images, cfg.grid_thumb)  # [V, F, 3, s, s]
+        save_image(tmp / "grid.png", image_grid(thumbs))
+        cols = math.ceil(math.sqrt(v))
+        rows = math.ceil(v / cols)
+        frames = []
+        for fi in range(f):
+            tiles = torch.ones(rows * cols, *thumbs.shape[-3:])
+            tiles[:v] = thumbs[:, fi]
+            frames.append(image_grid(tiles.reshape(rows, cols, *thumbs.shape[-3:])))
+        save_video(tmp / "grid.mp4", torch.stack(frames), fps=cfg.video_fps)
+        write_json(tmp / "matrix.json", {
+            "V": v, "F": f, "resolution": int(images.shape[-1]),
+            "azimuths_deg": list(conditions.azimuths_deg), "elevation_deg": conditions.elevation_deg,
+            "fov_deg": conditions.fov_deg, "radius": conditions.radius, "times": frame_times(f),
+            "input_view_index": conditions.input_view_index, "seed": cfg.seed,
+            "sampling": cfg.model_dump(),
+        })
+    return Path(out_dir)

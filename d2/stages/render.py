@@ -218,29 +218,30 @@ def project(
 
 
 def _composite_tiles(
-    pix: Tensor,  # [B, T, P, 2] pixel centres
-    means2d: Tensor,  # [B, T, K, 2] Gaussians gathered per tile, front to back
-    conics: Tensor,  # [B, T, K, 3]
-    opac: Tensor,  # [B, T, K] (0 where the Gaussian is culled or padding)
-    colors: Tensor,  # [B, T, K, D]
+    pix: Tensor,  # [G, P, 2] pixel centres of G tiles
+    means2d: Tensor,  # [G, K, 2] Gaussians gathered per tile, front to back
+    conics: Tensor,  # [G, K, 3]
+    opac: Tensor,  # [G, K] (0 where the Gaussian is culled or padding)
+    colors: Tensor,  # [G, K, D]
 ) -> tuple[Tensor, Tensor]:
-    """Front-to-back compositing of K depth-sorted Gaussians over the P pixels of T tiles.
+    """Front-to-back compositing of K depth-sorted Gaussians over the P pixels of G tiles.
 
-    Returns (sum_i w_i c_i [B, T, P, D], sum_i w_i [B, T, P]).
+    Returns (sum_i w_i c_i [G, P, D], sum_i w_i [G, P]).
     """
-    delta = means2d.unsqueeze(2) - pix.unsqueeze(3)  # [B, T, P, K, 2]
+    delta = means2d.unsqueeze(1) - pix.unsqueeze(2)  # [G, P, K, 2]
     dx, dy = delta.unbind(-1)
-    ca, cb, cc = (v.unsqueeze(2) for v in conics.unbind(-1))  # [B, T, 1, K]
-    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy  # [B, T, P, K]
-    alpha = torch.clamp(opac.unsqueeze(2) * torch.exp(-sigma), max=ALPHA_MAX)
+    ca, cb, cc = (v.unsqueeze(1) for v in conics.unbind(-1))  # [G, 1, K]
+    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy  # [G, P, K]
+    alpha = torch.clamp(opac.unsqueeze(1) * torch.exp(-sigma), max=ALPHA_MAX)
     keep = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD)
     alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
-    log_t = torch.cumsum(torch.log1p(-alpha), dim=-1)  # inclusive log transmittance [B, T, P, K]
+    log_1ma = torch.log1p(-alpha)
+    log_t = torch.cumsum(log_1ma, dim=-1)  # inclusive log transmittance [G, P, K]
     # a pixel stops before the Gaussian that would bring T to <= T_MIN (exclusive, as gsplat)
     alive = log_t > math.log(T_MIN)
-    t_excl = torch.exp(log_t - torch.log1p(-alpha))  # transmittance in front of each Gaussian
-    weights = torch.where(alive, alpha * t_excl, torch.zeros_like(alpha))  # [B, T, P, K]
-    color = weights @ colors  # [B, T, P, D]
+    t_excl = torch.exp(log_t - log_1ma)  # transmittance in front of each Gaussian
+    weights = torch.where(alive, alpha * t_excl, torch.zeros_like(alpha))  # [G, P, K]
+    color = weights @ colors  # [G, P, D]
     return color, weights.sum(-1)
 
 
@@ -311,14 +312,11 @@ def _splat_images(
         over_x = (m2[..., None, 0] + rx[..., None] > x0) & (m2[..., None, 0] - rx[..., None] < x0 + tile_size)
         over_y = (m2[..., None, 1] + ry[..., None] > y0) & (m2[..., None, 1] - ry[..., None] < y0 + tile_size)
         hit = over_y.unsqueeze(-1) & over_x.unsqueeze(-2) & valid[..., None, None]  # [b, n, th, tw]
-        hit = hit.reshape(b, n, th * tw).transpose(1, 2)  # [b, T, n]
-        counts = hit.sum(-1)  # [b, T]
-        k = max(int(counts.max().item()), 1)
-        # stable selection of the hitting Gaussians, keeping depth order
+        hit = hit.reshape(b, n, th * tw).transpose(1, 2).reshape(b * th * tw, n)  # [b*T, n] work items
+        counts = hit.sum(-1)  # [b*T]
+        order = torch.argsort(counts, descending=True)
+        sorted_counts = counts[order].tolist()
         pos = torch.arange(n, device=device)
-        key = torch.where(hit, pos, pos + n)  # [b, T, n]
-        sel = torch.topk(key, k, dim=-1, largest=False, sorted=True).indices  # [b, T, k]
-        sel_ok = torch.gather(hit, 2, sel)  # [b, T, k]
     n_tiles = th * tw
 
     # pixel centres per tile (tiles may overhang the image; those pixels are dropped at the end)
@@ -330,30 +328,44 @@ def _splat_images(
     pix = origin + local  # [T, P, 2]
     p = tile_size * tile_size
 
-    def gather_tiles(x: Tensor, tiles: slice) -> Tensor:
-        s = sel[:, tiles]  # [b, t, k]
-        if x.dim() == 2:
-            return torch.gather(x.unsqueeze(1).expand(b, s.shape[1], n), 2, s)
-        e = x.shape[-1]
-        return torch.gather(x.unsqueeze(1).expand(b, s.shape[1], n, e), 2, s.unsqueeze(-1).expand(*s.shape, e))
-
-    per_group = max(1, max_elements // max(1, b * p * k))
+    # groups of work items with similar list lengths (sorted, longest first), each padded to
+    # its own longest list and bounded by max_elements
+    groups: list[tuple[int, int, int]] = []  # (start, end, K) in sorted order
+    i = 0
+    while i < len(sorted_counts) and sorted_counts[i] > 0:
+        k = sorted_counts[i]
+        cap = max(1, max_elements // (p * k))
+        j = i + 1
+        while j < len(sorted_counts) and j - i < cap and sorted_counts[j] > 0.6 * k:
+            j += 1
+        groups.append((i, j, k))
+        i = j
+    n_empty = len(sorted_counts) - i
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (means2d, conics, opac, cols))
     out_c, out_a = [], []
-    for start in range(0, n_tiles, per_group):
-        tiles = slice(start, min(n_tiles, start + per_group))
-        g_m = gather_tiles(means2d, tiles)
-        g_c = gather_tiles(conics, tiles)
-        g_o = gather_tiles(opac, tiles) * sel_ok[:, tiles]
-        g_col = gather_tiles(cols, tiles)
-        g_pix = pix[tiles].unsqueeze(0).expand(b, -1, -1, -1)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (g_m, g_c, g_o, g_col)):
+    for gs, ge, k in groups:
+        items = order[gs:ge]  # [G]
+        with torch.no_grad():
+            key = torch.where(hit[items], pos, pos + n)  # [G, n]: hits first, in depth order
+            sel = torch.topk(key, k, dim=-1, largest=False, sorted=True).indices  # [G, k]
+            sel_ok = torch.gather(hit[items], 1, sel)  # [G, k] False on padding
+        img = (items // n_tiles)[:, None]  # [G, 1]
+        g_m = means2d[img, sel]  # [G, k, 2]
+        g_c = conics[img, sel]
+        g_o = torch.where(sel_ok, opac[img, sel], torch.zeros((), dtype=dtype, device=device))
+        g_col = cols[img, sel]
+        g_pix = pix[items % n_tiles]  # [G, P, 2]
+        if need_grad:
             col_t, a_t = checkpoint(_composite_tiles, g_pix, g_m, g_c, g_o, g_col, use_reentrant=False)
         else:
             col_t, a_t = _composite_tiles(g_pix, g_m, g_c, g_o, g_col)
         out_c.append(col_t)
         out_a.append(a_t)
-    col = torch.cat(out_c, 1)  # [b, T, P, D]
-    alp = torch.cat(out_a, 1)  # [b, T, P]
+    out_c.append(means2d.new_zeros(n_empty, p, d))
+    out_a.append(means2d.new_zeros(n_empty, p))
+    inv = torch.argsort(order)
+    col = torch.cat(out_c, 0)[inv].reshape(b, n_tiles, p, d)  # [b, T, P, D]
+    alp = torch.cat(out_a, 0)[inv].reshape(b, n_tiles, p)  # [b, T, P]
     # tiles -> image
     col = col.reshape(b, th, tw, tile_size, tile_size, d).permute(0, 1, 3, 2, 4, 5)
     col = col.reshape(b, th * tile_size, tw * tile_size, d)[:, :height, :width]

@@ -60,7 +60,7 @@ class ConditionsConfig(BaseModel):
     radius: float = _ORBIT_DEFAULTS.radius  # camera distance recorded for the fitting stage
     object_fraction: float | None = Field(0.85, gt=0, le=1)  # object's longer side / image side; None: keep framing
     alpha_threshold: float = Field(0.5, gt=0, lt=1)  # alpha above this is object
-    white_threshold: float = Field(0.04, gt=0, lt=1)  # without alpha: a pixel this far from white is object
+    white_threshold: float = Field(0.08, gt=0, lt=1)  # without alpha: a pixel this far from white is object
     frame_stride: int = Field(1, ge=1)  # take every k-th frame of a video input
     replace_input_view: bool = True  # put the input image into the sampled orbit's input view
     num_steps: int = Field(50, ge=1)  # denoising steps of the reference samples

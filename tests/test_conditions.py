@@ -1,0 +1,136 @@
+"""Conditions stage: preprocessing, the three input kinds, outputs and errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from d2.stages.cameras import orbit_azimuths
+from d2.stages.conditions import ConditionsConfig, load_conditions, make_conditions, run_conditions
+from d2.stages.priors import PriorsConfig, load_priors
+from d2.utils.io import save_image, save_video
+
+R = 32
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_priors(PriorsConfig(backend="tiny"))
+
+
+def _cfg(**kw) -> ConditionsConfig:
+    base = dict(num_views=3, num_frames=4, resolution=R, num_steps=2, progress=False)
+    base.update(kw)
+    return ConditionsConfig(**base)
+
+
+def _rgba(path, box=(10, 30, 40, 50), size=64, colour=(200, 40, 40), shift=0):
+    arr = np.zeros((size, size, 4), np.uint8)
+    y0, y1, x0, x1 = box
+    arr[y0 + shift:y1 + shift, x0:x1] = (*colour, 255)
+    Image.fromarray(arr).save(path)
+
+
+def _object_box(img: torch.Tensor) -> tuple[int, int, int, int]:
+    mask = (1 - img).amax(0) > 0.2
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+
+
+def test_image_input_preprocessing_and_outputs(tiny, tmp_path):
+    _rgba(tmp_path / "obj.png")  # 20 x 10 object in the top right of a transparent 64 x 64 image
+    out = run_conditions(tmp_path / "obj.png", tmp_path / "cond", _cfg(object_fraction=0.75), tiny)
+    c = load_conditions(out)
+    assert c.kind == "image" and c.orbit.shape == (3, 3, R, R) and c.video.shape == (4, 3, R, R)
+    # alpha on white, recentred, longer side = 0.75 R = 24 px, centred
+    y0, y1, x0, x1 = _object_box(c.input)
+    assert (y1 - y0, x1 - x0) == (24, 12)
+    assert abs((y0 + y1) / 2 - R / 2) <= 1 and abs((x0 + x1) / 2 - R / 2) <= 1
+    assert torch.allclose(c.input[:, 0, 0], torch.ones(3))
+    assert torch.allclose(c.input[:, R // 2, R // 2], torch.tensor([200, 40, 40]) / 255, atol=0.02)
+    # the sampled orbit's input view is the input; the rest comes from the prior
+    assert c.input_view_index == 2 and torch.equal(c.orbit[2], c.input)
+    assert (c.orbit[0] - c.input).abs().max() > 0.05
+    assert c.azimuths_deg == orbit_azimuths(3) and c.elevation_deg == 10.0
+    for name in ["input.png", "orbit/view_00.png", "orbit/view_02.png", "video/frame_03.png", "conditions.json"]:
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "conditions.json").read_text())
+    assert (meta["V"], meta["F"], meta["resolution"], meta["kind"]) == (3, 4, R, "image")
+
+
+def test_rgb_image_on_white_and_empty_image(tiny, tmp_path):
+    arr = np.full((40, 40, 3), 255, np.uint8)
+    arr[5:15, 5:25] = (0, 0, 255)
+    Image.fromarray(arr).save(tmp_path / "rgb.png")
+    c = make_conditions(tmp_path / "rgb.png", _cfg(), tiny)
+    y0, y1, x0, x1 = _object_box(c.input)
+    assert x1 - x0 == round(0.85 * R) and abs((y0 + y1) / 2 - R / 2) <= 1
+    Image.fromarray(np.full((40, 40, 3), 255, np.uint8)).save(tmp_path / "white.png")
+    with pytest.raises(ValueError, match="no object"):
+        make_conditions(tmp_path / "white.png", _cfg(), tiny)
+
+
+def test_video_folder_first_frame_is_the_reference(tiny, tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(12):  # numeric order: 10, 11 come after 9
+        _rgba(folder / f"{i}.png", colour=(20 * i, 100, 100), shift=i)
+    c = make_conditions(folder, _cfg(frame_stride=3), tiny)
+    assert c.kind == "video" and c.video.shape == (4, 3, R, R)
+    # frames 0, 3, 6, 9 with one common box: the object moves down by 3 px per kept frame (scaled)
+    reds = [c.video[k][0][_object_box(c.video[k])[0] + 1, R // 2].item() for k in range(4)]
+    torch.testing.assert_close(torch.tensor(reds), torch.tensor([0, 60, 120, 180]) / 255, atol=0.02, rtol=0)
+    tops = [_object_box(c.video[k])[0] for k in range(4)]
+    assert tops[0] < tops[1] < tops[2] < tops[3]
+    assert torch.equal(c.input, c.video[0]) and torch.equal(c.orbit[2], c.video[0])
+    with pytest.raises(ValueError, match="need 13"):
+        make_conditions(folder, _cfg(frame_stride=4), tiny)
+
+
+def test_video_file_input(tiny, tmp_path):
+    frames = torch.ones(5, 3, 48, 48)
+    for i in range(5):
+        frames[i, :, 10 + i:30 + i, 15:35] = torch.tensor([0.1, 0.2, 0.9])[:, None, None]
+    save_video(tmp_path / "clip.mp4", frames, fps=8)
+    c = make_conditions(tmp_path / "clip.mp4", _cfg(), tiny)
+    assert c.kind == "video" and c.video.shape == (4, 3, R, R)
+    assert torch.allclose(c.video[0][:, R // 2, R // 2], torch.tensor([0.1, 0.2, 0.9]), atol=0.08)
+    with pytest.raises(ValueError, match="only 5 usable frames"):
+        make_conditions(tmp_path / "clip.mp4", _cfg(num_frames=6), tiny)
+
+
+def test_static_orbit_folder(tiny, tmp_path):
+    folder = tmp_path / "orbit"
+    folder.mkdir()
+    for v in range(3):
+        img = torch.ones(3, 40, 40)
+        img[:, 10:30, 12 + 2 * v:28] = torch.tensor([0.2 * v, 0.5, 0.5])[:, None, None]
+        save_image(folder / f"view_{v:02d}.png", img)
+    (folder / "orbit.json").write_text(json.dumps({"elevation_deg": 5.0, "azimuths_deg": [120, 240, 360]}))
+    c = make_conditions(folder, _cfg(), tiny)
+    assert c.kind == "orbit" and c.elevation_deg == 5.0
+    assert torch.equal(c.input, c.orbit[2]) and c.video.shape == (4, 3, R, R)
+    assert torch.allclose(c.orbit[1][:, R // 2, R // 2], torch.tensor([0.2, 0.5, 0.5]), atol=0.02)
+    (folder / "orbit.json").write_text(json.dumps({"azimuths_deg": [0, 120, 240]}))
+    with pytest.raises(ValueError, match="not the SV3D_p orbit"):
+        make_conditions(folder, _cfg(), tiny)
+    (folder / "orbit.json").write_text("{}")
+    with pytest.raises(ValueError, match="3 orbit images, num_views is 4"):
+        make_conditions(folder, _cfg(num_views=4), tiny)
+
+
+def test_bad_inputs_fail_early_with_clear_errors(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_conditions(tmp_path / "nope.png", _cfg(), tiny)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="unsupported input extension"):
+        make_conditions(tmp_path / "notes.txt", _cfg(), tiny)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read"):
+        make_conditions(tmp_path / "broken.png", _cfg(), tiny)
+    _rgba(tmp_path / "ok.png")
+    with pytest.raises(ValueError, match="resolution 64"):
+        make_conditions(tmp_path / "ok.png", _cfg(resolution=64), tiny)
+    assert not (tmp_path / "cond").exists()

@@ -15,7 +15,7 @@ import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -45,6 +45,16 @@ class RunConfig(BaseModel):
     data_dir: str = "data/mini"  # default benchmark dataset (written by `d2 prepare`)
 
 
+class RenderEvalConfig(BaseModel):
+    """Rendering the fitted asset at the protocol's evaluation cameras (azimuths, elevation, frames)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resolution: int | None = Field(None, ge=16)  # render side in pixels; None: protocol.resolution
+    backend: Literal["auto", "torch", "gsplat"] = "auto"  # rasterizer: auto = gsplat on CUDA, torch otherwise
+    device: str = "cpu"  # torch device of the renders
+
+
 # Sections composed from the stage modules: name -> (module, class). A section exists only
 # when its module can be imported; a missing module is never replaced by a fake config.
 SECTIONS: dict[str, tuple[str, str]] = {
@@ -56,6 +66,31 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "protocol": ("d2.eval.protocol", "Protocol"),
     "metrics": ("d2.eval.metrics", "MetricsConfig"),
 }
+
+
+# Short names the issue and the paper use, for the stage configs' full names. An alias in a
+# params file or in --set (e.g. `dvc exp run -S sampling.s0=0.3`) sets the full key, and wins
+# over the full key's value in the same file.
+ALIASES: dict[str, str] = {
+    "sampling.s0": "sampling.logistic_s0",
+    "sampling.k": "sampling.logistic_k",
+}
+
+
+def resolve_alias(path: list[str]) -> list[str]:
+    """``['sampling', 's0']`` -> ``['sampling', 'logistic_s0']`` (other keys unchanged)."""
+    full = ALIASES.get(".".join(path))
+    return full.split(".") if full else path
+
+
+def _apply_file_aliases(data: dict) -> None:
+    for alias, full in ALIASES.items():
+        section, key = alias.split(".", 1)
+        node = data.get(section)
+        if isinstance(node, dict) and key in node:
+            value = node.pop(key)
+            fsec, fkey = full.split(".", 1)
+            data.setdefault(fsec, {})[fkey] = value
 
 
 def _import_section(module: str, cls: str) -> type[BaseModel] | None:
@@ -79,6 +114,8 @@ def _build_params_model() -> type[BaseModel]:
         model = _import_section(module, cls)
         if model is not None:
             fields[name] = (model, Field(default_factory=model))
+    if "protocol" in fields:
+        fields["render_eval"] = (RenderEvalConfig, Field(default_factory=RenderEvalConfig))
     return create_model(
         "Params",
         __config__=ConfigDict(extra="forbid"),
@@ -142,7 +179,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ParamsError(f"override '{text}': value is not valid YAML ({e})") from None
-    return key.split("."), value
+    return resolve_alias(key.split(".")), value
 
 
 def apply_override(data: dict, path: list[str], value: Any, root: type[BaseModel] | None = None) -> None:
@@ -192,6 +229,8 @@ def load_params(path: str | os.PathLike | None = DEFAULT_PARAMS, overrides: Iter
             raise ParamsError(f"params file not found: {p}")
     if not isinstance(data, dict):
         raise ParamsError(f"{source}: the top level must be a mapping of sections")
+    if "sampling" in Params.model_fields:
+        _apply_file_aliases(data)
     try:
         check_keys(data)
     except ParamsError as e:
@@ -231,9 +270,22 @@ def get_param(params: BaseModel, key: str) -> Any:
     return node
 
 
-def params_subset_hash(params: BaseModel, keys: Iterable[str]) -> str:
-    """sha256 of the canonical JSON of the values at the dotted ``keys`` (order-independent)."""
+def params_subset_hash(params: BaseModel, keys: Iterable[str], ignore: Iterable[str] = ()) -> str:
+    """sha256 of the canonical JSON of the values at the dotted ``keys`` (order-independent).
+
+    ``ignore`` names leaf keys to leave out: a bare name (``'progress'``) anywhere in the
+    subset, or a dotted key (``'metrics.batch_size'``); for knobs that cannot change results.
+    """
     subset = {k: get_param(params, k) for k in sorted(set(keys))}
+    ignore = set(ignore)
+
+    def strip(node: Any, prefix: str) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v, f"{prefix}{k}.") for k, v in node.items()
+                    if k not in ignore and f"{prefix}{k}" not in ignore}
+        return node
+
+    subset = {k: strip(v, f"{k}.") for k, v in subset.items()}
     blob = json.dumps(subset, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -283,9 +335,10 @@ def field_comments(model: type[BaseModel]) -> dict[str, str]:
     return out
 
 
-def render_params_yaml(params: BaseModel | None = None) -> str:
+def render_params_yaml(params: BaseModel | None = None, sections: Iterable[str] | None = None) -> str:
     """YAML text of ``params`` (default: all defaults) with one comment per field."""
     params = Params() if params is None else params
+    only = None if sections is None else set(sections)
     lines: list[str] = []
 
     def emit(model_obj: BaseModel, indent: int) -> None:
@@ -309,6 +362,8 @@ def render_params_yaml(params: BaseModel | None = None) -> str:
             lines.append(f"{pad}{name}: {text}" + (f"  # {comment}" if comment else ""))
 
     for section in type(params).model_fields:
+        if only is not None and section not in only:
+            continue
         sub = getattr(params, section)
         doc = (type(sub).__doc__ or "").strip().splitlines()
         lines.append("")

@@ -178,6 +178,7 @@ class StageSpec:
     compute: Callable[[dict[str, Path], Path, BaseModel], dict | None]  # (inputs, out_dir, params) -> info
     modules: tuple[str, ...]  # modules whose source (with their imports) versions the stage
     params_keys: tuple[str, ...]  # dotted params keys the stage reads
+    ignore_keys: tuple[str, ...] = ()  # knobs inside those that cannot change results ('progress', 'fit.device')
 
 
 @dataclass
@@ -210,7 +211,7 @@ def stage_key(spec: StageSpec, inputs: Mapping[str, str | os.PathLike], params: 
     ingredients = {
         "stage": spec.name,
         "code": code_version(list(spec.modules), [spec.compute]),
-        "params": params_subset_hash(params, spec.params_keys),
+        "params": params_subset_hash(params, spec.params_keys, spec.ignore_keys),
         "inputs": {name: hash_path(p) for name, p in sorted(inputs.items())},
     }
     blob = json.dumps(ingredients, sort_keys=True).encode()

@@ -1,0 +1,366 @@
+"""The ``d2`` command: prepare, generate, benchmark, sweep, report, evaluate, demo, params.
+
+Every command reads ``--params`` (default ``params.yaml``), applies ``--set key=value``
+overrides and validates everything before any compute. Runs write ``DIR/manifest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+EXPECTED_STAGES_PER_OBJECT = 5  # conditions, sampling, fit, render_eval, metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Progress display
+
+
+class ProgressDisplay:
+    """A rich progress bar over stage executions, fed by the run's Recorder (thread-safe)."""
+
+    def __init__(self, total: int, title: str, enabled: bool = True) -> None:
+        self.enabled = enabled and total > 0
+        self.total = total
+        self.title = title
+        self.running: dict[tuple[str, str], float] = {}
+        self.counts = {"computed": 0, "cached": 0}
+        self._lock = threading.Lock()
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> "ProgressDisplay":
+        from d2.tasks.runtime import LISTENERS
+
+        LISTENERS.append(self)
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("[bold]{task.fields[title]}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TextColumn("{task.description}"),
+                                      transient=False, refresh_per_second=4)
+            self._progress.start()
+            self._task = self._progress.add_task("starting", total=self.total, title=self.title)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from d2.tasks.runtime import LISTENERS
+
+        if self in LISTENERS:
+            LISTENERS.remove(self)
+        if self._progress is not None:
+            self._progress.update(self._task, description=self._summary())
+            self._progress.stop()
+
+    def _summary(self) -> str:
+        running = ", ".join(f"{s}[{o}]" for o, s in list(self.running)[:3])
+        more = f" +{len(self.running) - 3}" if len(self.running) > 3 else ""
+        c = self.counts
+        return f"computed {c['computed']} · cached {c['cached']}" + (f" · running {running}{more}" if running else "")
+
+    def stage_started(self, obj: str, stage: str) -> None:
+        with self._lock:
+            self.running[(obj, stage)] = time.perf_counter()
+        if self._progress is not None:
+            self._progress.update(self._task, description=self._summary())
+
+    def stage_finished(self, result: Any) -> None:
+        with self._lock:
+            self.running.pop((result.object, result.stage), None)
+            self.counts[result.status] += 1
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, description=self._summary())
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+
+
+def _params(args: argparse.Namespace) -> Any:
+    from d2.config import load_params
+
+    overrides = list(args.set or [])
+    if getattr(args, "no_progress", False):
+        overrides.append("run.progress=false")
+    return load_params(args.params, overrides)
+
+
+def _print(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _mlflow_hint(result: dict[str, Any]) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not result.get("mlflow_run_id"):
+        return "MLflow: off (run.mlflow=false)"
+    ui = f".venv/bin/mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"mlflow ui ({uri})"
+    return f"MLflow: run {result['mlflow_run_id']} in {uri}\n  browse: {ui}"
+
+
+def _dataset_objects(data: Path, params: Any) -> list[str]:
+    from d2.flows.benchmark import list_objects
+
+    return list_objects(data, params.run.objects)
+
+
+def _print_benchmark(result: dict[str, Any]) -> None:
+    _print()
+    _print(result.get("table") or json.dumps(result.get("summary", {}), indent=2))
+    _print(f"run folder: {result['run_dir']}   (manifest: {result['manifest']})")
+    _print(f"tables: {result['results_dir']}")
+    videos = result.get("videos", {})
+    if videos:
+        _print("turntable videos:")
+        for obj, path in videos.items():
+            _print(f"  {obj}: {path}")
+    _print(_mlflow_hint(result))
+
+
+def _counts(manifest: str | Path) -> str:
+    m = json.loads(Path(manifest).read_text())
+    t = m["totals"]
+    return f"stages computed {t['computed']}, cached {t['cached']}; wall {m.get('flow_wall_seconds', m['wall_seconds']):.1f} s"
+
+
+# ---------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    """Print the validated params (YAML with comments)."""
+    from d2.config import render_params_yaml
+
+    sys.stdout.write(render_params_yaml(_params(args)))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Write the procedural mini-benchmark."""
+    p = _params(args)
+    out = Path(args.out or p.run.data_dir)
+    prepare_dataset(p, out)
+    _print(f"mini-benchmark written to {out}")
+    return 0
+
+
+def prepare_dataset(p: Any, out: Path) -> Path:
+    """Generate the procedural benchmark into ``out`` with ``p.prepare``."""
+    import torch
+
+    from d2.world.benchmark import generate_benchmark
+
+    torch.set_num_threads(max(1, p.run.threads_per_task * p.run.max_parallel))
+    cfg = p.prepare.model_copy(update={"progress": p.prepare.progress and p.run.progress})
+    return generate_benchmark(out, cfg)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """One input to a 4D asset."""
+    p = _params(args)
+    src = Path(args.input)
+    if not src.exists():
+        raise SystemExit(f"d2 generate: input not found: {src}")
+    from d2.flows import run_asset
+
+    total = EXPECTED_STAGES_PER_OBJECT - (0 if args.gt else 1)
+    with ProgressDisplay(total, f"generate {src.name}", p.run.progress):
+        result = run_asset(src, args.out, p, gt_dir=args.gt, name=args.name)
+    _print(f"asset written to {result['run_dir']} ({_counts(result['manifest'])})")
+    for stage, path in result["outputs"].items():
+        _print(f"  {stage}: {path}")
+    _print(f"turntable video: {Path(result['outputs']['fit']) / 'turntable.mp4'}")
+    _print(_mlflow_hint(result))
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    """A dataset: one asset per object, then the tables."""
+    p = _params(args)
+    data = Path(args.data or p.run.data_dir)
+    objects = _dataset_objects(data, p)
+    from d2.flows import run_benchmark
+
+    with ProgressDisplay(len(objects) * EXPECTED_STAGES_PER_OBJECT + 1, f"benchmark {data.name}", p.run.progress):
+        result = run_benchmark(data, args.out, p)
+    _print_benchmark(result)
+    _print(_counts(result["manifest"]))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """A grid of overrides: one benchmark per point, sharing unchanged stages."""
+    p = _params(args)
+    from d2.flows.sweep import expand_grid, parse_grid, run_sweep
+
+    grid = parse_grid(args.grid)
+    points = expand_grid(p, grid)
+    data = Path(args.data or p.run.data_dir)
+    objects = _dataset_objects(data, p)
+    total = len(points) * (len(objects) * EXPECTED_STAGES_PER_OBJECT + 1)
+    with ProgressDisplay(total, f"sweep {len(points)} points", p.run.progress):
+        result = run_sweep(data, args.out, p, grid)
+    _print()
+    _print(result["table"])
+    _print(f"sweep folder: {result['run_dir']} ({_counts(result['manifest'])})")
+    _print(_mlflow_hint(result))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild the tables of a benchmark or sweep folder (no compute)."""
+    from d2.flows.report import build_report
+
+    out = build_report(Path(args.run), Path(args.out) if args.out else None)
+    _print(Path(out["table_path"]).read_text())
+    _print(f"report written to {out['out_dir']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score predictions against ground truth (Consistent4D layout)."""
+    p = _params(args)
+    from d2.eval.benchmark import evaluate
+
+    results = evaluate(Path(args.pred), Path(args.gt), p.protocol, p.metrics)
+    text = _results_text(results)
+    _print(text)
+    if args.out:
+        from d2.utils.io import write_json
+
+        write_json(Path(args.out), _jsonable(results))
+        _print(f"results written to {args.out}")
+    return 0
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if hasattr(obj, "to_json"):
+        return obj.to_json()
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _results_text(results: Any) -> str:
+    for name in ("to_markdown", "markdown", "table"):
+        fn = getattr(results, name, None)
+        if callable(fn):
+            return fn()
+    return json.dumps(_jsonable(results), indent=2)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Prepare the mini-benchmark if missing, run the benchmark on CPU, print the results."""
+    p = _params(args)
+    data = Path(args.data or p.run.data_dir)
+    t0 = time.perf_counter()
+    if not (data / "meta.json").exists():
+        _print(f"preparing the procedural mini-benchmark in {data} ...")
+        prepare_dataset(p, data)
+    objects = _dataset_objects(data, p)
+    _print(f"benchmark: {len(objects)} objects ({', '.join(objects)}), backends "
+           f"video={p.priors.video_backend or p.priors.backend} multiview={p.priors.multiview_backend or p.priors.backend}, "
+           f"V={p.sampling.num_views} F={p.sampling.num_frames} {p.sampling.resolution}px, "
+           f"{p.sampling.num_steps} steps, fit {p.fit.iterations} it, max_parallel={p.run.max_parallel}")
+    from d2.flows import run_benchmark
+
+    with ProgressDisplay(len(objects) * EXPECTED_STAGES_PER_OBJECT + 1, "demo", p.run.progress):
+        result = run_benchmark(data, args.out, p)
+    _print_benchmark(result)
+    _print(f"{_counts(result['manifest'])}; demo total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Parser
+
+
+def _common(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                    help="override a param (dotted key, YAML value), e.g. --set sampling.num_steps=10; repeatable")
+    sp.add_argument("--no-progress", action="store_true", help="no progress display (same as --set run.progress=false)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``d2``."""
+    ap = argparse.ArgumentParser(prog="d2", description="Diffusion²: 4D assets by composing video and multi-view "
+                                 "diffusion scores, as cached Prefect flows tracked in MLflow and DVC.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("prepare", help="write the procedural mini-benchmark (Consistent4D layout)")
+    sp.add_argument("--out", help="dataset folder (default: run.data_dir)")
+    _common(sp)
+    sp.set_defaults(fn=cmd_prepare)
+
+    sp = sub.add_parser("generate", help="one input (image, video, frames folder, orbit folder) to a 4D asset")
+    sp.add_argument("--input", required=True, help="image file, video file, folder of frames, or orbit folder")
+    sp.add_argument("--out", required=True, help="run folder")
+    sp.add_argument("--gt", help="ground-truth folder (eval_{k}/{i}.png) to score the asset against")
+    sp.add_argument("--name", help="object name (default: the input's name)")
+    _common(sp)
+    sp.set_defaults(fn=cmd_generate)
+
+    sp = sub.add_parser("benchmark", help="a dataset: one asset per object (in parallel), then the tables")
+    sp.add_argument("--data", help="dataset folder (default: run.data_dir)")
+    sp.add_argument("--out", required=True, help="run folder")
+    _common(sp)
+    sp.set_defaults(fn=cmd_benchmark)
+
+    sp = sub.add_parser("sweep", help="a grid of overrides: one benchmark per point, sharing unchanged stages")
+    sp.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                    help="one grid axis, e.g. --grid sampling.logistic_s0=0.3,0.5; repeatable (the grid is the product)")
+    sp.add_argument("--data", help="dataset folder (default: run.data_dir)")
+    sp.add_argument("--out", required=True, help="sweep folder")
+    _common(sp)
+    sp.set_defaults(fn=cmd_sweep)
+
+    sp = sub.add_parser("report", help="rebuild the tables of a benchmark or sweep folder (no compute)")
+    sp.add_argument("--run", required=True, help="benchmark or sweep folder (with manifest.json)")
+    sp.add_argument("--out", help="report folder (default: RUN/report)")
+    _common(sp)
+    sp.set_defaults(fn=cmd_report)
+
+    sp = sub.add_parser("evaluate", help="score predictions against ground truth (Consistent4D layout)")
+    sp.add_argument("--pred", required=True, help="predictions: <pred>/<object>/eval_{k}/{i}.png")
+    sp.add_argument("--gt", required=True, help="ground truth: <gt>/<object>/eval_{k}/{i}.png")
+    sp.add_argument("--out", help="write the results as JSON here")
+    _common(sp)
+    sp.set_defaults(fn=cmd_evaluate)
+
+    sp = sub.add_parser("demo", help="the benchmark on the procedural mini-benchmark with the CPU backends")
+    sp.add_argument("--data", help="dataset folder (default: run.data_dir; prepared when missing)")
+    sp.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    _common(sp)
+    sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("params", help="print the validated params as commented YAML")
+    _common(sp)
+    sp.set_defaults(fn=cmd_params)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``d2`` console script."""
+    args = build_parser().parse_args(argv)
+    from d2.config import ParamsError
+
+    try:
+        return int(args.fn(args) or 0)
+    except ParamsError as e:
+        print(f"d2 {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        if os.environ.get("D2_DEBUG"):
+            raise
+        print(f"d2 {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

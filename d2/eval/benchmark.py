@@ -1,0 +1,371 @@
+"""Benchmark data in the Consistent4D layout, and scoring of any method's renders.
+
+Ground truth (the Consistent4D test set, or the generated mini-benchmark of
+:mod:`d2.world.benchmark`)::
+
+    <root>/input/<object>/<i>.png            the input video (azimuth 0)
+    <root>/gt/<object>/eval_{k}/<i>.png      ground truth at the protocol's azimuths
+    <root>/meta.json                          optional (written by the generator)
+
+``gt_dir`` may be ``<root>`` or ``<root>/gt``. Predictions of any method are laid out like
+the ground truth: ``<pred>/<object>/eval_{k}/<i>.png`` (and ``<pred>/<object>/front/<i>.png``
+when the protocol includes the front view, scored against the input frames).
+
+:func:`evaluate` scores them per frame, then averages frames -> views -> objects
+(:func:`aggregate`); FVD is pooled over all (object, view) videos. Everything that was
+computed, and the protocol, go into :class:`Results`; :mod:`d2.eval.tables` writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from pydantic import BaseModel, Field
+from torch import Tensor
+from tqdm import tqdm
+
+from d2.eval.metrics import (ALL_METRICS, METRIC_DEFINITIONS, MetricsConfig, MetricSuite, build_metric_suite,
+                             fvd_pooled, parse_metric_list, resize_square)
+from d2.eval.protocol import FRONT_VIEW, Protocol
+from d2.utils.io import load_image
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+_FRAME_RE = re.compile(r"^(\d+)$")
+FVD_SIZE = 224  # frames kept for FVD are stored at this size
+
+
+class BenchmarkError(ValueError):
+    """The data on disk does not match the layout or the protocol (the message says what is missing)."""
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def list_frames(folder: Path) -> dict[int, Path]:
+    """Frame index -> file for images named ``<i>.<ext>`` in ``folder`` (other files ignored)."""
+    if not folder.is_dir():
+        raise BenchmarkError(f"missing folder {folder}")
+    out: dict[int, Path] = {}
+    for p in folder.iterdir():
+        m = _FRAME_RE.match(p.stem)
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTS and m:
+            idx = int(m.group(1))
+            if idx in out:
+                raise BenchmarkError(f"two files for frame {idx} in {folder}: {out[idx].name}, {p.name}")
+            out[idx] = p
+    return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class BenchmarkData:
+    """A ground-truth set in the Consistent4D layout (see the module docstring)."""
+
+    root: Path  # folder holding gt/ (and input/, meta.json)
+    gt_root: Path  # <root>/gt
+    input_root: Path  # <root>/input (may be missing: no front view, no input frames)
+    objects: list[str]
+    meta: dict | None
+
+    def views(self, obj: str) -> list[str]:
+        """The ``eval_k`` folders present for ``obj``, in k order."""
+        d = self.gt_root / obj
+        names = [p.name for p in d.iterdir() if p.is_dir() and re.fullmatch(r"eval_\d+", p.name)]
+        return sorted(names, key=lambda n: int(n.split("_")[1]))
+
+    def frame_paths(self, obj: str, view: str) -> dict[int, Path]:
+        """Frame index -> ground-truth file of ``view`` (``eval_k``, or ``front`` = the input frames)."""
+        if view == FRONT_VIEW:
+            return list_frames(self.input_root / obj)
+        return list_frames(self.gt_root / obj / view)
+
+    def input_paths(self, obj: str) -> dict[int, Path]:
+        """Frame index -> input video frame of ``obj``."""
+        return list_frames(self.input_root / obj)
+
+    def load_input(self, obj: str, size: int | None = None, background: float = 1.0) -> Tensor:
+        """The input video: [F, 3, H, W] in [0, 1]."""
+        return torch.stack([load_image(p, size, background) for p in self.input_paths(obj).values()])
+
+    def load_view(self, obj: str, view: str, frames: Iterable[int] | None = None, size: int | None = None,
+                  background: float = 1.0) -> Tensor:
+        """Ground-truth frames of one view: [F, 3, H, W] in [0, 1]."""
+        paths = self.frame_paths(obj, view)
+        idx = list(paths) if frames is None else list(frames)
+        missing = [i for i in idx if i not in paths]
+        if missing:
+            raise BenchmarkError(f"{obj}/{view}: missing frame(s) {missing[:5]}")
+        return torch.stack([load_image(paths[i], size, background) for i in idx])
+
+
+def load_benchmark(gt_dir: str | Path) -> BenchmarkData:
+    """Open a ground-truth set; ``gt_dir`` is the root (with ``gt/``) or the ``gt`` folder itself."""
+    gt_dir = Path(gt_dir)
+    if not gt_dir.is_dir():
+        raise BenchmarkError(f"ground-truth folder {gt_dir} does not exist")
+    if (gt_dir / "gt").is_dir():
+        root, gt_root = gt_dir, gt_dir / "gt"
+    else:
+        root, gt_root = gt_dir.parent, gt_dir
+    meta_path = root / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    found = sorted(p.name for p in gt_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if meta and meta.get("objects"):
+        objects = list(meta["objects"])
+        missing = [o for o in objects if o not in found]
+        if missing:
+            raise BenchmarkError(f"{gt_root}: objects listed in meta.json are missing: {missing}")
+    else:
+        objects = found
+    if not objects:
+        raise BenchmarkError(f"{gt_root} holds no object folders (<object>/eval_k/<i>.png)")
+    return BenchmarkData(root=root, gt_root=gt_root, input_root=root / "input", objects=objects, meta=meta)
+
+
+# --------------------------------------------------------------------------- results
+
+
+class FrameScore(BaseModel):
+    """Metric values of one (object, view, frame)."""
+
+    object: str
+    view: str
+    frame: int
+    values: dict[str, float]  # metric -> value
+    psnr_capped: bool = False  # PSNR hit the cap (images identical up to ~1e-5 RMS)
+
+
+class Results(BaseModel):
+    """Everything an evaluation computed, with its protocol."""
+
+    method: str = "ours"  # label of the scored method
+    dataset: str = ""  # label of the ground-truth set
+    pred_dir: str = ""
+    gt_dir: str = ""
+    protocol: Protocol = Field(default_factory=Protocol)
+    metrics: list[str] = Field(default_factory=list)  # requested metrics, in table order
+    unavailable: dict[str, str] = Field(default_factory=dict)  # metric -> reason it was not computed
+    definitions: dict[str, str] = Field(default_factory=lambda: dict(METRIC_DEFINITIONS))
+    per_frame: list[FrameScore] = Field(default_factory=list)
+    per_view: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)  # object -> view -> metric
+    per_object: dict[str, dict[str, float]] = Field(default_factory=dict)  # object -> metric
+    mean: dict[str, float] = Field(default_factory=dict)  # metric -> mean over objects (fvd: pooled)
+    psnr_capped_frames: int = 0  # frames whose PSNR was capped
+    num_scored_frames: int = 0  # (object, view, frame) triples scored
+    generation_time_s: float | None = None  # mean generation time per object, when the caller knows it
+    seconds: float = 0.0  # time the evaluation took
+    created_utc: str = ""
+
+    @property
+    def objects(self) -> list[str]:
+        """Objects in result order."""
+        return list(self.per_object)
+
+
+def aggregate(per_frame: list[FrameScore], metrics: list[str]) -> tuple[
+        dict[str, dict[str, dict[str, float]]], dict[str, dict[str, float]], dict[str, float]]:
+    """Mean over frames, then views, then objects.
+
+    Returns:
+        per_view[object][view][metric], per_object[object][metric], mean[metric]; objects
+        and views in first-seen order. A metric missing from a frame is skipped there.
+    """
+    sums: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for s in per_frame:
+        view = sums.setdefault(s.object, {}).setdefault(s.view, {})
+        for m in metrics:
+            if m in s.values:
+                view.setdefault(m, []).append(float(s.values[m]))
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
+    per_view = {o: {v: {m: mean(x) for m, x in ms.items()} for v, ms in vs.items()} for o, vs in sums.items()}
+    per_object: dict[str, dict[str, float]] = {}
+    for o, vs in per_view.items():
+        per_object[o] = {}
+        for m in metrics:
+            vals = [vm[m] for vm in vs.values() if m in vm]
+            if vals:
+                per_object[o][m] = mean(vals)
+    overall = {}
+    for m in metrics:
+        vals = [om[m] for om in per_object.values() if m in om]
+        if vals:
+            overall[m] = mean(vals)
+    return per_view, per_object, overall
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _check_prediction(pred_dir: Path, data: BenchmarkData, objects: list[str], views: list[str],
+                      frames_of: dict[tuple[str, str], list[int]]) -> dict[tuple[str, str], dict[int, Path]]:
+    problems: list[str] = []
+    out: dict[tuple[str, str], dict[int, Path]] = {}
+    for o in objects:
+        for v in views:
+            folder = pred_dir / o / v
+            if not folder.is_dir():
+                problems.append(f"missing folder {folder}")
+                continue
+            have = list_frames(folder)
+            missing = [f for f in frames_of[(o, v)] if f not in have]
+            if missing:
+                problems.append(f"{folder}: missing frame(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            out[(o, v)] = have
+    if problems:
+        raise BenchmarkError("prediction does not match the ground truth:\n  " + "\n  ".join(problems[:20]))
+    return out
+
+
+def evaluate(
+    pred_dir: str | Path,
+    gt_dir: str | Path,
+    protocol: Protocol | None = None,
+    metrics_cfg: MetricsConfig | None = None,
+    require_metrics: Iterable[str] | str = (),
+    objects: list[str] | None = None,
+    method: str = "ours",
+    out_dir: str | Path | None = None,
+    suite: MetricSuite | None = None,
+    generation_time_s: float | None = None,
+    progress: bool = True,
+) -> Results:
+    """Score a method's renders against the ground truth under ``protocol``.
+
+    Args:
+        pred_dir: ``<object>/eval_{k}/<i>.png`` (+ ``front/``) of the scored method.
+        gt_dir: the ground-truth set (root or its ``gt`` folder).
+        protocol: views, frames, resolution, background (default: Consistent4D's).
+        metrics_cfg: which metrics and their weights (default: all, searched in the caches).
+        require_metrics: metrics that must be available (else :class:`MetricUnavailable`,
+            raised before any scoring).
+        objects: subset of objects (default: every object of the ground truth).
+        out_dir: when given, the results files are written there (:func:`d2.eval.tables.write_results`).
+        suite: ready metric networks (tests inject tiny random ones); overrides ``metrics_cfg``'s weights.
+        generation_time_s: mean generation time per object, reported in the Table-2 view.
+
+    Returns:
+        :class:`Results` with per-frame scores and the frames -> views -> objects means.
+    """
+    t0 = time.perf_counter()
+    protocol = protocol or Protocol()
+    metrics_cfg = metrics_cfg or MetricsConfig()
+    required = parse_metric_list(require_metrics if isinstance(require_metrics, str) else list(require_metrics))
+    pred_dir, data = Path(pred_dir), load_benchmark(gt_dir)
+    if not pred_dir.is_dir():
+        raise BenchmarkError(f"prediction folder {pred_dir} does not exist")
+    objs = objects or data.objects
+    unknown = [o for o in objs if o not in data.objects]
+    if unknown:
+        raise BenchmarkError(f"objects not in the ground truth: {unknown}; known: {data.objects}")
+    views = protocol.view_names()
+    if protocol.include_front_view and not data.input_root.is_dir():
+        raise BenchmarkError(f"protocol includes the front view but {data.input_root} does not exist")
+
+    # which frames: the first num_frames (all must exist), or every ground-truth frame
+    frames_of: dict[tuple[str, str], list[int]] = {}
+    for o in objs:
+        for v in views:
+            gt_frames = data.frame_paths(o, v)
+            if protocol.num_frames is None:
+                frames_of[(o, v)] = list(gt_frames)
+            else:
+                want = list(range(protocol.num_frames))
+                missing = [f for f in want if f not in gt_frames]
+                if missing:
+                    raise BenchmarkError(f"ground truth {o}/{v} lacks frame(s) {missing[:5]} required by the "
+                                         f"protocol ({protocol.num_frames} frames)")
+                frames_of[(o, v)] = want
+    pred_paths = _check_prediction(pred_dir, data, objs, views, frames_of)
+
+    cfg = metrics_cfg.model_copy(update={"resolution": protocol.resolution})
+    if suite is None:
+        suite = build_metric_suite(cfg)
+    else:
+        suite.resolution = protocol.resolution
+    suite.require(required)  # before any scoring
+
+    background = 1.0 if protocol.background == "white" else 0.0
+    per_frame: list[FrameScore] = []
+    fvd_pred: list[Tensor] = []
+    fvd_gt: list[Tensor] = []
+    want_fvd = "fvd" in suite.available and suite.video_extractor is not None
+    pairs = [(o, v) for o in objs for v in views]
+    for o, v in tqdm(pairs, desc="evaluate", disable=not progress):
+        frames = frames_of[(o, v)]
+        gt_paths = data.frame_paths(o, v)
+        gt = torch.stack([load_image(gt_paths[f], protocol.resolution, background) for f in frames])  # [F, 3, R, R]
+        pr = torch.stack([load_image(pred_paths[(o, v)][f], protocol.resolution, background) for f in frames])
+        scores = suite.score_images(pr, gt) if suite.image_metrics else {}
+        for i, f in enumerate(frames):
+            vals = {m: float(scores[m][i]) for m in suite.image_metrics}
+            capped = bool(scores["psnr_capped"][i]) if "psnr_capped" in scores else False
+            per_frame.append(FrameScore(object=o, view=v, frame=f, values=vals, psnr_capped=capped))
+        if want_fvd:
+            fvd_pred.append(resize_square(pr, FVD_SIZE))
+            fvd_gt.append(resize_square(gt, FVD_SIZE))
+
+    image_metrics = [m for m in suite.requested if m != "fvd"]
+    per_view, per_object, mean = aggregate(per_frame, image_metrics)
+    unavailable = dict(suite.unavailable)
+    if want_fvd:
+        if len(fvd_pred) >= 2:
+            mean["fvd"] = fvd_pooled(fvd_pred, fvd_gt, suite.video_extractor)
+        else:
+            unavailable["fvd"] = "fvd: pooled FVD needs at least 2 (object, view) videos"
+    results = Results(
+        method=method,
+        dataset=data.root.name + (" (generated mini-benchmark)" if (data.meta or {}).get("generator") else ""),
+        pred_dir=str(pred_dir), gt_dir=str(gt_dir), protocol=protocol,
+        metrics=[m for m in ALL_METRICS if m in suite.requested], unavailable=unavailable,
+        per_frame=per_frame, per_view=per_view, per_object=per_object, mean=mean,
+        psnr_capped_frames=sum(s.psnr_capped for s in per_frame), num_scored_frames=len(per_frame),
+        generation_time_s=generation_time_s, seconds=round(time.perf_counter() - t0, 3),
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    if out_dir is not None:
+        from d2.eval.tables import write_results
+
+        write_results(results, out_dir)
+    return results
+
+
+def evaluate_command(
+    pred: str | Path,
+    gt: str | Path,
+    out: str | Path | None = None,
+    require_metrics: str | Iterable[str] = (),
+    protocol: Protocol | str | None = None,
+    metrics_cfg: MetricsConfig | None = None,
+    method: str | None = None,
+    progress: bool = True,
+    print_fn: Callable[[str], None] = print,
+) -> Results:
+    """``d2 evaluate --pred DIR --gt DIR [--require-metrics clip,lpips] [--out DIR]``.
+
+    ``protocol`` may be a :class:`Protocol` or a preset name (``consistent4d`` | ``paper``).
+    Prints the per-object table and writes the results files to ``out`` (default:
+    ``<pred>/eval``). Raises :class:`MetricUnavailable` for an unavailable required metric
+    and :class:`BenchmarkError` for a layout mismatch.
+    """
+    if isinstance(protocol, str):
+        presets = {"consistent4d": Protocol.consistent4d, "paper": Protocol.paper}
+        if protocol not in presets:
+            raise ValueError(f"unknown protocol preset {protocol!r}; known: {list(presets)}")
+        protocol = presets[protocol]()
+    out_dir = Path(out) if out is not None else Path(pred) / "eval"
+    results = evaluate(pred, gt, protocol=protocol, metrics_cfg=metrics_cfg, require_metrics=require_metrics,
+                       method=method or Path(pred).name, out_dir=out_dir, progress=progress)
+    from d2.eval.tables import results_markdown
+
+    print_fn(results_markdown(results))
+    print_fn(f"results written to {out_dir}")
+    return results

@@ -328,3 +328,29 @@ def init_from_images(
     g.means.copy_(torch.cat([xyz, t[:, None]], 1))
     g.log_scales[:, :3] = math.log(max(spacing, 1e-3) / 2)
     return g
+
+
+def procedural_gaussians(n: int = 48, seed: int = 0, spread: float = 0.18, sh_degree: int = 0,
+                         time_basis: int = 1) -> Gaussians4D:
+    """A known 4D scene (tests, benchmarks): a coloured blob of N Gaussians, a third of them
+    tilted in the x-t plane (they move during t in [0, 1]) and every colour pulsing in time."""
+    gen = torch.Generator().manual_seed(seed)
+    g = Gaussians4D(n, sh_degree=sh_degree, time_basis=time_basis)
+    with torch.no_grad():
+        g.means[:, :3] = torch.randn(n, 3, generator=gen) * spread
+        g.means[:, 3] = 0.5
+        g.log_scales[:, :3] = torch.log(torch.rand(n, 3, generator=gen) * spread / 3 + spread / 6)
+        g.log_scales[:, 3] = math.log(2.0)
+        q = torch.zeros(n, 4)
+        q[:, 0] = 1.0
+        m = n // 3
+        ang = (torch.rand(m, generator=gen) - 0.5) * 0.5
+        q[:m, 0] = torch.cos(ang / 2)
+        q[:m, 1] = torch.sin(ang / 2)  # q_l = q_r: a rotation in the x-t plane
+        g.quats_l.copy_(q)
+        g.quats_r.copy_(q)
+        g.opacity_logits.fill_(3.0)
+        g.sh_dc.copy_(rgb_to_sh_dc(torch.rand(n, 3, generator=gen) * 0.8 + 0.1))
+        if time_basis > 0:
+            g.time_coefs[:, 0] = (torch.rand(n, 3, generator=gen) - 0.5) * 0.6
+    return g

@@ -1,0 +1,237 @@
+"""Exports of fitted 4D Gaussians: per-time 3DGS PLY files, a turntable video, evaluation views.
+
+PLY: the standard 3DGS layout (``x, y, z, nx, ny, nz, f_dc_0..2, f_rest_0..44, opacity,
+scale_0..2, rot_0..3``; scales are logs, opacity a logit, ``rot`` a unit quaternion
+w, x, y, z; ``f_rest_i`` = channel ``i // 15``, SH coefficient ``1 + i % 15``), so common
+splat viewers open it. Each file is the 4D set sliced at one time: means ``mu(t)``,
+covariances ``S3(t)`` factored as ``R diag(s^2) R^T``, opacity ``alpha(t)`` and the DC colour
+at ``t``; higher SH bands are padded with zeros up to degree 3. World frame: the project's
+(z up, :mod:`d2.stages.cameras`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from d2.stages.cameras import OrbitSpec, frame_times, orbit_cameras
+from d2.stages.gaussians import Gaussians4D
+from d2.stages.render import Backend
+from d2.utils.io import atomic_path, load_tensor, save_image, save_video
+
+PLY_SH_REST = 15  # SH coefficients past the DC term at degree 3 (per channel)
+
+
+def ply_property_names(sh_rest: int = PLY_SH_REST) -> list[str]:
+    """The standard 3DGS vertex property names, in order."""
+    return (["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+            + [f"f_rest_{i}" for i in range(3 * sh_rest)]
+            + ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"])
+
+
+def rotmat_to_quat(R: Tensor) -> Tensor:
+    """Rotation matrices [..., 3, 3] (det +1) -> unit quaternions [..., 4] (w, x, y, z), w >= 0."""
+    m = R
+    t = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
+    cands = torch.stack([
+        torch.stack([1 + t, m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], -1),
+        torch.stack([m[..., 2, 1] - m[..., 1, 2], 1 + m[..., 0, 0] - m[..., 1, 1] - m[..., 2, 2],
+                     m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0]], -1),
+        torch.stack([m[..., 0, 2] - m[..., 2, 0], m[..., 0, 1] + m[..., 1, 0],
+                     1 - m[..., 0, 0] + m[..., 1, 1] - m[..., 2, 2], m[..., 1, 2] + m[..., 2, 1]], -1),
+        torch.stack([m[..., 1, 0] - m[..., 0, 1], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1],
+                     1 - m[..., 0, 0] - m[..., 1, 1] + m[..., 2, 2]], -1),
+    ], -2)  # [..., 4, 4]: each row proportional to the quaternion, pick the best-conditioned
+    diag = torch.stack([1 + t, 1 + m[..., 0, 0] - m[..., 1, 1] - m[..., 2, 2],
+                        1 - m[..., 0, 0] + m[..., 1, 1] - m[..., 2, 2], 1 - m[..., 0, 0] - m[..., 1, 1] + m[..., 2, 2]], -1)
+    best = torch.argmax(diag, -1)
+    q = torch.gather(cands, -2, best[..., None, None].expand(*best.shape, 1, 4)).squeeze(-2)
+    q = q / q.norm(dim=-1, keepdim=True)
+    return torch.where(q[..., :1] < 0, -q, q)
+
+
+def quat_to_rotmat(q: Tensor) -> Tensor:
+    """Unit quaternions [..., 4] (w, x, y, z) -> rotation matrices [..., 3, 3]."""
+    q = q / q.norm(dim=-1, keepdim=True)
+    w, x, y, z = q.unbind(-1)
+    return torch.stack([
+        torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+        torch.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+        torch.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
+    ], -2)
+
+
+@torch.no_grad()
+def splat_arrays_at(g: Gaussians4D, t: float, min_opacity: float = 1e-4) -> dict[str, np.ndarray]:
+    """The 3DGS parameters of the slice at time t (Gaussians below ``min_opacity`` dropped).
+
+    Returns arrays: means [M, 3], log_scales [M, 3], quats [M, 4] (w, x, y, z), opacity_logits [M],
+    sh_dc [M, 3], sh_rest [M, 15, 3].
+    """
+    tt = torch.tensor([t], dtype=g.means.dtype, device=g.means.device)
+    means, covs, opac = g.slice(tt)
+    means, covs, opac = means[0].double(), covs[0].double(), opac[0].double()
+    keep = opac >= min_opacity
+    evals, evecs = torch.linalg.eigh(covs[keep])  # ascending eigenvalues, columns = axes
+    det = torch.linalg.det(evecs)
+    evecs = torch.cat([evecs[..., :2], evecs[..., 2:] * det[:, None, None].sign()], -1)  # proper rotation
+    scales = evals.clamp(min=1e-20).sqrt()
+    sh = g.sh_at(tt)[0][keep].double()  # [M, K, 3]
+    rest = torch.zeros(sh.shape[0], PLY_SH_REST, 3, dtype=torch.float64, device=sh.device)
+    rest[:, : sh.shape[1] - 1] = sh[:, 1:]
+    o = opac[keep].clamp(1e-7, 1 - 1e-7)
+    return {
+        "means": means[keep].cpu().numpy(),
+        "log_scales": torch.log(scales).cpu().numpy(),
+        "quats": rotmat_to_quat(evecs).cpu().numpy(),
+        "opacity_logits": torch.log(o / (1 - o)).cpu().numpy(),
+        "sh_dc": sh[:, 0].cpu().numpy(),
+        "sh_rest": rest.cpu().numpy(),
+    }
+
+
+def write_ply(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write one standard 3DGS PLY (binary little-endian) atomically."""
+    from plyfile import PlyData, PlyElement
+
+    m = arrays["means"].shape[0]
+    names = ply_property_names()
+    rec = np.zeros(m, dtype=[(n, "f4") for n in names])
+    for i, ax in enumerate("xyz"):
+        rec[ax] = arrays["means"][:, i]
+    for c in range(3):
+        rec[f"f_dc_{c}"] = arrays["sh_dc"][:, c]
+    rest = np.transpose(arrays["sh_rest"], (0, 2, 1)).reshape(m, 3 * PLY_SH_REST)  # [M, 45], channel-major
+    for i in range(rest.shape[1]):
+        rec[f"f_rest_{i}"] = rest[:, i]
+    rec["opacity"] = arrays["opacity_logits"]
+    for i in range(3):
+        rec[f"scale_{i}"] = arrays["log_scales"][:, i]
+    for i in range(4):
+        rec[f"rot_{i}"] = arrays["quats"][:, i]
+    with atomic_path(path) as tmp:
+        PlyData([PlyElement.describe(rec, "vertex")]).write(str(tmp))
+
+
+def read_ply(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a 3DGS PLY written by :func:`write_ply` (or any with the standard names)."""
+    from plyfile import PlyData
+
+    v = PlyData.read(str(path))["vertex"].data
+    m = len(v)
+    n_rest = sum(1 for n in v.dtype.names if n.startswith("f_rest_"))
+    rest = np.stack([v[f"f_rest_{i}"] for i in range(n_rest)], -1).reshape(m, 3, n_rest // 3)
+    return {
+        "means": np.stack([v["x"], v["y"], v["z"]], -1),
+        "log_scales": np.stack([v[f"scale_{i}"] for i in range(3)], -1),
+        "quats": np.stack([v[f"rot_{i}"] for i in range(4)], -1),
+        "opacity_logits": np.asarray(v["opacity"]),
+        "sh_dc": np.stack([v[f"f_dc_{i}"] for i in range(3)], -1),
+        "sh_rest": np.transpose(rest, (0, 2, 1)),
+    }
+
+
+def export_ply_sequence(g: Gaussians4D, out_dir: str | Path, times: list[float]) -> list[Path]:
+    """One PLY per time: ``out_dir/t_XX.ply`` (XX = index into ``times``)."""
+    out_dir = Path(out_dir)
+    paths = []
+    for i, t in enumerate(times):
+        p = out_dir / f"t_{i:02d}.ply"
+        write_ply(p, splat_arrays_at(g, float(t)))
+        paths.append(p)
+    return paths
+
+
+@torch.no_grad()
+def render_views(g: Gaussians4D, azimuths_deg: list[float], times: list[float], spec: OrbitSpec, resolution: int,
+                 elevations_deg: list[float] | None = None, background: float = 1.0, backend: Backend = "auto",
+                 batch: int = 8) -> Tensor:
+    """Render pairs (azimuth[i], time[i]) -> images [N, 3, H, W] in [0, 1]."""
+    if len(azimuths_deg) != len(times):
+        raise ValueError(f"{len(azimuths_deg)} azimuths vs {len(times)} times")
+    dev = g.means.device
+    vm, K = orbit_cameras(list(azimuths_deg), spec, resolution, resolution, elevations_deg)
+    vm, K = vm.to(dev), K.to(dev)
+    t = torch.tensor(times, dtype=g.means.dtype, device=dev)
+    bg = torch.full((3,), float(background), device=dev)
+    out = []
+    for s in range(0, len(times), batch):
+        img, _ = g.render(t[s:s + batch], vm[s:s + batch, None], K[s:s + batch, None], resolution, resolution,
+                          background=bg, backend=backend)  # [b, 1, H, W, 3]
+        out.append(img[:, 0].permute(0, 3, 1, 2).clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
+def render_turntable(g: Gaussians4D, path: str | Path, spec: OrbitSpec, resolution: int, num_frames: int = 48,
+                     fps: int = 12, background: float = 1.0, backend: Backend = "auto") -> None:
+    """One orbit from azimuth 0 (the input view) while time runs 0 -> 1, as an MP4."""
+    az = [360.0 * i / num_frames for i in range(num_frames)]
+    tt = frame_times(num_frames)
+    frames = render_views(g, az, tt, spec, resolution, background=background, backend=backend)
+    save_video(path, frames, fps=fps)
+
+
+def load_gaussians(path: str | Path, device: str | torch.device = "cpu") -> tuple[Gaussians4D, dict]:
+    """Load ``gaussians.pt`` written by the fit: (Gaussians4D, orbit dict or {})."""
+    state = load_tensor(path)
+    return Gaussians4D.from_state(state).to(device), dict(state.get("orbit", {}))
+
+
+def render_eval_views(
+    gaussians_path: str | Path,
+    out_dir: str | Path,
+    azimuths_deg: list[float],
+    num_frames: int,
+    resolution: int,
+    elevation_deg: float | None = None,
+    radius: float | None = None,
+    fov_deg: float | None = None,
+    background: float = 1.0,
+    backend: Backend = "auto",
+    device: str = "cpu",
+) -> list[Path]:
+    """Render every frame at each azimuth: ``out_dir/eval_{k}/{i}.png`` (k: azimuth index, i: frame from 0).
+
+    Frame i is at t = i / (num_frames - 1). The orbit (radius, field of view, elevation)
+    defaults to the one the Gaussians were fitted on (stored in gaussians.pt), else the
+    project default :class:`OrbitSpec`.
+    """
+    if num_frames < 1 or resolution < 1 or not azimuths_deg:
+        raise ValueError("render_eval_views: need num_frames >= 1, resolution >= 1 and at least one azimuth")
+    g, orbit = load_gaussians(gaussians_path, device)
+    base = OrbitSpec()
+    spec = OrbitSpec(
+        radius=radius if radius is not None else float(orbit.get("radius", base.radius)),
+        fov_deg=fov_deg if fov_deg is not None else float(orbit.get("fov_deg", base.fov_deg)),
+        elevation_deg=elevation_deg if elevation_deg is not None else float(orbit.get("elevation_deg",
+                                                                                      base.elevation_deg)),
+    )
+    times = frame_times(num_frames)
+    out_dir = Path(out_dir)
+    written = []
+    for k, az in enumerate(azimuths_deg):
+        imgs = render_views(g, [float(az)] * num_frames, times, spec, resolution, background=background,
+                            backend=backend)
+        for i in range(num_frames):
+            p = out_dir / f"eval_{k}" / f"{i}.png"
+            save_image(p, imgs[i])
+            written.append(p)
+    return written
+
+
+def covariance_from_ply(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """3D covariances [M, 3, 3] from PLY scales and rotations (R diag(s^2) R^T)."""
+    R = quat_to_rotmat(torch.from_numpy(arrays["quats"]).double())
+    s = torch.exp(torch.from_numpy(arrays["log_scales"]).double())
+    M = R * s[:, None, :]
+    return (M @ M.transpose(-1, -2)).numpy()
+
+
+__all__ = [
+    "ply_property_names", "splat_arrays_at", "write_ply", "read_ply", "export_ply_sequence", "render_views",
+    "render_turntable", "render_eval_views", "load_gaussians", "covariance_from_ply", "rotmat_to_quat",
+    "quat_to_rotmat",
+]

@@ -81,9 +81,10 @@ class TrainConfig(BaseModel):
     uniform_share: float = 0.15  # share of sigmas drawn log-uniform over [0.002, 700] (the sampler's range)
     p_uncond: float = 0.1  # probability of the unconditional branch (for classifier-free guidance)
     cond_aug_max: float = 0.1  # cond_aug of a step ~ U[0, cond_aug_max] (noise on the concatenated image)
+    augment: bool = True  # mirror augmentation (both; orbits re-ordered) and time reversal (videos), p = 0.5 each
     seed: int = 0  # seed of weights, batches and noise
     device: str = "cpu"  # torch device
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CUDA (weights and x stay fp32)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast (weights, x and the loss stay fp32)
     threads: int = 1  # torch CPU threads
     log_every: int = 20  # steps between MLflow metric points
     families: tuple[Family, ...] = ("video", "multiview")  # which priors to train
@@ -227,6 +228,36 @@ def _batch(data: Tensor, idx: Tensor, device: torch.device) -> Tensor:
     return data[idx].to(device, non_blocking=True).float() / 255.0
 
 
+def mirror_orbit_order(num_views: int) -> list[int]:
+    """View order of a mirrored SV3D orbit: relative azimuth +a becomes -a, the input view stays last.
+
+    Mirrored view v (at (v+1)*360/V) shows the mirror image of original view V-2-v.
+    """
+    return [num_views - 2 - v for v in range(num_views - 1)] + [num_views - 1]
+
+
+def augment_batch(seq: Tensor, family: Family, generator: torch.Generator) -> Tensor:
+    """Random mirror (and, for videos, time reversal) of [B, T, 3, H, W] sequences; both are valid data.
+
+    A mirrored video is a video of the mirrored scene; a reversed video is a video of the reversed
+    motion (frame 0, the condition, becomes the old last frame). A mirrored orbit is the mirrored
+    scene's orbit once its views are re-ordered (:func:`mirror_orbit_order`).
+    """
+    b, t = seq.shape[:2]
+    flip = torch.rand(b, generator=generator) < 0.5
+    out = seq.clone()
+    if bool(flip.any()):
+        f = out[flip.to(seq.device)].flip(-1)
+        if family == "multiview":
+            f = f[:, mirror_orbit_order(t)]
+        out[flip.to(seq.device)] = f
+    if family == "video":
+        rev = (torch.rand(b, generator=generator) < 0.5).to(seq.device)
+        if bool(rev.any()):
+            out[rev] = out[rev].flip(1)
+    return out
+
+
 def train_prior(
     family: Family,
     sequences: Tensor,
@@ -260,7 +291,10 @@ def train_prior(
     opt = torch.optim.AdamW(prior.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     data = sequences.pin_memory() if device.type == "cuda" else sequences
     elev = elevations_deg.float() if elevations_deg is not None else None
-    use_bf16 = cfg.precision == "bf16" and device.type == "cuda"
+    use_bf16 = cfg.precision == "bf16"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     losses: list[float] = []
     t0 = time.time()
     step = 0
@@ -274,12 +308,14 @@ def train_prior(
             g["lr"] = lr
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         seq = _batch(data, idx, device)  # [B, T, 3, H, W] in [0, 1]
+        if cfg.augment:
+            seq = augment_batch(seq, family, gen)
         cond_img = seq[:, 0] if family == "video" else seq[:, -1]  # [B, 3, H, W]
         cond_aug = float(torch.rand((), generator=gen)) * cfg.cond_aug_max
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.p_uncond
         sigma = sample_sigmas(cfg.batch_size, cfg, gen).to(device)
         noise = torch.randn(seq.shape, generator=gen).to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             cond = make_condition(prior, cond_img, t, cond_aug, elev[idx] if elev is not None else None, gen, drop)
             loss = edm_loss(prior, seq * 2 - 1, cond, sigma, noise)
         opt.zero_grad(set_to_none=True)
@@ -295,6 +331,8 @@ def train_prior(
         if step % cfg.log_every == 0 or step == 1:
             recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
             bar.set_postfix(loss=f"{recent:.4f}")
+            if not cfg.progress and (step % (cfg.log_every * 10) == 0 or step == 1):
+                print(f"[{family}] step {step} loss {recent:.4f} lr {lr:.2e} {time.time() - t0:.0f}s", flush=True)
             if logger is not None:
                 logger.log({f"{family}/loss": recent, f"{family}/grad_norm": float(gnorm), f"{family}/lr": lr}, step)
     bar.close()
@@ -340,28 +378,36 @@ class MetricLogger:
         self.run_id = ""
         if not enabled:
             return
-        from d2.tasks.env import setup_env
+        try:
+            self._start(experiment, run_name, params)
+        except Exception as e:  # noqa: BLE001  (tracking must never stop a training run)
+            import warnings
+
+            warnings.warn(f"MLflow logging disabled: {type(e).__name__}: {e}")
+            self.client = None
+
+    def _start(self, experiment: str, run_name: str, params: dict[str, Any]) -> None:
+        from d2.tasks.env import project_root, setup_env
 
         setup_env()
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        from d2.tasks.env import project_root
-
-        self.client = MlflowClient()
-        exp = self.client.get_experiment_by_name(experiment)
+        client = MlflowClient()
+        exp = client.get_experiment_by_name(experiment)
         if exp is None:
             loc = Path(os.environ.get("D2_MLFLOW_ARTIFACTS", project_root() / "mlruns")) / experiment
             try:
-                exp_id = self.client.create_experiment(experiment, artifact_location=loc.as_uri())
+                exp_id = client.create_experiment(experiment, artifact_location=loc.as_uri())
             except Exception:  # noqa: BLE001 (created meanwhile by another process)
-                exp_id = self.client.get_experiment_by_name(experiment).experiment_id
+                exp_id = client.get_experiment_by_name(experiment).experiment_id
         else:
             exp_id = exp.experiment_id
-        self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+        self.run_id = client.create_run(exp_id, run_name=run_name).info.run_id
         items = [Param(k[:250], str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            client.log_batch(self.run_id, params=items[i:i + 100])
+        self.client = client
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Log finite metrics at ``step``."""
@@ -372,7 +418,13 @@ class MetricLogger:
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if math.isfinite(float(v))]
         if items:
-            self.client.log_batch(self.run_id, metrics=items)
+            try:
+                self.client.log_batch(self.run_id, metrics=items)
+            except Exception as e:  # noqa: BLE001
+                import warnings
+
+                warnings.warn(f"MLflow logging stopped: {e}")
+                self.client = None
 
     def finish(self, ok: bool) -> None:
         if self.client is not None:
@@ -394,11 +446,12 @@ def _flat(prefix: str, obj: Any) -> dict[str, Any]:
 
 
 def train_priors(out_dir: str | os.PathLike, cfg: TrainConfig, data_cfg: "DataConfig | None" = None,
-                 mlflow: bool = True) -> dict[str, Any]:
+                 mlflow: bool = True, dataset_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Build (or load the cached) training set, train the priors of ``cfg.families``, save them.
 
     Writes ``<out_dir>/video`` and ``<out_dir>/multiview`` (d2 prior folders: the ``mini``
     backend and the ``svd`` / ``sv3d_p`` loaders read them) and ``<out_dir>/train.json``.
+    ``dataset_path``: a rendered training set file (``.d2cache/train/<key>.pt``) used as is.
     """
     from d2.train.data import DataConfig, load_or_build_dataset
     from d2.utils.io import write_json
@@ -413,7 +466,18 @@ def train_priors(out_dir: str | os.PathLike, cfg: TrainConfig, data_cfg: "DataCo
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir)
     t_start = time.time()
-    ds = load_or_build_dataset(data_cfg, progress=cfg.progress)
+    if dataset_path is not None:
+        from d2.train.data import TrainingSet
+        from d2.utils.io import load_tensor
+
+        ds = TrainingSet(**load_tensor(dataset_path))
+        res, frames = ds.videos.shape[-1], ds.videos.shape[1]
+        if (res, frames) != (cfg.model.resolution, cfg.model.num_frames):
+            raise ValueError(f"{dataset_path}: {res}px x {frames} frames, the model wants "
+                             f"{cfg.model.resolution}px x {cfg.model.num_frames}")
+        data_cfg = data_cfg.model_copy(update={"num_scenes": int(ds.scene_seeds.numel())})
+    else:
+        ds = load_or_build_dataset(data_cfg, progress=cfg.progress)
     t_data = time.time() - t_start
     params = {**_flat("train.", cfg.model_dump(exclude={"model"})), **_flat("model.", cfg.model.model_dump()),
               **_flat("data.", data_cfg.model_dump())}
@@ -448,7 +512,7 @@ def train_priors(out_dir: str | os.PathLike, cfg: TrainConfig, data_cfg: "DataCo
     return summaries
 
 
-def _parse(argv: list[str] | None = None) -> tuple[str, TrainConfig, "DataConfig", bool]:
+def _parse(argv: list[str] | None = None) -> tuple[str, TrainConfig, "DataConfig", bool, str | None]:
     from d2.train.data import DataConfig
 
     p = argparse.ArgumentParser(prog="python -m d2.train.priors", description=__doc__.split("\n\n")[0])
@@ -465,6 +529,7 @@ def _parse(argv: list[str] | None = None) -> tuple[str, TrainConfig, "DataConfig
     p.add_argument("--channels", default=",".join(map(str, MiniModelConfig().block_out_channels)),
                    help="UNet widths per level, comma separated")
     p.add_argument("--scenes", type=int, default=DataConfig().num_scenes, help="training scenes to render")
+    p.add_argument("--dataset", default=None, help="a rendered training set file (.d2cache/train/*.pt) to use as is")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--families", default="video,multiview")
@@ -477,13 +542,13 @@ def _parse(argv: list[str] | None = None) -> tuple[str, TrainConfig, "DataConfig
                       ema_decay=a.ema_decay, precision=a.precision, seed=a.seed, device=a.device, threads=a.threads,
                       families=tuple(a.families.split(",")), progress=not a.no_progress)
     data = DataConfig(resolution=a.resolution, num_frames=a.frames, num_scenes=a.scenes)
-    return a.out, cfg, data, not a.no_mlflow
+    return a.out, cfg, data, not a.no_mlflow, a.dataset
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m d2.train.priors``."""
-    out, cfg, data, mlflow = _parse(argv)
-    result = train_priors(out, cfg, data, mlflow=mlflow)
+    out, cfg, data, mlflow, dataset = _parse(argv)
+    result = train_priors(out, cfg, data, mlflow=mlflow, dataset_path=dataset)
     print(json.dumps(result, indent=2, default=str))
 
 

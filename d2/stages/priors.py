@@ -465,6 +465,7 @@ BACKENDS: dict[str, str] = {
     "svd": "d2.stages.priors:build_svd",
     "sv3d_p": "d2.stages.priors:build_sv3d_p",
     "stability": "d2.stages.priors:build_stability",
+    "mini": "d2.train.mini:build_mini",  # issue 6: miniature priors trained on the world (data/priors/)
 }
 """Backend name -> ``"module:function"`` of a factory ``(cfg, family, device) -> Prior``."""
 

@@ -167,6 +167,12 @@ class Results(BaseModel):
         """Objects in result order."""
         return list(self.per_object)
 
+    def to_markdown(self) -> str:
+        """The per-object table with its footer (:func:`d2.eval.tables.results_markdown`)."""
+        from d2.eval.tables import results_markdown
+
+        return results_markdown(self)
+
 
 def aggregate(per_frame: list[FrameScore], metrics: list[str]) -> tuple[
         dict[str, dict[str, dict[str, float]]], dict[str, dict[str, float]], dict[str, float]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from d2.stages.cameras import orbit_azimuths
-from d2.stages.priors import PriorsConfig, build_svd, build_sv3d_p, load_prior_folder
+from d2.stages.priors import PriorsConfig, build_svd, build_sv3d_p, load_prior_folder, load_priors
 from d2.train.data import DataConfig, check_disjoint, render_training_set, scene_seeds
 from d2.train.mini import build_mini
 from d2.train.priors import (MiniModelConfig, TrainConfig, build_mini_prior, edm_loss, make_condition,
@@ -92,6 +92,11 @@ def test_saved_priors_reload_through_the_loaders_with_identical_outputs(tmp_path
         loaded.append(build_mini(cfg, family, torch.device("cpu")))
         loaded.append(build_svd(cfg, family, torch.device("cpu")) if family == "video"
                       else build_sv3d_p(cfg, family, torch.device("cpu")))
+        # the sampler's registry: backend "mini" reads the folders named by video_path / multiview_path
+        pair = load_priors(PriorsConfig(backend="mini", video_path=str(tmp_path / "video"),
+                                        multiview_path=str(tmp_path / "multiview"))) if family == "multiview" else None
+        if pair is not None:
+            loaded.append(pair[1])
         with torch.no_grad():
             cond = prior.condition(images, cond_aug=0.02, generator=torch.Generator().manual_seed(5), **kw)
             ref = prior.denoise(x, sigma, cond, torch.full((2, 4), 2.0))
@@ -101,3 +106,34 @@ def test_saved_priors_reload_through_the_loaders_with_identical_outputs(tmp_path
                 out = other.denoise(x, sigma, c2, torch.full((2, 4), 2.0))
                 assert other.family == family and other.resolution == 8
                 torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_matrix_metrics_reference_points() -> None:
+    from d2.train.experiment import matrix_metrics
+
+    g = torch.rand(4, 5, 3, 16, 16)
+    perfect = matrix_metrics(g, g, input_view=3)
+    assert perfect["tde"] == 0 and perfect["vde"] == 0 and perfect["ssim"] > 0.999
+    static = matrix_metrics(g[3:, :1].expand_as(g), g, input_view=3)
+    true_dt = float(((g[:, 1:] - g[:, :-1]) ** 2).mean().sqrt())
+    assert abs(static["tde"] - true_dt) < 1e-6 and static["flicker"] == 0
+    # a per-row colour offset keeps every row's temporal differences: TDE 0, VDE > 0
+    shifted = (g + torch.linspace(-0.2, 0.2, 4).view(4, 1, 1, 1, 1))
+    m = matrix_metrics(shifted, g, input_view=3)
+    assert m["tde"] < 1e-6 and m["vde"] > 0.05
+
+
+def test_mirror_orbit_order_keeps_the_input_view_and_is_an_involution() -> None:
+    from d2.train.priors import augment_batch, mirror_orbit_order
+
+    order = mirror_orbit_order(8)
+    assert order[-1] == 7 and sorted(order) == list(range(8))
+    assert [order[i] for i in order] == list(range(8))
+    # view v at +(v+1)*45 deg is the mirror image of the view at -(v+1)*45 deg = 360-(v+1)*45
+    assert [((o + 1) * 45) % 360 for o in order[:-1]] == [(360 - (v + 1) * 45) % 360 for v in range(7)]
+    seq = torch.rand(64, 8, 3, 4, 4)
+    out = augment_batch(seq, "multiview", torch.Generator().manual_seed(0))
+    flipped = [i for i in range(64) if not torch.equal(out[i], seq[i])]
+    assert 10 < len(flipped) < 54
+    for i in flipped:
+        torch.testing.assert_close(out[i], seq[i][order].flip(-1))

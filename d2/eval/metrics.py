@@ -383,7 +383,7 @@ def i3d_search_paths(explicit: Path | None = None) -> list[Path]:
 class I3DFeatures:
     """I3D (Kinetics-400) features from StyleGAN-V's TorchScript detector.
 
-    Videos [B, T, 3, H, W] in [0, 1] are resized to 224, mapped to [-1, 1], laid out as
+    Videos [B, T, 3, H, W] in [0, 1] (square frames) are resized to 224 (bilinear), mapped to [-1, 1], laid out as
     [B, 3, T, 224, 224] and passed with ``rescale=False, resize=False, return_features=True``
     (the 400-d pre-softmax logits, as StyleGAN-V's FVD uses).
     """
@@ -402,7 +402,9 @@ class I3DFeatures:
     @torch.no_grad()
     def __call__(self, videos: Tensor) -> Tensor:
         b, t = videos.shape[:2]
-        frames = resize_square(videos.reshape(b * t, *videos.shape[2:]), 224)  # [B*T, 3, 224, 224]
+        frames = videos.reshape(b * t, *videos.shape[2:]).float()
+        if frames.shape[-2:] != (224, 224):  # bilinear, no antialiasing (as the common StyleGAN-V FVD script)
+            frames = F.interpolate(frames, size=(224, 224), mode="bilinear", align_corners=False)  # [B*T, 3, 224, 224]
         v = (frames * 2 - 1).reshape(b, t, 3, 224, 224).permute(0, 2, 1, 3, 4).contiguous()  # [B, 3, T, 224, 224]
         feats = self.model(v.to(self.device), rescale=False, resize=False, return_features=True)
         return feats.float().cpu()  # [B, D]

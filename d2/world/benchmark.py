@@ -150,6 +150,7 @@ class PrepareConfig(BaseModel):
     fov_deg: float = 33.8  # vertical field of view (OrbitSpec)
     seed: int = 0  # varies the surface sampling of every object
     backend: str = "auto"  # rasterizer backend: auto | torch | gsplat
+    device: str = "cpu"  # torch device of the rendering ("cuda" + backend auto: gsplat)
     progress: bool = True  # show a progress bar
 
 
@@ -184,7 +185,8 @@ def generate_benchmark(out_dir: str | Path, cfg: PrepareConfig | None = None) ->
     t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         for scene in tqdm(scenes, desc="prepare", disable=not cfg.progress):
-            imgs = scene.render(azimuths, times, cfg.resolution, spec, backend=cfg.backend)  # [1+K, F, 3, H, W]
+            imgs = scene.render(azimuths, times, cfg.resolution, spec, backend=cfg.backend,
+                                device=cfg.device)  # [1+K, F, 3, H, W]
             for f in range(cfg.num_frames):
                 save_image(tmp / "input" / scene.name / f"{f}.png", imgs[0, f])
                 for k in range(len(cfg.eval_azimuths_deg)):

@@ -408,8 +408,9 @@ class Scene:
         elevations_deg: list[float] | None = None,
         backend: str = "auto",
         time_chunk: int = 8,
+        device: str | torch.device = "cpu",
     ) -> Tensor:
-        """Render every (azimuth, time) on white.
+        """Render every (azimuth, time) on white (on ``device``; ``backend="auto"`` uses gsplat on CUDA).
 
         Returns:
             [A, T, 3, H, W] float32 in [0, 1] (H = W = ``resolution``).
@@ -428,9 +429,11 @@ class Scene:
             ts = list(times[i:i + time_chunk])
             g = self.gaussians(ts)
             n_t = len(ts)
+            g = {k: v.to(device) for k, v in g.items()}
             col, _ = rasterize(g["means"], g["covars"], g["opacities"], g["colors"],
-                               viewmats.expand(n_t, a, 4, 4), ks.expand(n_t, a, 3, 3), resolution, resolution,
-                               background=torch.ones(3), backend=backend)  # [t, A, H, W, 3]
+                               viewmats.to(device).expand(n_t, a, 4, 4), ks.to(device).expand(n_t, a, 3, 3),
+                               resolution, resolution, background=torch.ones(3, device=device),
+                               backend=backend)  # [t, A, H, W, 3]
             out.append(col.detach().float().cpu())
         imgs = torch.cat(out, dim=0)  # [T, A, H, W, 3]
         return imgs.permute(1, 0, 4, 2, 3).clamp(0, 1).contiguous()  # [A, T, 3, H, W]

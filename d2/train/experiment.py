@@ -72,6 +72,9 @@ class ExperimentConfig(BaseModel):
     ablation_k: list[float] = Field(default_factory=lambda: [5.0, 20.0, 50.0])  # logistic steepness
     ablation_seeds: list[int] = Field(default_factory=lambda: [0])  # seeds of the ablation
     ablation_objects: list[str] = Field(default_factory=list)  # objects of the ablation; empty: same as objects
+    fit_iterations: int = 0  # > 0: fit 4D Gaussians to each matrix of the first seed and score the eval views
+    fit_l1: float = 1.0  # L1 weight of that fit (LPIPS weights are absent offline: D-SSIM + L1 instead)
+    eval_azimuths_deg: list[float] = Field(default_factory=lambda: [-75.0, 15.0, 105.0, 195.0])  # Consistent4D views
     ssim_window: int = 7  # SSIM Gaussian window (11 does not fit 16 px images well)
     ssim_sigma: float = 1.0  # SSIM Gaussian sigma
     device: str = "cpu"  # torch device
@@ -166,6 +169,31 @@ def sample_images(priors: tuple[Prior, Prior], conditions: Any, scfg: Any) -> Te
     return decode_matrix(priors[0], lat).clamp(0, 1)
 
 
+def fit_and_score(mat: Tensor, scene: Any, work: Path, cfg: ExperimentConfig) -> dict[str, float]:
+    """Fit 4D Gaussians (the fitting stage) to a matrix [V, F, 3, R, R]; PSNR/SSIM at the eval views vs truth."""
+    from d2.eval.metrics import psnr, ssim
+    from d2.stages.export import render_eval_views
+    from d2.stages.fit import FitConfig, run_fit, write_matrix
+    from d2.utils.io import load_image
+
+    v, f, _, res, _ = mat.shape
+    spec = OrbitSpec(elevation_deg=cfg.elevation_deg)
+    write_matrix(work / "matrix", mat, orbit_azimuths(v), frame_times(f), spec)
+    fcfg = FitConfig(iterations=cfg.fit_iterations, lambda_lpips=0.0, lambda_l1=cfg.fit_l1, backend="torch",
+                     device=cfg.device, progress=False, export_ply=False, turntable_frames=0, checkpoint_every=0)
+    run_fit(work / "matrix", work / "fit", fcfg)
+    render_eval_views(work / "fit" / "gaussians.pt", work / "eval", cfg.eval_azimuths_deg, f, res,
+                      backend="torch", device=cfg.device)
+    pred = torch.stack([torch.stack([load_image(work / "eval" / f"eval_{k}" / f"{i}.png") for i in range(f)])
+                        for k in range(len(cfg.eval_azimuths_deg))])  # [E, F, 3, R, R]
+    gt = scene.render(cfg.eval_azimuths_deg, frame_times(f), res, spec,
+                      elevations_deg=[cfg.elevation_deg] * len(cfg.eval_azimuths_deg))
+    gt = (gt * 255 + 0.5).floor() / 255  # the same 8-bit quantisation as the PNGs
+    a, b = pred.reshape(-1, 3, res, res), gt.reshape(-1, 3, res, res)
+    return {"fit_psnr": float(psnr(a, b).mean()),
+            "fit_ssim": float(ssim(a, b, window_size=cfg.ssim_window, sigma=cfg.ssim_sigma).mean())}
+
+
 # ---------------------------------------------------------------------------------------
 # aggregation and reporting
 # ---------------------------------------------------------------------------------------
@@ -173,7 +201,8 @@ def sample_images(priors: tuple[Prior, Prior], conditions: Any, scfg: Any) -> Te
 KEYS = ("psnr", "ssim", "novel_psnr", "tde", "vde", "combined", "flicker", "view_change")
 
 
-def aggregate(rows: list[dict[str, Any]], group: tuple[str, ...]) -> list[dict[str, Any]]:
+def aggregate(rows: list[dict[str, Any]], group: tuple[str, ...], keys: tuple[str, ...] = KEYS
+              ) -> list[dict[str, Any]]:
     """Mean and std over seeds of per-(group, seed) means over objects (objects first, then seeds)."""
     out: dict[tuple, dict[int, list[dict]]] = {}
     for r in rows:
@@ -183,7 +212,7 @@ def aggregate(rows: list[dict[str, Any]], group: tuple[str, ...]) -> list[dict[s
         entry: dict[str, Any] = dict(zip(group, key))
         entry["n_seeds"] = len(by_seed)
         entry["n_objects"] = len(next(iter(by_seed.values())))
-        for m in KEYS:
+        for m in keys:
             per_seed = torch.tensor([sum(r[m] for r in rs) / len(rs) for rs in by_seed.values()], dtype=torch.float64)
             entry[m] = float(per_seed.mean())
             entry[m + "_std"] = float(per_seed.std()) if len(per_seed) > 1 else 0.0
@@ -203,6 +232,13 @@ def markdown_table(table: list[dict[str, Any]], group: tuple[str, ...]) -> str:
             cells.append(f"{e[m]:{fmt}} ± {e[m + '_std']:{fmt}}" if e["n_seeds"] > 1 else f"{e[m]:{fmt}}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _fit_md(table: list[dict[str, Any]], cfg: ExperimentConfig) -> str:
+    lines = [f"After the 4D fit ({cfg.fit_iterations} iterations, D-SSIM + {cfg.fit_l1} L1), first seed, eval "
+             f"azimuths {cfg.eval_azimuths_deg}:", "", "| setting | method | PSNR | SSIM |", "|---|---|---|---|"]
+    lines += [f"| {e['setting']} | {e['method']} | {e['fit_psnr']:.2f} | {e['fit_ssim']:.3f} |" for e in table]
+    return "\n".join(lines) + "\n\n"
 
 
 def _upscale(img: Tensor, factor: int) -> Tensor:
@@ -265,9 +301,12 @@ def run_experiment(out_dir: str | Path, cfg: ExperimentConfig) -> dict[str, Any]
         for method in METHODS:
             ts = time.time()
             mat = sample_images(priors, cond, sampling_config(method, v, f, res, seed, cfg))
-            rows.append({"object": obj, "seed": seed, "setting": setting, "method": method,
-                         **matrix_metrics(mat, g, v - 1, cfg.ssim_window, cfg.ssim_sigma),
-                         "seconds": round(time.time() - ts, 2), "ref_orbit_psnr": ref_orbit_metrics["psnr"]})
+            row = {"object": obj, "seed": seed, "setting": setting, "method": method,
+                   **matrix_metrics(mat, g, v - 1, cfg.ssim_window, cfg.ssim_sigma),
+                   "seconds": round(time.time() - ts, 2), "ref_orbit_psnr": ref_orbit_metrics["psnr"]}
+            if cfg.fit_iterations > 0 and seed == cfg.seeds[0]:
+                row.update(fit_and_score(mat, world.make_scene(obj), out / "fits" / f"{setting}_{obj}_{method}", cfg))
+            rows.append(row)
             if seed == cfg.seeds[0]:
                 examples[f"{setting}/{obj}/{method}"] = mat
     # static/truth rows exist only for the first seed: replicate them so every seed has them
@@ -277,6 +316,8 @@ def run_experiment(out_dir: str | Path, cfg: ExperimentConfig) -> dict[str, Any]
             extra += [{**r, "seed": s} for s in cfg.seeds[1:]]
     rows += extra
     main_table = aggregate(rows, ("setting", "method"))
+    fit_rows = [r for r in rows if "fit_psnr" in r]
+    fit_table = aggregate(fit_rows, ("setting", "method"), keys=("fit_psnr", "fit_ssim")) if fit_rows else []
     per_object = aggregate(rows, ("setting", "object", "method"))
 
     # images: per object, truth | composed | video-only | multi-view-only (rows = views, columns = frames)
@@ -319,12 +360,13 @@ def run_experiment(out_dir: str | Path, cfg: ExperimentConfig) -> dict[str, Any]
 
     md = ("Composition experiment (miniature priors), objects " + ", ".join(objects) + f"; seeds {cfg.seeds}; "
           f"V={v}, F={f}, {res}px, {cfg.num_steps} steps. Mean over objects, then mean ± std over seeds.\n\n"
-          + markdown_table(main_table, ("setting", "method")) + "\n\nPer object:\n\n"
+          + markdown_table(main_table, ("setting", "method")) + "\n\n"
+          + (_fit_md(fit_table, cfg) if fit_table else "") + "Per object:\n\n"
           + markdown_table(per_object, ("setting", "object", "method")) + "\n")
     write_text(out / "results.md", md)
     result = {"config": cfg.model_dump(mode="json"), "V": v, "F": f, "resolution": res,
               "priors_meta": {k: meta.get(k) for k in ("family", "resolution", "num_frames", "summary")},
-              "table": main_table, "per_object": per_object, "rows": rows, "ablation_table": ab_table,
+              "table": main_table, "fit_table": fit_table, "per_object": per_object, "rows": rows, "ablation_table": ab_table,
               "ablation_rows": ablation_rows, "seconds": round(time.time() - t0, 1)}
     write_json(out / "results.json", result)
     return result
@@ -343,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--oracle-orbit", action="store_true", help="also run with the true orbit as reference")
     p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--fit-iterations", type=int, default=0, help="> 0: 4D fit of the first seed's matrices")
     p.add_argument("--ablation-objects", default="", help="objects of the s0 x k grid (default: all)")
     p.add_argument("--ablation-seeds", default="0")
     p.add_argument("--no-progress", action="store_true")
@@ -350,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     cfg = ExperimentConfig(priors_dir=a.priors, objects=split(a.objects), seeds=[int(s) for s in split(a.seeds)],
                            num_steps=a.steps, rollback_steps=a.rollback, device=a.device, threads=a.threads,
-                           oracle_orbit=a.oracle_orbit, ablation=not a.no_ablation,
+                           oracle_orbit=a.oracle_orbit, ablation=not a.no_ablation, fit_iterations=a.fit_iterations,
                            ablation_objects=split(a.ablation_objects),
                            ablation_seeds=[int(s) for s in split(a.ablation_seeds)], progress=not a.no_progress)
     result = run_experiment(a.out, cfg)

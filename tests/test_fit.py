@@ -81,7 +81,7 @@ def test_confidences_are_detached() -> None:
     sy = ssim(y, target)
     (0.7 * (sy * (1 - sy)).mean()).backward()
     assert (y.grad - x.grad).abs().max() > 1e-4
-    assert logs["loss"] == pytest.approx(float(0.7 * (s * (1 - s)).mean()), rel=1e-5)
+    assert float(logs["loss"]) == pytest.approx(float(0.7 * (s * (1 - s)).mean()), rel=1e-5)
 
 
 def test_missing_lpips_weights_stop_the_run(tmp_path: Path) -> None:

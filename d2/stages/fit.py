@@ -168,29 +168,32 @@ def load_fit_lpips(cfg: FitConfig, device: torch.device) -> torch.nn.Module | No
 
 
 def fit_loss(render: Tensor, target: Tensor, cfg: FitConfig, lpips_net: torch.nn.Module | None
-             ) -> tuple[Tensor, dict[str, float]]:
-    """Confidence-weighted LPIPS + D-SSIM (+ optional L1): render, target [B, 3, H, W] -> scalar loss."""
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Confidence-weighted LPIPS + D-SSIM (+ optional L1): render, target [B, 3, H, W] -> scalar loss.
+
+    The logs are detached 0-d tensors (no device sync here; call ``float`` when displaying).
+    """
     from d2.eval.metrics import lpips_distance, ssim
 
     total = render.new_zeros(())
-    logs: dict[str, float] = {}
+    logs: dict[str, Tensor] = {}
     if cfg.lambda_ssim > 0:
         s = ssim(render, target)  # [B]
         c_ssim = s.detach().clamp(min=0.0)
         total = total + cfg.lambda_ssim * (c_ssim * (1.0 - s)).mean()
-        logs["ssim"] = float(s.detach().mean())
+        logs["ssim"] = s.detach().mean()
     if cfg.lambda_lpips > 0:
         if lpips_net is None:
             raise RuntimeError("fit_loss: lambda_lpips > 0 but no LPIPS network was given")
         d = lpips_distance(lpips_net, render, target)  # [B]
         c_lpips = (1.0 - d.detach()).clamp(min=0.0)
         total = total + cfg.lambda_lpips * (c_lpips * d).mean()
-        logs["lpips"] = float(d.detach().mean())
+        logs["lpips"] = d.detach().mean()
     if cfg.lambda_l1 > 0:
         total = total + cfg.lambda_l1 * (render - target).abs().mean()
-    logs["l1"] = float((render - target).detach().abs().mean())
-    logs["psnr"] = float(-10 * torch.log10(((render.detach() - target) ** 2).mean().clamp(min=1e-10)))
-    logs["loss"] = float(total.detach())
+    logs["l1"] = (render - target).detach().abs().mean()
+    logs["psnr"] = -10 * torch.log10(((render.detach() - target) ** 2).mean().clamp(min=1e-10))
+    logs["loss"] = total.detach()
     return total, logs
 
 
@@ -339,7 +342,7 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig) -> dict
 
     decay = cfg.lr_means_final ** (1.0 / max(1, cfg.iterations))
     densify_until = int(cfg.densify_until_frac * cfg.iterations)
-    logs: dict[str, float] = {}
+    logs: dict[str, Tensor] = {}
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, disable=not cfg.progress,
                desc="fit", dynamic_ncols=True)
@@ -399,7 +402,7 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig) -> dict
     summary = {
         "matrix_dir": str(matrix_dir), "V": v, "F": f, "resolution": h, "iterations": cfg.iterations,
         "resumed_from": start, "num_gaussians": g.num, "backend": backend, "device": str(device),
-        "fit_seconds": fit_seconds, "final": logs, "train_psnr": train_psnr, "config": cfg.model_dump(mode="json"),
+        "fit_seconds": fit_seconds, "final": {k: float(v) for k, v in logs.items()}, "train_psnr": train_psnr, "config": cfg.model_dump(mode="json"),
         "config_hash": cfg_hash, "input_hash": in_hash,
     }
     write_json(out_dir / "fit.json", summary)

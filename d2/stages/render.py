@@ -154,6 +154,10 @@ def _rasterize_gsplat(
 ) -> tuple[Tensor, Tensor]:
     import gsplat  # optional extra "gpu"; imported only here
 
+    means, covars, opacities, colors, viewmats, Ks = (
+        x.contiguous() for x in (means, covars, opacities, colors, viewmats, Ks))  # gsplat views them flat
+    if background is not None:
+        background = background.contiguous()
     out_colors, out_alphas, _meta = gsplat.rasterization(
         means, None, None, opacities, colors, viewmats, Ks, width, height,
         near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, tile_size=tile_size,

@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from d2.stages.cameras import OrbitSpec, orbit_cameras
-from d2.stages.gaussians import PARAM_NAMES, Gaussians4D, init_from_images, init_random
+from d2.stages.gaussians import PARAM_NAMES, Gaussians4D, init_from_images, init_random, rotation_4d
 from d2.stages.render import resolve_backend
 from d2.utils.io import load_image, load_tensor, save_image, save_tensor, write_json
 
@@ -261,7 +261,9 @@ def densify_and_prune(g: Gaussians4D, opt: torch.optim.Adam, grad_accum: Tensor,
     idx_split = torch.nonzero(split).squeeze(-1)
     new = {k: [v[idx_keep]] for k, v in p.items()}
     if n_split > 0:
-        L = torch.linalg.cholesky(cov[idx_split] + 1e-10 * torch.eye(4, device=dev, dtype=cov.dtype))
+        # samples mu + R diag(s) z of each chosen 4D Gaussian (no factorisation of Sigma needed)
+        L = rotation_4d(p["quats_l"][idx_split], p["quats_r"][idx_split]) * torch.exp(
+            p["log_scales"][idx_split]).unsqueeze(-2)  # [S, 4, 4]
         for _ in range(2):
             z = torch.randn(n_split, 4, 1, generator=generator, dtype=cov.dtype).to(dev)
             for k, v in p.items():

@@ -232,7 +232,10 @@ def test_chunk_size_does_not_change_the_result(tiny):
                 weight_schedule="logistic")
     a = sample_matrix(video, mv, cond, _cfg(chunk_size=1, **base))
     b = sample_matrix(video, mv, cond, _cfg(chunk_size=3, **base))
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # equal up to float32 batch-size effects in the CPU kernels (~1e-4 after sigma_max = 700);
+    # a wrong slice of x or of the conditioning changes entries by O(0.1)
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    assert a.abs().max() > 0.1
 
 
 def test_same_seed_same_matrix(tiny):

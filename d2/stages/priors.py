@@ -379,7 +379,7 @@ class Prior(nn.Module):
         if self.family == "multiview" and ids.shape[1] != t:
             raise ValueError(f"conditioning has cameras for {ids.shape[1]} views, sample has {t}")
         out = self.unet(sample, c_noise.to(torch.float32), encoder_hidden_states=cond.context.to(dtype),
-                        added_time_ids=ids.to(dtype), return_dict=False)[0]
+                        added_time_ids=ids.float(), return_dict=False)[0]  # ids stay fp32 (angles)
         return out.float()
 
     def denoise_raw(self, x: Tensor, sigma: Tensor, cond: PriorCondition) -> Tensor:

@@ -85,7 +85,10 @@ def weights_at(i: int, cfg: SamplingConfig, num_views: int) -> tuple[Tensor, Ten
 
 
 def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(a, min(a + size, n)) for a in range(0, n, size)]
+    """ceil(n / size) contiguous slices of near-equal length (<= size): 21 by 5 -> 5, 4, 4, 4, 4."""
+    parts = math.ceil(n / size)
+    bounds = [round(k * n / parts) for k in range(parts + 1)]
+    return [slice(bounds[k], bounds[k + 1]) for k in range(parts)]
 
 
 class ComposedDenoiser:

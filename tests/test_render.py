@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from d2.stages.cameras import OrbitSpec, orbit_cameras
-from d2.stages.render import rasterize, resolve_backend
+from d2.stages.render import project, rasterize, resolve_backend
 
 
 def _random_scene(n: int, seed: int, dtype=torch.float64):
@@ -157,3 +157,35 @@ def test_bad_input_and_backend_choice() -> None:
     with pytest.raises(ValueError, match="CUDA"):
         rasterize(means, covars, opac, colors, vm, K, 8, 8, backend="gsplat")
     assert resolve_backend("auto", "cpu") == "torch"
+
+
+def test_gradients_match_finite_differences_when_saturated() -> None:
+    # nearly opaque layers: the transmittance cut-off and the suffix terms of the backward matter
+    n, w, h = 8, 8, 8
+    g = torch.Generator().manual_seed(11)
+    means = torch.randn(n, 3, generator=g, dtype=torch.float64) * 0.03
+    means[:, 0] += torch.linspace(0.3, -0.3, n, dtype=torch.float64)  # distinct depths from azimuth 0
+    L0 = torch.eye(3, dtype=torch.float64).expand(n, 3, 3) * 0.12 + torch.randn(n, 3, 3, generator=g,
+                                                                                    dtype=torch.float64) * 0.01
+    opac = torch.rand(n, generator=g, dtype=torch.float64) * 0.1 + 0.85
+    colors = torch.rand(n, 3, generator=g, dtype=torch.float64)
+    L0 = L0.clone()
+    L0[0] = torch.eye(3, dtype=torch.float64) * 4.0  # very wide: above the 0.999 clamp near its centre
+    opac[0] = 0.9995  # the front one
+    vm, K = orbit_cameras([0.0], OrbitSpec(fov_deg=30.0), w, h)
+    vm, K = vm.double(), K.double()
+    weights = torch.rand(1, h, w, 3, generator=g, dtype=torch.float64)
+
+    def loss(m, L, o, c):
+        img, a = rasterize(m, L @ L.transpose(-1, -2), o, c, vm, K, w, h, backend="torch")
+        return (img * weights).sum() + 0.5 * a.sum()
+
+    with torch.no_grad():
+        _, a = rasterize(means, L0 @ L0.transpose(-1, -2), opac, colors, vm, K, w, h, backend="torch")
+    assert a.max() > 0.999  # saturated pixels exist
+    m2, con, _, _, _ = project(means, L0 @ L0.transpose(-1, -2), vm, K, w, h)
+    d = m2[0, 0] - 0.5 - torch.stack(torch.meshgrid(torch.arange(w), torch.arange(h), indexing="xy"), -1)
+    sig = 0.5 * (con[0, 0, 0] * d[..., 0] ** 2 + con[0, 0, 2] * d[..., 1] ** 2) + con[0, 0, 1] * d[..., 0] * d[..., 1]
+    assert (opac[0] * torch.exp(-sig) > 0.999).any() and (opac[0] * torch.exp(-sig) < 0.999).any()
+    inputs = tuple(x.clone().requires_grad_(True) for x in (means, L0, opac, colors))
+    assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)

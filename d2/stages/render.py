@@ -20,8 +20,9 @@ The torch backend bins Gaussians into square tiles (as gsplat does): a Gaussian 
 tile when its opacity-aware bounding box (``min(3.33, sqrt(2 ln(255 opacity)))`` standard
 deviations) overlaps it. Outside that box its alpha is below 1/255, so binning changes
 nothing in the result; it only saves work. Tiles are processed in groups sized to
-``max_elements`` (pixels x Gaussians per group), each group under gradient checkpointing
-when gradients are needed, so memory stays bounded in training as well as in inference.
+``max_elements`` (pixels x Gaussians per group); the compositing's backward is analytic
+and recomputes the per-pixel terms from the group's inputs (as gsplat's does), so memory
+stays bounded in training as well as in inference.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 ALPHA_THRESHOLD = 1.0 / 255.0  # contributions below this alpha are skipped (gsplat)
 ALPHA_MAX = 0.999  # per-Gaussian alpha clamp (gsplat)
@@ -221,32 +221,79 @@ def project(
     return means2d, conics, torch.stack([a, b, cc], -1), z, valid
 
 
-def _composite_tiles(
+def _composite_forward(
     pix: Tensor,  # [G, P, 2] pixel centres of G tiles
     means2d: Tensor,  # [G, K, 2] Gaussians gathered per tile, front to back
     conics: Tensor,  # [G, K, 3]
     opac: Tensor,  # [G, K] (0 where the Gaussian is culled or padding)
+) -> dict[str, Tensor]:
+    """Per-pixel, per-Gaussian quantities of front-to-back compositing (no autograd)."""
+    dx = means2d[..., 0].unsqueeze(1) - pix[..., 0].unsqueeze(2)  # [G, P, K]
+    dy = means2d[..., 1].unsqueeze(1) - pix[..., 1].unsqueeze(2)
+    ca, cb, cc = (v.unsqueeze(1) for v in conics.unbind(-1))  # [G, 1, K]
+    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy  # [G, P, K]
+    raw = opac.unsqueeze(1) * torch.exp(-sigma)  # [G, P, K]
+    keep = (sigma >= 0) & (raw >= ALPHA_THRESHOLD)  # alpha >= 1/255 (the clamp is above the threshold)
+    alpha = torch.where(keep, raw.clamp(max=ALPHA_MAX), torch.zeros_like(raw))
+    log_1ma = torch.log1p(-alpha)
+    log_t = torch.cumsum(log_1ma, dim=-1)  # inclusive log transmittance
+    # a pixel stops before the Gaussian that would bring T to <= T_MIN (exclusive, as gsplat)
+    alive = log_t > math.log(T_MIN)
+    t_excl = torch.exp(log_t - log_1ma)  # transmittance in front of each Gaussian
+    weights = torch.where(alive, alpha * t_excl, torch.zeros_like(alpha))  # [G, P, K]
+    # alpha's derivative is live only where it is kept and not clamped
+    live = keep & (raw < ALPHA_MAX) & alive
+    return {"dx": dx, "dy": dy, "alpha": alpha, "t_excl": t_excl, "weights": weights, "live": live, "alive": alive}
+
+
+class _Composite(torch.autograd.Function):
+    """Compositing with an analytic backward that recomputes the forward (bounded memory)."""
+
+    @staticmethod
+    def forward(ctx, pix: Tensor, means2d: Tensor, conics: Tensor, opac: Tensor, colors: Tensor
+                ) -> tuple[Tensor, Tensor]:
+        f = _composite_forward(pix, means2d, conics, opac)
+        ctx.save_for_backward(pix, means2d, conics, opac, colors)
+        return f["weights"] @ colors, f["weights"].sum(-1)
+
+    @staticmethod
+    def backward(ctx, d_color: Tensor, d_acc: Tensor):  # [G, P, D], [G, P]
+        pix, means2d, conics, opac, colors = ctx.saved_tensors
+        f = _composite_forward(pix, means2d, conics, opac)
+        w, alpha = f["weights"], f["alpha"]
+        d_colors = w.transpose(-1, -2) @ d_color  # [G, K, D]
+        g = d_color @ colors.transpose(-1, -2) + d_acc.unsqueeze(-1)  # dL/dw [G, P, K]
+        gw = torch.where(f["alive"], g * w, torch.zeros_like(w))
+        later = gw.sum(-1, keepdim=True) - torch.cumsum(gw, dim=-1)  # sum_{k > i} g_k w_k
+        d_alpha = torch.where(f["live"], g * f["t_excl"] - later / (1.0 - alpha), torch.zeros_like(w))
+        # alpha = opac * exp(-sigma): d alpha / d opac = alpha / opac, d alpha / d sigma = -alpha
+        d_sigma = -d_alpha * alpha  # [G, P, K]
+        dx, dy = f["dx"], f["dy"]
+        ca, cb, cc = (v.unsqueeze(1) for v in conics.unbind(-1))
+        d_mx = (d_sigma * (ca * dx + cb * dy)).sum(1)  # [G, K]
+        d_my = (d_sigma * (cc * dy + cb * dx)).sum(1)
+        d_conics = torch.stack([(0.5 * d_sigma * dx * dx).sum(1), (d_sigma * dx * dy).sum(1),
+                                (0.5 * d_sigma * dy * dy).sum(1)], -1)  # [G, K, 3]
+        safe_opac = torch.where(opac > 0, opac, torch.ones_like(opac))
+        d_opac = (d_alpha * alpha).sum(1) / safe_opac  # [G, K]
+        return None, torch.stack([d_mx, d_my], -1), d_conics, d_opac, d_colors
+
+
+def _composite_tiles(
+    pix: Tensor,  # [G, P, 2]
+    means2d: Tensor,  # [G, K, 2]
+    conics: Tensor,  # [G, K, 3]
+    opac: Tensor,  # [G, K]
     colors: Tensor,  # [G, K, D]
 ) -> tuple[Tensor, Tensor]:
     """Front-to-back compositing of K depth-sorted Gaussians over the P pixels of G tiles.
 
     Returns (sum_i w_i c_i [G, P, D], sum_i w_i [G, P]).
     """
-    delta = means2d.unsqueeze(1) - pix.unsqueeze(2)  # [G, P, K, 2]
-    dx, dy = delta.unbind(-1)
-    ca, cb, cc = (v.unsqueeze(1) for v in conics.unbind(-1))  # [G, 1, K]
-    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy  # [G, P, K]
-    alpha = torch.clamp(opac.unsqueeze(1) * torch.exp(-sigma), max=ALPHA_MAX)
-    keep = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD)
-    alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
-    log_1ma = torch.log1p(-alpha)
-    log_t = torch.cumsum(log_1ma, dim=-1)  # inclusive log transmittance [G, P, K]
-    # a pixel stops before the Gaussian that would bring T to <= T_MIN (exclusive, as gsplat)
-    alive = log_t > math.log(T_MIN)
-    t_excl = torch.exp(log_t - log_1ma)  # transmittance in front of each Gaussian
-    weights = torch.where(alive, alpha * t_excl, torch.zeros_like(alpha))  # [G, P, K]
-    color = weights @ colors  # [G, P, D]
-    return color, weights.sum(-1)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (means2d, conics, opac, colors)):
+        return _Composite.apply(pix, means2d, conics, opac, colors)
+    w = _composite_forward(pix, means2d, conics, opac)["weights"]
+    return w @ colors, w.sum(-1)
 
 
 def _rasterize_torch(
@@ -345,7 +392,6 @@ def _splat_images(
         groups.append((i, j, k))
         i = j
     n_empty = len(sorted_counts) - i
-    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (means2d, conics, opac, cols))
     out_c, out_a = [], []
     for gs, ge, k in groups:
         items = order[gs:ge]  # [G]
@@ -359,10 +405,7 @@ def _splat_images(
         g_o = torch.where(sel_ok, opac[img, sel], torch.zeros((), dtype=dtype, device=device))
         g_col = cols[img, sel]
         g_pix = pix[items % n_tiles]  # [G, P, 2]
-        if need_grad:
-            col_t, a_t = checkpoint(_composite_tiles, g_pix, g_m, g_c, g_o, g_col, use_reentrant=False)
-        else:
-            col_t, a_t = _composite_tiles(g_pix, g_m, g_c, g_o, g_col)
+        col_t, a_t = _composite_tiles(g_pix, g_m, g_c, g_o, g_col)
         out_c.append(col_t)
         out_a.append(a_t)
     out_c.append(means2d.new_zeros(n_empty, p, d))

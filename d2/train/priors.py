@@ -219,8 +219,9 @@ class EMA:
     def update(self, module: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for ps, p in zip(self.shadow.parameters(), module.parameters()):
-            ps.lerp_(p.detach(), 1.0 - d)
+        shadow = list(self.shadow.parameters())
+        live = [p.detach() for p in module.parameters()]
+        torch._foreach_lerp_(shadow, live, 1.0 - d)
 
 
 def _batch(data: Tensor, idx: Tensor, device: torch.device) -> Tensor:

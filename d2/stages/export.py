@@ -46,7 +46,8 @@ def rotmat_to_quat(R: Tensor) -> Tensor:
                      1 - m[..., 0, 0] - m[..., 1, 1] + m[..., 2, 2]], -1),
     ], -2)  # [..., 4, 4]: each row proportional to the quaternion, pick the best-conditioned
     diag = torch.stack([1 + t, 1 + m[..., 0, 0] - m[..., 1, 1] - m[..., 2, 2],
-                        1 - m[..., 0, 0] + m[..., 1, 1] - m[..., 2, 2], 1 - m[..., 0, 0] - m[..., 1, 1] + m[..., 2, 2]], -1)
+                        1 - m[..., 0, 0] + m[..., 1, 1] - m[..., 2, 2],
+                        1 - m[..., 0, 0] - m[..., 1, 1] + m[..., 2, 2]], -1)
     best = torch.argmax(diag, -1)
     q = torch.gather(cands, -2, best[..., None, None].expand(*best.shape, 1, 4)).squeeze(-2)
     q = q / q.norm(dim=-1, keepdim=True)

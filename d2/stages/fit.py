@@ -404,7 +404,8 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig) -> dict
     summary = {
         "matrix_dir": str(matrix_dir), "V": v, "F": f, "resolution": h, "iterations": cfg.iterations,
         "resumed_from": start, "num_gaussians": g.num, "backend": backend, "device": str(device),
-        "fit_seconds": fit_seconds, "final": {k: float(v) for k, v in logs.items()}, "train_psnr": train_psnr, "config": cfg.model_dump(mode="json"),
+        "fit_seconds": fit_seconds, "final": {k: float(v) for k, v in logs.items()}, "train_psnr": train_psnr,
+        "config": cfg.model_dump(mode="json"),
         "config_hash": cfg_hash, "input_hash": in_hash,
     }
     write_json(out_dir / "fit.json", summary)

@@ -158,6 +158,7 @@ class Gaussians4D(nn.Module):
 
     @property
     def num(self) -> int:
+        """Number of Gaussians N."""
         return self.means.shape[0]
 
     def covariance(self) -> Tensor:
@@ -295,7 +296,7 @@ def init_from_images(
         xyz = (torch.rand(m, 3, generator=generator) * 2 - 1) * extent
         t = torch.rand(m, generator=generator)
         fi = torch.round(t * (f - 1)).long() if f > 1 else torch.zeros(m, dtype=torch.long)
-        cam = torch.einsum("vij,mj->vmi", viewmats[:, :3, :3].float(), xyz) + viewmats[None, :, :3, 3].float().transpose(0, 1)
+        cam = torch.einsum("vij,mj->vmi", viewmats[:, :3, :3].float(), xyz) + viewmats[:, None, :3, 3].float()
         z = cam[..., 2].clamp(min=1e-6)  # [V, M]
         u = Ks[:, None, 0, 0] * cam[..., 0] / z + Ks[:, None, 0, 2]
         vv = Ks[:, None, 1, 1] * cam[..., 1] / z + Ks[:, None, 1, 2]

@@ -183,7 +183,9 @@ def count_flops(unet: torch.nn.Module, prior: Prior, t: int, latent: int, ctx_di
     return float(fc.get_total_flops())
 
 
-def gpu_full(tiny: bool, chunk: int, steps: int, warmup: int, device_name: str | None) -> dict:
+def gpu_full(tiny: bool, chunk: int, steps: int, warmup: int, device_name: str | None,
+             views: int | None = None, frames: int | None = None, latent_size: int | None = None,
+             channels_last: bool = False) -> dict:
     """Seconds per composed step of the full 21 x 25 matrix at 576 px (or a tiny stand-in with ``tiny``)."""
     from diffusers import UNetSpatioTemporalConditionModel
     from diffusers.utils import logging as dlogging
@@ -210,8 +212,13 @@ def gpu_full(tiny: bool, chunk: int, steps: int, warmup: int, device_name: str |
         v, f, latent, dtype = 21, 25, 72, torch.bfloat16
         vconf, mconf = SVD_XT_UNET_CONFIG, SV3D_P_UNET_CONFIG
         ctx_dim = 1024
+    v, f, latent = views or v, frames or f, latent_size or latent  # smaller stand-ins (CPU checks)
     vunet = _random_unet(UNetSpatioTemporalConditionModel, vconf, device, dtype, 0)
     munet = _random_unet(SV3DUNet, mconf, device, dtype, 1)
+    if channels_last:  # 2-D convolutions only (the temporal Conv3d weights stay as they are)
+        for mod in list(vunet.modules()) + list(munet.modules()):
+            if isinstance(mod, torch.nn.Conv2d):
+                mod.weight.data = mod.weight.data.contiguous(memory_format=torch.channels_last)
     video = Prior("video", vunet, PixelSpaceVAE(), None, None, latent * 8, name="svd-xt-random").to(device)
     mv = Prior("multiview", munet, PixelSpaceVAE(), None, None, latent * 8, name="sv3d_p-random").to(device)
     t_built = time.perf_counter() - t_start
@@ -248,7 +255,7 @@ def gpu_full(tiny: bool, chunk: int, steps: int, warmup: int, device_name: str |
     t_flops = time.perf_counter() - t_flops
     out = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "tiny": tiny, "V": v, "F": f, "latent": f"4x{latent}x{latent}", "dtype": str(dtype), "chunk_size": chunk,
+        "tiny": tiny, "channels_last": channels_last, "V": v, "F": f, "latent": f"4x{latent}x{latent}", "dtype": str(dtype), "chunk_size": chunk,
         "build_s": round(t_built, 2), "warmup_s": round(t_warm, 2), "timed_steps": steps,
         "s_per_composed_step": round(sec_step, 4),
         "outside_unet_share": round(1 - unet_share, 4),
@@ -260,7 +267,7 @@ def gpu_full(tiny: bool, chunk: int, steps: int, warmup: int, device_name: str |
         "finite_output": bool(torch.isfinite(x).all()),
         "projected_50_step_minutes": round(50 * sec_step / 60, 2),
     }
-    if not tiny:
+    if not tiny and (v, f, latent) == (21, 25, 72):
         out["achieved_tflops_vs_design_3.45PF"] = round(DESIGN_PFLOP_PER_STEP * 1e3 / sec_step, 1)
     if cuda:
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -280,9 +287,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for the CPU table")
     ap.add_argument("--sizes", default="2x3,3x4,4x6,6x8,8x12", help="CPU table V x F sizes")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--views", type=int, default=None, help="with --gpu-full: override V (default 21)")
+    ap.add_argument("--frames", type=int, default=None, help="with --gpu-full: override F (default 25)")
+    ap.add_argument("--latent", type=int, default=None, help="with --gpu-full: override the latent side (72)")
+    ap.add_argument("--channels-last", action="store_true", help="with --gpu-full: channels_last UNet weights")
     args = ap.parse_args(argv)
     if args.gpu_full:
-        res = gpu_full(args.tiny, args.chunk or (2 if args.tiny else 5), args.steps, args.warmup, args.device)
+        res = gpu_full(args.tiny, args.chunk or (2 if args.tiny else 5), args.steps, args.warmup, args.device,
+                       args.views, args.frames, args.latent, args.channels_last)
         for k, val in res.items():
             print(f"{k:>36}: {val}")
     else:

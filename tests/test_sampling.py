@@ -257,6 +257,7 @@ def test_run_sampling_writes_the_matrix_folder(tiny, tmp_path):
     for v in range(V):
         for f in range(F_):
             assert (out / f"view_{v:02d}" / f"frame_{f:02d}.png").is_file()
+    assert (out / "references" / "orbit_view_02.png").is_file() and (out / "references" / "video_frame_03.png").is_file()
     meta = json.loads((out / "matrix.json").read_text())
     assert (meta["V"], meta["F"], meta["resolution"], meta["input_view_index"]) == (V, F_, 32, V - 1)
     assert meta["azimuths_deg"] == orbit_azimuths(V) and meta["times"] == [0.0, 1 / 3, 2 / 3, 1.0]

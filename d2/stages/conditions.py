@@ -97,7 +97,9 @@ class Conditions:
     kind: str  # "image" | "video" | "orbit"
 
     def state(self) -> dict:
-        return {"orbit": self.orbit, "video": self.video, "input": self.input,
+        """What ``conditions.pt`` holds: images as uint8 [.., 3, H, W] (4x smaller; PNG precision)."""
+        q = _quantize
+        return {"orbit": q(self.orbit), "video": q(self.video), "input": q(self.input),
                 "azimuths_deg": [float(a) for a in self.azimuths_deg], "elevation_deg": float(self.elevation_deg),
                 "fov_deg": float(self.fov_deg), "radius": float(self.radius),
                 "input_view_index": int(self.input_view_index), "kind": self.kind}
@@ -111,7 +113,13 @@ def load_conditions(conditions_dir: str | Path) -> Conditions:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the conditions stage first")
     s = load_tensor(path)
+    for k in ("orbit", "video", "input"):
+        s[k] = s[k].float() / 255.0 if s[k].dtype == torch.uint8 else s[k].float()
     return Conditions(**s)
+
+
+def _quantize(images: Tensor) -> Tensor:
+    return (images.clamp(0, 1) * 255.0).round().to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------

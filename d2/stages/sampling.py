@@ -280,8 +280,9 @@ def run_sampling(conditions_dir: str | Path, out_dir: str | Path, cfg: SamplingC
 
     Writes (atomically, the folder appears whole) ``latents.pt`` ({"latents": [V, F, C, h, w]}),
     ``view_XX/frame_YY.png``, ``grid.png`` (rows = views, columns = frames), ``grid.mp4`` (over
-    frames, all views tiled), ``matrix.json`` (V, F, resolution, azimuths_deg, elevation_deg,
-    fov_deg, radius, times, input_view_index, seed, sampling config).
+    frames, all views tiled), ``references/orbit_view_XX.png`` + ``references/video_frame_YY.png``
+    (the conditions), ``matrix.json`` (V, F, resolution, azimuths_deg, elevation_deg, fov_deg,
+    radius, times, input_view_index, seed, input_kind, sampling config).
     """
     from d2.stages.cameras import frame_times
     from d2.stages.conditions import load_conditions
@@ -299,6 +300,10 @@ def run_sampling(conditions_dir: str | Path, out_dir: str | Path, cfg: SamplingC
             for fi in range(f):
                 save_image(tmp / f"view_{vi:02d}" / f"frame_{fi:02d}.png", images[vi, fi])
         thumbs = _thumbs(images, cfg.grid_thumb)  # [V, F, 3, s, s]
+        for vi in range(v):  # the references the matrix was conditioned on
+            save_image(tmp / "references" / f"orbit_view_{vi:02d}.png", conditions.orbit[vi])
+        for fi in range(f):
+            save_image(tmp / "references" / f"video_frame_{fi:02d}.png", conditions.video[fi])
         save_image(tmp / "grid.png", image_grid(thumbs))
         cols = math.ceil(math.sqrt(v))
         rows = math.ceil(v / cols)
@@ -312,7 +317,7 @@ def run_sampling(conditions_dir: str | Path, out_dir: str | Path, cfg: SamplingC
             "V": v, "F": f, "resolution": int(images.shape[-1]),
             "azimuths_deg": list(conditions.azimuths_deg), "elevation_deg": conditions.elevation_deg,
             "fov_deg": conditions.fov_deg, "radius": conditions.radius, "times": frame_times(f),
-            "input_view_index": conditions.input_view_index, "seed": cfg.seed,
+            "input_view_index": conditions.input_view_index, "seed": cfg.seed, "input_kind": conditions.kind,
             "sampling": cfg.model_dump(),
         })
     return Path(out_dir)

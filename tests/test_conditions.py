@@ -58,6 +58,8 @@ def test_image_input_preprocessing_and_outputs(tiny, tmp_path):
         assert (out / name).is_file(), name
     meta = json.loads((out / "conditions.json").read_text())
     assert (meta["V"], meta["F"], meta["resolution"], meta["kind"]) == (3, 4, R, "image")
+    assert (meta["num_views"], meta["num_frames"]) == (3, 4)
+    assert torch.load(out / "conditions.pt", weights_only=True)["orbit"].dtype == torch.uint8
 
 
 def test_rgb_image_on_white_and_empty_image(tiny, tmp_path):

@@ -360,6 +360,7 @@ def write_conditions(conditions: Conditions, out_dir: str | Path, extra: dict | 
             save_image(tmp / "video" / f"frame_{f:02d}.png", conditions.video[f])
         meta = {k: v for k, v in conditions.state().items() if not isinstance(v, Tensor)}
         meta.update({"V": conditions.orbit.shape[0], "F": conditions.video.shape[0],
+                     "num_views": conditions.orbit.shape[0], "num_frames": conditions.video.shape[0],
                      "resolution": int(conditions.orbit.shape[-1]), **(extra or {})})
         write_json(tmp / "conditions.json", meta)
     return Path(out_dir)

@@ -355,10 +355,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParamsError as e:
         print(f"d2 {args.command}: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001  (one clear line; D2_DEBUG=1 shows the traceback)
         if os.environ.get("D2_DEBUG"):
             raise
         print(f"d2 {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        out = getattr(args, "out", None)
+        if out and (Path(out) / "manifest.json").is_file():
+            print(f"(what ran is in {Path(out) / 'manifest.json'}; D2_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
 
 

@@ -83,6 +83,14 @@ def resolve_alias(path: list[str]) -> list[str]:
     return full.split(".") if full else path
 
 
+def _has_key(model: type[BaseModel] | None, path: list[str]) -> bool:
+    for part in path:
+        if model is None or part not in model.model_fields:
+            return False
+        model = _field_model(model.model_fields[part].annotation)
+    return True
+
+
 def _apply_file_aliases(data: dict) -> None:
     for alias, full in ALIASES.items():
         section, key = alias.split(".", 1)
@@ -179,12 +187,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ParamsError(f"override '{text}': value is not valid YAML ({e})") from None
-    return resolve_alias(key.split(".")), value
+    return key.split("."), value
 
 
 def apply_override(data: dict, path: list[str], value: Any, root: type[BaseModel] | None = None) -> None:
     """Set ``data[path[0]][path[1]]... = value`` after checking every key exists in ``root`` (Params)."""
     model: type[BaseModel] | None = Params if root is None else root
+    if not _has_key(model, path):
+        path = resolve_alias(path)
     node = data
     for i, part in enumerate(path):
         prefix = ".".join(path[:i]) + ("." if i else "")

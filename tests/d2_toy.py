@@ -130,7 +130,8 @@ MODULES = {
         from pathlib import Path
 
         def compute(inputs, out, params):
-            rows = {name: json.loads((Path(p) / "metrics.json").read_text()) for name, p in inputs.items()}
+            rows = {name.split(":", 1)[1]: json.loads((Path(p) / "metrics.json").read_text())
+                    for name, p in inputs.items() if name.startswith("metrics:")}
             mean = sum(r["abs_error"] for r in rows.values()) / len(rows)
             table = "| object | abs_error |\\n|---|---|\\n" + "".join(
                 f"| {n} | {r['abs_error']:.3f} |\\n" for n, r in sorted(rows.items()))

@@ -54,7 +54,7 @@ def submit_objects(ctx: RunContext, data_dir: Path, objects: list[str]) -> list[
     return futures
 
 
-def finish_benchmark(ctx: RunContext, objects: list[str], futures: list[Any]) -> dict[str, Any]:
+def finish_benchmark(ctx: RunContext, data_dir: Path, objects: list[str], futures: list[Any]) -> dict[str, Any]:
     """Wait for the objects, build the tables, write metrics.json; raise if any object failed."""
     per_object: dict[str, dict[str, StageResult]] = {}
     failures: list[str] = []
@@ -65,8 +65,13 @@ def finish_benchmark(ctx: RunContext, objects: list[str], futures: list[Any]) ->
             failures.append(f"{obj}: {type(e).__name__}: {e}")
     if failures:
         raise RuntimeError(f"{len(failures)} object(s) failed:\n  " + "\n  ".join(failures))
-    tables = run_stage_task(ctx, "tables", "_benchmark",
-                            {obj: per_object[obj]["metrics"].store_dir for obj in objects}, out_subdir="results")
+    inputs: dict[str, Any] = {}
+    for obj in objects:
+        inputs[f"metrics:{obj}"] = per_object[obj]["metrics"].store_dir
+        inputs[f"pred:{obj}"] = per_object[obj]["render_eval"].store_dir
+        inputs[f"gt:{obj}"] = data_dir / "gt" / obj
+    tables = run_stage_task(ctx, "tables", "_benchmark", inputs, out_subdir="results")
+    _add_generation_time(tables.out_dir, per_object)
     summary = tables.info.get("summary", {})
     write_json(ctx.run_dir / "metrics.json", summary)
     if ctx.tracker is not None:
@@ -79,6 +84,24 @@ def finish_benchmark(ctx: RunContext, objects: list[str], futures: list[Any]) ->
             "per_object": {o: object_metrics(r) for o, r in per_object.items()},
             "videos": {o: str(r["fit"].out_dir / "turntable.mp4") for o, r in per_object.items()},
             "mlflow_run_id": ctx.tracker.run_id if ctx.tracker else None}
+
+
+GENERATION_STAGES = ("conditions", "sampling", "fit")
+
+
+def _add_generation_time(results_dir: Path, per_object: dict[str, dict[str, StageResult]]) -> None:
+    """Put the mean generation time per object (conditions + sampling + fit, as computed) into the
+    run's copy of the results tables (the cached copy stays as the tables stage wrote it)."""
+    if not (results_dir / "results.json").is_file():
+        return
+    try:
+        from d2.eval.tables import load_results, write_results
+    except ImportError:
+        return
+    times = [sum(r[s].compute_seconds for s in GENERATION_STAGES if s in r) for r in per_object.values()]
+    results = load_results(results_dir)
+    results.generation_time_s = round(sum(times) / max(len(times), 1), 3)
+    write_results(results, results_dir)
 
 
 def open_benchmark(p: BaseModel, data_dir: Path, run_dir: Path, stage_set: str, kind: str, label: str = "",
@@ -107,7 +130,7 @@ def benchmark_flow(data_dir: str, out_dir: str, params: dict[str, Any], stage_se
                                {"data_dir": str(data_dir), "out_dir": str(out_dir)})
     ok = False
     try:
-        result = finish_benchmark(ctx, objects, submit_objects(ctx, Path(data_dir), objects))
+        result = finish_benchmark(ctx, Path(data_dir), objects, submit_objects(ctx, Path(data_dir), objects))
         ok = True
     finally:
         ctx.recorder.meta["flow_wall_seconds"] = round(time.perf_counter() - t0, 4)

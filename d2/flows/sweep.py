@@ -94,7 +94,7 @@ def sweep_flow(data_dir: str, out_dir: str, params: dict[str, Any], grid: dict[s
         for pid, overrides, ctx, objects, futures in opened:
             point_ok = False
             try:
-                res = finish_benchmark(ctx, objects, futures)
+                res = finish_benchmark(ctx, Path(data_dir), objects, futures)
                 rows.append({"point": pid, **dict(o.split("=", 1) for o in overrides), **flat_numbers(res["summary"])})
                 point_ok = True
             except Exception as e:  # noqa: BLE001  (the sweep fails below, after every point ended)

@@ -94,14 +94,35 @@ def hash_path(path: str | os.PathLike) -> str:
 _ast_memo: dict[tuple[str, int, int], tuple[bytes, list[str]]] = {}
 
 
+_top_memo: dict[str, list[Path]] = {}
+
+
 def _module_file(name: str) -> Path | None:
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return None
-    return Path(spec.origin)
+    """The source file of module ``name``, found on disk without importing it (only its
+    top-level package is looked up), so that a cache hit never imports a heavy stage."""
+    top, _, rest = name.partition(".")
+    if top not in _top_memo:
+        try:
+            spec = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            _top_memo[top] = []
+        elif spec.submodule_search_locations:
+            _top_memo[top] = [Path(p) for p in spec.submodule_search_locations]
+        elif spec.origin and spec.origin.endswith(".py"):
+            _top_memo[top] = [Path(spec.origin)]
+        else:
+            _top_memo[top] = []
+    for base in _top_memo[top]:
+        if base.is_file():  # a single-file top-level module
+            return base if not rest else None
+        parts = rest.split(".") if rest else []
+        candidate = base.joinpath(*parts)
+        for path in (candidate.with_suffix(".py") if parts else None, candidate / "__init__.py"):
+            if path is not None and path.is_file():
+                return path
+    return None
 
 
 def _imports_of(name: str, path: Path) -> tuple[bytes, list[str]]:

@@ -141,8 +141,10 @@ def asset_graph(ctx: RunContext, obj: str, input_path: str | Path, gt_dir: str |
     results["fit"] = run_stage_task(ctx, "fit", obj, {"matrix": results["sampling"].store_dir})
     results["render_eval"] = run_stage_task(ctx, "render_eval", obj, {"gaussians": results["fit"].store_dir})
     if gt_dir is not None:
-        results["metrics"] = run_stage_task(ctx, "metrics", obj, {"pred": results["render_eval"].store_dir,
-                                                                  "gt": gt_dir})
+        inputs = {"pred": results["render_eval"].store_dir, "gt": gt_dir}
+        if getattr(getattr(ctx.params, "protocol", None), "include_front_view", False):
+            inputs["input"] = input_path  # the front view is scored against the input frames
+        results["metrics"] = run_stage_task(ctx, "metrics", obj, inputs)
     return results
 
 

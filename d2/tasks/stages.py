@@ -76,12 +76,104 @@ def compute_render_eval(inputs: dict[str, Path], out: Path, params: BaseModel) -
 
     proto = params.protocol
     cfg = params.render_eval
-    paths = render_eval_views(inputs["gaussians"] / "gaussians.pt", out, list(proto.eval_azimuths_deg),
-                              eval_num_frames(params), cfg.resolution or proto.resolution,
-                              elevation_deg=proto.elevation_deg,
-                              background=1.0 if proto.background == "white" else 0.0,
-                              backend=cfg.backend, device=cfg.device)
+    kw = dict(num_frames=eval_num_frames(params), resolution=cfg.resolution or proto.resolution,
+              elevation_deg=proto.elevation_deg, background=1.0 if proto.background == "white" else 0.0,
+              backend=cfg.backend, device=cfg.device)
+    gaussians = inputs["gaussians"] / "gaussians.pt"
+    paths = render_eval_views(gaussians, out, list(proto.eval_azimuths_deg), **kw)
+    if proto.include_front_view:  # the input view, scored against the input frames
+        paths += render_eval_views(gaussians, out / ".front", [proto.input_azimuth_deg], **kw)
+        (out / ".front" / "eval_0").rename(out / "front")
+        (out / ".front").rmdir()
     return {"images": len(paths)}
+
+
+_suite_memo: dict[str, Any] = {}
+_suite_lock = threading.Lock()
+
+
+def get_metric_suite(cfg: BaseModel) -> Any:
+    """``build_metric_suite(cfg)``, built once per process for each metrics config."""
+    from d2.eval.metrics import build_metric_suite
+
+    key = cfg.model_dump_json()
+    with _suite_lock:
+        if key not in _suite_memo:
+            _suite_memo[key] = build_metric_suite(cfg)
+        return _suite_memo[key]
+
+
+def _layout(root: Path, pred: dict[str, Path] | None, gt: dict[str, Path], inputs: dict[str, Path] | None) -> None:
+    """Symlink folders into the Consistent4D layout evaluate() reads: root/pred/<o>, root/gt/<o>, root/input/<o>."""
+    for sub, mapping in (("pred", pred), ("gt/gt", gt), ("gt/input", inputs)):
+        for name, target in (mapping or {}).items():
+            link = root / sub / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path(target).resolve(), target_is_directory=True)
+
+
+def compute_metrics(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
+    """eval renders vs ground truth of one object -> per-frame scores (``results.json``; FVD is pooled
+    over the benchmark by the tables stage)."""
+    import tempfile
+
+    from d2.eval.benchmark import evaluate
+    from d2.utils.io import write_json
+
+    cfg = params.metrics.model_copy(update={"metrics": [m for m in params.metrics.metrics if m != "fvd"]})
+    with tempfile.TemporaryDirectory(prefix="d2-metrics-") as tmp:
+        root = Path(tmp)
+        _layout(root, {"object": inputs["pred"]}, {"object": inputs["gt"]},
+                {"object": inputs["input"]} if "input" in inputs else None)
+        suite = get_metric_suite(cfg.model_copy(update={"resolution": params.protocol.resolution}))
+        results = evaluate(root / "pred", root / "gt", params.protocol, cfg, objects=["object"], suite=suite,
+                           progress=False)
+    write_json(out / "results.json", results.model_dump(mode="json"))
+    return {"metrics": results.per_object.get("object", {}), "unavailable": results.unavailable}
+
+
+def compute_tables(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
+    """Per-object scores of every object -> the benchmark's results tables (frames -> views -> objects;
+    FVD pooled over all objects and views)."""
+    import tempfile
+
+    from d2.eval.benchmark import FrameScore, Results, aggregate, evaluate
+    from d2.eval.tables import results_markdown, write_results
+
+    objects = sorted(k.split(":", 1)[1] for k in inputs if k.startswith("metrics:"))
+    per_frame: list[FrameScore] = []
+    unavailable: dict[str, str] = {}
+    first: Results | None = None
+    for obj in objects:
+        r = Results.model_validate_json((inputs[f"metrics:{obj}"] / "results.json").read_text())
+        first = first or r
+        per_frame += [s.model_copy(update={"object": obj}) for s in r.per_frame]
+        unavailable.update(r.unavailable)
+    requested = list(params.metrics.metrics)
+    image_metrics = [m for m in requested if m != "fvd"]
+    per_view, per_object, mean = aggregate(per_frame, image_metrics)
+    if "fvd" in requested:
+        fvd_cfg = params.metrics.model_copy(update={"metrics": ["fvd"], "resolution": params.protocol.resolution})
+        suite = get_metric_suite(fvd_cfg)
+        if "fvd" in suite.unavailable:
+            unavailable["fvd"] = suite.unavailable["fvd"]
+        else:
+            with tempfile.TemporaryDirectory(prefix="d2-fvd-") as tmp:
+                root = Path(tmp)
+                _layout(root, {o: inputs[f"pred:{o}"] for o in objects}, {o: inputs[f"gt:{o}"] for o in objects}, None)
+                r = evaluate(root / "pred", root / "gt", params.protocol, fvd_cfg, objects=objects, suite=suite,
+                             progress=False)
+            if "fvd" in r.mean:
+                mean["fvd"] = r.mean["fvd"]
+            unavailable.update(r.unavailable)
+    results = Results(
+        method="diffusion2", dataset=params.run.data_dir, protocol=params.protocol,
+        metrics=[m for m in (first.metrics if first else []) + ["fvd"] if m in requested] or requested,
+        unavailable=unavailable, per_frame=per_frame, per_view=per_view, per_object=per_object, mean=mean,
+        psnr_capped_frames=sum(s.psnr_capped for s in per_frame), num_scored_frames=len(per_frame),
+    )
+    write_results(results, out)
+    return {"summary": mean, "unavailable": unavailable, "table": results_markdown(results)}
 
 
 def _read_json(path: Path, keep: tuple[str, ...]) -> dict:
@@ -99,6 +191,10 @@ SPECS: dict[str, StageSpec] = {
     "fit": StageSpec("fit", compute_fit, ("d2.stages.fit",), ("fit",), NO_EFFECT),
     "render_eval": StageSpec("render_eval", compute_render_eval, ("d2.stages.export",),
                              ("protocol", "render_eval", "conditions.num_frames"), NO_EFFECT),
+    "metrics": StageSpec("metrics", compute_metrics, ("d2.eval.benchmark",), ("protocol", "metrics"),
+                         NO_EFFECT),
+    "tables": StageSpec("tables", compute_tables, ("d2.eval.benchmark", "d2.eval.tables"),
+                        ("protocol", "metrics", "run.data_dir"), NO_EFFECT),
 }
 
 register_stage_set("default", SPECS)

@@ -267,3 +267,32 @@ def test_run_sampling_writes_the_matrix_folder(tiny, tmp_path):
     with pytest.raises(ValueError, match="views"):
         run_sampling(tmp_path / "cond", tmp_path / "bad", _cfg(num_views=5), tiny)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("mode", ["linear", "vp"])
+def test_rollback_takes_the_first_steps_twice_with_renoising(mode):
+    from d2.stages.sampling import edm_sample
+
+    calls = []
+
+    def denoiser(x, sigma, i):  # D = 0.5 x: any linear denoiser will do
+        calls.append((i, sigma))
+        return 0.5 * x
+
+    sigmas = karras_sigmas(5)
+    noise = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    out = edm_sample(denoiser, noise, sigmas, rollback_steps=2, rollback_noise=mode,
+                     generator=torch.Generator().manual_seed(9))
+    assert [c[0] for c in calls] == [0, 0, 1, 1, 2, 3, 4]  # steps 0 and 1 are taken twice from the same sigma
+    gen = torch.Generator().manual_seed(9)
+    x = noise * math.sqrt(1 + float(sigmas[0]) ** 2)
+    for i in range(5):
+        s, sn = float(sigmas[i]), float(sigmas[i + 1])
+        for j in range(2 if i < 2 else 1):
+            x_next = x + (sn - s) * (x - 0.5 * x) / s
+            if j == 0 and i < 2:
+                std = (s - sn) if mode == "linear" else math.sqrt(s * s - sn * sn)
+                x = x_next + std * torch.randn(x.shape, generator=gen)
+            else:
+                x = x_next
+    torch.testing.assert_close(out, x)

@@ -142,7 +142,7 @@ class PrepareConfig(BaseModel):
     objects: list[str] = Field(default_factory=list)  # benchmark objects to generate; empty = all
     num_frames: int = Field(32, ge=1)  # frames per video (Consistent4D: 32)
     resolution: int = Field(64, ge=16)  # square image size in pixels
-    num_gaussians: int = Field(1500, ge=200)  # Gaussians per object (more = smoother surfaces, slower)
+    num_gaussians: int = Field(1000, ge=200)  # Gaussians per object (more = smoother surfaces, slower)
     input_azimuth_deg: float = 0.0  # azimuth of the input video
     eval_azimuths_deg: list[float] = Field(default_factory=lambda: list(DEFAULT_EVAL_AZIMUTHS))  # ground-truth views
     elevation_deg: float = 0.0  # elevation of every camera

@@ -234,13 +234,13 @@ def _composite_forward(
     sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy  # [G, P, K]
     raw = opac.unsqueeze(1) * torch.exp(-sigma)  # [G, P, K]
     keep = (sigma >= 0) & (raw >= ALPHA_THRESHOLD)  # alpha >= 1/255 (the clamp is above the threshold)
-    alpha = torch.where(keep, raw.clamp(max=ALPHA_MAX), torch.zeros_like(raw))
+    alpha = torch.where(keep, raw.clamp(max=ALPHA_MAX), 0.0)
     log_1ma = torch.log1p(-alpha)
     log_t = torch.cumsum(log_1ma, dim=-1)  # inclusive log transmittance
     # a pixel stops before the Gaussian that would bring T to <= T_MIN (exclusive, as gsplat)
     alive = log_t > math.log(T_MIN)
     t_excl = torch.exp(log_t - log_1ma)  # transmittance in front of each Gaussian
-    weights = torch.where(alive, alpha * t_excl, torch.zeros_like(alpha))  # [G, P, K]
+    weights = torch.where(alive, alpha * t_excl, 0.0)  # [G, P, K]
     # alpha's derivative is live only where it is kept and not clamped
     live = keep & (raw < ALPHA_MAX) & alive
     return {"dx": dx, "dy": dy, "alpha": alpha, "t_excl": t_excl, "weights": weights, "live": live, "alive": alive}
@@ -263,9 +263,9 @@ class _Composite(torch.autograd.Function):
         w, alpha = f["weights"], f["alpha"]
         d_colors = w.transpose(-1, -2) @ d_color  # [G, K, D]
         g = d_color @ colors.transpose(-1, -2) + d_acc.unsqueeze(-1)  # dL/dw [G, P, K]
-        gw = torch.where(f["alive"], g * w, torch.zeros_like(w))
+        gw = torch.where(f["alive"], g * w, 0.0)
         later = gw.sum(-1, keepdim=True) - torch.cumsum(gw, dim=-1)  # sum_{k > i} g_k w_k
-        d_alpha = torch.where(f["live"], g * f["t_excl"] - later / (1.0 - alpha), torch.zeros_like(w))
+        d_alpha = torch.where(f["live"], g * f["t_excl"] - later / (1.0 - alpha), 0.0)
         # alpha = opac * exp(-sigma): d alpha / d opac = alpha / opac, d alpha / d sigma = -alpha
         d_sigma = -d_alpha * alpha  # [G, P, K]
         dx, dy = f["dx"], f["dy"]

@@ -162,3 +162,45 @@ def test_suite_with_injected_random_nets_scores_all(lpips_net, clip_model):
     for k in ("clip", "lpips", "psnr", "ssim"):
         assert torch.allclose(s[k], whole[k], atol=1e-6)
     assert not math.isnan(float(s["lpips"].mean()))
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors", "torchscript"])
+def test_clip_checkpoint_loader_round_trips(tmp_path: Path, fmt: str, clip_model):
+    """The weight-file path of CLIP: a saved model loads back into a fresh one with identical features."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / f"clip.{ 'pt' if fmt == 'torchscript' else fmt}"
+    state = {k: v.contiguous() for k, v in clip_model.state_dict().items()}
+    if fmt == "bin":
+        torch.save(state, path)
+    elif fmt == "safetensors":
+        save_file(state, str(path))
+    else:  # OpenAI's own file is a TorchScript archive of the whole model
+        torch.jit.script(clip_model).save(str(path))
+    fresh = M.tiny_clip_model(seed=1)
+    x = _structured(2, seed=12)
+    assert not torch.allclose(M.clip_image_features(fresh, x, 64), M.clip_image_features(clip_model, x, 64))
+    M.load_clip_checkpoint(fresh, path)
+    assert torch.allclose(M.clip_image_features(fresh, x, 64), M.clip_image_features(clip_model, x, 64), atol=1e-6)
+
+
+def test_lpips_vgg_file_is_loaded(tmp_path: Path, lpips_net):
+    """A torchvision-style VGG16 file (features.{i}.weight/bias) is copied into lpips' sliced backbone."""
+    g = torch.Generator().manual_seed(3)
+    state = {}
+    for k in range(1, 6):
+        for name, mod in getattr(lpips_net.net, f"slice{k}").named_children():
+            if isinstance(mod, torch.nn.Conv2d):
+                state[f"features.{name}.weight"] = torch.randn(mod.weight.shape, generator=g) * 0.05
+                state[f"features.{name}.bias"] = torch.randn(mod.bias.shape, generator=g) * 0.05
+    path = tmp_path / M.VGG16_FILENAME
+    torch.save(state, path)
+    net = M.build_lpips(path)
+    assert torch.equal(net.net.slice1[0].weight, state["features.0.weight"])
+    assert torch.equal(dict(net.net.slice5.named_children())["28"].bias, state["features.28.bias"])
+    suite = M.build_metric_suite(M.MetricsConfig(metrics=["lpips"], lpips_vgg_weights=path, resolution=None))
+    assert suite.unavailable == {}
+    del state["features.28.weight"]
+    torch.save(state, path)
+    with pytest.raises(KeyError):
+        M.build_lpips(path)

@@ -287,19 +287,33 @@ def load_clip_model(weights: Path | None = None, device: str = "cpu") -> torch.n
               "there, or set metrics.clip_weights."
         )
     model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
-    try:  # OpenAI's own ViT-B-32.pt is a TorchScript archive
-        state = torch.jit.load(str(found), map_location="cpu").state_dict()
-        for key in ("input_resolution", "context_length", "vocab_size"):
-            state.pop(key, None)
-        model.load_state_dict(state)
-    except RuntimeError:  # an open_clip state dict (.safetensors / .bin)
-        from open_clip.factory import load_checkpoint
-
-        load_checkpoint(model, str(found))
+    load_clip_checkpoint(model, found)
     model = model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def load_clip_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """Load CLIP weights into an open_clip ``model`` from OpenAI's TorchScript ``ViT-B-32.pt`` or an
+    open_clip state dict (``.safetensors`` / ``.bin``); every key must match."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:  # OpenAI's own checkpoint is a TorchScript archive
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except RuntimeError:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+    state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
+    non_persistent = {n for n, _ in model.named_buffers()} - set(model.state_dict())  # e.g. attn_mask
+    for key in ("input_resolution", "context_length", "vocab_size", *non_persistent):
+        state.pop(key, None)
+    model.load_state_dict(state, strict=True)
 
 
 def tiny_clip_model(embed_dim: int = 16, seed: int = 0) -> torch.nn.Module:
@@ -565,6 +579,7 @@ def parse_metric_list(text: str | list[str] | tuple[str, ...] | None) -> list[st
 __all__ = [
     "ALL_METRICS", "HIGHER_IS_BETTER", "METRIC_DEFINITIONS", "MetricSuite", "MetricUnavailable", "MetricsConfig",
     "I3DFeatures", "VideoFeatureExtractor", "build_lpips", "build_metric_suite", "clip_image_features",
-    "clip_preprocess", "clip_similarity", "frechet_distance", "fvd_pooled", "load_clip_model", "lpips_distance",
+    "clip_preprocess", "clip_similarity", "frechet_distance", "fvd_pooled", "load_clip_checkpoint", "load_clip_model",
+    "lpips_distance",
     "mse", "parse_metric_list", "psnr", "psnr_capped", "resize_square", "ssim", "tiny_clip_model",
 ]

@@ -489,13 +489,20 @@ def load_priors(cfg: PriorsConfig, device: str | torch.device | None = None) -> 
     """Build ``(video_prior, multiview_prior)`` from the configured backends, in eval mode, no grads."""
     dev = torch.device(device if device is not None else cfg.device)
     out = []
+    missing: list[str] = []
     for family in FAMILIES:
         name = (cfg.video_backend if family == "video" else cfg.multiview_backend) or cfg.backend
-        prior = get_backend(name)(cfg, family, dev)
+        try:
+            prior = get_backend(name)(cfg, family, dev)
+        except MissingWeightsError as e:  # report every family's missing files at once
+            missing.append(str(e))
+            continue
         if prior.family != family:
             raise ValueError(f"backend {name!r} returned a {prior.family} prior for the {family} slot")
         prior.eval().requires_grad_(False)
         out.append(prior.to(dev))
+    if missing:
+        raise MissingWeightsError("\n\n".join(missing))
     return out[0], out[1]
 
 
@@ -777,11 +784,24 @@ def build_sv3d_p(cfg: PriorsConfig, family: Family, device: torch.device) -> Pri
         raise ValueError("backend 'sv3d_p' is a multi-view prior; use 'svd' (or 'stability') for the video slot")
     if cfg.multiview_path and Path(cfg.multiview_path).is_dir():
         return load_prior_folder(cfg.multiview_path, "multiview", _DTYPES[cfg.dtype], device)
+    problems: list[str] = []
     if not cfg.multiview_path or not Path(cfg.multiview_path).expanduser().is_file():
         looked = cfg.multiview_path or "(priors.multiview_path is unset)"
-        raise MissingWeightsError(f"multi-view prior (sv3d_p): missing file sv3d_p.safetensors; looked at {looked}.\n"
-                                  f"{_SV3D_HOWTO}")
-    comps_dir = _svd_folder(cfg, cfg.components_path or cfg.video_path, "sv3d_p components (vae, image encoder)")
+        problems.append(f"multi-view prior (sv3d_p): missing file sv3d_p.safetensors; looked at {looked}.\n"
+                        f"{_SV3D_HOWTO}")
+    comps_dir: Path | None = None
+    try:
+        comps_dir = _svd_folder(cfg, cfg.components_path or cfg.video_path, "sv3d_p components (vae, image encoder)")
+        gaps = _required_files(comps_dir, {"image_encoder": "model", "feature_extractor": "",
+                                           "vae": "diffusion_pytorch_model"})
+        if gaps:
+            problems.append(f"sv3d_p components: missing files in {comps_dir}:\n"
+                            + "\n".join(f"  {m}" for m in gaps) + f"\n{_SVD_HOWTO}")
+    except MissingWeightsError as e:
+        problems.append(str(e))
+    if problems:
+        raise MissingWeightsError("\n".join(problems))
+    assert comps_dir is not None
     dtype = _DTYPES[cfg.dtype]
     comps = _load_components(comps_dir, "vae", dtype, "sv3d_p components", need_unet=False)
     unet = load_sv3d_unet(Path(cfg.multiview_path).expanduser(), dtype)

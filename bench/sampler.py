@@ -234,6 +234,10 @@ def gpu_full(tiny: bool, chunk: int, steps: int, warmup: int, device_name: str |
         "tiny": tiny, "channels_last": channels_last, "V": v, "F": f, "latent": f"4x{latent}x{latent}",
         "dtype": str(dtype), "build_s": round(t_built, 2),
     }
+    max_chunk = max(1, 65535 // (2 * latent * latent))  # temporal-attention batch: CUDA grid limit
+    if chunk > max_chunk:
+        print(f"chunk_size {chunk} -> {max_chunk}: 2*chunk*{latent}^2 must stay under 65535", flush=True)
+        chunk = max_chunk
     while True:  # on CUDA OOM halve the chunk and retry
         cfg = SamplingConfig(num_views=v, num_frames=f, resolution=latent * 8, num_steps=50, chunk_size=chunk,
                              rollback_steps=0, progress=False)  # defaults: w_mv 0.6 const, per-view on, CFG both

@@ -64,7 +64,7 @@ class SamplingConfig(BaseModel):
     multiview_cfg_min: float = 1.0  # triangle ends (SV3D's own default 1.0 -> 2.5 -> 1.0)
     rollback_steps: int = Field(10, ge=0)  # the first steps taken twice (authors: 10 of 50)
     rollback_noise: Literal["linear", "vp"] = "linear"  # re-added noise std: |sigma - sigma_next| (authors) or sqrt(sigma^2 - sigma_next^2)
-    chunk_size: int = Field(4, ge=1)  # rows / columns per UNet call (CFG doubles the batch)
+    chunk_size: int = Field(4, ge=1)  # rows / columns per UNet call (CFG doubles the batch); <= 6 at 576 px: the temporal attention batch 2*chunk*72*72 must stay under CUDA's 65535 grid limit
     seed: int = 23  # one seed for the initial noise, cond_aug noise and rollback noise (authors: 23)
     fps_id: int = 24  # SVD micro-conditioning fps id
     motion_bucket_id: int = 127  # SVD micro-conditioning motion bucket

@@ -62,7 +62,8 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "fvd": "FVD (pooled): one I3D (Kinetics-400, TorchScript) feature per (object, view) video of the scored "
            "frames, resized to 224, in [-1, 1]; Frechet distance between Gaussians fitted to all predicted "
            "and all ground-truth videos pooled over objects and views (one number per benchmark, not per "
-           "object: one video per side has no covariance).",
+           "object: one video per side has no covariance). With N videos per side the covariances have rank "
+           "<= N-1 (28 for Consistent4D's 7 objects x 4 views), so values compare only at equal N.",
 }
 
 

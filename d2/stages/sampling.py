@@ -64,7 +64,7 @@ class SamplingConfig(BaseModel):
     multiview_cfg_min: float = 1.0  # triangle ends (SV3D's own default 1.0 -> 2.5 -> 1.0)
     rollback_steps: int = Field(10, ge=0)  # the first steps taken twice (authors: 10 of 50)
     rollback_noise: Literal["linear", "vp"] = "linear"  # re-added noise std: |sigma - sigma_next| (authors) or sqrt(sigma^2 - sigma_next^2)
-    chunk_size: int = Field(4, ge=1)  # rows / columns per UNet call (CFG doubles the batch); <= 6 at 576 px: the temporal attention batch 2*chunk*72*72 must stay under CUDA's 65535 grid limit
+    chunk_size: int = Field(4, ge=1)  # rows / columns per UNet call (CFG doubles the batch); capped at 6 for 576 px (2*chunk*72*72 temporal-attention sequences < CUDA's 65535 grid limit)
     seed: int = 23  # one seed for the initial noise, cond_aug noise and rollback noise (authors: 23)
     fps_id: int = 24  # SVD micro-conditioning fps id
     motion_bucket_id: int = 127  # SVD micro-conditioning motion bucket
@@ -120,12 +120,14 @@ class ComposedDenoiser:
         w_video, w_mv = weights_at(i, self.cfg, self.v)
         w_video, w_mv = w_video.to(x.device), w_mv.to(x.device)
         d = torch.zeros_like(x)  # [V, F, C, h, w]
+        # the UNets' temporal attention runs 2 * chunk * h * w sequences: keep it under CUDA's grid limit
+        size = min(self.cfg.chunk_size, max(1, 65535 // (2 * x.shape[-1] * x.shape[-2])))
         if bool((w_video > 0).any()):
-            for sl in _chunks(self.v, self.cfg.chunk_size):  # rows: videos over frames
+            for sl in _chunks(self.v, size):  # rows: videos over frames
                 dv = self._call(self.video, x[sl], sigma, self.vcond.select(sl), self.video_cfg)
                 d[sl] += w_video[sl].view(-1, 1, 1, 1, 1) * dv
         if bool((w_mv > 0).any()):
-            for sl in _chunks(self.f, self.cfg.chunk_size):  # columns: orbits over views
+            for sl in _chunks(self.f, size):  # columns: orbits over views
                 xc = x[:, sl].transpose(0, 1)  # [b, V, C, h, w]
                 dm = self._call(self.mv, xc, sigma, self.mcond.select(sl), self.mv_cfg).transpose(0, 1)
                 d[:, sl] += w_mv.view(-1, 1, 1, 1, 1) * dm

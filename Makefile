@@ -3,6 +3,7 @@
 #   make test       the whole test suite (what CI runs)
 #   make test-fast  the suite without the tests marked slow
 #   make bench      orchestration overhead per task (bench/overhead.py)
+#   make repro      the DVC pipeline (dvc repro) with .venv/bin on PATH
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
@@ -10,7 +11,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.d2-installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: venv demo test test-fast bench clean-runs
+.PHONY: venv demo test test-fast bench repro clean-runs
 
 venv: $(STAMP)
 
@@ -32,6 +33,10 @@ test-fast: venv
 
 bench: venv
 	$(PY) bench/overhead.py
+
+# the DVC pipeline (prepare -> benchmark -> report) with the venv's d2 on PATH
+repro: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 clean-runs:
 	rm -rf runs/demo runs/bench

@@ -216,7 +216,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild the tables of a benchmark or sweep folder (no compute)."""
     from d2.flows.report import build_report
 
-    out = build_report(Path(args.run), Path(args.out) if args.out else None)
+    out = build_report(Path(args.run), Path(args.out) if args.out else None,
+                       Path(args.metrics) if args.metrics else None)
     _print(Path(out["table_path"]).read_text())
     _print(f"report written to {out['out_dir']}")
     return 0
@@ -323,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help="rebuild the tables of a benchmark or sweep folder (no compute)")
     sp.add_argument("--run", required=True, help="benchmark or sweep folder (with manifest.json)")
     sp.add_argument("--out", help="report folder (default: RUN/report)")
+    sp.add_argument("--metrics", help="write the headline numbers here (default: OUT/metrics.json)")
     _common(sp)
     sp.set_defaults(fn=cmd_report)
 

@@ -68,9 +68,9 @@ SECTIONS: dict[str, tuple[str, str]] = {
 }
 
 
-# Short names the issue and the paper use, for the stage configs' full names. An alias in a
-# params file or in --set (e.g. `dvc exp run -S sampling.s0=0.3`) sets the full key, and wins
-# over the full key's value in the same file.
+# Short names the issue and the paper use, for the stage configs' full names. params.yaml
+# spells these knobs by their short name (so `dvc exp run -S sampling.s0=0.3` finds the key);
+# an alias in a params file or in --set sets the full key (and wins over it in the same file).
 ALIASES: dict[str, str] = {
     "sampling.s0": "sampling.logistic_s0",
     "sampling.k": "sampling.logistic_k",
@@ -353,10 +353,16 @@ def render_params_yaml(params: BaseModel | None = None, sections: Iterable[str] 
 
     def emit(model_obj: BaseModel, indent: int) -> None:
         comments = field_comments(type(model_obj))
-        for name in type(model_obj).model_fields:
-            value = getattr(model_obj, name)
+        short = {full.split(".")[-1]: alias.split(".")[-1] for alias, full in ALIASES.items()
+                 if alias.split(".")[0] == section_name[0]}
+        for field_name in type(model_obj).model_fields:
+            value = getattr(model_obj, field_name)
             pad = " " * indent
-            comment = comments.get(name, "")
+            comment = comments.get(field_name, "")
+            name = field_name
+            if indent == 2 and field_name in short:
+                name = short[field_name]
+                comment = f"{comment} (= {section_name[0]}.{field_name})"
             if isinstance(value, BaseModel):
                 lines.append(f"{pad}{name}:" + (f"  # {comment}" if comment else ""))
                 emit(value, indent + 2)
@@ -371,9 +377,11 @@ def render_params_yaml(params: BaseModel | None = None, sections: Iterable[str] 
             text = text.removesuffix("...").strip()
             lines.append(f"{pad}{name}: {text}" + (f"  # {comment}" if comment else ""))
 
+    section_name = [""]
     for section in type(params).model_fields:
         if only is not None and section not in only:
             continue
+        section_name[0] = section
         sub = getattr(params, section)
         doc = (type(sub).__doc__ or "").strip().splitlines()
         lines.append("")

@@ -207,3 +207,27 @@ def toy_params(root: Path, *overrides: str, mlflow: bool = False) -> ToyParams:
 
     p = ToyParams(run=RunConfig(cache_dir=str(root / "cache"), mlflow=mlflow, progress=False, max_parallel=2))
     return with_overrides(p, list(overrides))
+
+
+# The real stages at the smallest sizes that still exercise every stage (seconds on a CPU).
+TINY_REAL_OVERRIDES = [
+    "prepare.objects=[bouncing_ball, windmill]", "prepare.num_frames=4", "prepare.resolution=32",
+    "prepare.num_gaussians=200",
+    "conditions.num_views=4", "conditions.num_frames=3", "conditions.resolution=32", "conditions.num_steps=2",
+    "sampling.num_views=4", "sampling.num_frames=3", "sampling.resolution=32", "sampling.num_steps=2",
+    "sampling.rollback_steps=0", "sampling.grid_thumb=16",
+    "fit.iterations=4", "fit.num_gaussians=200", "fit.lambda_lpips=0", "fit.turntable_frames=4", "fit.device=cpu",
+    "fit.export_ply=false",
+    "protocol.num_frames=3", "protocol.resolution=32", "metrics.metrics=[psnr, ssim]", "metrics.resolution=32",
+    "render_eval.resolution=32",
+]
+
+
+def write_tiny_params(path: Path, *extra: str) -> Path:
+    """A commented params file: params.yaml of the repo with TINY_REAL_OVERRIDES and ``extra``."""
+    from d2.config import load_params, render_params_yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    p = load_params(repo / "params.yaml", TINY_REAL_OVERRIDES + list(extra))
+    path.write_text(render_params_yaml(p))
+    return path

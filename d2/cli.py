@@ -165,7 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     p = _params(args)
     src = Path(args.input)
     if not src.exists():
-        raise SystemExit(f"d2 generate: input not found: {src}")
+        raise FileNotFoundError(f"input not found: {src}")
     from d2.flows import run_asset
 
     total = EXPECTED_STAGES_PER_OBJECT - (0 if args.gt else 1)
@@ -226,33 +226,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score predictions against ground truth (Consistent4D layout)."""
     p = _params(args)
-    from d2.eval.benchmark import evaluate
+    from d2.eval.benchmark import evaluate_command
 
-    results = evaluate(Path(args.pred), Path(args.gt), p.protocol, p.metrics)
-    text = _results_text(results)
-    _print(text)
-    if args.out:
-        from d2.utils.io import write_json
-
-        write_json(Path(args.out), _jsonable(results))
-        _print(f"results written to {args.out}")
+    evaluate_command(args.pred, args.gt, out=args.out, require_metrics=args.require_metrics or (),
+                     protocol=p.protocol, metrics_cfg=p.metrics, progress=p.run.progress, print_fn=_print)
     return 0
-
-
-def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "model_dump"):
-        return obj.model_dump(mode="json")
-    if hasattr(obj, "to_json"):
-        return obj.to_json()
-    return json.loads(json.dumps(obj, default=str))
-
-
-def _results_text(results: Any) -> str:
-    for name in ("to_markdown", "markdown", "table"):
-        fn = getattr(results, name, None)
-        if callable(fn):
-            return fn()
-    return json.dumps(_jsonable(results), indent=2)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -331,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("evaluate", help="score predictions against ground truth (Consistent4D layout)")
     sp.add_argument("--pred", required=True, help="predictions: <pred>/<object>/eval_{k}/{i}.png")
     sp.add_argument("--gt", required=True, help="ground truth: <gt>/<object>/eval_{k}/{i}.png")
-    sp.add_argument("--out", help="write the results as JSON here")
+    sp.add_argument("--out", help="results folder (default: PRED/eval)")
+    sp.add_argument("--require-metrics", help="comma list of metrics that must be available, e.g. clip,lpips")
     _common(sp)
     sp.set_defaults(fn=cmd_evaluate)
 

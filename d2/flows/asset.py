@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 
 from d2.tasks.runtime import (RunContext, asset_task, get_stage_set, make_tracker, new_recorder,
-                              register_context, release_context)
+                              register_context, release_context, tracking_meta)
 from d2.utils.io import write_json
 
 
@@ -34,6 +34,7 @@ def asset_flow(input_path: str, out_dir: str, params: dict[str, Any], gt_dir: st
     t0 = time.perf_counter()
     recorder = new_recorder(run_dir, "asset", {"input": str(src), "gt": gt_dir})
     tracker = make_tracker(p, "asset", f"asset/{obj}")
+    recorder.meta.update(tracking_meta(tracker))
     ctx = RunContext(params=p, run_dir=run_dir, recorder=recorder, specs=get_stage_set(stage_set).specs, tracker=tracker)
     register_context(ctx)
     ok = False

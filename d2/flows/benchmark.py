@@ -20,7 +20,8 @@ from pydantic import BaseModel
 
 from d2.tasks.manifest import Recorder
 from d2.tasks.runtime import (RunContext, StageResult, Tracker, asset_task, get_stage_set, make_tracker,
-                              new_recorder, object_metrics, register_context, release_context, run_stage_task)
+                              new_recorder, object_metrics, register_context, release_context, run_stage_task,
+                              tracking_meta)
 from d2.tasks.tracking import flat_numbers
 from d2.utils.io import write_json
 
@@ -72,6 +73,7 @@ def finish_benchmark(ctx: RunContext, data_dir: Path, objects: list[str], future
         inputs[f"gt:{obj}"] = data_dir / "gt" / obj
     tables = run_stage_task(ctx, "tables", "_benchmark", inputs, out_subdir="results")
     _add_generation_time(tables.out_dir, per_object)
+    _link_predictions(ctx.run_dir, objects)
     summary = tables.info.get("summary", {})
     write_json(ctx.run_dir / "metrics.json", summary)
     if ctx.tracker is not None:
@@ -104,6 +106,18 @@ def _add_generation_time(results_dir: Path, per_object: dict[str, dict[str, Stag
     write_results(results, results_dir)
 
 
+def _link_predictions(run_dir: Path, objects: list[str]) -> None:
+    """``run_dir/pred/<object>`` -> ``../objects/<object>/render_eval``: the predictions in the
+    Consistent4D layout, for ``d2 evaluate --pred run_dir/pred --gt <data>``."""
+    pred = run_dir / "pred"
+    pred.mkdir(parents=True, exist_ok=True)
+    for obj in objects:
+        link = pred / obj
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path("..") / "objects" / obj / "render_eval", target_is_directory=True)
+
+
 def open_benchmark(p: BaseModel, data_dir: Path, run_dir: Path, stage_set: str, kind: str, label: str = "",
                    tracker: Tracker | None = None, forward_to: Recorder | None = None,
                    meta: dict | None = None) -> tuple[RunContext, list[str]]:
@@ -128,6 +142,7 @@ def benchmark_flow(data_dir: str, out_dir: str, params: dict[str, Any], stage_se
     ctx, objects = open_benchmark(p, Path(data_dir), Path(out_dir), stage_set, "benchmark")
     ctx.tracker = make_tracker(p, "benchmark", f"benchmark/{Path(out_dir).name}",
                                {"data_dir": str(data_dir), "out_dir": str(out_dir)})
+    ctx.recorder.meta.update(tracking_meta(ctx.tracker))
     ok = False
     try:
         result = finish_benchmark(ctx, Path(data_dir), objects, submit_objects(ctx, Path(data_dir), objects))

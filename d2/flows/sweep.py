@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from d2.config import ParamsError, flatten_params, parse_override, with_overrides
 from d2.flows.benchmark import finish_benchmark, open_benchmark, submit_objects
-from d2.tasks.runtime import get_stage_set, make_tracker, new_recorder, release_context
+from d2.tasks.runtime import get_stage_set, make_tracker, new_recorder, release_context, tracking_meta
 from d2.tasks.tracking import flat_numbers
 from d2.utils.io import write_json, write_text
 
@@ -74,6 +74,7 @@ def sweep_flow(data_dir: str, out_dir: str, params: dict[str, Any], grid: dict[s
     points = expand_grid(base, grid)
     recorder = new_recorder(run_dir, "sweep", {"grid": grid, "points": {pid: ov for pid, ov, _ in points}})
     tracker = make_tracker(base, "sweep", f"sweep/{run_dir.name}", {"grid": str(grid)})
+    recorder.meta.update(tracking_meta(tracker))
     write_json(run_dir / "params.json", base.model_dump(mode="json"))
     ok = False
     contexts = []
@@ -87,7 +88,7 @@ def sweep_flow(data_dir: str, out_dir: str, params: dict[str, Any], grid: dict[s
                                                {"d2.kind": "point", "d2.point": pid})
             ctx, objects = open_benchmark(p, Path(data_dir), run_dir / "points" / pid, stage_set, "benchmark",
                                           label=pid, tracker=point_tracker, forward_to=recorder,
-                                          meta={"overrides": overrides})
+                                          meta={"overrides": overrides, **tracking_meta(point_tracker)})
             contexts.append(ctx)
             opened.append((pid, overrides, ctx, objects, submit_objects(ctx, Path(data_dir), objects)))
         failures = []

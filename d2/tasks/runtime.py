@@ -217,6 +217,18 @@ def make_tracker(params: BaseModel, kind: str, run_name: str, extra_params: dict
                    {**flatten_params(params), **(extra_params or {})}, tracking_tags(params, kind))
 
 
+def tracking_meta(tracker: Tracker | None) -> dict[str, Any]:
+    """Manifest fields naming the MLflow run and the Prefect flow run."""
+    try:
+        from prefect.runtime import flow_run
+
+        flow_run_id = str(flow_run.id or "")
+    except Exception:  # noqa: BLE001
+        flow_run_id = ""
+    return {"mlflow_run_id": tracker.run_id if tracker else None,
+            "mlflow_tracking_uri": tracker.tracking_uri if tracker else None, "prefect_flow_run_id": flow_run_id}
+
+
 def now() -> float:
     """Monotonic seconds (for wall times in manifests)."""
     return time.perf_counter()

@@ -252,9 +252,24 @@ def load_params(path: str | os.PathLike | None = DEFAULT_PARAMS, overrides: Iter
     if overrides:
         source += " + --set " + " ".join(overrides)
     try:
-        return Params.model_validate(data)
+        params = Params.model_validate(data)
     except ValidationError as e:
         raise ParamsError(_format_validation_error(e, source)) from None
+    check_consistency(params)
+    return params
+
+
+def check_consistency(params: BaseModel) -> None:
+    """Cross-section checks that would otherwise fail mid-run (after earlier stages computed)."""
+    problems: list[str] = []
+    cond, samp = getattr(params, "conditions", None), getattr(params, "sampling", None)
+    if cond is not None and samp is not None:
+        for knob in ("num_views", "num_frames", "resolution"):
+            a, b = getattr(cond, knob, None), getattr(samp, knob, None)
+            if a is not None and b is not None and a != b:
+                problems.append(f"conditions.{knob} = {a} but sampling.{knob} = {b} (they must match)")
+    if problems:
+        raise ParamsError("inconsistent parameters:\n  " + "\n  ".join(dict.fromkeys(problems)))
 
 
 def with_overrides(params: BaseModel, overrides: Iterable[str]) -> BaseModel:
@@ -265,9 +280,11 @@ def with_overrides(params: BaseModel, overrides: Iterable[str]) -> BaseModel:
         path_keys, value = parse_override(text)
         apply_override(data, path_keys, value, type(params))
     try:
-        return type(params).model_validate(data)
+        out = type(params).model_validate(data)
     except ValidationError as e:
         raise ParamsError(_format_validation_error(e, "--set " + " ".join(overrides))) from None
+    check_consistency(out)
+    return out
 
 
 def get_param(params: BaseModel, key: str) -> Any:

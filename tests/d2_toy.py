@@ -72,6 +72,9 @@ MODULES = {
             src = Path(inputs["input"])
             if (src / "FAIL").exists():
                 raise RuntimeError(f"toy failure requested by {src / 'FAIL'}")
+            if (src / "FAIL_ONCE").exists():
+                (src / "FAIL_ONCE").unlink()
+                raise RuntimeError("transient toy failure")
             ACTIVE.append(1)
             PEAK[0] = max(PEAK[0], len(ACTIVE))
             time.sleep(0.15)

@@ -122,3 +122,14 @@ def test_sampling_s0_alias_in_overrides_and_files(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text(yaml.safe_dump(data))
     assert load_params(f).sampling.logistic_s0 == 0.25
+
+
+def test_inconsistent_sections_fail_at_load_time():
+    if not {"conditions", "sampling"} <= set(Params.model_fields):
+        pytest.skip("sampler stages not present")
+    with pytest.raises(ParamsError, match="conditions.num_views = 5 but sampling.num_views"):
+        load_params(ROOT / "params.yaml", ["conditions.num_views=5"])
+    with pytest.raises(ParamsError, match="conditions.resolution = 64 but sampling.resolution = 32"):
+        load_params(ROOT / "params.yaml", ["conditions.resolution=64"])
+    p = load_params(ROOT / "params.yaml", ["sampling.num_views=4", "conditions.num_views=4"])
+    assert p.sampling.num_views == 4

@@ -145,6 +145,15 @@ def test_failed_stage_fails_the_run_and_is_recorded(toy, tmp_path):
     assert m["objects"]["apple"]["conditions"]["status"] == "cached"
 
 
+def test_retries_recover_a_transient_failure(toy, tmp_path):
+    (toy.data / "input" / "bird" / "FAIL_ONCE").write_text("")
+    r = run_benchmark(toy.data, tmp_path / "run", toy_params(tmp_path, "run.retries=1", "run.retry_delay_s=0"),
+                      stage_set=toy.stage_set)
+    m = load(r["manifest"])
+    assert m["status"] == "completed" and m["objects"]["bird"]["conditions"]["status"] == "computed"
+    assert [e["error"] for e in m["errors"]] == ["RuntimeError: transient toy failure"]  # the manifest tells
+
+
 def test_bad_dataset_and_unknown_objects_fail_before_compute(toy, tmp_path):
     with pytest.raises(FileNotFoundError, match="d2 prepare"):
         run_benchmark(tmp_path / "nothing", tmp_path / "run", toy_params(tmp_path), stage_set=toy.stage_set)

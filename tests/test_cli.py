@@ -90,6 +90,7 @@ def test_benchmark_cached_rerun_s0_change_mlflow_report(env, capsys):
     assert sorted(k.info.run_name for k in kids) == ["bouncing_ball", "windmill"]
     for k in kids:
         assert k.info.status == "FINISHED" and "ssim" in k.data.metrics and k.data.metrics["seconds.fit"] > 0
+        assert k.data.params["object"] == k.info.run_name and k.data.params["fit.iterations"] == "4"
         assert k.data.tags["git_commit"] and k.data.tags["params_hash"] and k.data.tags["prefect_flow_run_id"]
         arts = {a.path for d in ("matrix", "fit") for a in client.list_artifacts(k.info.run_id, d)}
         assert {"matrix/grid.png", "fit/turntable.mp4"} <= arts

@@ -173,7 +173,8 @@ def _asset_task_fn(ctx_id: str, obj: str, input_path: str, gt_dir: str | None) -
     run_id = None
     if ctx.tracker is not None:
         name = f"{ctx.label}/{obj}" if ctx.label else obj
-        run_id = ctx.tracker.child(name, tags={"d2.object": obj, "d2.kind": "object"})
+        run_id = ctx.tracker.child(name, params={**flatten_params(ctx.params), "object": obj, "input": str(input_path)},
+                                   tags={"d2.object": obj, "d2.kind": "object"})
     ok = False
     results: dict[str, StageResult] = {}
     try:

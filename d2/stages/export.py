@@ -74,13 +74,15 @@ def splat_arrays_at(g: Gaussians4D, t: float, min_opacity: float = 1e-4) -> dict
     """
     tt = torch.tensor([t], dtype=g.means.dtype, device=g.means.device)
     means, covs, opac = g.slice(tt)
-    means, covs, opac = means[0].double(), covs[0].double(), opac[0].double()
+    # on the CPU in float64: batched eigh of many 3x3 matrices is quick there, and cusolver's
+    # batched syevd failed (CUSOLVER_STATUS_INTERNAL_ERROR) on ~10^5 matrices on an H200
+    means, covs, opac = means[0].double().cpu(), covs[0].double().cpu(), opac[0].double().cpu()
     keep = opac >= min_opacity
     evals, evecs = torch.linalg.eigh(covs[keep])  # ascending eigenvalues, columns = axes
     det = torch.linalg.det(evecs)
     evecs = torch.cat([evecs[..., :2], evecs[..., 2:] * det[:, None, None].sign()], -1)  # proper rotation
     scales = evals.clamp(min=1e-20).sqrt()
-    sh = g.sh_at(tt)[0][keep].double()  # [M, K, 3]
+    sh = g.sh_at(tt)[0].double().cpu()[keep]  # [M, K, 3]
     rest = torch.zeros(sh.shape[0], PLY_SH_REST, 3, dtype=torch.float64, device=sh.device)
     rest[:, : sh.shape[1] - 1] = sh[:, 1:]
     o = opac[keep].clamp(1e-7, 1 - 1e-7)

@@ -156,13 +156,15 @@ def _rasterize_gsplat(
 
     means, covars, opacities, colors, viewmats, Ks = (
         x.contiguous() for x in (means, covars, opacities, colors, viewmats, Ks))  # gsplat views them flat
-    if background is not None:
-        background = background.contiguous()
     out_colors, out_alphas, _meta = gsplat.rasterization(
         means, None, None, opacities, colors, viewmats, Ks, width, height,
         near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, tile_size=tile_size,
-        backgrounds=background, rasterize_mode="classic", covars=covars,
+        rasterize_mode="classic", covars=covars,
     )
+    if background is not None:
+        # composite here (colour + T * background, as gsplat does): gsplat 1.5.3's own
+        # `backgrounds` check rejects batched leading dims
+        out_colors = out_colors + (1.0 - out_alphas) * background[..., None, None, :]
     return out_colors, out_alphas
 
 

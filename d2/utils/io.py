@@ -128,17 +128,34 @@ def save_video(path: str | os.PathLike, frames: Tensor | np.ndarray | list, fps:
     ph, pw = h + (h % 2), w + (w % 2)
     if (ph, pw) != (h, w):
         arrs = [np.pad(a, ((0, ph - h), (0, pw - w), (0, 0)), constant_values=255) for a in arrs]
+    plugin = _video_plugin()
     with atomic_path(path) as tmp:
-        iio.imwrite(tmp, np.stack(arrs), extension=".mp4", fps=fps, codec="libx264",
-                    macro_block_size=1, plugin="pyav" if _has_pyav() else None)
+        if plugin == "pyav":
+            iio.imwrite(tmp, np.stack(arrs), extension=".mp4", plugin="pyav", fps=fps, codec="libx264")
+        else:
+            iio.imwrite(tmp, np.stack(arrs), extension=".mp4", plugin="FFMPEG", fps=fps, codec="libx264",
+                        macro_block_size=1)
 
 
-def _has_pyav() -> bool:
+def _video_plugin() -> str:
+    """The imageio plugin that writes MP4 here; a clear error when there is none.
+
+    Without one, imageio silently falls back to an image plugin (tifffile) and fails later
+    with an unrelated message.
+    """
     try:
         import av  # noqa: F401
+
+        return "pyav"
     except ImportError:
-        return False
-    return True
+        pass
+    try:
+        import imageio_ffmpeg  # noqa: F401
+
+        return "FFMPEG"
+    except ImportError as e:
+        raise RuntimeError("writing MP4 needs imageio-ffmpeg (a project dependency) or PyAV; "
+                           "neither imports in this environment") from e
 
 
 def image_grid(images: Tensor, pad: int = 1, pad_value: float = 1.0) -> Tensor:

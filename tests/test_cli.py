@@ -150,3 +150,22 @@ def test_real_stage_code_versions_cover_their_helpers():
     assert {"d2.stages.priors", "d2.stages.cameras", "d2.utils.io"} <= set(module_closure(list(SPECS["conditions"].modules)))
     assert {"d2.stages.gaussians", "d2.stages.render"} <= set(module_closure(list(SPECS["fit"].modules)))
     assert {"d2.eval.metrics", "d2.eval.protocol"} <= set(module_closure(list(SPECS["metrics"].modules)))
+
+
+def test_prior_weights_are_part_of_the_keys(tmp_path):
+    """Replacing the weights a backend loads (same params) changes the conditions/sampling keys."""
+    from d2.config import load_params
+    from d2.tasks.cache import stage_key
+    from d2.tasks.stages import SPECS, prior_weights
+
+    w = tmp_path / "video"
+    w.mkdir()
+    (w / "weights.safetensors").write_bytes(b"version 1")
+    p = load_params(None, ["priors.backend=mini", f"priors.video_path={w}", f"priors.multiview_path={w}"])
+    assert set(prior_weights(p)) == {"video_weights", "multiview_weights"}
+    inputs = {"input": tmp_path / "video" / "weights.safetensors"}
+    k1 = stage_key(SPECS["conditions"], {**inputs, **prior_weights(p)}, p)[0]
+    (w / "weights.safetensors").write_bytes(b"version 2")
+    k2 = stage_key(SPECS["conditions"], {**inputs, **prior_weights(p)}, p)[0]
+    assert k1 != k2
+    assert prior_weights(load_params(None)) == {}  # tiny: seeded weights, nothing on disk

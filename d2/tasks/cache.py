@@ -44,13 +44,27 @@ _hash_memo: dict[tuple[str, int, int], str] = {}
 _hash_lock = threading.Lock()
 
 
-def _file_hash(path: Path) -> str:
+BIG_FILE = 32 << 20  # files at least this large (model weights) get their hash remembered on disk
+
+
+def _file_hash(path: Path, memo_dir: Path | None = None) -> str:
     st = path.stat()
     memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     with _hash_lock:
         hit = _hash_memo.get(memo_key)
     if hit is not None:
         return hit
+    disk = None
+    if memo_dir is not None and st.st_size >= BIG_FILE:
+        disk = memo_dir / (hashlib.sha1(memo_key[0].encode()).hexdigest() + ".json")
+        try:
+            rec = json.loads(disk.read_text())
+            if (rec["size"], rec["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
+                with _hash_lock:
+                    _hash_memo[memo_key] = rec["sha256"]
+                return rec["sha256"]
+        except (OSError, ValueError, KeyError):
+            pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -58,10 +72,12 @@ def _file_hash(path: Path) -> str:
     digest = h.hexdigest()
     with _hash_lock:
         _hash_memo[memo_key] = digest
+    if disk is not None:
+        write_json(disk, {"path": memo_key[0], "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest})
     return digest
 
 
-def hash_path(path: str | os.PathLike) -> str:
+def hash_path(path: str | os.PathLike, memo_dir: Path | None = None) -> str:
     """sha256 of a file's bytes, or of a folder's sorted (relative path, file hash) list.
 
     A cache entry's ``out/`` folder is hashed once when stored (read back from its
@@ -71,7 +87,7 @@ def hash_path(path: str | os.PathLike) -> str:
     if not p.exists():
         raise FileNotFoundError(f"input artifact not found: {p}")
     if p.is_file():
-        return _file_hash(p)
+        return _file_hash(p, memo_dir)
     done = p.parent / "done.json"
     if p.name == "out" and done.exists():
         try:
@@ -83,7 +99,7 @@ def hash_path(path: str | os.PathLike) -> str:
         rel = f.relative_to(p)
         if any(part.startswith(".") for part in rel.parts) or not f.is_file():
             continue
-        h.update(rel.as_posix().encode() + b"\0" + _file_hash(f).encode() + b"\n")
+        h.update(rel.as_posix().encode() + b"\0" + _file_hash(f, memo_dir).encode() + b"\n")
     return h.hexdigest()
 
 
@@ -200,6 +216,7 @@ class StageSpec:
     modules: tuple[str, ...]  # modules whose source (with their imports) versions the stage
     params_keys: tuple[str, ...]  # dotted params keys the stage reads
     ignore_keys: tuple[str, ...] = ()  # knobs inside those that cannot change results ('progress', 'fit.device')
+    extra_inputs: Callable[[BaseModel], dict[str, Path]] | None = None  # params -> more input artifacts (weights)
 
 
 @dataclass
@@ -227,13 +244,15 @@ class StageResult:
         }
 
 
-def stage_key(spec: StageSpec, inputs: Mapping[str, str | os.PathLike], params: BaseModel) -> tuple[str, dict]:
+def stage_key(spec: StageSpec, inputs: Mapping[str, str | os.PathLike], params: BaseModel,
+              memo_dir: Path | None = None) -> tuple[str, dict]:
     """(cache key, its ingredients) of ``spec`` on ``inputs`` under ``params``."""
+    functions: list[Callable] = [spec.compute] + ([spec.extra_inputs] if spec.extra_inputs else [])
     ingredients = {
         "stage": spec.name,
-        "code": code_version(list(spec.modules), [spec.compute]),
+        "code": code_version(list(spec.modules), functions),
         "params": params_subset_hash(params, spec.params_keys, spec.ignore_keys),
-        "inputs": {name: hash_path(p) for name, p in sorted(inputs.items())},
+        "inputs": {name: hash_path(p, memo_dir) for name, p in sorted(inputs.items())},
     }
     blob = json.dumps(ingredients, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest(), ingredients
@@ -284,7 +303,9 @@ def run_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str | os.PathLike]
     is linked there. Concurrent calls with the same key compute once (a file lock).
     """
     t0 = time.perf_counter()
-    key, ingredients = stage_key(spec, inputs, params)
+    if spec.extra_inputs is not None:
+        inputs = {**inputs, **{f"extra:{k}": v for k, v in spec.extra_inputs(params).items()}}
+    key, ingredients = stage_key(spec, inputs, params, Path(cache_dir).resolve() / ".filehash")
     entry = Path(cache_dir).resolve() / spec.name / key
     out = entry / "out"
     done = entry / "done.json"

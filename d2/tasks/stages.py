@@ -36,6 +36,31 @@ def get_priors(params: BaseModel) -> tuple[Any, Any]:
         return _priors_memo[key]
 
 
+def prior_weights(params: BaseModel) -> dict[str, Path]:
+    """The weight files / folders the configured priors load (content-hashed into the keys of the
+    stages that use the priors, so retrained or replaced weights invalidate them). The tiny and
+    gaussian backends have none (seeded / analytic); a Hugging Face cache lookup without an
+    explicit path is not covered (set priors.video_path to cover it)."""
+    cfg = params.priors
+    out: dict[str, Path] = {}
+    for family in ("video", "multiview"):
+        backend = getattr(cfg, f"{family}_backend") or cfg.backend
+        explicit = getattr(cfg, f"{family}_path")
+        if backend == "mini":
+            from d2.train.mini import mini_prior_dir
+
+            path = mini_prior_dir(cfg, family)
+        elif explicit:
+            path = Path(explicit).expanduser()
+        else:
+            continue
+        if path.exists():
+            out[f"{family}_weights"] = path
+    if cfg.components_path and Path(cfg.components_path).expanduser().exists():
+        out["components"] = Path(cfg.components_path).expanduser()
+    return out
+
+
 def _quiet(cfg: BaseModel) -> BaseModel:
     """The stage config with its own tqdm bars off (the run shows one progress display)."""
     return cfg.model_copy(update={"progress": False}) if "progress" in type(cfg).model_fields else cfg
@@ -185,9 +210,9 @@ def _read_json(path: Path, keep: tuple[str, ...]) -> dict:
 
 SPECS: dict[str, StageSpec] = {
     "conditions": StageSpec("conditions", compute_conditions, ("d2.stages.conditions", "d2.stages.priors"),
-                            ("conditions", "priors"), NO_EFFECT),
+                            ("conditions", "priors"), NO_EFFECT, prior_weights),
     "sampling": StageSpec("sampling", compute_sampling, ("d2.stages.sampling", "d2.stages.priors"),
-                          ("sampling", "priors"), NO_EFFECT),
+                          ("sampling", "priors"), NO_EFFECT, prior_weights),
     "fit": StageSpec("fit", compute_fit, ("d2.stages.fit",), ("fit",), NO_EFFECT),
     "render_eval": StageSpec("render_eval", compute_render_eval, ("d2.stages.export",),
                              ("protocol", "render_eval", "conditions.num_frames"), NO_EFFECT),

@@ -447,12 +447,14 @@ def _flat(prefix: str, obj: Any) -> dict[str, Any]:
 
 
 def train_priors(out_dir: str | os.PathLike, cfg: TrainConfig, data_cfg: "DataConfig | None" = None,
-                 mlflow: bool = True, dataset_path: str | os.PathLike | None = None) -> dict[str, Any]:
+                 mlflow: bool = True, dataset_path: str | os.PathLike | None = None,
+                 init_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Build (or load the cached) training set, train the priors of ``cfg.families``, save them.
 
     Writes ``<out_dir>/video`` and ``<out_dir>/multiview`` (d2 prior folders: the ``mini``
     backend and the ``svd`` / ``sv3d_p`` loaders read them) and ``<out_dir>/train.json``.
     ``dataset_path``: a rendered training set file (``.d2cache/train/<key>.pt``) used as is.
+    ``init_dir``: continue from the priors saved there (``<init_dir>/{video,multiview}``).
     """
     from d2.train.data import DataConfig, load_or_build_dataset
     from d2.utils.io import write_json
@@ -494,7 +496,13 @@ def train_priors(out_dir: str | os.PathLike, cfg: TrainConfig, data_cfg: "DataCo
                 deadline = time.time() + (deadline_total - time.time()) / (len(fams) - i)
             seqs = ds.videos if family == "video" else ds.orbits
             elev = None if family == "video" else ds.orbit_elevations
-            prior, summary = train_prior(family, seqs, cfg, elev, deadline, logger)
+            init = None
+            if init_dir is not None:
+                init = load_prior_folder(Path(init_dir) / family, family)
+                if init.resolution != cfg.model.resolution:
+                    raise ValueError(f"{init_dir}/{family} is {init.resolution}px, the run is {cfg.model.resolution}px")
+            prior, summary = train_prior(family, seqs, cfg, elev, deadline, logger, prior=init)
+            summary["init"] = str(init_dir) if init_dir is not None else None
             extra = {
                 "trained_by": "d2.train.priors", "num_frames": cfg.model.num_frames, "summary": summary,
                 "train": cfg.model_dump(mode="json"), "data": data_cfg.model_dump(mode="json"),
@@ -513,7 +521,7 @@ def train_priors(out_dir: str | os.PathLike, cfg: TrainConfig, data_cfg: "DataCo
     return summaries
 
 
-def _parse(argv: list[str] | None = None) -> tuple[str, TrainConfig, "DataConfig", bool, str | None]:
+def _parse(argv: list[str] | None = None) -> tuple[str, TrainConfig, "DataConfig", bool, str | None, str | None]:
     from d2.train.data import DataConfig
 
     p = argparse.ArgumentParser(prog="python -m d2.train.priors", description=__doc__.split("\n\n")[0])
@@ -531,6 +539,7 @@ def _parse(argv: list[str] | None = None) -> tuple[str, TrainConfig, "DataConfig
                    help="UNet widths per level, comma separated")
     p.add_argument("--scenes", type=int, default=DataConfig().num_scenes, help="training scenes to render")
     p.add_argument("--dataset", default=None, help="a rendered training set file (.d2cache/train/*.pt) to use as is")
+    p.add_argument("--init", default=None, help="continue from the priors in this folder ({video,multiview}/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--families", default="video,multiview")
@@ -543,13 +552,13 @@ def _parse(argv: list[str] | None = None) -> tuple[str, TrainConfig, "DataConfig
                       ema_decay=a.ema_decay, precision=a.precision, seed=a.seed, device=a.device, threads=a.threads,
                       families=tuple(a.families.split(",")), progress=not a.no_progress)
     data = DataConfig(resolution=a.resolution, num_frames=a.frames, num_scenes=a.scenes)
-    return a.out, cfg, data, not a.no_mlflow, a.dataset
+    return a.out, cfg, data, not a.no_mlflow, a.dataset, a.init
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m d2.train.priors``."""
-    out, cfg, data, mlflow, dataset = _parse(argv)
-    result = train_priors(out, cfg, data, mlflow=mlflow, dataset_path=dataset)
+    out, cfg, data, mlflow, dataset, init = _parse(argv)
+    result = train_priors(out, cfg, data, mlflow=mlflow, dataset_path=dataset, init_dir=init)
     print(json.dumps(result, indent=2, default=str))
 
 

@@ -74,6 +74,7 @@ MODULES = {
                 raise RuntimeError(f"toy failure requested by {src / 'FAIL'}")
             if (src / "FAIL_ONCE").exists():
                 (src / "FAIL_ONCE").unlink()
+                (out / "checkpoint.txt").write_text("half done")
                 raise RuntimeError("transient toy failure")
             ACTIVE.append(1)
             PEAK[0] = max(PEAK[0], len(ACTIVE))
@@ -81,8 +82,11 @@ MODULES = {
             ACTIVE.pop()
             total = sum(sum(f.read_bytes()) for f in sorted(src.glob("*.txt")))
             value = total * params.conditions.scale
+            resumed = (out / "checkpoint.txt").exists()
+            if resumed:
+                (out / "checkpoint.txt").unlink()
             (out / "conditions.json").write_text(json.dumps({"value": value}))
-            return {"value": value}
+            return {"value": value, "resumed": resumed}
     """,
     "sampling": """
         import json

@@ -152,6 +152,8 @@ def test_retries_recover_a_transient_failure(toy, tmp_path):
     m = load(r["manifest"])
     assert m["status"] == "completed" and m["objects"]["bird"]["conditions"]["status"] == "computed"
     assert [e["error"] for e in m["errors"]] == ["RuntimeError: transient toy failure"]  # the manifest tells
+    assert m["objects"]["bird"]["conditions"]["info"]["resumed"] is True  # the retry saw the failed try's files
+    assert m["objects"]["apple"]["conditions"]["info"]["resumed"] is False
 
 
 def test_bad_dataset_and_unknown_objects_fail_before_compute(toy, tmp_path):

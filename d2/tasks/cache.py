@@ -9,8 +9,8 @@ A stage's cache key is the sha256 of
   the source of the stage's wrapper function.
 
 Results live in ``<cache_dir>/<stage>/<key>/`` (``out/`` holds the stage's files,
-``done.json`` is written last, so a folder without it is an interrupted computation and is
-recomputed). A stage always computes into that same folder, so paths a stage records in
+``done.json`` is written last, so a folder without it is an interrupted computation: it is
+computed again in place, and a stage may resume from what it left, e.g. a checkpoint). A stage always computes into that same folder, so paths a stage records in
 its outputs are the same on every machine run, and downstream keys stay stable. Runs see
 the results as hard-linked copies under their own output folder.
 """
@@ -314,15 +314,13 @@ def run_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str | os.PathLike]
             meta = json.loads(done.read_text())
             status = "cached"
         else:
-            if entry.exists():
-                shutil.rmtree(entry)  # an interrupted computation, or use_cache=False
-            out.mkdir(parents=True)
+            if entry.exists() and (done.exists() or not use_cache):
+                shutil.rmtree(entry)  # use_cache=False: compute from scratch
+            # A failed or interrupted attempt with this key leaves its files in out/ (no done.json,
+            # so they are never taken as a result): a stage may resume from them (fit's checkpoint).
+            out.mkdir(parents=True, exist_ok=True)
             tc = time.perf_counter()
-            try:
-                info = spec.compute({k: Path(v) for k, v in inputs.items()}, out, params) or {}
-            except BaseException:
-                shutil.rmtree(entry, ignore_errors=True)
-                raise
+            info = spec.compute({k: Path(v) for k, v in inputs.items()}, out, params) or {}
             compute_s = time.perf_counter() - tc
             meta = {"stage": spec.name, "object": obj, "key": key, "ingredients": ingredients,
                     "compute_seconds": compute_s, "info": info, "content_hash": hash_path(out),

@@ -146,7 +146,7 @@ def test_failed_stage_fails_the_run_and_is_recorded(toy, tmp_path):
 
 
 def test_retries_recover_a_transient_failure(toy, tmp_path):
-    (toy.data / "input" / "bird" / "FAIL_ONCE").write_text("")
+    toy.module("conditions").FAIL_ONCE.add("bird")
     r = run_benchmark(toy.data, tmp_path / "run", toy_params(tmp_path, "run.retries=1", "run.retry_delay_s=0"),
                       stage_set=toy.stage_set)
     m = load(r["manifest"])

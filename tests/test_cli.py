@@ -139,6 +139,8 @@ def test_sweep_2x2_over_2_objects_shares_conditions(env, tmp_path):
     assert statuses(m, "conditions").count("computed") == 2  # not 8
     assert statuses(m, "sampling").count("computed") == 4  # 2 values of s0 x 2 objects
     assert statuses(m, "fit").count("computed") == 8
+    assert (tmp_path / "sw" / "results" / "ablation.md").read_text().count("| p0") == 4
+    assert (tmp_path / "sw" / "results" / "figure.png").is_file()
     assert main(["report", "--run", str(tmp_path / "sw")]) == 0
     assert (tmp_path / "sw" / "report" / "ablation.md").read_text().count("| p0") == 4
 

@@ -108,8 +108,11 @@ def sweep_flow(data_dir: str, out_dir: str, params: dict[str, Any], grid: dict[s
             raise RuntimeError("sweep points failed:\n" + "\n".join(failures))
         write_json(run_dir / "sweep.json", {"grid": grid, "rows": rows})
         write_text(run_dir / "sweep.md", _markdown(rows))
+        ablation = _ablation(run_dir, {pid: ov for pid, ov, _ in points})
         if tracker is not None:
-            tracker.log_artifacts(tracker.run_id, [(run_dir / "sweep.md", "results"), (run_dir / "sweep.json", "results")])
+            files = [(run_dir / "sweep.md", "results"), (run_dir / "sweep.json", "results")]
+            files += [(p, "results") for p in sorted((run_dir / "results").glob("*")) if p.is_file()]
+            tracker.log_artifacts(tracker.run_id, files)
         ok = True
     finally:
         recorder.meta["flow_wall_seconds"] = round(time.perf_counter() - t0, 4)
@@ -119,8 +122,19 @@ def sweep_flow(data_dir: str, out_dir: str, params: dict[str, Any], grid: dict[s
         for ctx in contexts:
             release_context(ctx.id)
     return {"run_dir": str(run_dir), "manifest": str(run_dir / "manifest.json"), "rows": rows,
-            "table": _markdown(rows), "mlflow_run_id": tracker.run_id if tracker else None,
+            "table": ablation or _markdown(rows), "mlflow_run_id": tracker.run_id if tracker else None,
             "flow_wall_seconds": recorder.meta["flow_wall_seconds"]}
+
+
+def _ablation(run_dir: Path, points: dict[str, list[str]]) -> str:
+    """The evaluation issue's ablation table (and figure grid) in ``run_dir/results``, when every
+    point has results tables (the real stages); returns its markdown, else ''."""
+    if not all((run_dir / "points" / pid / "results" / "results.json").is_file() for pid in points):
+        return ""
+    from d2.flows.report import _sweep_report
+
+    _, md = _sweep_report(run_dir, run_dir / "results", {"points": points})
+    return Path(md).read_text()
 
 
 def _markdown(rows: list[dict[str, Any]]) -> str:

@@ -110,7 +110,7 @@ def _import_section(module: str, cls: str) -> type[BaseModel] | None:
         raise
     model = getattr(mod, cls, None)
     if model is None:
-        return None
+        raise ImportError(f"{module} has no config class {cls} (d2.config.SECTIONS composes it into Params)")
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         raise TypeError(f"{module}.{cls} is not a pydantic model")
     return model

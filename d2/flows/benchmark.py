@@ -111,6 +111,9 @@ def _link_predictions(run_dir: Path, objects: list[str]) -> None:
     Consistent4D layout, for ``d2 evaluate --pred run_dir/pred --gt <data>``."""
     pred = run_dir / "pred"
     pred.mkdir(parents=True, exist_ok=True)
+    for stale in pred.iterdir():  # objects of an earlier run into the same folder
+        if stale.is_symlink() and stale.name not in objects:
+            stale.unlink()
     for obj in objects:
         link = pred / obj
         if link.is_symlink() or link.exists():

@@ -32,6 +32,8 @@ def test_dvc_repro_then_nothing_to_do_then_exp_run(tmp_path):
     write_tiny_params(repo / "params.yaml", "run.mlflow=false", f"run.cache_dir={tmp_path / 'd2cache'}",
                       "prepare.objects=[bouncing_ball]")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
+           "PREFECT_HOME": str(tmp_path / "prefect"),  # its own ephemeral Prefect database
+           "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "prefect" / "storage"),
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     _run(["git", "init", "-q"], repo, env)
     _run([str(BIN / "dvc"), "init", "-q"], repo, env)

@@ -1,4 +1,4 @@
-"""The ``d2`` command: prepare, generate, benchmark, sweep, report, evaluate, demo, params.
+"""The ``d2`` command: prepare, generate, benchmark, sweep, report, evaluate, demo, schedule, params.
 
 Every command reads ``--params`` (default ``params.yaml``), applies ``--set key=value``
 overrides and validates everything before any compute. Runs write ``DIR/manifest.json``.
@@ -233,6 +233,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedule(args: argparse.Namespace) -> int:
+    """Serve the benchmark flow on a cron schedule (Prefect deployment)."""
+    p = _params(args)
+    from d2.flows.schedule import build_schedule, serve_schedule
+
+    dep = build_schedule(p, Path(args.data or p.run.data_dir), Path(args.out), args.cron, args.name, args.timezone)
+    api = os.environ.get("PREFECT_API_URL")
+    _print(f"serving deployment '{dep.name}' of flow 'benchmark' on '{args.cron}' into {args.out}"
+           + (f" (Prefect API {api})" if api else " (no PREFECT_API_URL: an ephemeral server, no UI)"))
+    serve_schedule(dep)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Prepare the mini-benchmark if missing, run the benchmark on CPU, print the results."""
     p = _params(args)
@@ -319,6 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     _common(sp)
     sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("schedule", help="serve the benchmark flow on a cron schedule (e.g. nightly)")
+    sp.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
+    sp.add_argument("--data", help="dataset folder (default: run.data_dir)")
+    sp.add_argument("--out", required=True, help="run folder of every scheduled run")
+    sp.add_argument("--name", default="nightly-benchmark", help="deployment name")
+    sp.add_argument("--timezone", help="IANA timezone of the cron expression (default UTC)")
+    _common(sp)
+    sp.set_defaults(fn=cmd_schedule)
 
     sp = sub.add_parser("params", help="print the validated params as commented YAML")
     _common(sp)

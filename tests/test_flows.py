@@ -130,6 +130,30 @@ def test_parallel_limit_is_respected(toy, tmp_path):
     assert cond.PEAK[0] == 2
 
 
+def test_parallel_limit_holds_under_any_task_runner(toy, tmp_path):
+    """The flow called as a deployment would call it (its default runner) still runs one object at a time."""
+    from d2.flows.benchmark import benchmark_flow
+
+    cond = toy.module("conditions")
+    cond.PEAK[0] = 0
+    p = toy_params(tmp_path, "run.max_parallel=1")
+    benchmark_flow(str(toy.data), str(tmp_path / "a"), p.model_dump(mode="json"), toy.stage_set)
+    assert cond.PEAK[0] == 1
+
+
+def test_schedule_builds_a_cron_deployment(toy, tmp_path):
+    from d2.flows.schedule import build_schedule
+
+    dep = build_schedule(toy_params(tmp_path), toy.data, tmp_path / "nightly", "0 3 * * *")
+    assert dep.schedules[0].schedule.cron == "0 3 * * *"
+    assert dep.parameters["out_dir"] == str((tmp_path / "nightly").resolve())
+    assert dep.parameters["params"]["sampling"]["s0"] == 0.5
+    with pytest.raises(Exception):
+        build_schedule(toy_params(tmp_path), toy.data, tmp_path / "nightly", "not a cron")
+    with pytest.raises(FileNotFoundError):
+        build_schedule(toy_params(tmp_path), tmp_path / "no-data", tmp_path / "nightly", "0 3 * * *")
+
+
 def test_failed_stage_fails_the_run_and_is_recorded(toy, tmp_path):
     (toy.data / "input" / "bird" / "FAIL").write_text("")
     with pytest.raises(Exception, match="bird"):

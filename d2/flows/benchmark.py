@@ -6,6 +6,7 @@ Dataset layout (Consistent4D, as ``d2 prepare`` writes it): ``<data>/input/<obje
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,8 @@ def _link_predictions(run_dir: Path, objects: list[str]) -> None:
 
 def open_benchmark(p: BaseModel, data_dir: Path, run_dir: Path, stage_set: str, kind: str, label: str = "",
                    tracker: Tracker | None = None, forward_to: Recorder | None = None,
-                   meta: dict | None = None) -> tuple[RunContext, list[str]]:
+                   meta: dict | None = None, slots: threading.BoundedSemaphore | None = None
+                   ) -> tuple[RunContext, list[str]]:
     """Check the dataset, create the run folder, params.json, the recorder and the context."""
     objects = list_objects(data_dir, p.run.objects)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,7 @@ def open_benchmark(p: BaseModel, data_dir: Path, run_dir: Path, stage_set: str, 
     recorder = new_recorder(run_dir, kind, {"data": str(data_dir), "objects_list": objects, **(meta or {})},
                             forward_to=forward_to, prefix=f"{label}/" if label else "")
     ctx = RunContext(params=p, run_dir=run_dir, recorder=recorder, specs=get_stage_set(stage_set).specs,
-                     tracker=tracker, label=label)
+                     tracker=tracker, label=label, slots=slots or threading.BoundedSemaphore(p.run.max_parallel))
     register_context(ctx)
     return ctx, objects
 

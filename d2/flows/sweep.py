@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ def sweep_flow(data_dir: str, out_dir: str, params: dict[str, Any], grid: dict[s
     write_json(run_dir / "params.json", base.model_dump(mode="json"))
     ok = False
     contexts = []
+    slots = threading.BoundedSemaphore(base.run.max_parallel)  # shared by every point
     rows: list[dict[str, Any]] = []
     try:
         opened = []
@@ -88,7 +90,8 @@ def sweep_flow(data_dir: str, out_dir: str, params: dict[str, Any], grid: dict[s
                                                {"d2.kind": "point", "d2.point": pid})
             ctx, objects = open_benchmark(p, Path(data_dir), run_dir / "points" / pid, stage_set, "benchmark",
                                           label=pid, tracker=point_tracker, forward_to=recorder,
-                                          meta={"overrides": overrides, **tracking_meta(point_tracker)})
+                                          meta={"overrides": overrides, **tracking_meta(point_tracker)},
+                                          slots=slots)
             contexts.append(ctx)
             opened.append((pid, overrides, ctx, objects, submit_objects(ctx, Path(data_dir), objects)))
         failures = []

@@ -71,6 +71,7 @@ class RunContext:
     tracker: Tracker | None = None
     label: str = ""  # sweep point id ('' for a plain benchmark)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    slots: threading.BoundedSemaphore | None = None  # bounds objects in flight (run.max_parallel)
 
     @property
     def cache_dir(self) -> Path:
@@ -178,7 +179,11 @@ def _asset_task_fn(ctx_id: str, obj: str, input_path: str, gt_dir: str | None) -
     ok = False
     results: dict[str, StageResult] = {}
     try:
-        results = asset_graph(ctx, obj, input_path, gt_dir)
+        if ctx.slots is not None:
+            with ctx.slots:  # run.max_parallel, whatever task runner runs this flow
+                results = asset_graph(ctx, obj, input_path, gt_dir)
+        else:
+            results = asset_graph(ctx, obj, input_path, gt_dir)
         ok = True
         return results
     finally:

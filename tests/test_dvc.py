@@ -36,6 +36,8 @@ def test_dvc_repro_then_nothing_to_do_then_exp_run(tmp_path):
            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "prefect" / "storage"),
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     _run(["git", "init", "-q"], repo, env)
+    _run(["git", "config", "user.name", "d2 test"], repo, env)  # commits (dvc exp) without a global git identity
+    _run(["git", "config", "user.email", "d2-test@example.invalid"], repo, env)
     _run([str(BIN / "dvc"), "init", "-q"], repo, env)
     _run([str(BIN / "dvc"), "config", "core.site_cache_dir", str(tmp_path / "site_cache")], repo, env)
 

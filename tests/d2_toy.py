@@ -219,6 +219,7 @@ def toy_params(root: Path, *overrides: str, mlflow: bool = False) -> ToyParams:
 
 # The real stages at the smallest sizes that still exercise every stage (seconds on a CPU).
 TINY_REAL_OVERRIDES = [
+    "priors.backend=tiny",  # seeded random tiny priors at 32 px, whatever params.yaml's backend is
     "prepare.objects=[bouncing_ball, windmill]", "prepare.num_frames=4", "prepare.resolution=32",
     "prepare.num_gaussians=200",
     "conditions.num_views=4", "conditions.num_frames=3", "conditions.resolution=32", "conditions.num_steps=2",

@@ -129,7 +129,7 @@ def test_inconsistent_sections_fail_at_load_time():
         pytest.skip("sampler stages not present")
     with pytest.raises(ParamsError, match="conditions.num_views = 5 but sampling.num_views"):
         load_params(ROOT / "params.yaml", ["conditions.num_views=5"])
-    with pytest.raises(ParamsError, match="conditions.resolution = 64 but sampling.resolution = 32"):
+    with pytest.raises(ParamsError, match="conditions.resolution = 64 but sampling.resolution = 16"):
         load_params(ROOT / "params.yaml", ["conditions.resolution=64"])
     p = load_params(ROOT / "params.yaml", ["sampling.num_views=4", "conditions.num_views=4"])
     assert p.sampling.num_views == 4

@@ -353,7 +353,7 @@ def run_experiment(out_dir: str | Path, cfg: ExperimentConfig) -> dict[str, Any]
         # Figure-5 grid: rows s0, columns k; each cell the whole V x F matrix of the first object
         pad = 2
         cell_imgs = [[image_grid(cells[(s0, k)]) for k in cfg.ablation_k] for s0 in cfg.ablation_s0]
-        big = image_grid(torch.stack([torch.stack(r) for r in cell_imgs]), pad=pad * 2)
+        big = image_grid(torch.stack([torch.stack(r) for r in cell_imgs]), pad=pad * 2, pad_value=0.35)
         save_image(out / "ablation_grid.png", _upscale(big, 3))
         write_text(out / "ablation.md", f"Composed sampler, logistic schedule, object(s) {ab_objects}, seeds "
                    f"{cfg.ablation_seeds}; grid image: ablation_grid.png (rows s0 {cfg.ablation_s0}, columns k "

@@ -67,7 +67,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -516,23 +516,52 @@ def build_gaussian(cfg: PriorsConfig, family: Family, device: torch.device) -> P
 # ---------------------------------------------------------------------------------------
 
 
-def tiny_unet_config(t: TinyPriorConfig, family: Family, latent_channels: int, num_frames: int) -> dict:
-    """diffusers UNet config of the tiny backend (SV3D: adm = cond_aug d + 2 * 2d camera)."""
-    n = len(t.block_out_channels)
-    d = t.addition_time_embed_dim
+def spatiotemporal_unet_config(
+    *,
+    family: Family,
+    latent_channels: int,
+    block_out_channels: Sequence[int],
+    attention: Sequence[bool],
+    addition_time_embed_dim: int,
+    layers_per_block: int,
+    cross_attention_dim: int,
+    num_attention_heads: int,
+    num_frames: int,
+    sample_size: int | None = None,
+) -> dict:
+    """diffusers UNetSpatioTemporalConditionModel config of a small prior of ``family``.
+
+    ``attention[i]`` puts cross-attention blocks at level ``i`` (mirrored on the way up). The
+    added-ids width follows the family: video (fps_id, motion_bucket_id, cond_aug) x d;
+    multi-view (SV3D_p) cond_aug d + polar 2d + azimuth 2d.
+    """
+    d = addition_time_embed_dim
     return dict(
-        sample_size=None,
+        sample_size=sample_size,
         in_channels=2 * latent_channels,
         out_channels=latent_channels,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal",) * (n - 1) + ("DownBlockSpatioTemporal",),
-        up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * (n - 1),
-        block_out_channels=tuple(t.block_out_channels),
+        down_block_types=tuple("CrossAttnDownBlockSpatioTemporal" if a else "DownBlockSpatioTemporal"
+                               for a in attention),
+        up_block_types=tuple("CrossAttnUpBlockSpatioTemporal" if a else "UpBlockSpatioTemporal"
+                             for a in attention[::-1]),
+        block_out_channels=tuple(block_out_channels),
         addition_time_embed_dim=d,
         projection_class_embeddings_input_dim=3 * d if family == "video" else 5 * d,
-        layers_per_block=t.layers_per_block,
-        cross_attention_dim=t.cross_attention_dim,
-        num_attention_heads=t.num_attention_heads,
+        layers_per_block=layers_per_block,
+        cross_attention_dim=cross_attention_dim,
+        num_attention_heads=num_attention_heads,
         num_frames=num_frames,
+    )
+
+
+def tiny_unet_config(t: TinyPriorConfig, family: Family, latent_channels: int, num_frames: int) -> dict:
+    """diffusers UNet config of the tiny backend (cross-attention on every level but the last)."""
+    n = len(t.block_out_channels)
+    return spatiotemporal_unet_config(
+        family=family, latent_channels=latent_channels, block_out_channels=t.block_out_channels,
+        attention=[i < n - 1 for i in range(n)], addition_time_embed_dim=t.addition_time_embed_dim,
+        layers_per_block=t.layers_per_block, cross_attention_dim=t.cross_attention_dim,
+        num_attention_heads=t.num_attention_heads, num_frames=num_frames,
     )
 
 

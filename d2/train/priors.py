@@ -36,7 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from d2.stages.cameras import orbit_azimuths
-from d2.stages.priors import Family, PixelSpaceVAE, Prior, PriorCondition, load_prior_folder, save_prior_folder
+from d2.stages.priors import (Family, PixelSpaceVAE, Prior, PriorCondition, load_prior_folder,
+                              save_prior_folder, spatiotemporal_unet_config)
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 700.0  # the sampler's Karras range (DESIGN section 4)
 
@@ -104,24 +105,12 @@ def mini_unet_config(m: MiniModelConfig, family: Family) -> dict[str, Any]:
         raise ValueError(f"block_out_channels must be multiples of 32 (GroupNorm), got {m.block_out_channels}")
     if m.resolution % (2 ** (n - 1)):
         raise ValueError(f"resolution {m.resolution} must be divisible by 2^(levels-1) = {2 ** (n - 1)}")
-    attn = [i >= m.attention_from_level for i in range(n)]
-    down = tuple("CrossAttnDownBlockSpatioTemporal" if a else "DownBlockSpatioTemporal" for a in attn)
-    up = tuple("CrossAttnUpBlockSpatioTemporal" if a else "UpBlockSpatioTemporal" for a in attn[::-1])
-    d = m.addition_time_embed_dim
-    return dict(
-        sample_size=m.resolution,
-        in_channels=6,
-        out_channels=3,
-        down_block_types=down,
-        up_block_types=up,
-        block_out_channels=tuple(m.block_out_channels),
-        addition_time_embed_dim=d,
-        # video: (fps_id, motion_bucket_id, cond_aug) x d; multi-view: cond_aug d + polar 2d + azimuth 2d
-        projection_class_embeddings_input_dim=3 * d if family == "video" else 5 * d,
-        layers_per_block=m.layers_per_block,
-        cross_attention_dim=m.cross_attention_dim,
-        num_attention_heads=m.num_attention_heads,
-        num_frames=m.num_frames,
+    return spatiotemporal_unet_config(
+        family=family, latent_channels=3, block_out_channels=m.block_out_channels,
+        attention=[i >= m.attention_from_level for i in range(n)],
+        addition_time_embed_dim=m.addition_time_embed_dim, layers_per_block=m.layers_per_block,
+        cross_attention_dim=m.cross_attention_dim, num_attention_heads=m.num_attention_heads,
+        num_frames=m.num_frames, sample_size=m.resolution,
     )
 
 

@@ -4,7 +4,9 @@
 #   2. bench/sampler.py --gpu-full (full-size SVD-XT + SV3D_p, random bf16 weights, 21 x 25 at 576);
 #   3. the miniature priors trained on the GPU for MINUTES (issue 6);
 #   4. bench/fit.py --gpu (gsplat fit of a 21 x 25 matrix at 576, 5k iterations; torch vs gsplat agreement).
-# Needs: a python3 with torch (CUDA) and the wheels of .whl/ (diffusers, gsplat, pydantic, plyfile, ...),
+# Needs: a python3 with torch (CUDA) and, in .whl/, the cp312 manylinux wheels of what the device image
+# lacks: diffusers, gsplat, pydantic, pydantic-core, annotated-types, typing-inspection, plyfile,
+# importlib_metadata, imageio-ffmpeg (the fit's turntable MP4; the first run lacked it),
 # the training set .d2cache/train/train16_600.pt. Writes at most 8 files under $OUT.
 set -uo pipefail
 OUT=${OUT:-runs/gpu}

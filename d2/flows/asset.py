@@ -13,8 +13,8 @@ from prefect import flow
 from pydantic import BaseModel
 
 
-from d2.tasks.runtime import (RunContext, asset_task, get_stage_set, make_tracker, new_recorder,
-                              register_context, release_context, tracking_meta)
+from d2.tasks.runtime import (RunContext, asset_task, finish_run, get_stage_set, make_tracker,
+                              new_recorder, register_context, release_context, tracking_meta)
 from d2.utils.io import write_json
 
 
@@ -42,10 +42,7 @@ def asset_flow(input_path: str, out_dir: str, params: dict[str, Any], gt_dir: st
         results = asset_task(ctx.id, obj, str(src), gt_dir)
         ok = True
     finally:
-        recorder.meta["flow_wall_seconds"] = round(time.perf_counter() - t0, 4)
-        recorder.finish("completed" if ok else "failed")
-        if tracker is not None:
-            tracker.finish(ok)
+        finish_run(recorder, tracker, ok, t0)
         release_context(ctx.id)
     return {"run_dir": str(run_dir), "manifest": str(run_dir / "manifest.json"), "object": obj,
             "outputs": {s: str(r.out_dir) for s, r in results.items()},

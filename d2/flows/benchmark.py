@@ -20,8 +20,8 @@ from pydantic import BaseModel
 
 
 from d2.tasks.manifest import Recorder
-from d2.tasks.runtime import (RunContext, StageResult, Tracker, asset_task, get_stage_set, make_tracker,
-                              new_recorder, object_metrics, register_context, release_context, run_stage_task,
+from d2.tasks.runtime import (RunContext, StageResult, Tracker, asset_task, finish_run, get_stage_set,
+                              make_tracker, new_recorder, object_metrics, register_context, release_context, run_stage_task,
                               tracking_meta)
 from d2.tasks.tracking import flat_numbers
 from d2.utils.io import write_json
@@ -153,10 +153,7 @@ def benchmark_flow(data_dir: str, out_dir: str, params: dict[str, Any], stage_se
         result = finish_benchmark(ctx, Path(data_dir), objects, submit_objects(ctx, Path(data_dir), objects))
         ok = True
     finally:
-        ctx.recorder.meta["flow_wall_seconds"] = round(time.perf_counter() - t0, 4)
-        ctx.recorder.finish("completed" if ok else "failed")
-        if ctx.tracker is not None:
-            ctx.tracker.finish(ok)
+        finish_run(ctx.recorder, ctx.tracker, ok, t0)
         release_context(ctx.id)
     result["flow_wall_seconds"] = ctx.recorder.meta["flow_wall_seconds"]
     return result

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from d2.config import ParamsError, flatten_params, parse_override, with_overrides
 from d2.flows.benchmark import finish_benchmark, open_benchmark, submit_objects
-from d2.tasks.runtime import get_stage_set, make_tracker, new_recorder, release_context, tracking_meta
+from d2.tasks.runtime import finish_run, get_stage_set, make_tracker, new_recorder, release_context, tracking_meta
 from d2.tasks.tracking import flat_numbers
 from d2.utils.io import write_json, write_text
 
@@ -104,9 +104,7 @@ def sweep_flow(data_dir: str, out_dir: str, params: dict[str, Any], grid: dict[s
             except Exception as e:  # noqa: BLE001  (the sweep fails below, after every point ended)
                 failures.append(f"{pid}: {e}")
             finally:
-                ctx.recorder.finish("completed" if point_ok else "failed")
-                if ctx.tracker is not None:
-                    ctx.tracker.finish(point_ok)
+                finish_run(ctx.recorder, ctx.tracker, point_ok)
         if failures:
             raise RuntimeError("sweep points failed:\n" + "\n".join(failures))
         write_json(run_dir / "sweep.json", {"grid": grid, "rows": rows})
@@ -118,10 +116,7 @@ def sweep_flow(data_dir: str, out_dir: str, params: dict[str, Any], grid: dict[s
             tracker.log_artifacts(tracker.run_id, files)
         ok = True
     finally:
-        recorder.meta["flow_wall_seconds"] = round(time.perf_counter() - t0, 4)
-        recorder.finish("completed" if ok else "failed")
-        if tracker is not None:
-            tracker.finish(ok)
+        finish_run(recorder, tracker, ok, t0)
         for ctx in contexts:
             release_context(ctx.id)
     return {"run_dir": str(run_dir), "manifest": str(run_dir / "manifest.json"), "rows": rows,

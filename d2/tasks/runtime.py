@@ -235,6 +235,16 @@ def tracking_meta(tracker: Tracker | None) -> dict[str, Any]:
             "mlflow_tracking_uri": tracker.tracking_uri if tracker else None, "prefect_flow_run_id": flow_run_id}
 
 
+def finish_run(recorder: Recorder, tracker: Tracker | None, ok: bool, t0: float | None = None) -> None:
+    """Close a run: its wall seconds (when ``t0`` is given), the manifest status, and the MLflow run
+    (FAILED when not ``ok``)."""
+    if t0 is not None:
+        recorder.meta["flow_wall_seconds"] = round(time.perf_counter() - t0, 4)
+    recorder.finish("completed" if ok else "failed")
+    if tracker is not None:
+        tracker.finish(ok)
+
+
 def now() -> float:
     """Monotonic seconds (for wall times in manifests)."""
     return time.perf_counter()

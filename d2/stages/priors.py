@@ -74,6 +74,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from d2.stages.unet_runtime import ATTENTION_BACKENDS, CUDA_GRID_LIMIT, attention_context, prepare_unet
+
 Family = Literal["video", "multiview"]
 FAMILIES: tuple[Family, ...] = ("video", "multiview")
 
@@ -134,6 +136,10 @@ class PriorsConfig(BaseModel):
     hf_cache_dir: str | None = None  # Hugging Face cache dir (default: HF_HUB_CACHE / ~/.cache/huggingface/hub)
     device: str = "cpu"  # torch device of the models
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights / activations dtype (x stays fp32)
+    attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"  # preferred attention kernel (d2/stages/unet_runtime.py)
+    attention_max_batch: int = Field(32767, ge=1)  # attention sequences per kernel call (CUDA grid limit 65535)
+    channels_last: bool = False  # NHWC convolution weights
+    compile: bool = False  # torch.compile the UNets (the first call of each shape compiles: minutes at full size)
     tiny: TinyPriorConfig = Field(default_factory=TinyPriorConfig)  # sizes of the tiny backend
     gaussian: GaussianPriorConfig = Field(default_factory=GaussianPriorConfig)  # the analytic prior
 
@@ -235,6 +241,20 @@ class Prior(nn.Module):
         std = getattr(feature_extractor, "image_std", None) or [0.26862954, 0.26130258, 0.27577711]
         self.register_buffer("clip_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("clip_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.attention_backend: str = "auto"
+        if unet is not None:  # split huge temporal-attention batches (CUDA grid limit), whatever the chunk
+            prepare_unet(unet)
+
+    def configure_runtime(self, attention_backend: str = "auto", attention_max_batch: int = CUDA_GRID_LIMIT // 2,
+                          channels_last: bool = False, compile: bool = False) -> "Prior":
+        """How the UNet executes (kernels, memory format, compilation; d2/stages/unet_runtime.py)."""
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
+        self.attention_backend = attention_backend
+        if self.unet is not None:
+            prepare_unet(self.unet, attention_max_batch=attention_max_batch, channels_last=channels_last,
+                         compile=compile)
+        return self
 
     # ---- properties ----
     @property
@@ -378,8 +398,9 @@ class Prior(nn.Module):
         ids = cond.added_ids
         if self.family == "multiview" and ids.shape[1] != t:
             raise ValueError(f"conditioning has cameras for {ids.shape[1]} views, sample has {t}")
-        out = self.unet(sample, c_noise.to(torch.float32), encoder_hidden_states=cond.context.to(dtype),
-                        added_time_ids=ids.float(), return_dict=False)[0]  # ids stay fp32 (angles)
+        with attention_context(self.attention_backend):  # type: ignore[arg-type]
+            out = self.unet(sample, c_noise.to(torch.float32), encoder_hidden_states=cond.context.to(dtype),
+                            added_time_ids=ids.float(), return_dict=False)[0]  # ids stay fp32 (angles)
         return out.float()
 
     def denoise_raw(self, x: Tensor, sigma: Tensor, cond: PriorCondition) -> Tensor:
@@ -500,7 +521,9 @@ def load_priors(cfg: PriorsConfig, device: str | torch.device | None = None) -> 
         if prior.family != family:
             raise ValueError(f"backend {name!r} returned a {prior.family} prior for the {family} slot")
         prior.eval().requires_grad_(False)
-        out.append(prior.to(dev))
+        prior = prior.to(dev)
+        prior.configure_runtime(cfg.attention_backend, cfg.attention_max_batch, cfg.channels_last, cfg.compile)
+        out.append(prior)
     if missing:
         raise MissingWeightsError("\n\n".join(missing))
     return out[0], out[1]

@@ -4,7 +4,9 @@
 #      SVD-XT UNet, the card's bf16 GEMM ceiling, and a kernel profile by category;
 #   2. bench/sampler.py --gpu-full, eager, torch's default attention (the baseline on this card);
 #   3. the same with the fastest attention kernel of step 1 (when that is not the default);
-#   4. the same with both UNets compiled (torch.compile; the warm-up step includes compilation).
+#   4. the same with both UNets compiled (torch.compile; the warm-up step includes compilation),
+#      plus $COMPILE_FLAGS (e.g. COMPILE_FLAGS=--channels-last).
+# Measured: 490 s on one H200 (bench/results/gpu_sampler_h200_log.txt).
 # Needs: a python3 with torch (CUDA) and, in .whl/, the cp312 wheels the device image lacks
 # (diffusers, pydantic, pydantic-core, annotated-types, typing-inspection, importlib_metadata;
 # see bench/gpu_checks.sh). Writes its JSON files and log under $OUT.
@@ -40,5 +42,5 @@ if [ "$BEST" != auto ]; then
 fi
 stamp "sampler, compiled, $BEST attention"
 timeout "${T_COMPILE:-330}" python3 bench/sampler.py --gpu-full --steps 2 --chunk "$CHUNK" --attention "$BEST" \
-  --compile --json "$OUT/sampler_compile_$BEST.json" 2>&1 | grep -v -i "warn" | tee -a "$LOG"
+  --compile ${COMPILE_FLAGS:-} --json "$OUT/sampler_compile_$BEST.json" 2>&1 | grep -v -i "warn" | tee -a "$LOG"
 stamp "done"

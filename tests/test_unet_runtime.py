@@ -75,20 +75,24 @@ def test_chunks_are_equal_where_cheap(n, size, lengths):
 
 
 @pytest.mark.slow
-def test_compiled_unet_matches_eager():
-    """priors.compile: same D(x; sigma) as eager (float32 on the CPU), state-dict keys unchanged (~1 min)."""
+@pytest.mark.parametrize("knobs", [{}, {"temporal_conv": "gemm", "temporal_norm": "framewise", "compile_freezing": True}],
+                         ids=["default", "gemm-framewise-frozen"])
+def test_compiled_unet_matches_eager(knobs):
+    """priors.compile: same D(x; sigma) as eager (float32 on the CPU), state-dict keys unchanged (~1 min each)."""
     from d2.stages.unet_runtime import no_compile
 
     prior, x, cond, sigma, ref = _case("video", 2, [0.5, 3.0])
+    prior.requires_grad_(False)
     keys = list(prior.unet.state_dict())
     with torch.no_grad():
-        prior.configure_runtime(compile=True)
+        prior.configure_runtime(compile=True, **knobs)
         assert prior.unet._compiled_call_impl is not None
         out = prior.denoise_raw(x, sigma, cond)
         with no_compile(prior.unet):
             eager = prior.denoise_raw(x, sigma, cond)
     assert list(prior.unet.state_dict()) == keys
-    torch.testing.assert_close(eager, ref, rtol=0, atol=0)
+    tol = 1e-5 if knobs else 0.0  # the GEMM temporal convolution rounds differently from Conv3d
+    torch.testing.assert_close(eager, ref, rtol=tol, atol=tol)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -99,3 +103,155 @@ def test_channels_last_keeps_the_output():
         convs = [m for m in prior.unet.modules() if isinstance(m, torch.nn.Conv2d)]
         assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
         torch.testing.assert_close(prior.denoise_raw(x, sigma, cond), ref, rtol=1e-4, atol=1e-5)
+
+
+# ---- exact reformulations: single-key cross-attention, temporal convolution as a GEMM ----
+
+
+def _attention(**kw):
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=16, heads=2, dim_head=16, **kw).eval()
+    attn.set_processor(AttnProcessor2_0())
+    return attn
+
+
+def test_single_key_attention_equals_softmax_attention():
+    from d2.stages.unet_runtime import single_key_attention
+
+    attn = _attention()
+    h = torch.randn(3, 7, 32)
+    ctx = torch.randn(3, 1, 16)
+    with torch.no_grad():
+        ref = attn(h, encoder_hidden_states=ctx)
+        out = single_key_attention(attn, h, ctx)
+    assert out is not None and out.shape == ref.shape == (3, 7, 32)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out[0], out[1])  # per-sample context really used
+    # where it does not apply, it says so: two keys, self-attention shape, training mode
+    assert single_key_attention(attn, h, torch.randn(3, 2, 16)) is None
+    assert single_key_attention(attn.train(), h, ctx) is None
+    assert single_key_attention(_attention(residual_connection=True), h, ctx) is None
+
+
+@pytest.mark.parametrize("family", ["video", "multiview"])
+def test_cross_attention_shortcut_keeps_the_output(family):
+    from d2.stages.unet_runtime import BatchSplitAttnProcessor
+
+    prior, x, cond, sigma, _ = _case(family, 4, 0.9)
+    counts = {}
+    outs = {}
+    for shortcut in (False, True):
+        prior.configure_runtime(cross_attention_shortcut=shortcut)
+        procs = list(prior.unet.attn_processors.values())
+        assert all(isinstance(p, BatchSplitAttnProcessor) and p.single_key_shortcut == shortcut for p in procs)
+        calls = []
+        for p in procs:
+            inner = p.inner
+            p.inner = lambda *a, _i=inner, **k: calls.append(1) or _i(*a, **k)
+        with torch.no_grad():
+            outs[shortcut] = prior.denoise_raw(x, sigma, cond)
+        counts[shortcut] = len(calls)
+    assert counts[True] == counts[False] // 2 > 0  # every cross-attention (half of them) skipped the kernel
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,cin,cout", [(3, 8, 16), (5, 6, 4), (1, 4, 4)])
+def test_temporal_conv_as_gemm_equals_conv3d(k, cin, cout):
+    from d2.stages.unet_runtime import TemporalConvAsGemm, temporal_conv_as_gemm
+
+    torch.manual_seed(k)
+    model = torch.nn.Sequential(torch.nn.Conv3d(cin, cout, (k, 1, 1), padding=((k - 1) // 2, 0, 0)),
+                                torch.nn.Conv3d(cout, cout, (3, 3, 3), padding=1))  # not temporal: left alone
+    x = torch.randn(2, cin, 7, 5, 6)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        ref = model(x)
+        assert temporal_conv_as_gemm(model) == 1 and type(model[0]) is TemporalConvAsGemm
+        assert type(model[1]) is torch.nn.Conv3d and list(model.state_dict()) == keys
+        out = model(x)
+        assert temporal_conv_as_gemm(model, enable=False) == 1 and type(model[0]) is torch.nn.Conv3d
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not TemporalConvAsGemm.applies(torch.nn.Conv3d(4, 4, (3, 1, 1), padding=(0, 0, 0)))  # 'valid' padding
+
+
+def test_tiny_prior_with_gemm_temporal_conv_keeps_the_output():
+    from d2.stages.unet_runtime import TemporalConvAsGemm
+
+    prior, x, cond, sigma, ref = _case("video", 5, 1.7)
+    prior.configure_runtime(temporal_conv="gemm")
+    assert sum(type(m) is TemporalConvAsGemm for m in prior.unet.modules()) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(prior.denoise_raw(x, sigma, cond), ref, rtol=1e-5, atol=1e-5)
+    prior.configure_runtime(temporal_conv="conv3d")
+    assert not any(type(m) is TemporalConvAsGemm for m in prior.unet.modules())
+    with pytest.raises(ValueError, match="temporal_conv"):
+        prior.configure_runtime(temporal_conv="fft")
+    with pytest.raises(ValueError, match="compile_mode"):
+        prior.configure_runtime(compile=True, compile_mode="fastest")
+    for bad in ({"temporal_conv": "fft"}, {"compile_mode": "fastest"}):
+        with pytest.raises(ValueError):
+            PriorsConfig(**bad)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "frame-major"])
+def test_framewise_group_norm_equals_group_norm(layout):
+    from d2.stages.unet_runtime import FramewiseGroupNorm, framewise_group_norm
+
+    torch.manual_seed(1)
+    norm = torch.nn.GroupNorm(4, 12, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 12, 5, 3, 4) * torch.linspace(0.5, 3.0, 5).view(1, 1, 5, 1, 1) + 2.0  # frames differ
+    if layout == "frame-major":  # what the temporal ResNet blocks see: a permuted [B, F, C, H, W]
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    with torch.no_grad():
+        ref = norm(x)
+        assert framewise_group_norm(norm) == 1 and type(norm) is FramewiseGroupNorm
+        out = norm(x)
+        torch.testing.assert_close(norm(x[:, :, 0]), torch.nn.functional.group_norm(  # 4-D: plain GroupNorm
+            x[:, :, 0], 4, norm.weight, norm.bias, 1e-6))
+        half = norm(x.to(torch.bfloat16))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), ref, rtol=0.05, atol=0.05)
+    assert framewise_group_norm(norm, enable=False) == 1 and type(norm) is torch.nn.GroupNorm
+
+
+def test_tiny_prior_with_framewise_norm_keeps_the_output():
+    from d2.stages.unet_runtime import FramewiseGroupNorm
+
+    prior, x, cond, sigma, ref = _case("multiview", 6, 0.4)
+    prior.configure_runtime(temporal_norm="framewise")
+    norms = [m for m in prior.unet.modules() if type(m) is FramewiseGroupNorm]
+    five_d = []
+    for m in norms:
+        m.register_forward_pre_hook(lambda _m, a: five_d.append(a[0].ndim == 5))
+    with torch.no_grad():
+        torch.testing.assert_close(prior.denoise_raw(x, sigma, cond), ref, rtol=1e-5, atol=1e-5)
+    assert sum(five_d) > 0  # the temporal blocks' norms took the framewise path
+    with pytest.raises(ValueError, match="temporal_norm"):
+        prior.configure_runtime(temporal_norm="layer")
+
+
+def test_every_runtime_knob_is_a_priors_field_and_reaches_the_unet():
+    import inspect
+
+    from d2.stages.priors import Prior, load_priors, runtime_options
+    from d2.stages.unet_runtime import FramewiseGroupNorm, TemporalConvAsGemm
+
+    params = set(inspect.signature(Prior.configure_runtime).parameters) - {"self"}
+    assert set(runtime_options(PriorsConfig())) == params
+    before = torch.backends.cudnn.benchmark
+    try:
+        cfg = PriorsConfig(backend="tiny", cross_attention_shortcut=False, temporal_conv="gemm",
+                           temporal_norm="framewise", cudnn_benchmark=True)
+        video, mv = load_priors(cfg)
+        assert torch.backends.cudnn.benchmark is True
+        for prior in (video, mv):
+            mods = list(prior.unet.modules())
+            assert any(type(m) is TemporalConvAsGemm for m in mods) and any(type(m) is FramewiseGroupNorm for m in mods)
+            assert not any(p.single_key_shortcut for p in prior.unet.attn_processors.values())
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -138,8 +138,14 @@ class PriorsConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights / activations dtype (x stays fp32)
     attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"  # preferred attention kernel (d2/stages/unet_runtime.py)
     attention_max_batch: int = Field(32767, ge=1)  # attention sequences per kernel call (CUDA grid limit 65535)
+    cross_attention_shortcut: bool = True  # single-token cross-attention in closed form (exact; skips its GEMMs)
     channels_last: bool = False  # NHWC convolution weights
+    temporal_conv: Literal["conv3d", "gemm"] = "conv3d"  # temporal (3,1,1) convolution as cuDNN Conv3d or one GEMM
+    temporal_norm: Literal["groupnorm", "framewise"] = "groupnorm"  # temporal GroupNorm statistics: as built or per frame
+    cudnn_benchmark: bool = False  # cuDNN times its convolution algorithms per shape (process-wide; not bitwise reproducible)
     compile: bool = False  # torch.compile the UNets (the first call of each shape compiles: minutes at full size)
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"] = "default"  # torch.compile mode
+    compile_freezing: bool = False  # Inductor freezing: weights folded in as constants (inference only)
     tiny: TinyPriorConfig = Field(default_factory=TinyPriorConfig)  # sizes of the tiny backend
     gaussian: GaussianPriorConfig = Field(default_factory=GaussianPriorConfig)  # the analytic prior
 
@@ -246,14 +252,18 @@ class Prior(nn.Module):
             prepare_unet(unet)
 
     def configure_runtime(self, attention_backend: str = "auto", attention_max_batch: int = CUDA_GRID_LIMIT // 2,
-                          channels_last: bool = False, compile: bool = False) -> "Prior":
-        """How the UNet executes (kernels, memory format, compilation; d2/stages/unet_runtime.py)."""
+                          cross_attention_shortcut: bool = True, channels_last: bool = False,
+                          temporal_conv: str = "conv3d", temporal_norm: str = "groupnorm", compile: bool = False,
+                          compile_mode: str = "default", compile_freezing: bool = False) -> "Prior":
+        """How the UNet executes (kernels, layouts, compilation; d2/stages/unet_runtime.py). Keywords only."""
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
         self.attention_backend = attention_backend
         if self.unet is not None:
-            prepare_unet(self.unet, attention_max_batch=attention_max_batch, channels_last=channels_last,
-                         compile=compile)
+            prepare_unet(self.unet, attention_max_batch=attention_max_batch,
+                         cross_attention_shortcut=cross_attention_shortcut, channels_last=channels_last,
+                         temporal_conv=temporal_conv, temporal_norm=temporal_norm,  # type: ignore[arg-type]
+                         compile=compile, compile_mode=compile_mode, compile_freezing=compile_freezing)  # type: ignore[arg-type]
         return self
 
     # ---- properties ----
@@ -506,9 +516,17 @@ def get_backend(name: str) -> BackendFactory:
     return getattr(importlib.import_module(mod), fn)
 
 
+def runtime_options(cfg: PriorsConfig) -> dict[str, Any]:
+    """The ``priors.*`` fields that :meth:`Prior.configure_runtime` takes."""
+    keys = ("attention_backend", "attention_max_batch", "cross_attention_shortcut", "channels_last", "temporal_conv",
+            "temporal_norm", "compile", "compile_mode", "compile_freezing")
+    return {k: getattr(cfg, k) for k in keys}
+
+
 def load_priors(cfg: PriorsConfig, device: str | torch.device | None = None) -> tuple[Prior, Prior]:
     """Build ``(video_prior, multiview_prior)`` from the configured backends, in eval mode, no grads."""
     dev = torch.device(device if device is not None else cfg.device)
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # process-wide
     out = []
     missing: list[str] = []
     for family in FAMILIES:
@@ -522,7 +540,7 @@ def load_priors(cfg: PriorsConfig, device: str | torch.device | None = None) -> 
             raise ValueError(f"backend {name!r} returned a {prior.family} prior for the {family} slot")
         prior.eval().requires_grad_(False)
         prior = prior.to(dev)
-        prior.configure_runtime(cfg.attention_backend, cfg.attention_max_batch, cfg.channels_last, cfg.compile)
+        prior.configure_runtime(**runtime_options(cfg))
         out.append(prior)
     if missing:
         raise MissingWeightsError("\n\n".join(missing))

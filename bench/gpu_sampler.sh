@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# Issue 2's GPU throughput checks in one run on one lent GPU (H100/H200), ~8 minutes:
-#   1. bench/unet_kernels.py: the attention kernels timed on one chunk forward of the full-size
-#      SVD-XT UNet, the card's bf16 GEMM ceiling, and a kernel profile by category;
-#   2. bench/sampler.py --gpu-full, eager, torch's default attention (the baseline on this card);
-#   3. the same with the fastest attention kernel of step 1 (when that is not the default);
-#   4. the same with both UNets compiled (torch.compile; the warm-up step includes compilation),
-#      plus $COMPILE_FLAGS (e.g. COMPILE_FLAGS=--channels-last).
-# Measured: 490 s on one H200 (bench/results/gpu_sampler_h200_log.txt).
+# Issue 2's GPU throughput checks in one run on one lent GPU (H100/H200). $STAGES picks, in order:
+#   kernels   bench/unet_kernels.py: attention kernels timed on one chunk forward of the full-size
+#             SVD-XT UNet, the card's bf16 GEMM ceiling, and a kernel profile by category (~2 min);
+#   variants  bench/unet_variants.py, eager: the exact reformulations (cross-attention shortcut,
+#             temporal convolution as a GEMM, framewise temporal GroupNorm) against diffusers'
+#             formulation, round-robin on one SVD-XT chunk forward (~1.5 min);
+#   eager     bench/sampler.py --gpu-full, eager, $EAGER_FLAGS (~1.5 min);
+#   compiled  the same with both UNets compiled, $COMPILE_FLAGS (~5 min: compilation ~4 min);
+#   cvariants bench/unet_variants.py --compile on $CVARIANTS (~2.2 min per variant).
+# Default STAGES=variants,compiled (~7 min). The first lease ran kernels,eager,compiled (490 s on
+# an H200, bench/results/gpu_sampler_h200_log.txt).
 # Needs: a python3 with torch (CUDA) and, in .whl/, the cp312 wheels the device image lacks
 # (diffusers, pydantic, pydantic-core, annotated-types, typing-inspection, importlib_metadata;
 # see bench/gpu_checks.sh). Writes its JSON files and log under $OUT.
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
 CHUNK=${CHUNK:-5}
+STAGES=${STAGES:-variants,compiled}
+EAGER_FLAGS=${EAGER_FLAGS:-}
+COMPILE_FLAGS=${COMPILE_FLAGS:---attention cudnn --temporal-conv gemm --temporal-norm framewise}
+CVARIANTS=${CVARIANTS:-reference,all}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [ -d .whl ]; then
@@ -24,23 +31,33 @@ LOG="$OUT/log.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv,noheader | tee "$LOG"
 t0=$(date +%s)
 stamp() { echo "== $1 (t=$(( $(date +%s) - t0 )) s)" | tee -a "$LOG"; }
+run() {  # run <timeout> <command...>: output to the log, dynamo's warnings dropped
+  local limit=$1; shift
+  timeout "$limit" "$@" 2>&1 | grep -v -i "warn" | tee -a "$LOG"
+}
 
-stamp "kernels"
-timeout "${T_KERNELS:-180}" python3 bench/unet_kernels.py --chunk "$CHUNK" --json "$OUT/kernels.json" 2>&1 \
-  | grep -v -i "warn" | tee -a "$LOG"
-BEST=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['best_attention'])" "$OUT/kernels.json" \
-  2>/dev/null || echo auto)
-echo "fastest attention: $BEST" | tee -a "$LOG"
-
-stamp "sampler, eager, default attention"
-timeout "${T_EAGER:-150}" python3 bench/sampler.py --gpu-full --steps 2 --chunk "$CHUNK" \
-  --json "$OUT/sampler_eager.json" 2>&1 | grep -v -i "warn" | tee -a "$LOG"
-if [ "$BEST" != auto ]; then
-  stamp "sampler, eager, $BEST attention"
-  timeout "${T_EAGER:-150}" python3 bench/sampler.py --gpu-full --steps 2 --chunk "$CHUNK" --attention "$BEST" \
-    --json "$OUT/sampler_eager_$BEST.json" 2>&1 | grep -v -i "warn" | tee -a "$LOG"
-fi
-stamp "sampler, compiled, $BEST attention"
-timeout "${T_COMPILE:-330}" python3 bench/sampler.py --gpu-full --steps 2 --chunk "$CHUNK" --attention "$BEST" \
-  --compile ${COMPILE_FLAGS:-} --json "$OUT/sampler_compile_$BEST.json" 2>&1 | grep -v -i "warn" | tee -a "$LOG"
+for stage in ${STAGES//,/ }; do
+  case $stage in
+    kernels)
+      stamp "kernels"
+      run "${T_KERNELS:-180}" python3 bench/unet_kernels.py --chunk "$CHUNK" --json "$OUT/kernels.json" ;;
+    variants)
+      stamp "variants, eager (SVD-XT UNet, chunk 3)"
+      run "${T_VARIANTS:-120}" python3 bench/unet_variants.py --chunk 3 --repeats 3 --attention cudnn \
+        --json "$OUT/variants_eager.json" ;;
+    eager)
+      stamp "sampler, eager $EAGER_FLAGS"
+      run "${T_EAGER:-150}" python3 bench/sampler.py --gpu-full --steps 2 --chunk "$CHUNK" $EAGER_FLAGS \
+        --json "$OUT/sampler_eager.json" ;;
+    compiled)
+      stamp "sampler, compiled $COMPILE_FLAGS"
+      run "${T_COMPILE:-360}" python3 bench/sampler.py --gpu-full --steps 2 --chunk "$CHUNK" --compile $COMPILE_FLAGS \
+        --json "$OUT/sampler_compiled.json" ;;
+    cvariants)
+      stamp "variants, compiled: $CVARIANTS"
+      run "${T_CVARIANTS:-300}" python3 bench/unet_variants.py --chunk 3 --repeats 3 --attention cudnn --compile \
+        --variants "$CVARIANTS" --json "$OUT/variants_compiled.json" ;;
+    *) echo "unknown stage $stage (kernels, variants, eager, compiled, cvariants)" | tee -a "$LOG" ;;
+  esac
+done
 stamp "done"

@@ -11,9 +11,13 @@ built directly on the GPU in bf16 (no download), V x F = 21 x 25 at 576 x 576 (l
 4 x 72 x 72), CFG on both models, the authors' weights (both models on every entry): seconds
 per composed step (after a warm-up step), achieved TFLOP/s against the ~3.45 PFLOP a step
 costs (DESIGN.md section 4) and against FLOPs counted by torch's FlopCounterMode on one forward
-of each UNet, and peak GPU memory. ``--attention`` / ``--compile`` / ``--channels-last`` set
+of each UNet, and peak GPU memory. ``--attention``, ``--no-shortcut``, ``--temporal-conv``,
+``--temporal-norm``, ``--channels-last``, ``--compile`` (``--compile-mode``, ``--freezing``) set
 the priors' runtime knobs (d2/stages/unet_runtime.py); ``bench/gpu_sampler.sh`` runs the
-variants. ``--tiny`` runs the same code path with tiny architectures (CPU-friendly).
+variants. FLOPs are counted twice: for diffusers' formulation (``counted_*``, what a step
+costs; the TFLOP/s quoted against the target) and for the formulation run (``executed_*``,
+smaller where the cross-attention shortcut skips work). ``--tiny`` runs the same code path
+with tiny architectures (CPU-friendly).
 
     .venv/bin/python bench/sampler.py --gpu-full                  # one H100/H200, ~1 min
     .venv/bin/python bench/sampler.py --gpu-full --attention cudnn --compile   # + ~4 min compiling
@@ -50,6 +54,7 @@ from d2.stages.sampling import (  # noqa: E402
     edm_sample,
 )
 from d2.stages.schedules import karras_sigmas  # noqa: E402
+from d2.stages.unet_runtime import COMPILE_MODES, TEMPORAL_CONVS, TEMPORAL_NORMS  # noqa: E402
 
 DESIGN_PFLOP_PER_STEP = 3.45  # 21*2*41 + 25*2*35 TFLOP (DESIGN.md section 4, estimate)
 
@@ -168,9 +173,9 @@ def _random_unet(cls, config: dict, device: torch.device, dtype: torch.dtype, se
 
 
 def _fake_condition(prior: Prior, n: int, t: int, latent: int, ctx_dim: int, device: torch.device,
-                    gen: torch.Generator) -> PriorCondition:
+                    gen: torch.Generator, channels: int = 4) -> PriorCondition:
     context = torch.randn(n, 1, ctx_dim, generator=gen).to(device)
-    concat = torch.randn(n, 4, latent, latent, generator=gen).to(device)
+    concat = torch.randn(n, channels, latent, latent, generator=gen).to(device)
     if prior.family == "video":
         ids = torch.tensor([[24.0, 127.0, 0.02]] * n, device=device)
     else:
@@ -186,8 +191,9 @@ def count_flops(unet: torch.nn.Module, prior: Prior, t: int, latent: int, ctx_di
     from torch.utils.flop_counter import FlopCounterMode
 
     gen = torch.Generator().manual_seed(0)
-    cond = _fake_condition(prior, 1, t, latent, ctx_dim, device, gen)
-    x = torch.randn(1, t, 4, latent, latent, generator=gen).to(device)
+    c = int(unet.config.in_channels) // 2  # noisy latents + the concatenated condition
+    cond = _fake_condition(prior, 1, t, latent, ctx_dim, device, gen, c)
+    x = torch.randn(1, t, c, latent, latent, generator=gen).to(device)
     fc = FlopCounterMode(display=False)
     with fc, torch.no_grad():
         prior.denoise_raw(x, torch.ones(1, device=device), cond)
@@ -212,8 +218,12 @@ def _compile_both(den: ComposedDenoiser, x: torch.Tensor, sigma: float, out: dic
 
 def gpu_full(tiny: bool, chunk: int, steps: int, warmup: int, device_name: str | None,
              views: int | None = None, frames: int | None = None, latent_size: int | None = None,
-             channels_last: bool = False, attention: str = "auto", compile: bool = False) -> dict:
-    """Seconds per composed step of the full 21 x 25 matrix at 576 px (or a tiny stand-in with ``tiny``)."""
+             runtime: dict | None = None) -> dict:
+    """Seconds per composed step of the full 21 x 25 matrix at 576 px (or a tiny stand-in with ``tiny``).
+
+    ``runtime``: :meth:`Prior.configure_runtime` keywords for both priors (attention kernel,
+    cross-attention shortcut, temporal convolution, channels-last, compilation).
+    """
     from diffusers import UNetSpatioTemporalConditionModel
     from diffusers.utils import logging as dlogging
 
@@ -224,6 +234,8 @@ def gpu_full(tiny: bool, chunk: int, steps: int, warmup: int, device_name: str |
     t_start = time.perf_counter()
     device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
+    runtime = dict(runtime or {})
+    compile = bool(runtime.get("compile", False))
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -246,17 +258,24 @@ def gpu_full(tiny: bool, chunk: int, steps: int, warmup: int, device_name: str |
     mv = Prior("multiview", munet, PixelSpaceVAE(), None, None, latent * 8, name="sv3d_p-random").to(device)
     t_built = time.perf_counter() - t_start
     t_flops = time.perf_counter()  # counted eagerly, before any compilation
+    reference = {"cross_attention_shortcut": False, "temporal_conv": "conv3d",  # diffusers' formulation
+                 "temporal_norm": "groupnorm"}
+    executed = {k: runtime[k] for k in reference if k in runtime}
+    flops: dict = {}
     try:
-        fl_video = count_flops(vunet, video, f, latent, ctx_dim, device)
-        fl_mv = count_flops(munet, mv, v, latent, ctx_dim, device)
-        flops: dict = {"counted_tflop_per_forward_video": round(fl_video / 1e12, 4),
-                       "counted_tflop_per_forward_multiview": round(fl_mv / 1e12, 4),
-                       "counted_tflop_per_step": round((2 * v * fl_video + 2 * f * fl_mv) / 1e12, 3),
-                       "flop_count_s": round(time.perf_counter() - t_flops, 2)}
+        for label, knobs in (("counted", reference), ("executed", {**reference, **executed})):
+            for prior in (video, mv):
+                prior.configure_runtime(**knobs)
+            fl_video = count_flops(vunet, video, f, latent, ctx_dim, device)
+            fl_mv = count_flops(munet, mv, v, latent, ctx_dim, device)
+            flops.update({f"{label}_tflop_per_forward_video": round(fl_video / 1e12, 4),
+                          f"{label}_tflop_per_forward_multiview": round(fl_mv / 1e12, 4),
+                          f"{label}_tflop_per_step": round((2 * v * fl_video + 2 * f * fl_mv) / 1e12, 3)})
+        flops["flop_count_s"] = round(time.perf_counter() - t_flops, 2)
     except Exception as e:  # noqa: BLE001 - the timing below stands without the count
         flops = {"flop_count_error": f"{type(e).__name__}: {e}"}
     for prior in (video, mv):
-        prior.configure_runtime(attention_backend=attention, channels_last=channels_last, compile=compile)
+        prior.configure_runtime(**runtime)
 
     gen = torch.Generator().manual_seed(0)
     vcond = _fake_condition(video, v, f, latent, ctx_dim, device, gen)  # row v <- orbit view v
@@ -266,7 +285,7 @@ def gpu_full(tiny: bool, chunk: int, steps: int, warmup: int, device_name: str |
     sig = karras_sigmas(50)
     out = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "tiny": tiny, "channels_last": channels_last, "attention": attention, "compile": compile, "V": v, "F": f, "latent": f"4x{latent}x{latent}",
+        "tiny": tiny, "runtime": runtime, "V": v, "F": f, "latent": f"4x{latent}x{latent}",
         "dtype": str(dtype), "build_s": round(t_built, 2),
     }
     while True:  # on CUDA OOM halve the chunk and retry
@@ -311,8 +330,9 @@ def gpu_full(tiny: bool, chunk: int, steps: int, warmup: int, device_name: str |
         out["achieved_tflops_vs_design_3.45PF"] = round(DESIGN_PFLOP_PER_STEP * 1e3 / sec_step, 1)
     if cuda:
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    if "counted_tflop_per_step" in flops:
+    if "counted_tflop_per_step" in flops:  # the reference formulation's FLOPs (what a step costs) per second
         flops["achieved_tflops_counted"] = round(flops["counted_tflop_per_step"] / sec_step, 2)
+        flops["executed_tflops"] = round(flops["executed_tflop_per_step"] / sec_step, 2)  # FLOPs really run
     out.update(flops)
     out["total_s"] = round(time.perf_counter() - t_start, 2)
     for k, val in out.items():
@@ -340,10 +360,22 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --gpu-full: preferred attention kernel (priors.attention_backend)")
     ap.add_argument("--compile", action="store_true", help="with --gpu-full: torch.compile both UNets "
                     "(the warm-up step then includes the compilation)")
+    ap.add_argument("--compile-mode", default="default", choices=list(COMPILE_MODES), help="with --compile")
+    ap.add_argument("--freezing", action="store_true", help="with --compile: Inductor freezing")
+    ap.add_argument("--no-shortcut", action="store_true",
+                    help="with --gpu-full: cross-attention through SDPA (priors.cross_attention_shortcut false)")
+    ap.add_argument("--temporal-conv", default="conv3d", choices=list(TEMPORAL_CONVS),
+                    help="with --gpu-full: priors.temporal_conv")
+    ap.add_argument("--temporal-norm", default="groupnorm", choices=list(TEMPORAL_NORMS),
+                    help="with --gpu-full: priors.temporal_norm")
     args = ap.parse_args(argv)
     if args.gpu_full:
+        runtime = {"attention_backend": args.attention, "cross_attention_shortcut": not args.no_shortcut,
+                   "channels_last": args.channels_last, "temporal_conv": args.temporal_conv,
+                   "temporal_norm": args.temporal_norm, "compile": args.compile,
+                   "compile_mode": args.compile_mode, "compile_freezing": args.freezing}
         res = gpu_full(args.tiny, args.chunk or (2 if args.tiny else 5), args.steps, args.warmup, args.device,
-                       args.views, args.frames, args.latent, args.channels_last, args.attention, args.compile)
+                       args.views, args.frames, args.latent, runtime)
     else:
         sizes = [tuple(int(n) for n in s.split("x")) for s in args.sizes.split(",")]
         res = cpu_table(sizes, args.steps, args.chunk or 2, args.threads)  # type: ignore[arg-type]

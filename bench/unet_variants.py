@@ -47,6 +47,7 @@ from d2.stages.priors import (  # noqa: E402
     load_priors,
     tiny_unet_config,
 )
+from d2.stages.unet_runtime import COMPILE_MODES  # noqa: E402
 
 _REF = {"cross_attention_shortcut": False, "temporal_conv": "conv3d", "temporal_norm": "groupnorm"}
 VARIANTS = {  # name -> configure_runtime knobs
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"comma-separated, from {list(VARIANTS)}")
     ap.add_argument("--attention", default="auto", help="priors.attention_backend for every variant")
     ap.add_argument("--compile", action="store_true", help="torch.compile each variant (minutes each at full size)")
+    ap.add_argument("--compile-mode", default="default", choices=list(COMPILE_MODES), help="with --compile")
+    ap.add_argument("--freezing", action="store_true", help="with --compile: Inductor freezing")
     ap.add_argument("--tiny", action="store_true", help="tiny architecture on the CPU")
     ap.add_argument("--mini", action="store_true", help="the trained miniature priors (data/priors/) on the CPU")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(b, t, c, latent, latent, generator=gen).to(device)
     res: dict = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
                  "family": args.family, "batch_sequences": b, "frames": t, "latent": latent, "dtype": str(dtype),
-                 "attention": args.attention, "compile": args.compile, "variants": []}
+                 "attention": args.attention, "compile": args.compile, "compile_mode": args.compile_mode,
+                 "freezing": args.freezing, "variants": []}
 
     def timed(n: int) -> list[float]:
         times = []
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         return times
 
     def configure(name: str, compile: bool = False) -> None:
-        prior.configure_runtime(attention_backend=args.attention, compile=compile, **VARIANTS[name])
+        prior.configure_runtime(attention_backend=args.attention, compile=compile, compile_mode=args.compile_mode,
+                                compile_freezing=args.freezing, **VARIANTS[name])
 
     rows: dict[str, dict] = {}
     with torch.no_grad():

@@ -2,7 +2,8 @@
 
 One chunk forward of the composed sampler (``--chunk`` rows x 2 for CFG, 25 frames at 72 x 72
 latents, bf16, random weights): for each attention backend, the seconds per forward (median of
-``--repeats``, CUDA events) and TFLOP/s against FlopCounterMode's count; then a torch.profiler
+``--repeats``, CUDA events) and TFLOP/s against FlopCounterMode's count of diffusers'
+formulation (the defaults run, so the cross-attention shortcut is on); then a torch.profiler
 trace of one forward, its kernels grouped into categories (GEMM, convolution, attention, norm,
 elementwise, layout copies) and the top kernels. Also the card's bf16 GEMM ceiling (8192^3).
 
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         t, latent, dtype, ctx, conf = 25, 72, torch.bfloat16, 1024, SVD_XT_UNET_CONFIG
     unet = _random_unet(UNetSpatioTemporalConditionModel, conf, device, dtype, 0)
     prior = Prior("video", unet, PixelSpaceVAE(), None, None, latent * 8, name="svd-xt-random").to(device)
+    prior.configure_runtime(cross_attention_shortcut=False)  # FLOPs of diffusers' formulation (what a forward costs)
     flop_seq = count_flops(unet, prior, t, latent, ctx, device)
+    prior.configure_runtime()  # the defaults (d2/stages/unet_runtime.py) from here on
     b = 2 * args.chunk
     gen = torch.Generator().manual_seed(0)
     cond = _fake_condition(prior, b, t, latent, ctx, device, gen)

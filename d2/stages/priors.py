@@ -251,11 +251,11 @@ class Prior(nn.Module):
         if unet is not None:  # split huge temporal-attention batches (CUDA grid limit), whatever the chunk
             prepare_unet(unet)
 
-    def configure_runtime(self, attention_backend: str = "auto", attention_max_batch: int = CUDA_GRID_LIMIT // 2,
+    def configure_runtime(self, *, attention_backend: str = "auto", attention_max_batch: int = CUDA_GRID_LIMIT // 2,
                           cross_attention_shortcut: bool = True, channels_last: bool = False,
                           temporal_conv: str = "conv3d", temporal_norm: str = "groupnorm", compile: bool = False,
                           compile_mode: str = "default", compile_freezing: bool = False) -> "Prior":
-        """How the UNet executes (kernels, layouts, compilation; d2/stages/unet_runtime.py). Keywords only."""
+        """How the UNet executes (kernels, layouts, compilation; d2/stages/unet_runtime.py)."""
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
         self.attention_backend = attention_backend

@@ -14,7 +14,8 @@ runs and which batch sizes it accepts. :class:`d2.stages.priors.Prior` applies t
   image embedding). The softmax over a single key is exactly 1, so the output is
   ``to_out(to_v(context))`` for every query: the query / key projections, the attention kernel
   and all but one row of the output projection are skipped (:func:`single_key_attention`;
-  4.6 % of the full-size UNet's FLOPs, bench/unet_kernels.py). Exact up to GEMM rounding.
+  4.5 % of the full-size SVD-XT UNet's FLOPs outside attention, bench/unet_variants.py counts
+  them). Exact up to GEMM rounding.
 - ``channels_last``: NHWC weights for the 2-D convolutions.
 - ``temporal_conv``: ``conv3d`` (as built) or ``gemm``: the temporal ``Conv3d`` with kernel
   (3, 1, 1) computed as one matrix product over the three frame-shifted copies of its input
@@ -82,9 +83,8 @@ def single_key_attention(attn: nn.Module, hidden_states: Tensor, encoder_hidden_
     if (encoder_hidden_states is None or encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[1] != 1
             or hidden_states.ndim != 3 or attn.training or getattr(attn, "residual_connection", True)
             or getattr(attn, "spatial_norm", None) is not None or getattr(attn, "group_norm", None) is not None
-            or getattr(attn, "added_kv_proj_dim", None) is not None or not hasattr(attn, "to_v")):
-        return None
-    if encoder_hidden_states.shape[0] != hidden_states.shape[0]:
+            or getattr(attn, "added_kv_proj_dim", None) is not None or not hasattr(attn, "to_v")
+            or encoder_hidden_states.shape[0] != hidden_states.shape[0]):
         return None
     ctx = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
     out = attn.to_out[1](attn.to_out[0](attn.to_v(ctx).to(hidden_states.dtype)))
@@ -186,30 +186,31 @@ class FramewiseGroupNorm(nn.GroupNorm):
         return y.to(x.dtype)
 
 
-def framewise_group_norm(unet: nn.Module, enable: bool = True) -> int:
-    """Swap every ``GroupNorm`` of ``unet`` to (or back from) :class:`FramewiseGroupNorm`; returns the count."""
+def _swap_class(unet: nn.Module, base: type[nn.Module], swapped: type[nn.Module], enable: bool) -> int:
+    """Set ``swapped`` as the class of every exact-``base`` module where it applies (or back); returns the count.
+
+    A class swap keeps the module's parameters, buffers and state-dict keys untouched.
+    """
+    applies = getattr(swapped, "applies", lambda mod: True)
     n = 0
     for mod in unet.modules():
-        if enable and type(mod) is nn.GroupNorm:
-            mod.__class__ = FramewiseGroupNorm
+        if enable and type(mod) is base and applies(mod):
+            mod.__class__ = swapped
             n += 1
-        elif not enable and type(mod) is FramewiseGroupNorm:
-            mod.__class__ = nn.GroupNorm
+        elif not enable and type(mod) is swapped:
+            mod.__class__ = base
             n += 1
     return n
+
+
+def framewise_group_norm(unet: nn.Module, enable: bool = True) -> int:
+    """Swap every ``GroupNorm`` of ``unet`` to (or back from) :class:`FramewiseGroupNorm`; returns the count."""
+    return _swap_class(unet, nn.GroupNorm, FramewiseGroupNorm, enable)
 
 
 def temporal_conv_as_gemm(unet: nn.Module, enable: bool = True) -> int:
     """Swap every temporal ``Conv3d`` of ``unet`` to (or back from) :class:`TemporalConvAsGemm`; returns the count."""
-    n = 0
-    for mod in unet.modules():
-        if enable and TemporalConvAsGemm.applies(mod):
-            mod.__class__ = TemporalConvAsGemm
-            n += 1
-        elif not enable and type(mod) is TemporalConvAsGemm:
-            mod.__class__ = nn.Conv3d
-            n += 1
-    return n
+    return _swap_class(unet, nn.Conv3d, TemporalConvAsGemm, enable)
 
 
 def prepare_unet(unet: nn.Module, *, attention_max_batch: int = CUDA_GRID_LIMIT // 2,

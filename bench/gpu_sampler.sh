@@ -10,8 +10,9 @@
 #             default: cuDNN attention, all three reformulations, Inductor freezing, which also
 #             concatenates each self-attention's Q/K/V projections into one GEMM);
 #   cvariants bench/unet_variants.py --compile $CVARIANT_FLAGS on $CVARIANTS (~2.2 min per variant).
-# Default STAGES=variants,compiled (~7 min). The first lease ran kernels,eager,compiled (490 s on
-# an H200, bench/results/gpu_sampler_h200_log.txt).
+# Default STAGES=variants,compiled (~7 min; limits T_VARIANTS=120, T_COMPILE=420 s). The first
+# lease ran kernels,eager,compiled (490 s on an H200, bench/results/gpu_sampler_h200_log.txt).
+# TINY=1 PY=.venv/bin/python runs every stage with tiny architectures on the CPU (a dry run).
 # Needs: a python3 with torch (CUDA) and, in .whl/, the cp312 wheels the device image lacks
 # (diffusers, pydantic, pydantic-core, annotated-types, typing-inspection, importlib_metadata;
 # see bench/gpu_checks.sh). Writes its JSON files and log under $OUT.
@@ -56,7 +57,7 @@ for stage in ${STAGES//,/ }; do
         $TINY --json "$OUT/sampler_eager.json" ;;
     compiled)
       stamp "sampler, compiled $COMPILE_FLAGS"
-      run "${T_COMPILE:-360}" "$PY" bench/sampler.py --gpu-full --steps 2 --chunk "$CHUNK" --compile $COMPILE_FLAGS \
+      run "${T_COMPILE:-420}" "$PY" bench/sampler.py --gpu-full --steps 2 --chunk "$CHUNK" --compile $COMPILE_FLAGS \
         $TINY --json "$OUT/sampler_compiled.json" ;;
     cvariants)
       stamp "variants, compiled: $CVARIANTS"

@@ -122,6 +122,17 @@ def agreement(n_gauss: int, res: int, device: torch.device) -> dict:
             "meets_target": bool(float(d.max()) <= 1e-3)}
 
 
+def _can_write_mp4() -> bool:
+    from d2.utils.io import video_plugin
+
+    try:
+        video_plugin()
+        return True
+    except RuntimeError as e:
+        print(f"no turntable.mp4: {e}", flush=True)
+        return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="GPU setting: gsplat, 21 x 25 at 576, 5000 iterations")
@@ -220,11 +231,13 @@ def main() -> None:
         wo.sum().backward()
         _sync(device)
         densify = gpu  # CPU timing keeps N fixed at n_init
+        turntable = gpu and _can_write_mp4()  # the device image has no MP4 writer (bench/gpu_checks.sh)
+        results["turntable"] = turntable
         cfg = FitConfig(iterations=iters, batch_size=args.batch, num_gaussians=n_init,
                         max_gaussians=max(n_init, 100_000 if gpu else n_init), lambda_lpips=lam_lpips,
                         lambda_ssim=1.0, lambda_l1=0.0 if args.lpips_random else 1.0,
                         densify_from=100 if densify else iters + 1, backend=backend, device=str(device),
-                        progress=args.progress, checkpoint_every=0, export_ply=gpu, turntable_frames=48 if gpu else 0)
+                        progress=args.progress, checkpoint_every=0, export_ply=gpu, turntable_frames=48 if turntable else 0)
         _sync(device)
         t0 = time.perf_counter()
         summary = run_fit(work / "matrix", work / "fit", cfg)

@@ -6,8 +6,9 @@
 #   4. bench/fit.py --gpu (gsplat fit of a 21 x 25 matrix at 576, 5k iterations; torch vs gsplat agreement).
 # Needs: a python3 with torch (CUDA) and, in .whl/, the cp312 manylinux wheels of what the device image
 # lacks: diffusers, gsplat, pydantic, pydantic-core, annotated-types, typing-inspection, plyfile,
-# importlib_metadata, imageio-ffmpeg (the fit's turntable MP4; the first run lacked it),
-# the training set .d2cache/train/train16_600.pt. Writes at most 8 files under $OUT.
+# importlib_metadata (`make gpu-wheels`), the training set .d2cache/train/train16_600.pt. No MP4
+# writer fits in what a call carries (imageio-ffmpeg 68 MB, PyAV 35 MB), so bench/fit.py skips
+# the turntable video there. Writes at most 8 files under $OUT.
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
 MINUTES=${MINUTES:-2.5}

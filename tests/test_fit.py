@@ -158,3 +158,21 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path: Path, monkeypa
         torch.testing.assert_close(b.state_dict()[k], v)
     # a changed config does not resume a stale checkpoint
     assert json.loads((tmp_path / "resumed" / "fit.json").read_text())["iterations"] == 6
+
+
+def test_missing_video_writer_fails_before_fitting(tmp_path: Path, monkeypatch) -> None:
+    """turntable.mp4 is written last: without an MP4 writer the fit stops before any work."""
+    _make_matrix(tmp_path / "matrix", 2, 2, 16)
+
+    def no_writer() -> str:
+        raise RuntimeError("writing MP4 needs imageio-ffmpeg (a project dependency) or PyAV")
+
+    calls = []
+    monkeypatch.setattr(fit_mod, "video_plugin", no_writer)
+    monkeypatch.setattr(fit_mod, "load_matrix", lambda *a, **k: calls.append(1))
+    with pytest.raises(RuntimeError, match="turntable_frames=0"):
+        run_fit(tmp_path / "matrix", tmp_path / "fit", _small_cfg(iterations=2, turntable_frames=4))
+    assert not calls and not (tmp_path / "fit").exists()
+    monkeypatch.undo()
+    run_fit(tmp_path / "matrix", tmp_path / "fit0", _small_cfg(iterations=2, turntable_frames=0))  # the way out
+    assert (tmp_path / "fit0" / "fit.json").is_file()

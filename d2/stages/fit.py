@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from d2.stages.cameras import OrbitSpec, orbit_cameras
 from d2.stages.gaussians import PARAM_NAMES, Gaussians4D, init_from_images, init_random, rotation_4d
 from d2.stages.render import resolve_backend
-from d2.utils.io import load_image, load_tensor, save_image, save_tensor, write_json
+from d2.utils.io import load_image, load_tensor, save_image, save_tensor, video_plugin, write_json
 
 
 class FitConfig(BaseModel):
@@ -302,6 +302,11 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig) -> dict
     device = resolve_device(cfg.device)
     backend = resolve_backend(cfg.backend, device)
     lpips_net = load_fit_lpips(cfg, device)  # fails fast when LPIPS is wanted but unavailable
+    if cfg.turntable_frames > 0:  # fails fast when turntable.mp4 could not be written at the end
+        try:
+            video_plugin()
+        except RuntimeError as e:
+            raise RuntimeError(f"fit: {e} (or set fit.turntable_frames=0)") from None
     data = load_matrix(matrix_dir, cfg.resolution)
     images = data.images.to(device)  # [V, F, 3, H, W]
     v, f, _, h, w = images.shape

@@ -128,7 +128,7 @@ def save_video(path: str | os.PathLike, frames: Tensor | np.ndarray | list, fps:
     ph, pw = h + (h % 2), w + (w % 2)
     if (ph, pw) != (h, w):
         arrs = [np.pad(a, ((0, ph - h), (0, pw - w), (0, 0)), constant_values=255) for a in arrs]
-    plugin = _video_plugin()
+    plugin = video_plugin()
     with atomic_path(path) as tmp:
         if plugin == "pyav":
             iio.imwrite(tmp, np.stack(arrs), extension=".mp4", plugin="pyav", fps=fps, codec="libx264")
@@ -137,8 +137,8 @@ def save_video(path: str | os.PathLike, frames: Tensor | np.ndarray | list, fps:
                         macro_block_size=1)
 
 
-def _video_plugin() -> str:
-    """The imageio plugin that writes MP4 here; a clear error when there is none.
+def video_plugin() -> str:
+    """The imageio plugin that writes MP4 here; a clear error when there is none (check before long work).
 
     Without one, imageio silently falls back to an image plugin (tifffile) and fails later
     with an unrelated message.

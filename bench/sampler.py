@@ -172,6 +172,24 @@ def _random_unet(cls, config: dict, device: torch.device, dtype: torch.dtype, se
     return unet.eval().requires_grad_(False)
 
 
+def time_calls(fn, n: int, cuda: bool) -> list[float]:
+    """Seconds of each of ``n`` calls of ``fn()`` (CUDA events on a GPU, wall clock on the CPU)."""
+    times = []
+    for _ in range(n):
+        if cuda:
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def _fake_condition(prior: Prior, n: int, t: int, latent: int, ctx_dim: int, device: torch.device,
                     gen: torch.Generator, channels: int = 4) -> PriorCondition:
     context = torch.randn(n, 1, ctx_dim, generator=gen).to(device)

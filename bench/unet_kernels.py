@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sampler import _fake_condition, _random_unet, count_flops  # noqa: E402
+from sampler import _fake_condition, _random_unet, count_flops, time_calls  # noqa: E402
 
 from d2.stages.priors import PixelSpaceVAE, Prior, TinyPriorConfig, tiny_unet_config  # noqa: E402
 from d2.stages.unet_runtime import ATTENTION_BACKENDS  # noqa: E402
@@ -126,19 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             prior.configure_runtime(attention_backend=backend)
             try:
                 forward()  # warm-up (cudnn autotuning)
-                times = []
-                for _ in range(args.repeats):
-                    if cuda:
-                        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        e0.record()
-                        forward()
-                        e1.record()
-                        e1.synchronize()
-                        times.append(e0.elapsed_time(e1) / 1e3)
-                    else:
-                        t0 = time.perf_counter()
-                        forward()
-                        times.append(time.perf_counter() - t0)
+                times = time_calls(forward, args.repeats, cuda)
                 sec = statistics.median(times)
                 res["backends"][backend] = {"s_per_forward": round(sec, 4), "spread": round(max(times) - min(times), 4),
                                             "tflops": round(flop_seq * b / sec / 1e12, 1)}

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sampler import _fake_condition, _random_unet, count_flops  # noqa: E402
+from sampler import _fake_condition, _random_unet, count_flops, time_calls  # noqa: E402
 
 from d2.stages.priors import (  # noqa: E402
     PixelSpaceVAE,
@@ -121,20 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                  "freezing": args.freezing, "variants": []}
 
     def timed(n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            if cuda:
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                prior.denoise_raw(x, sigma, cond)
-                e1.record()
-                e1.synchronize()
-                times.append(e0.elapsed_time(e1) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                prior.denoise_raw(x, sigma, cond)
-                times.append(time.perf_counter() - t0)
-        return times
+        return time_calls(lambda: prior.denoise_raw(x, sigma, cond), n, cuda)
 
     def configure(name: str, compile: bool = False) -> None:
         prior.configure_runtime(attention_backend=args.attention, compile=compile, compile_mode=args.compile_mode,
@@ -142,13 +129,14 @@ def main(argv: list[str] | None = None) -> None:
 
     rows: dict[str, dict] = {}
     with torch.no_grad():
-        configure("reference")
-        nominal = count_flops(unet, prior, t, latent, ctx, device) * b
-        ref_out = prior.denoise_raw(x, sigma, cond).float()
-        for name in names:  # FLOPs and output of every variant, eagerly
+        eager: dict[str, tuple[float, torch.Tensor]] = {}
+        for name in dict.fromkeys(["reference", *names]):  # FLOPs and output of each, eagerly, reference first
             configure(name)
-            flops = count_flops(unet, prior, t, latent, ctx, device) * b
-            out = prior.denoise_raw(x, sigma, cond).float()
+            eager[name] = (count_flops(unet, prior, t, latent, ctx, device) * b,
+                           prior.denoise_raw(x, sigma, cond).float())
+        nominal, ref_out = eager["reference"]
+        for name in names:
+            flops, out = eager[name]
             rows[name] = {"variant": name, **VARIANTS[name], "executed_tflop": round(flops / 1e12, 4),
                           "nominal_tflop": round(nominal / 1e12, 4), "flop_fraction": round(flops / nominal, 4),
                           "max_dev_vs_reference_rel_std": float(f"{((out - ref_out).abs().max() / ref_out.std()).item():.3g}"),

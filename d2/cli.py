@@ -36,7 +36,7 @@ class ProgressDisplay:
         self._task = None
 
     def __enter__(self) -> "ProgressDisplay":
-        from d2.tasks.runtime import LISTENERS
+        from d2.tasks.manifest import LISTENERS
 
         LISTENERS.append(self)
         if self.enabled:
@@ -50,7 +50,7 @@ class ProgressDisplay:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        from d2.tasks.runtime import LISTENERS
+        from d2.tasks.manifest import LISTENERS
 
         if self in LISTENERS:
             LISTENERS.remove(self)
@@ -101,6 +101,62 @@ def _mlflow_hint(result: dict[str, Any]) -> str:
         return "MLflow: off (run.mlflow=false)"
     ui = f".venv/bin/mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"mlflow ui ({uri})"
     return f"MLflow: run {result['mlflow_run_id']} in {uri}\n  browse: {ui}"
+
+
+def _check_out(out: str | Path) -> None:
+    """Refuse at once when another live run writes into ``out`` (before Prefect starts)."""
+    from d2.utils.paths import run_folder_holder
+
+    holder = run_folder_holder(Path(out))
+    if holder:
+        raise RuntimeError(f"{out} is in use by another d2 run ({holder}); wait for it to finish or choose another --out")
+
+
+WATCHDOG = """
+import os, signal, sys, time
+parent, server = int(sys.argv[1]), int(sys.argv[2])
+while os.getppid() == parent:
+    try:
+        os.kill(server, 0)
+    except OSError:
+        sys.exit(0)
+    time.sleep(0.5)
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    try:
+        os.kill(server, sig)
+    except OSError:
+        sys.exit(0)
+    time.sleep(5)
+"""
+
+
+def start_prefect() -> None:
+    """Start the ephemeral Prefect API server now (unless ``PREFECT_API_URL`` names one), with a
+    watchdog process that stops it if this process dies without stopping it (``kill -9``)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    import subprocess
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    if server.server_process is not None:
+        subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(server.server_process.pid)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+
+
+def stop_prefect() -> None:
+    """Stop the ephemeral Prefect API server this process started (no-op otherwise)."""
+    server_mod = sys.modules.get("prefect.server.api.server")
+    if server_mod is None:
+        return
+    for server in list(server_mod.SubprocessASGIServer._instances.values()):
+        try:
+            server.stop()
+        except Exception:  # noqa: BLE001  (exiting anyway)
+            pass
 
 
 def _dataset_objects(data: Path, params: Any) -> list[str]:
@@ -166,6 +222,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     src = Path(args.input)
     if not src.exists():
         raise FileNotFoundError(f"input not found: {src}")
+    from d2.utils.paths import safe_name
+
+    safe_name(args.name or src.stem, "--name")
+    _check_out(args.out)
+    start_prefect()
     from d2.flows import run_asset
 
     total = EXPECTED_STAGES_PER_OBJECT - (0 if args.gt else 1)
@@ -184,6 +245,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     p = _params(args)
     data = Path(args.data or p.run.data_dir)
     objects = _dataset_objects(data, p)
+    _check_out(args.out)
+    start_prefect()
     from d2.flows import run_benchmark
 
     with ProgressDisplay(len(objects) * EXPECTED_STAGES_PER_OBJECT + 1, f"benchmark {data.name}", p.run.progress):
@@ -202,6 +265,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     points = expand_grid(p, grid)
     data = Path(args.data or p.run.data_dir)
     objects = _dataset_objects(data, p)
+    _check_out(args.out)
+    start_prefect()
     total = len(points) * (len(objects) * EXPECTED_STAGES_PER_OBJECT + 1)
     with ProgressDisplay(total, f"sweep {len(points)} points", p.run.progress):
         result = run_sweep(data, args.out, p, grid)
@@ -259,6 +324,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
            f"video={p.priors.video_backend or p.priors.backend} multiview={p.priors.multiview_backend or p.priors.backend}, "
            f"V={p.sampling.num_views} F={p.sampling.num_frames} {p.sampling.resolution}px, "
            f"{p.sampling.num_steps} steps, fit {p.fit.iterations} it, max_parallel={p.run.max_parallel}")
+    _check_out(args.out)
+    start_prefect()
     from d2.flows import run_benchmark
 
     with ProgressDisplay(len(objects) * EXPECTED_STAGES_PER_OBJECT + 1, "demo", p.run.progress):
@@ -348,13 +415,32 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``d2`` console script."""
     args = build_parser().parse_args(argv)
+    from d2.env import setup_env
+
+    setup_env()  # before Prefect or MLflow is imported
+    import signal
+
     from d2.config import ParamsError
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # a stopped job ends like Ctrl-C
     try:
         return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        where = f"; what ran is in {Path(out) / 'manifest.json'}" if out else ""
+        print(f"d2 {args.command}: interrupted{where} (rerun to continue: finished stages are cached)",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        stop_prefect()
+        os._exit(130)  # now: worker threads still computing a stage are dropped, not awaited
     except ParamsError as e:
         print(f"d2 {args.command}: {e}", file=sys.stderr)
         return 2

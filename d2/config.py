@@ -36,6 +36,7 @@ class RunConfig(BaseModel):
     threads_per_task: int = Field(1, ge=1)  # torch threads each running stage may use
     cache_dir: str = ".d2cache"  # content-addressed stage cache (relative to the working directory)
     use_cache: bool = True  # False: recompute every stage (results are still stored in the cache)
+    verify_cache: Literal["sizes", "full"] = "sizes"  # check of a cache hit: sizes + digest (+ rehash of touched files), or rehash every file
     retries: int = Field(0, ge=0)  # Prefect retries of a failed stage task
     retry_delay_s: float = Field(2.0, ge=0)  # seconds between retries
     objects: list[str] = []  # benchmark objects to run; empty = every object of the dataset
@@ -53,6 +54,13 @@ class RenderEvalConfig(BaseModel):
     resolution: int | None = Field(None, ge=16)  # render side in pixels; None: protocol.resolution
     backend: Literal["auto", "torch", "gsplat"] = "auto"  # rasterizer: auto = gsplat on CUDA, torch otherwise
     device: str = "cpu"  # torch device of the renders
+
+
+# Knobs that cannot change any stage's result (how fast or how verbosely it runs): left out of
+# every cache key. A bare name matches that field in any section, a dotted key one field.
+# (sampling.decode_chunk is not one: the temporal decoder attends within a chunk.)
+NO_EFFECT: tuple[str, ...] = ("progress", "sampling.chunk_size", "metrics.batch_size", "metrics.device",
+                              "fit.checkpoint_every")
 
 
 # Sections composed from the stage modules: name -> (module, class). A section exists only

@@ -18,3 +18,8 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+from d2.env import setup_env  # noqa: E402  (the entry point's environment, as `d2` sets it)
+
+setup_env()

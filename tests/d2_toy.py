@@ -1,8 +1,9 @@
 """Toy stages for testing the orchestration mechanism (cache keys, manifests, flows, MLflow).
 
 ``make_toy(tmp_path)`` writes a small package of toy stage modules (one module per stage,
-``sampling`` importing a helper module, so tests can edit code on disk), registers it as
-stage set ``"toy"`` and writes a 2-object dataset in the benchmark layout. The toy stages
+``sampling`` importing a helper module, so tests can edit code on disk), builds its
+:class:`~d2.tasks.stages.StageSet` (``toy.stages``, what the flows take) and writes a 2-object
+dataset in the benchmark layout. The toy stages
 do real (tiny) file work: each output depends on its inputs and its params, so the cache
 can be checked by what it recomputes.
 """
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from d2.config import RunConfig
 from d2.tasks.cache import StageSpec
-from d2.tasks.runtime import register_stage_set
+from d2.tasks.stages import StageSet
 
 
 class ToyConditions(BaseModel):
@@ -163,15 +164,15 @@ STAGE_MODULE = {"conditions": "conditions", "sampling": "sampling", "fit": "fit"
 
 @dataclass
 class Toy:
-    """A registered toy stage set and its dataset."""
+    """A toy stage set and its dataset."""
 
     pkg: str  # name of the toy package
     pkg_dir: Path  # its folder (edit files here to change stage code)
     data: Path  # dataset in the benchmark layout (2 objects)
-    stage_set: str  # registered stage set name
+    stages: StageSet | None = None  # the toy stages (rebuilt by register())
 
     def register(self) -> None:
-        """(Re)import the toy modules from disk and register the stage set."""
+        """(Re)import the toy modules from disk and rebuild ``self.stages``."""
         importlib.invalidate_caches()
         for name in sorted(sys.modules):
             if name == self.pkg or name.startswith(self.pkg + "."):
@@ -181,7 +182,7 @@ class Toy:
             module = importlib.import_module(f"{self.pkg}.{mod}")
             specs[stage] = StageSpec(name=stage, compute=module.compute, modules=(f"{self.pkg}.{mod}",),
                                      params_keys=STAGE_KEYS[stage])
-        register_stage_set(self.stage_set, specs, ToyParams)
+        self.stages = StageSet(specs, ToyParams)
 
     def module(self, mod: str):
         """The imported toy module ``mod`` (e.g. 'conditions')."""
@@ -204,7 +205,7 @@ def make_toy(root: Path, objects: tuple[str, ...] = ("apple", "bird")) -> Toy:
         (data / "input" / obj / "0.txt").write_text(f"{obj} frame {i}")
         (data / "gt" / obj / "eval_0").mkdir(parents=True)
         (data / "gt" / obj / "eval_0" / "0.txt").write_text(str(100.0 * (i + 1)))
-    toy = Toy(pkg=pkg, pkg_dir=pkg_dir, data=data, stage_set=pkg)
+    toy = Toy(pkg=pkg, pkg_dir=pkg_dir, data=data)
     toy.register()
     return toy
 

@@ -35,7 +35,7 @@ def toy(tmp_path):
 
 def test_second_identical_run_computes_nothing(toy, tmp_path):
     p = toy_params(tmp_path)
-    r1 = run_benchmark(toy.data, tmp_path / "run", p, stage_set=toy.stage_set)
+    r1 = run_benchmark(toy.data, tmp_path / "run", p, stages=toy.stages)
     m1 = load(r1["manifest"])
     assert m1["status"] == "completed"
     assert m1["totals"] == {"computed": 11, "cached": 0, "stage_seconds": m1["totals"]["stage_seconds"]}
@@ -49,7 +49,7 @@ def test_second_identical_run_computes_nothing(toy, tmp_path):
     assert (tmp_path / "run" / "results" / "results.md").is_file()
     assert load(tmp_path / "run" / "metrics.json")["abs_error"] == pytest.approx(r1["summary"]["abs_error"])
 
-    r2 = run_benchmark(toy.data, tmp_path / "run", p, stage_set=toy.stage_set)
+    r2 = run_benchmark(toy.data, tmp_path / "run", p, stages=toy.stages)
     m2 = load(r2["manifest"])
     assert m2["totals"]["computed"] == 0 and m2["totals"]["cached"] == 11
     keys1 = {(s["object"], s["stage"]): s["key"] for s in m1["stages"]}
@@ -59,8 +59,8 @@ def test_second_identical_run_computes_nothing(toy, tmp_path):
 
 
 def test_changing_s0_recomputes_downstream_only(toy, tmp_path):
-    run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stage_set=toy.stage_set)
-    r = run_benchmark(toy.data, tmp_path / "b", toy_params(tmp_path, "sampling.s0=0.3"), stage_set=toy.stage_set)
+    run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stages=toy.stages)
+    r = run_benchmark(toy.data, tmp_path / "b", toy_params(tmp_path, "sampling.s0=0.3"), stages=toy.stages)
     m = load(r["manifest"])
     assert cached(m, "conditions") == 2 and computed(m, "conditions") == 0
     for stage in ("sampling", "fit", "render_eval", "metrics"):
@@ -72,20 +72,20 @@ def test_input_content_not_path_keys_the_cache(toy, tmp_path):
     """A copy of the dataset elsewhere hits the cache; an edited input frame does not."""
     import shutil
 
-    run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stage_set=toy.stage_set)
+    run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stages=toy.stages)
     copy = tmp_path / "copy"
     shutil.copytree(toy.data, copy)
-    m = load(run_benchmark(copy, tmp_path / "b", toy_params(tmp_path), stage_set=toy.stage_set)["manifest"])
+    m = load(run_benchmark(copy, tmp_path / "b", toy_params(tmp_path), stages=toy.stages)["manifest"])
     assert m["totals"]["computed"] == 0
     (copy / "input" / "bird" / "0.txt").write_text("a different bird")
-    m = load(run_benchmark(copy, tmp_path / "c", toy_params(tmp_path), stage_set=toy.stage_set)["manifest"])
+    m = load(run_benchmark(copy, tmp_path / "c", toy_params(tmp_path), stages=toy.stages)["manifest"])
     assert m["objects"]["apple"]["conditions"]["status"] == "cached"
     assert m["objects"]["bird"]["conditions"]["status"] == "computed"
 
 
 def test_sweep_shares_stages_a_point_does_not_change(toy, tmp_path):
     grid = parse_grid(["sampling.s0=0.3,0.6", "fit.iters=1,2"])
-    r = run_sweep(toy.data, tmp_path / "sweep", toy_params(tmp_path), grid, stage_set=toy.stage_set)
+    r = run_sweep(toy.data, tmp_path / "sweep", toy_params(tmp_path), grid, stages=toy.stages)
     m = load(r["manifest"])
     assert m["status"] == "completed" and len(m["points"]) == 4
     assert computed(m, "conditions") == 2  # once per object, not once per point x object (8)
@@ -101,11 +101,11 @@ def test_sweep_shares_stages_a_point_does_not_change(toy, tmp_path):
 
 
 def test_editing_a_stage_helper_invalidates_that_stage(toy, tmp_path):
-    run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stage_set=toy.stage_set)
+    run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stages=toy.stages)
     helper = toy.pkg_dir / "helper.py"
     helper.write_text(helper.read_text().replace("x * 2.0", "x * 3.0  # edited"))
     toy.register()  # the running code is the edited code
-    m = load(run_benchmark(toy.data, tmp_path / "b", toy_params(tmp_path), stage_set=toy.stage_set)["manifest"])
+    m = load(run_benchmark(toy.data, tmp_path / "b", toy_params(tmp_path), stages=toy.stages)["manifest"])
     assert cached(m, "conditions") == 2  # conditions does not import the helper
     assert computed(m, "sampling") == 2  # sampling imports it
     assert computed(m, "fit") == 2  # its input changed
@@ -114,7 +114,7 @@ def test_editing_a_stage_helper_invalidates_that_stage(toy, tmp_path):
     fit = toy.pkg_dir / "fit.py"
     fit.write_text(fit.read_text() + "\n# a comment is still an edit of the stage's code\n")
     toy.register()
-    m = load(run_benchmark(toy.data, tmp_path / "c", toy_params(tmp_path), stage_set=toy.stage_set)["manifest"])
+    m = load(run_benchmark(toy.data, tmp_path / "c", toy_params(tmp_path), stages=toy.stages)["manifest"])
     assert computed(m, "fit") == 2 and cached(m, "sampling") == 2
     assert cached(m, "render_eval") == 2 and cached(m, "metrics") == 2
 
@@ -122,11 +122,11 @@ def test_editing_a_stage_helper_invalidates_that_stage(toy, tmp_path):
 def test_parallel_limit_is_respected(toy, tmp_path):
     cond = toy.module("conditions")
     cond.PEAK[0] = 0
-    run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path, "run.max_parallel=1"), stage_set=toy.stage_set)
+    run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path, "run.max_parallel=1"), stages=toy.stages)
     assert cond.PEAK[0] == 1
     cond.PEAK[0] = 0
     run_benchmark(toy.data, tmp_path / "b", toy_params(tmp_path, "run.max_parallel=2", "conditions.scale=2"),
-                  stage_set=toy.stage_set)
+                  stages=toy.stages)
     assert cond.PEAK[0] == 2
 
 
@@ -137,7 +137,7 @@ def test_parallel_limit_holds_under_any_task_runner(toy, tmp_path):
     cond = toy.module("conditions")
     cond.PEAK[0] = 0
     p = toy_params(tmp_path, "run.max_parallel=1")
-    benchmark_flow(str(toy.data), str(tmp_path / "a"), p.model_dump(mode="json"), toy.stage_set)
+    benchmark_flow(str(toy.data), str(tmp_path / "a"), p.model_dump(mode="json"), toy.stages)
     assert cond.PEAK[0] == 1
 
 
@@ -157,14 +157,14 @@ def test_schedule_builds_a_cron_deployment(toy, tmp_path):
 def test_failed_stage_fails_the_run_and_is_recorded(toy, tmp_path):
     (toy.data / "input" / "bird" / "FAIL").write_text("")
     with pytest.raises(Exception, match="bird"):
-        run_benchmark(toy.data, tmp_path / "run", toy_params(tmp_path), stage_set=toy.stage_set)
+        run_benchmark(toy.data, tmp_path / "run", toy_params(tmp_path), stages=toy.stages)
     m = load(tmp_path / "run" / "manifest.json")
     assert m["status"] == "failed"
     assert [e["object"] for e in m["errors"]] == ["bird"] and "toy failure" in m["errors"][0]["error"]
     assert m["objects"]["apple"]["metrics"]["status"] == "computed"  # the other object went on
     # nothing half-written was cached: after removing the cause it computes
     (toy.data / "input" / "bird" / "FAIL").unlink()
-    m = load(run_benchmark(toy.data, tmp_path / "run", toy_params(tmp_path), stage_set=toy.stage_set)["manifest"])
+    m = load(run_benchmark(toy.data, tmp_path / "run", toy_params(tmp_path), stages=toy.stages)["manifest"])
     assert m["objects"]["bird"]["conditions"]["status"] == "computed"
     assert m["objects"]["apple"]["conditions"]["status"] == "cached"
 
@@ -172,7 +172,7 @@ def test_failed_stage_fails_the_run_and_is_recorded(toy, tmp_path):
 def test_retries_recover_a_transient_failure(toy, tmp_path):
     toy.module("conditions").FAIL_ONCE.add("bird")
     r = run_benchmark(toy.data, tmp_path / "run", toy_params(tmp_path, "run.retries=1", "run.retry_delay_s=0"),
-                      stage_set=toy.stage_set)
+                      stages=toy.stages)
     m = load(r["manifest"])
     assert m["status"] == "completed" and m["objects"]["bird"]["conditions"]["status"] == "computed"
     assert [e["error"] for e in m["errors"]] == ["RuntimeError: transient toy failure"]  # the manifest tells
@@ -182,10 +182,10 @@ def test_retries_recover_a_transient_failure(toy, tmp_path):
 
 def test_bad_dataset_and_unknown_objects_fail_before_compute(toy, tmp_path):
     with pytest.raises(FileNotFoundError, match="d2 prepare"):
-        run_benchmark(tmp_path / "nothing", tmp_path / "run", toy_params(tmp_path), stage_set=toy.stage_set)
+        run_benchmark(tmp_path / "nothing", tmp_path / "run", toy_params(tmp_path), stages=toy.stages)
     with pytest.raises(ValueError, match="zebra"):
         run_benchmark(toy.data, tmp_path / "run", toy_params(tmp_path, "run.objects=[zebra]"),
-                      stage_set=toy.stage_set)
+                      stages=toy.stages)
     assert not (tmp_path / "cache").exists()
 
 
@@ -196,7 +196,7 @@ def test_mlflow_parent_and_child_runs(toy, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("D2_MLFLOW_ARTIFACTS", str(tmp_path / "mlruns"))
     p = toy_params(tmp_path, "run.mlflow_experiment=toy", mlflow=True)
-    r = run_benchmark(toy.data, tmp_path / "run", p, stage_set=toy.stage_set)
+    r = run_benchmark(toy.data, tmp_path / "run", p, stages=toy.stages)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("toy")
     assert exp.artifact_location.startswith((tmp_path / "mlruns").as_uri())
@@ -219,7 +219,7 @@ def test_mlflow_parent_and_child_runs(toy, tmp_path, monkeypatch):
     # a failing object: its child and the parent end FAILED
     (toy.data / "input" / "bird" / "FAIL").write_text("")
     with pytest.raises(Exception):
-        run_benchmark(toy.data, tmp_path / "run2", p, stage_set=toy.stage_set)
+        run_benchmark(toy.data, tmp_path / "run2", p, stages=toy.stages)
     failed = client.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
     names = sorted(f.info.run_name for f in failed)
     assert "bird" in names and any(n.startswith("benchmark/") for n in names)
@@ -233,7 +233,7 @@ def test_mlflow_sweep_has_a_child_per_point(toy, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("D2_MLFLOW_ARTIFACTS", str(tmp_path / "mlruns"))
     p = toy_params(tmp_path, "run.mlflow_experiment=toysweep", mlflow=True)
-    r = run_sweep(toy.data, tmp_path / "sweep", p, parse_grid(["sampling.s0=0.3,0.6"]), stage_set=toy.stage_set)
+    r = run_sweep(toy.data, tmp_path / "sweep", p, parse_grid(["sampling.s0=0.3,0.6"]), stages=toy.stages)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("toysweep")
     points = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{r['mlflow_run_id']}'")

@@ -7,7 +7,7 @@ import torch
 from d2.stages.cameras import orbit_azimuths
 from d2.stages.priors import PriorsConfig, build_svd, build_sv3d_p, load_prior_folder, load_priors
 from d2.train.data import DataConfig, check_disjoint, render_training_set, scene_seeds
-from d2.train.mini import build_mini
+from d2.stages.priors import build_mini
 from d2.train.priors import (MiniModelConfig, TrainConfig, build_mini_prior, edm_loss, make_condition,
                              save_mini_prior, train_prior)
 

@@ -1,56 +1,73 @@
-"""The ``asset`` flow: one input (image, video, frames folder or orbit folder) to a 4D asset."""
+"""One object, the paper's Figure 2 left to right, and the ``asset`` flow around it::
+
+    input ─▶ conditions ─▶ sampling ─▶ fit ─▶ render_eval ─▶ metrics
+             (reference    (the V x F    (4D        (renders at     (against ground
+              orbit +       matrix: video Gaussians)  the protocol's  truth, when given)
+              video)        x multi-view              azimuths)
+                            score blend)
+"""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
-
-from d2.tasks import env as _env  # noqa: F401  (environment before prefect)
 
 import torch
 from prefect import flow
 from pydantic import BaseModel
 
+from d2.flows.engine import (StageThreadRunner, Graph, Job, Stage, closing, drive, failures, make_tracker, new_run, open_run_folder,
+                             prefect_api_check, safe_name)
+from d2.tasks.stages import STAGES, StageSet
 
-from d2.tasks.runtime import (RunContext, asset_task, finish_run, get_stage_set, make_tracker,
-                              new_recorder, register_context, release_context, tracking_meta)
-from d2.utils.io import write_json
+
+def asset_graph(input_path: str | Path, gt_dir: str | Path | None = None, score_front_view: bool = False) -> Graph:
+    """The stages of one object. Each ``yield`` runs a stage and gives back its output folder."""
+    conditions = yield Stage("conditions", {"input": input_path})
+    matrix = yield Stage("sampling", {"conditions": conditions})
+    gaussians = yield Stage("fit", {"matrix": matrix})
+    renders = yield Stage("render_eval", {"gaussians": gaussians})
+    if gt_dir is not None:
+        scored = {"pred": renders, "gt": gt_dir}
+        if score_front_view:  # the input view is scored against the input frames
+            scored["input"] = input_path
+        yield Stage("metrics", scored)
+
+
+def object_graph(params: BaseModel, input_path: str | Path, gt_dir: str | Path | None) -> Graph:
+    """:func:`asset_graph` with the protocol's choice of scoring the front view."""
+    front = bool(getattr(getattr(params, "protocol", None), "include_front_view", False))
+    return asset_graph(str(input_path), None if gt_dir is None else str(gt_dir), front)
 
 
 @flow(name="asset", log_prints=False)
 def asset_flow(input_path: str, out_dir: str, params: dict[str, Any], gt_dir: str | None = None,
-               name: str | None = None, stage_set: str = "default") -> dict[str, Any]:
+               name: str | None = None, stages: Any = None) -> dict[str, Any]:
     """conditions -> sampling -> fit -> render_eval (-> metrics with ground truth) for one input."""
-    p = get_stage_set(stage_set).params_model.model_validate(params)
+    stages: StageSet = stages or STAGES
+    p = stages.params_model.model_validate(params)
     torch.set_num_threads(p.run.threads_per_task)
     src = Path(input_path)
     if not src.exists():
         raise FileNotFoundError(f"input not found: {src}")
-    obj = name or src.stem
-    run_dir = Path(out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "params.json", p.model_dump(mode="json"))
-    t0 = time.perf_counter()
-    recorder = new_recorder(run_dir, "asset", {"input": str(src), "gt": gt_dir})
-    tracker = make_tracker(p, "asset", f"asset/{obj}")
-    recorder.meta.update(tracking_meta(tracker))
-    ctx = RunContext(params=p, run_dir=run_dir, recorder=recorder, specs=get_stage_set(stage_set).specs, tracker=tracker)
-    register_context(ctx)
-    ok = False
-    try:
-        results = asset_task(ctx.id, obj, str(src), gt_dir)
-        ok = True
-    finally:
-        finish_run(recorder, tracker, ok, t0)
-        release_context(ctx.id)
-    return {"run_dir": str(run_dir), "manifest": str(run_dir / "manifest.json"), "object": obj,
-            "outputs": {s: str(r.out_dir) for s, r in results.items()},
-            "mlflow_run_id": tracker.run_id if tracker else None}
+    obj = safe_name(name or src.stem, "--name")
+    with open_run_folder(Path(out_dir)) as run_dir:
+        run = new_run(run_dir, "asset", p, stages, {"input": str(src), "gt": gt_dir},
+                      tracker=make_tracker(p, "asset", f"asset/{obj}"))
+        with closing(run):
+            job = Job(run, obj, object_graph(p, src, gt_dir), input_path=str(src))
+            drive([job], p.run.max_parallel, prefect_api_check())
+            if failures([job]):
+                raise RuntimeError(f"{obj} failed: {job.error}")
+    return {"run_dir": str(run.run_dir), "manifest": str(run.run_dir / "manifest.json"), "object": obj,
+            "outputs": {s: str(r.out_dir) for s, r in job.results.items()},
+            "mlflow_run_id": run.tracker.run_id if run.tracker else None}
 
 
 def run_asset(input_path: str | Path, out_dir: str | Path, params: BaseModel, gt_dir: str | Path | None = None,
-              name: str | None = None, stage_set: str = "default") -> dict[str, Any]:
-    """Run the asset flow (validated ``params``)."""
-    return asset_flow(str(input_path), str(out_dir), params.model_dump(mode="json"),
-                      None if gt_dir is None else str(gt_dir), name, stage_set)
+              name: str | None = None, stages: StageSet | None = None) -> dict[str, Any]:
+    """Run the asset flow (validated ``params``; the name is checked before anything starts)."""
+    safe_name(name or Path(input_path).stem, "--name")
+    f = asset_flow.with_options(task_runner=StageThreadRunner(max_workers=params.run.max_parallel))
+    return f(str(input_path), str(out_dir), params.model_dump(mode="json"),
+             None if gt_dir is None else str(gt_dir), name, stages)

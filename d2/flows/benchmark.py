@@ -1,4 +1,6 @@
-"""The ``benchmark`` flow: one asset per object of a dataset, in parallel, then the tables.
+"""The ``benchmark`` flow: one asset per object of a dataset, in parallel, then the tables::
+
+    objects ─▶ [asset ∥ asset ∥ …] ─▶ tables
 
 Dataset layout (Consistent4D, as ``d2 prepare`` writes it): ``<data>/input/<object>/<i>.png``,
 ``<data>/gt/<object>/eval_{k}/<i>.png``, ``<data>/meta.json``.
@@ -6,25 +8,21 @@ Dataset layout (Consistent4D, as ``d2 prepare`` writes it): ``<data>/input/<obje
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from d2.tasks import env as _env  # noqa: F401  (environment before prefect)
-
 import torch
 from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-
-from d2.tasks.manifest import Recorder
-from d2.tasks.runtime import (RunContext, StageResult, Tracker, asset_task, finish_run, get_stage_set,
-                              make_tracker, new_recorder, object_metrics, register_context, release_context, run_stage_task,
-                              tracking_meta)
+from d2.flows.asset import object_graph
+from d2.flows.engine import (StageThreadRunner, Graph, Job, Run, Stage, closing, drive, failures, make_tracker, new_run,
+                             open_run_folder, prefect_api_check, safe_name)
+from d2.tasks.stages import STAGES, StageSet
 from d2.tasks.tracking import flat_numbers
 from d2.utils.io import write_json
+
+GENERATION_STAGES = ("conditions", "sampling", "fit")  # what "generation time" adds up
 
 
 def list_objects(data_dir: str | Path, only: list[str] | None = None) -> list[str]:
@@ -42,72 +40,32 @@ def list_objects(data_dir: str | Path, only: list[str] | None = None) -> list[st
             raise ValueError(f"run.objects names objects not in {inputs}: {', '.join(missing)} (has: {', '.join(names)})")
         names = [n for n in names if n in only]
     for n in names:
+        safe_name(n, f"object folder {inputs / n}:")
         if not (data / "gt" / n).is_dir():
             raise FileNotFoundError(f"object '{n}' has no ground truth folder {data / 'gt' / n}")
     return names
 
 
-def submit_objects(ctx: RunContext, data_dir: Path, objects: list[str]) -> list[Any]:
-    """Submit one asset task per object (the flow's task runner bounds the parallelism)."""
-    futures = []
-    for obj in objects:
-        t = asset_task.with_options(name="asset", task_run_name=f"asset[{ctx.label + '/' if ctx.label else ''}{obj}]")
-        futures.append(t.submit(ctx.id, obj, str(data_dir / "input" / obj), str(data_dir / "gt" / obj)))
-    return futures
+def object_jobs(run: Run, data_dir: Path, objects: list[str]) -> list[Job]:
+    """One asset graph per object of the dataset."""
+    return [Job(run, obj, object_graph(run.params, data_dir / "input" / obj, data_dir / "gt" / obj),
+                input_path=str(data_dir / "input" / obj)) for obj in objects]
 
 
-def finish_benchmark(ctx: RunContext, data_dir: Path, objects: list[str], futures: list[Any]) -> dict[str, Any]:
-    """Wait for the objects, build the tables, write metrics.json; raise if any object failed."""
-    per_object: dict[str, dict[str, StageResult]] = {}
-    failures: list[str] = []
-    for obj, fut in zip(objects, futures):
-        try:
-            per_object[obj] = fut.result()
-        except Exception as e:  # noqa: BLE001  (recorded; the run fails below)
-            failures.append(f"{obj}: {type(e).__name__}: {e}")
-    if failures:
-        raise RuntimeError(f"{len(failures)} object(s) failed:\n  " + "\n  ".join(failures))
-    inputs: dict[str, Any] = {}
-    for obj in objects:
-        inputs[f"metrics:{obj}"] = per_object[obj]["metrics"].store_dir
-        inputs[f"pred:{obj}"] = per_object[obj]["render_eval"].store_dir
-        inputs[f"gt:{obj}"] = data_dir / "gt" / obj
-    tables = run_stage_task(ctx, "tables", "_benchmark", inputs, out_subdir="results")
-    _add_generation_time(tables.out_dir, per_object)
-    _link_predictions(ctx.run_dir, objects)
-    summary = tables.info.get("summary", {})
-    write_json(ctx.run_dir / "metrics.json", summary)
-    if ctx.tracker is not None:
-        ctx.tracker.log_metrics(ctx.tracker.run_id, flat_numbers(summary))
-        ctx.tracker.log_artifacts(ctx.tracker.run_id, [(p, "results") for p in sorted(tables.out_dir.glob("*"))
-                                                       if p.is_file()])
-    return {"run_dir": str(ctx.run_dir), "manifest": str(ctx.run_dir / "manifest.json"),
-            "results_dir": str(tables.out_dir), "summary": summary,
-            "table": tables.info.get("table", ""), "objects": objects,
-            "per_object": {o: object_metrics(r) for o, r in per_object.items()},
-            "videos": {o: str(r["fit"].out_dir / "turntable.mp4") for o, r in per_object.items()},
-            "mlflow_run_id": ctx.tracker.run_id if ctx.tracker else None}
+def tables_graph(run: Run, data_dir: Path, jobs: list[Job]) -> Graph:
+    """Every object's scores and renders (and the mean generation time) -> the results tables."""
+    times = [sum(j.results[s].compute_seconds for s in GENERATION_STAGES if s in j.results) for j in jobs]
+    generation = run.run_dir / "generation_time.json"
+    write_json(generation, {"seconds_per_object": round(sum(times) / max(len(times), 1), 3)})
+    inputs: dict[str, Any] = {"generation_time": generation}
+    for j in jobs:
+        inputs[f"metrics:{j.obj}"] = j.results["metrics"].store_dir
+        inputs[f"pred:{j.obj}"] = j.results["render_eval"].store_dir
+        inputs[f"gt:{j.obj}"] = data_dir / "gt" / j.obj
+    yield Stage("tables", inputs, dest="results")
 
 
-GENERATION_STAGES = ("conditions", "sampling", "fit")
-
-
-def _add_generation_time(results_dir: Path, per_object: dict[str, dict[str, StageResult]]) -> None:
-    """Put the mean generation time per object (conditions + sampling + fit, as computed) into the
-    run's copy of the results tables (the cached copy stays as the tables stage wrote it)."""
-    if not (results_dir / "results.json").is_file():
-        return
-    try:
-        from d2.eval.tables import load_results, write_results
-    except ImportError:
-        return
-    times = [sum(r[s].compute_seconds for s in GENERATION_STAGES if s in r) for r in per_object.values()]
-    results = load_results(results_dir)
-    results.generation_time_s = round(sum(times) / max(len(times), 1), 3)
-    write_results(results, results_dir)
-
-
-def _link_predictions(run_dir: Path, objects: list[str]) -> None:
+def link_predictions(run_dir: Path, objects: list[str]) -> None:
     """``run_dir/pred/<object>`` -> ``../objects/<object>/render_eval``: the predictions in the
     Consistent4D layout, for ``d2 evaluate --pred run_dir/pred --gt <data>``."""
     pred = run_dir / "pred"
@@ -116,51 +74,63 @@ def _link_predictions(run_dir: Path, objects: list[str]) -> None:
         if stale.is_symlink() and stale.name not in objects:
             stale.unlink()
     for obj in objects:
-        link = pred / obj
-        if link.is_symlink() or link.exists():
+        link = pred / safe_name(obj)
+        if link.is_symlink() or link.is_file():
             link.unlink()
         link.symlink_to(Path("..") / "objects" / obj / "render_eval", target_is_directory=True)
 
 
-def open_benchmark(p: BaseModel, data_dir: Path, run_dir: Path, stage_set: str, kind: str, label: str = "",
-                   tracker: Tracker | None = None, forward_to: Recorder | None = None,
-                   meta: dict | None = None, slots: threading.BoundedSemaphore | None = None
-                   ) -> tuple[RunContext, list[str]]:
-    """Check the dataset, create the run folder, params.json, the recorder and the context."""
-    objects = list_objects(data_dir, p.run.objects)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "params.json", p.model_dump(mode="json"))
-    recorder = new_recorder(run_dir, kind, {"data": str(data_dir), "objects_list": objects, **(meta or {})},
-                            forward_to=forward_to, prefix=f"{label}/" if label else "")
-    ctx = RunContext(params=p, run_dir=run_dir, recorder=recorder, specs=get_stage_set(stage_set).specs,
-                     tracker=tracker, label=label, slots=slots or threading.BoundedSemaphore(p.run.max_parallel))
-    register_context(ctx)
-    return ctx, objects
+def summarize(run: Run, jobs: list[Job], tables: Job) -> dict[str, Any]:
+    """Write ``metrics.json``, log the tables to MLflow, return the flow's result."""
+    res = tables.results["tables"]
+    link_predictions(run.run_dir, [j.obj for j in jobs])
+    summary = res.info.get("summary", {})
+    write_json(run.run_dir / "metrics.json", summary)
+    if run.tracker is not None:
+        run.tracker.log_metrics(run.tracker.run_id, flat_numbers(summary))
+        run.tracker.log_artifacts(run.tracker.run_id, [(p, "results") for p in sorted(res.out_dir.glob("*"))
+                                                       if p.is_file()])
+    return {"run_dir": str(run.run_dir), "manifest": str(run.run_dir / "manifest.json"),
+            "results_dir": str(res.out_dir), "summary": summary, "table": res.info.get("table", ""),
+            "objects": [j.obj for j in jobs],
+            "per_object": {j.obj: flat_numbers(j.results["metrics"].info.get("metrics", {})) for j in jobs},
+            "videos": {j.obj: str(j.results["fit"].out_dir / "turntable.mp4") for j in jobs},
+            "mlflow_run_id": run.tracker.run_id if run.tracker else None}
+
+
+def raise_failures(jobs: list[Job]) -> None:
+    """Fail the run (after every object ended) when any object failed."""
+    failed = failures(jobs)
+    if failed:
+        raise RuntimeError(f"{len(failed)} object(s) failed:\n  " + "\n  ".join(failed))
 
 
 @flow(name="benchmark", log_prints=False)
-def benchmark_flow(data_dir: str, out_dir: str, params: dict[str, Any], stage_set: str = "default") -> dict[str, Any]:
+def benchmark_flow(data_dir: str, out_dir: str, params: dict[str, Any], stages: Any = None) -> dict[str, Any]:
     """objects -> [asset ∥ asset ∥ ...] -> tables, tracked as an MLflow parent run with a child per object."""
-    p = get_stage_set(stage_set).params_model.model_validate(params)
+    stages: StageSet = stages or STAGES
+    p = stages.params_model.model_validate(params)
     torch.set_num_threads(p.run.threads_per_task)
-    t0 = time.perf_counter()
-    ctx, objects = open_benchmark(p, Path(data_dir), Path(out_dir), stage_set, "benchmark")
-    ctx.tracker = make_tracker(p, "benchmark", f"benchmark/{Path(out_dir).name}",
+    data = Path(data_dir)
+    objects = list_objects(data, p.run.objects)
+    with open_run_folder(Path(out_dir)) as run_dir:
+        tracker = make_tracker(p, "benchmark", f"benchmark/{run_dir.name}",
                                {"data_dir": str(data_dir), "out_dir": str(out_dir)})
-    ctx.recorder.meta.update(tracking_meta(ctx.tracker))
-    ok = False
-    try:
-        result = finish_benchmark(ctx, Path(data_dir), objects, submit_objects(ctx, Path(data_dir), objects))
-        ok = True
-    finally:
-        finish_run(ctx.recorder, ctx.tracker, ok, t0)
-        release_context(ctx.id)
-    result["flow_wall_seconds"] = ctx.recorder.meta["flow_wall_seconds"]
+        run = new_run(run_dir, "benchmark", p, stages, {"data": str(data), "objects_list": objects}, tracker)
+        with closing(run):
+            jobs = object_jobs(run, data, objects)
+            drive(jobs, p.run.max_parallel, prefect_api_check())
+            raise_failures(jobs)
+            tables = Job(run, "_benchmark", tables_graph(run, data, jobs))
+            drive([tables], 1, prefect_api_check())
+            raise_failures([tables])
+            result = summarize(run, jobs, tables)
+    result["flow_wall_seconds"] = run.recorder.meta["flow_wall_seconds"]
     return result
 
 
 def run_benchmark(data_dir: str | Path, out_dir: str | Path, params: BaseModel,
-                  stage_set: str = "default") -> dict[str, Any]:
-    """Run the benchmark flow with ``run.max_parallel`` objects at a time."""
-    f = benchmark_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=params.run.max_parallel))
-    return f(str(data_dir), str(out_dir), params.model_dump(mode="json"), stage_set)
+                  stages: StageSet | None = None) -> dict[str, Any]:
+    """Run the benchmark flow with ``run.max_parallel`` stage tasks at a time."""
+    f = benchmark_flow.with_options(task_runner=StageThreadRunner(max_workers=params.run.max_parallel))
+    return f(str(data_dir), str(out_dir), params.model_dump(mode="json"), stages)

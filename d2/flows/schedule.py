@@ -12,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from d2.tasks import env as _env  # noqa: F401  (environment before prefect)
-
 from pydantic import BaseModel
 
 from d2.flows.benchmark import benchmark_flow, list_objects

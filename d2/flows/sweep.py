@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import itertools
 import re
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from d2.tasks import env as _env  # noqa: F401  (environment before prefect)
-
 import torch
 from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from d2.config import ParamsError, flatten_params, parse_override, with_overrides
-from d2.flows.benchmark import finish_benchmark, open_benchmark, submit_objects
-from d2.tasks.runtime import finish_run, get_stage_set, make_tracker, new_recorder, release_context, tracking_meta
+from d2.config import ParamsError, parse_override, with_overrides
+from d2.flows.benchmark import list_objects, object_jobs, raise_failures, summarize, tables_graph
+from d2.flows.engine import StageThreadRunner, Job, closing, drive, finish, make_tracker, new_run, open_run_folder, prefect_api_check
+from d2.tasks.stages import STAGES, StageSet
 from d2.tasks.tracking import flat_numbers
 from d2.utils.io import write_json, write_text
 
@@ -65,63 +61,57 @@ def _yaml_value(v: Any) -> str:
 
 @flow(name="sweep", log_prints=False)
 def sweep_flow(data_dir: str, out_dir: str, params: dict[str, Any], grid: dict[str, list[Any]],
-               stage_set: str = "default") -> dict[str, Any]:
+               stages: Any = None) -> dict[str, Any]:
     """grid -> one benchmark per point (sharing cached stages) -> the sweep table."""
-    base = get_stage_set(stage_set).params_model.model_validate(params)
+    stages: StageSet = stages or STAGES
+    base = stages.params_model.model_validate(params)
     torch.set_num_threads(base.run.threads_per_task)
-    t0 = time.perf_counter()
-    run_dir = Path(out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    data = Path(data_dir)
     points = expand_grid(base, grid)
-    recorder = new_recorder(run_dir, "sweep", {"grid": grid, "points": {pid: ov for pid, ov, _ in points}})
-    tracker = make_tracker(base, "sweep", f"sweep/{run_dir.name}", {"grid": str(grid)})
-    recorder.meta.update(tracking_meta(tracker))
-    write_json(run_dir / "params.json", base.model_dump(mode="json"))
-    ok = False
-    contexts = []
-    slots = threading.BoundedSemaphore(base.run.max_parallel)  # shared by every point
+    objects = {pid: list_objects(data, p.run.objects) for pid, _, p in points}
     rows: list[dict[str, Any]] = []
-    try:
-        opened = []
-        for pid, overrides, p in points:
-            point_tracker = None
+    with open_run_folder(Path(out_dir)) as run_dir:
+        tracker = make_tracker(base, "sweep", f"sweep/{run_dir.name}", {"grid": str(grid)})
+        sweep = new_run(run_dir, "sweep", base, stages, {"grid": grid, "points": {pid: ov for pid, ov, _ in points}},
+                        tracker)
+        runs: dict[str, Any] = {}
+        jobs: dict[str, list[Job]] = {}
+        with closing(sweep, children=runs):
+            for pid, overrides, p in points:
+                point_tracker = make_tracker(p, "point", f"{run_dir.name}/{pid}", parent=tracker,
+                                             tags={"d2.point": pid}) if tracker else None
+                runs[pid] = new_run(run_dir / "points" / pid, "benchmark", p, stages,
+                                    {"data": str(data), "objects_list": objects[pid], "overrides": overrides},
+                                    point_tracker, label=pid, parent=sweep.recorder)
+                jobs[pid] = object_jobs(runs[pid], data, objects[pid])
+            # every point's objects at once: run.max_parallel stage tasks in flight over the whole grid
+            drive([j for pid in jobs for j in jobs[pid]], base.run.max_parallel, prefect_api_check())
+            tables = {pid: Job(runs[pid], "_benchmark", tables_graph(runs[pid], data, jobs[pid]))
+                      for pid in jobs if not any(j.error for j in jobs[pid])}
+            drive(list(tables.values()), base.run.max_parallel, prefect_api_check())
+            failed = []
+            for pid, overrides, _ in points:
+                try:
+                    raise_failures(jobs[pid] + ([tables[pid]] if pid in tables else []))
+                    res = summarize(runs[pid], jobs[pid], tables[pid])
+                    rows.append({"point": pid, **dict(o.split("=", 1) for o in overrides),
+                                 **flat_numbers(res["summary"])})
+                    finish(runs[pid], "completed")
+                except Exception as e:  # noqa: BLE001  (the sweep fails below, after every point ended)
+                    failed.append(f"{pid}: {e}")
+                    finish(runs[pid], "failed", str(e))
+            if failed:
+                raise RuntimeError("sweep points failed:\n" + "\n".join(failed))
+            write_json(run_dir / "sweep.json", {"grid": grid, "rows": rows})
+            write_text(run_dir / "sweep.md", _markdown(rows))
+            ablation = _ablation(run_dir, {pid: ov for pid, ov, _ in points})
             if tracker is not None:
-                point_tracker = tracker.nested(f"{run_dir.name}/{pid}", flatten_params(p),
-                                               {"d2.kind": "point", "d2.point": pid})
-            ctx, objects = open_benchmark(p, Path(data_dir), run_dir / "points" / pid, stage_set, "benchmark",
-                                          label=pid, tracker=point_tracker, forward_to=recorder,
-                                          meta={"overrides": overrides, **tracking_meta(point_tracker)},
-                                          slots=slots)
-            contexts.append(ctx)
-            opened.append((pid, overrides, ctx, objects, submit_objects(ctx, Path(data_dir), objects)))
-        failures = []
-        for pid, overrides, ctx, objects, futures in opened:
-            point_ok = False
-            try:
-                res = finish_benchmark(ctx, Path(data_dir), objects, futures)
-                rows.append({"point": pid, **dict(o.split("=", 1) for o in overrides), **flat_numbers(res["summary"])})
-                point_ok = True
-            except Exception as e:  # noqa: BLE001  (the sweep fails below, after every point ended)
-                failures.append(f"{pid}: {e}")
-            finally:
-                finish_run(ctx.recorder, ctx.tracker, point_ok)
-        if failures:
-            raise RuntimeError("sweep points failed:\n" + "\n".join(failures))
-        write_json(run_dir / "sweep.json", {"grid": grid, "rows": rows})
-        write_text(run_dir / "sweep.md", _markdown(rows))
-        ablation = _ablation(run_dir, {pid: ov for pid, ov, _ in points})
-        if tracker is not None:
-            files = [(run_dir / "sweep.md", "results"), (run_dir / "sweep.json", "results")]
-            files += [(p, "results") for p in sorted((run_dir / "results").glob("*")) if p.is_file()]
-            tracker.log_artifacts(tracker.run_id, files)
-        ok = True
-    finally:
-        finish_run(recorder, tracker, ok, t0)
-        for ctx in contexts:
-            release_context(ctx.id)
-    return {"run_dir": str(run_dir), "manifest": str(run_dir / "manifest.json"), "rows": rows,
+                files = [(run_dir / "sweep.md", "results"), (run_dir / "sweep.json", "results")]
+                files += [(p, "results") for p in sorted((run_dir / "results").glob("*")) if p.is_file()]
+                tracker.log_artifacts(tracker.run_id, files)
+    return {"run_dir": str(sweep.run_dir), "manifest": str(sweep.run_dir / "manifest.json"), "rows": rows,
             "table": ablation or _markdown(rows), "mlflow_run_id": tracker.run_id if tracker else None,
-            "flow_wall_seconds": recorder.meta["flow_wall_seconds"]}
+            "flow_wall_seconds": sweep.recorder.meta["flow_wall_seconds"]}
 
 
 def _ablation(run_dir: Path, points: dict[str, list[str]]) -> str:
@@ -146,8 +136,8 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def run_sweep(data_dir: str | Path, out_dir: str | Path, params: BaseModel, grid: dict[str, list[Any]],
-              stage_set: str = "default") -> dict[str, Any]:
+              stages: StageSet | None = None) -> dict[str, Any]:
     """Run the sweep flow (grid points validated first) with ``run.max_parallel`` tasks at a time."""
     expand_grid(params, grid)  # validate every point before any compute
-    f = sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=params.run.max_parallel))
-    return f(str(data_dir), str(out_dir), params.model_dump(mode="json"), grid, stage_set)
+    f = sweep_flow.with_options(task_runner=StageThreadRunner(max_workers=params.run.max_parallel))
+    return f(str(data_dir), str(out_dir), params.model_dump(mode="json"), grid, stages)

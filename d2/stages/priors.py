@@ -32,8 +32,9 @@ Conditioning (``PriorCondition``):
     concat: un-scaled VAE latent (distribution mode) of the image plus ``cond_aug`` Gaussian
     noise in model space ``[N, C, h, w]``, concatenated to every frame's input.
 
-Backends (registry :data:`BACKENDS`, name -> ``"module:function"``, imported lazily; add one with
-:func:`register_backend`). A factory is ``factory(cfg: PriorsConfig, family, device) -> Prior``.
+Backends (:data:`BACKENDS`, name -> a factory function of this module, so a backend's code is
+in the cache key of the stages that load it). A factory is
+``factory(cfg: PriorsConfig, family, device) -> Prior``.
 
     gaussian   analytic prior: data ~ a known Gaussian, D in closed form (proves the sampler)
     tiny       both families from tiny configs with seeded random weights (tests, CPU runs)
@@ -44,7 +45,7 @@ Backends (registry :data:`BACKENDS`, name -> ``"module:function"``, imported laz
     stability  video -> svd, multi-view -> sv3d_p (the paper's pair)
 
 Prior folder layout (what :func:`save_prior_folder` writes and :func:`load_prior_folder`,
-``svd`` and ``sv3d_p`` read; issue 6's ``mini`` backend saves trained priors this way)::
+``svd``, ``sv3d_p`` and ``mini`` read; :mod:`d2.train.priors` saves trained priors this way)::
 
     <folder>/
       d2_prior.json        {"family": "video"|"multiview", "latent": "pixel"|"vae",
@@ -490,30 +491,12 @@ class GaussianPrior(Prior):
 
 BackendFactory = Callable[["PriorsConfig", Family, torch.device], Prior]
 
-BACKENDS: dict[str, str] = {
-    "gaussian": "d2.stages.priors:build_gaussian",
-    "tiny": "d2.stages.priors:build_tiny",
-    "svd": "d2.stages.priors:build_svd",
-    "sv3d_p": "d2.stages.priors:build_sv3d_p",
-    "stability": "d2.stages.priors:build_stability",
-    "mini": "d2.train.mini:build_mini",  # issue 6: miniature priors trained on the world (data/priors/)
-}
-"""Backend name -> ``"module:function"`` of a factory ``(cfg, family, device) -> Prior``."""
-
-
-def register_backend(name: str, target: str) -> None:
-    """Register (or replace) a backend: ``register_backend("mini", "d2.train.mini:build_mini")``."""
-    if ":" not in target:
-        raise ValueError(f"backend target must be 'module:function', got {target!r}")
-    BACKENDS[name] = target
-
 
 def get_backend(name: str) -> BackendFactory:
-    """Import and return the factory of backend ``name``."""
+    """The factory ``(cfg, family, device) -> Prior`` of backend ``name`` (see :data:`BACKENDS`)."""
     if name not in BACKENDS:
         raise KeyError(f"unknown priors backend {name!r}; known: {sorted(BACKENDS)}")
-    mod, fn = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(mod), fn)
+    return BACKENDS[name]
 
 
 def runtime_options(cfg: PriorsConfig) -> dict[str, Any]:
@@ -883,3 +866,42 @@ def build_sv3d_p(cfg: PriorsConfig, family: Family, device: torch.device) -> Pri
 def build_stability(cfg: PriorsConfig, family: Family, device: torch.device) -> Prior:
     """Backend ``stability``: SVD-XT for the video slot, SV3D_p for the multi-view slot."""
     return build_svd(cfg, family, device) if family == "video" else build_sv3d_p(cfg, family, device)
+
+
+# ---------------------------------------------------------------------------------------
+# mini backend: the miniature priors trained on the procedural world (d2.train.priors)
+# ---------------------------------------------------------------------------------------
+
+MINI_DIR = Path(__file__).resolve().parents[2] / "data" / "priors"
+"""Where the trained miniature priors live in the checkout (committed to git)."""
+
+
+def mini_prior_dir(cfg: PriorsConfig, family: Family) -> Path:
+    """The folder the ``mini`` backend reads for ``family``: ``cfg.{video,multiview}_path`` when it
+    is a folder, else ``data/priors/{video,multiview}`` of the checkout."""
+    explicit = cfg.video_path if family == "video" else cfg.multiview_path
+    if explicit and Path(explicit).expanduser().is_dir():
+        return Path(explicit).expanduser()
+    return MINI_DIR / family
+
+
+def build_mini(cfg: PriorsConfig, family: Family, device: torch.device) -> Prior:
+    """Backend ``mini``: the trained miniature prior of ``family``."""
+    folder = mini_prior_dir(cfg, family)
+    if not (folder / "d2_prior.json").is_file():
+        raise MissingWeightsError(
+            f"miniature {family} prior: {folder / 'd2_prior.json'} is missing.\n"
+            "Train the priors with `python -m d2.train.priors --out data/priors` (or `dvc repro train_priors`).")
+    return load_prior_folder(folder, family, _DTYPES[cfg.dtype], device)
+
+
+BACKENDS: dict[str, BackendFactory] = {
+    "gaussian": build_gaussian,  # analytic Gaussian prior (tests with known answers)
+    "tiny": build_tiny,  # random small UNets (tests, CPU)
+    "mini": build_mini,  # miniature priors trained on the procedural world (CPU demo)
+    "svd": build_svd,  # SVD-XT (diffusers layout)
+    "sv3d_p": build_sv3d_p,  # SV3D_p (Stability layout, converted)
+    "stability": build_stability,  # Stability's checkpoints for both families
+}
+"""Backend name (``priors.backend``) -> factory. Every backend is a function of this module, so
+its code is in the cache key of every stage that loads priors."""

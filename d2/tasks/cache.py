@@ -1,41 +1,58 @@
-"""The content-addressed stage cache.
+"""The content-addressed stage cache: keys, entries, verification, locks, Prefect's cache policy.
 
-A stage's cache key is the sha256 of
+A stage's **key** is the sha256 of
 
 * the content hash of each of its input artifacts (files or folders; paths do not count),
-* the subset of params it reads (``params_subset_hash``),
-* the version of its code: the source of its modules and of every module of the same
-  top-level package they import (transitively, imports inside functions included), plus
-  the source of the stage's wrapper function.
+* the params it reads, without the knobs that cannot change a result
+  (:data:`d2.config.NO_EFFECT`),
+* the version of its code: the source of its ``compute`` wrapper and of its stage modules
+  with every ``d2`` module they import (transitively, imports inside functions included;
+  priors backends are plain functions of :mod:`d2.stages.priors`, so they are in it).
 
-Results live in ``<cache_dir>/<stage>/<key>/`` (``out/`` holds the stage's files,
-``done.json`` is written last, so a folder without it is an interrupted computation: it is
-computed again in place, and a stage may resume from what it left, e.g. a checkpoint). A stage always computes into that same folder, so paths a stage records in
-its outputs are the same on every machine run, and downstream keys stay stable. Runs see
-the results as hard-linked copies under their own output folder.
+Its **entry** is ``<cache>/<stage>/<key>/``: ``out/`` holds the stage's files, ``done.json``
+is written last and records every file's size, mtime and sha256 plus a digest of that list.
+A folder without a valid ``done.json`` is never a result (an interrupted or failed attempt:
+the next attempt computes in place and may resume from what it left, e.g. a checkpoint).
+
+A hit is **verified** before it is served (:func:`verify_entry`): ``done.json`` parses and its
+digest matches its file list, ``out/`` holds exactly those files at those sizes, and files
+whose mtime changed hash as recorded (``run.verify_cache: full`` rehashes every file).
+Anything else is a miss, recomputed, and the reason is logged.
+
+Prefect runs the lookup (:class:`StageCachePolicy`): the Prefect cache key is
+``<stage>-<key>``, the result record (the stage's small JSON result) is stored under
+``<cache>/.records/``, and ``SERIALIZABLE`` isolation with :class:`FlockLockManager` makes
+two workers (threads, processes, machines on a shared filesystem) that need one key compute
+it once. ``flock`` locks die with their process, so a killed worker never blocks a key.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import errno
 import fcntl
 import hashlib
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from pydantic import BaseModel
 
-from d2.config import params_subset_hash
+from d2.config import NO_EFFECT, params_subset_hash
 from d2.utils.io import write_json
+
+log = logging.getLogger("d2.cache")
+
+RECORD_FORMAT = 2  # version of done.json's layout (older records are misses)
 
 # ---------------------------------------------------------------------------------------
 # Content hashes of artifacts
@@ -44,27 +61,14 @@ _hash_memo: dict[tuple[str, int, int], str] = {}
 _hash_lock = threading.Lock()
 
 
-BIG_FILE = 32 << 20  # files at least this large (model weights) get their hash remembered on disk
-
-
-def _file_hash(path: Path, memo_dir: Path | None = None) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (remembered per process by path, size and mtime)."""
     st = path.stat()
     memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     with _hash_lock:
         hit = _hash_memo.get(memo_key)
     if hit is not None:
         return hit
-    disk = None
-    if memo_dir is not None and st.st_size >= BIG_FILE:
-        disk = memo_dir / (hashlib.sha1(memo_key[0].encode()).hexdigest() + ".json")
-        try:
-            rec = json.loads(disk.read_text())
-            if (rec["size"], rec["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
-                with _hash_lock:
-                    _hash_memo[memo_key] = rec["sha256"]
-                return rec["sha256"]
-        except (OSError, ValueError, KeyError):
-            pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -72,50 +76,58 @@ def _file_hash(path: Path, memo_dir: Path | None = None) -> str:
     digest = h.hexdigest()
     with _hash_lock:
         _hash_memo[memo_key] = digest
-    if disk is not None:
-        write_json(disk, {"path": memo_key[0], "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest})
     return digest
 
 
-def hash_path(path: str | os.PathLike, memo_dir: Path | None = None) -> str:
-    """sha256 of a file's bytes, or of a folder's sorted (relative path, file hash) list.
+def visible_files(folder: Path) -> list[Path]:
+    """Files below ``folder`` in sorted order, hidden ones (``.name`` anywhere in the path) left out."""
+    out = []
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder)
+        if not any(part.startswith(".") for part in rel.parts) and f.is_file():
+            out.append(f)
+    return out
 
-    A cache entry's ``out/`` folder is hashed once when stored (read back from its
-    ``done.json``). Hidden files (``.name``) are ignored.
+
+def listing_digest(files: Mapping[str, str]) -> str:
+    """sha256 of a folder's sorted ``relative path -> file sha256`` list (its content hash)."""
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(rel.encode() + b"\0" + files[rel].encode() + b"\n")
+    return h.hexdigest()
+
+
+def hash_path(path: str | os.PathLike) -> str:
+    """Content hash of a file (sha256 of its bytes) or a folder (:func:`listing_digest`).
+
+    A cache entry's ``out/`` folder reads the digest its ``done.json`` recorded (it was
+    verified when it was served).
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"input artifact not found: {p}")
     if p.is_file():
-        return _file_hash(p, memo_dir)
-    done = p.parent / "done.json"
-    if p.name == "out" and done.exists():
+        return file_sha256(p)
+    if p.name == "out":
         try:
-            return json.loads(done.read_text())["content_hash"]
-        except (KeyError, ValueError):
+            record = json.loads((p.parent / "done.json").read_text())
+            if record.get("format") == RECORD_FORMAT:
+                return str(record["content_hash"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
-    h = hashlib.sha256()
-    for f in sorted(p.rglob("*")):
-        rel = f.relative_to(p)
-        if any(part.startswith(".") for part in rel.parts) or not f.is_file():
-            continue
-        h.update(rel.as_posix().encode() + b"\0" + _file_hash(f, memo_dir).encode() + b"\n")
-    return h.hexdigest()
+    return listing_digest({f.relative_to(p).as_posix(): file_sha256(f) for f in visible_files(p)})
 
 
 # ---------------------------------------------------------------------------------------
 # Code versions
 
-
 _ast_memo: dict[tuple[str, int, int], tuple[bytes, list[str]]] = {}
-
-
 _top_memo: dict[str, list[Path]] = {}
 
 
 def _module_file(name: str) -> Path | None:
-    """The source file of module ``name``, found on disk without importing it (only its
-    top-level package is looked up), so that a cache hit never imports a heavy stage."""
+    """The source file of module ``name``, found without importing it (only its top-level
+    package is looked up), so that a cache hit never imports a heavy stage."""
     top, _, rest = name.partition(".")
     if top not in _top_memo:
         try:
@@ -148,17 +160,15 @@ def _imports_of(name: str, path: Path) -> tuple[bytes, list[str]]:
     if memo_key in _ast_memo:
         return _ast_memo[memo_key]
     src = path.read_bytes()
-    is_pkg = path.name == "__init__.py"
-    package = name if is_pkg else name.rpartition(".")[0]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: list[str] = []
     for node in ast.walk(ast.parse(src)):
         if isinstance(node, ast.Import):
             found += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base_parts = package.split(".")
-                base_parts = base_parts[: len(base_parts) - (node.level - 1)] if node.level > 1 else base_parts
-                base = ".".join(base_parts)
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts)
                 mod = f"{base}.{node.module}" if node.module else base
             else:
                 mod = node.module or ""
@@ -204,134 +214,265 @@ def code_version(modules: list[str], functions: list[Callable] = ()) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Stages and the cache
+# Stages and their keys
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    """What the cache needs to know about a stage."""
+    """A stage as the cache sees it. Pickles by reference (its functions live in modules)."""
 
     name: str  # stage name (folder name in the cache and in run folders)
     compute: Callable[[dict[str, Path], Path, BaseModel], dict | None]  # (inputs, out_dir, params) -> info
-    modules: tuple[str, ...]  # modules whose source (with their imports) versions the stage
+    modules: tuple[str, ...]  # the stage's modules: their import closures (and compute's source) version it
     params_keys: tuple[str, ...]  # dotted params keys the stage reads
-    ignore_keys: tuple[str, ...] = ()  # knobs inside those that cannot change results ('progress', 'fit.device')
     extra_inputs: Callable[[BaseModel], dict[str, Path]] | None = None  # params -> more input artifacts (weights)
 
 
-@dataclass
-class StageResult:
-    """One stage execution of one object, as recorded in the manifest."""
-
-    stage: str
-    object: str
-    status: str  # "computed" or "cached"
-    key: str
-    seconds: float  # wall time of this execution (lookup, compute or link)
-    compute_seconds: float  # seconds the computation took when it was computed
-    store_dir: Path  # <cache>/<stage>/<key>/out (immutable input of downstream stages)
-    out_dir: Path  # the run's copy
-    outputs: list[str] = field(default_factory=list)  # files, relative to out_dir
-    info: dict[str, Any] = field(default_factory=dict)  # what the stage returned
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON form for the manifest."""
-        return {
-            "stage": self.stage, "object": self.object, "status": self.status, "key": self.key,
-            "seconds": round(self.seconds, 4), "compute_seconds": round(self.compute_seconds, 4),
-            "out_dir": str(self.out_dir), "store_dir": str(self.store_dir), "outputs": self.outputs,
-            "info": self.info,
-        }
+def stage_inputs(spec: StageSpec, inputs: Mapping[str, str | os.PathLike], params: BaseModel) -> dict[str, Path]:
+    """The stage's inputs with its extra inputs (weights), as paths."""
+    out = {k: Path(v) for k, v in inputs.items()}
+    if spec.extra_inputs is not None:
+        out.update({f"extra:{k}": Path(v) for k, v in spec.extra_inputs(params).items()})
+    return out
 
 
-def stage_key(spec: StageSpec, inputs: Mapping[str, str | os.PathLike], params: BaseModel,
-              memo_dir: Path | None = None) -> tuple[str, dict]:
-    """(cache key, its ingredients) of ``spec`` on ``inputs`` under ``params``."""
+def stage_key(spec: StageSpec, inputs: Mapping[str, str | os.PathLike], params: BaseModel) -> tuple[str, dict]:
+    """(cache key, its ingredients) of ``spec`` on ``inputs`` (extra inputs included) under ``params``."""
     functions: list[Callable] = [spec.compute] + ([spec.extra_inputs] if spec.extra_inputs else [])
     ingredients = {
         "stage": spec.name,
         "code": code_version(list(spec.modules), functions),
-        "params": params_subset_hash(params, spec.params_keys, spec.ignore_keys),
-        "inputs": {name: hash_path(p, memo_dir) for name, p in sorted(inputs.items())},
+        "params": params_subset_hash(params, spec.params_keys, NO_EFFECT),
+        "inputs": {name: hash_path(p) for name, p in sorted(inputs.items())},
     }
     blob = json.dumps(ingredients, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest(), ingredients
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock (threads and processes) on ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+# ---------------------------------------------------------------------------------------
+# Entries
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Make ``dst`` a copy of ``src`` made of hard links (plain copies across devices)."""
-    if dst.exists() or dst.is_symlink():
-        shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-
-    def link(s: str, d: str) -> None:
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
-    shutil.copytree(src, tmp, copy_function=link)
-    os.replace(tmp, dst)
+def file_records(out: Path) -> dict[str, list]:
+    """``relative path -> [size, mtime_ns, sha256]`` of every visible file below ``out``."""
+    recs = {}
+    for f in visible_files(out):
+        st = f.stat()
+        recs[f.relative_to(out).as_posix()] = [st.st_size, st.st_mtime_ns, file_sha256(f)]
+    return recs
 
 
-def _list_outputs(d: Path) -> list[str]:
-    return sorted(f.relative_to(d).as_posix() for f in d.rglob("*") if f.is_file())
+def verify_entry(entry: Path, full: bool = False) -> tuple[dict | None, str]:
+    """``(record, '')`` when ``entry`` holds a complete, unmodified result, else ``(None, reason)``.
 
-
-def run_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str | os.PathLike], params: BaseModel,
-              cache_dir: str | os.PathLike, run_out_dir: str | os.PathLike | None,
-              use_cache: bool = True) -> StageResult:
-    """Run ``spec`` for ``obj`` through the cache: compute on a miss, reuse on a hit.
-
-    ``inputs`` maps names to artifact paths (files or folders); the stage's ``compute``
-    gets them as ``Path``s and writes into its ``out_dir``. With ``run_out_dir`` the result
-    is linked there. Concurrent calls with the same key compute once (a file lock).
+    Cheap by default: sizes, the recorded digest, and a rehash of files whose mtime changed;
+    ``full`` rehashes every file.
     """
-    t0 = time.perf_counter()
-    if spec.extra_inputs is not None:
-        inputs = {**inputs, **{f"extra:{k}": v for k, v in spec.extra_inputs(params).items()}}
-    key, ingredients = stage_key(spec, inputs, params, Path(cache_dir).resolve() / ".filehash")
-    entry = Path(cache_dir).resolve() / spec.name / key
-    out = entry / "out"
     done = entry / "done.json"
-    with _locked(Path(cache_dir).resolve() / spec.name / f"{key}.lock"):
-        if use_cache and done.exists():
-            meta = json.loads(done.read_text())
-            status = "cached"
-        else:
-            if entry.exists() and (done.exists() or not use_cache):
-                shutil.rmtree(entry)  # use_cache=False: compute from scratch
-            # A failed or interrupted attempt with this key leaves its files in out/ (no done.json,
-            # so they are never taken as a result): a stage may resume from them (fit's checkpoint).
-            out.mkdir(parents=True, exist_ok=True)
-            tc = time.perf_counter()
-            info = spec.compute({k: Path(v) for k, v in inputs.items()}, out, params) or {}
-            compute_s = time.perf_counter() - tc
-            meta = {"stage": spec.name, "object": obj, "key": key, "ingredients": ingredients,
-                    "compute_seconds": compute_s, "info": info, "content_hash": hash_path(out),
-                    "created": time.time()}
-            write_json(done, meta)
-            status = "computed"
-    run_copy = out
-    if run_out_dir is not None:
-        run_copy = Path(run_out_dir)
-        _link_tree(out, run_copy)
-    return StageResult(stage=spec.name, object=obj, status=status, key=key,
-                       seconds=time.perf_counter() - t0, compute_seconds=float(meta["compute_seconds"]),
-                       store_dir=out, out_dir=run_copy, outputs=_list_outputs(out),
-                       info=json.loads(json.dumps(meta.get("info", {}), default=str)))
+    if not done.exists():
+        return None, "no result yet" if not entry.exists() else f"no done.json in {entry} (an unfinished attempt)"
+    try:
+        record = json.loads(done.read_text())
+        files: dict[str, list] = record["files"]
+        if record.get("format") != RECORD_FORMAT:
+            return None, f"{done}: record format {record.get('format')!r}, expected {RECORD_FORMAT}"
+        if listing_digest({k: v[2] for k, v in files.items()}) != record["content_hash"]:
+            return None, f"{done}: its file list does not match its digest"
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        return None, f"{done} is unreadable ({type(e).__name__}: {e})"
+    out = entry / "out"
+    present = {f.relative_to(out).as_posix(): f for f in visible_files(out)} if out.is_dir() else {}
+    if set(present) != set(files):
+        missing = sorted(set(files) - set(present))
+        extra = sorted(set(present) - set(files))
+        return None, f"{out}: files differ from the record (missing {missing[:3]}, unexpected {extra[:3]})"
+    for rel, (size, mtime_ns, sha) in files.items():
+        st = present[rel].stat()
+        if st.st_size != size:
+            return None, f"{out / rel}: {st.st_size} bytes, recorded {size}"
+        if (full or st.st_mtime_ns != mtime_ns) and file_sha256(present[rel]) != sha:
+            return None, f"{out / rel}: content changed since it was stored"
+    return record, ""
+
+
+def result_from_record(record: dict, entry: Path, status: str) -> dict[str, Any]:
+    """The small JSON result of a stage execution (what the Prefect task returns)."""
+    return {"stage": record["stage"], "key": record["key"], "status": status,
+            "compute_seconds": float(record["compute_seconds"]), "store_dir": str(entry / "out"),
+            "outputs": sorted(record["files"]), "content_hash": record["content_hash"],
+            "info": record.get("info", {}),
+            "failed_attempts": record.get("failed_attempts", []) if status == "computed" else []}
+
+
+def _remove_if_empty(*folders: Path) -> None:
+    for d in folders:
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def execute_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str], params: BaseModel, cache_dir: Path,
+                  use_cache: bool = True, verify_full: bool = False) -> dict[str, Any]:
+    """Serve ``spec``'s verified entry, or compute it into the cache. The caller holds the key's lock.
+
+    Returns :func:`result_from_record`'s dict (status ``computed`` or ``cached``).
+    """
+    paths = stage_inputs(spec, inputs, params)
+    key, ingredients = stage_key(spec, paths, params)
+    entry = cache_dir / spec.name / key
+    record, reason = verify_entry(entry, full=verify_full)
+    if record is not None and use_cache:
+        return result_from_record(record, entry, "cached")
+    if not _writable(cache_dir):
+        raise PermissionError(f"the stage cache {cache_dir} is read-only and holds no valid {spec.name} result "
+                              f"for key {key[:12]} ({reason}); point run.cache_dir at a writable folder")
+    done = entry / "done.json"
+    if done.exists() or not use_cache:  # a stale or invalid result: start over (inside the cache entry)
+        if reason and done.exists():
+            log.warning("cache miss for %s[%s]: %s; recomputing", spec.name, obj, reason)
+        shutil.rmtree(entry, ignore_errors=True)
+    out = entry / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    attempts_log = entry / "failed_attempts.json"
+    tc = time.perf_counter()
+    try:
+        info = spec.compute(paths, out, params) or {}
+    except Exception as e:  # remembered for the manifest of the attempt that succeeds (retries)
+        with contextlib.suppress(OSError, ValueError):
+            earlier = json.loads(attempts_log.read_text()) if attempts_log.exists() else []
+            write_json(attempts_log, earlier + [f"{type(e).__name__}: {e}"])
+        _remove_if_empty(out, entry)
+        raise
+    except BaseException:
+        _remove_if_empty(out, entry)
+        raise
+    failed: list[str] = []
+    with contextlib.suppress(OSError, ValueError):
+        failed = json.loads(attempts_log.read_text())
+        attempts_log.unlink()
+    record = {"format": RECORD_FORMAT, "stage": spec.name, "object": obj, "key": key, "ingredients": ingredients,
+              "compute_seconds": round(time.perf_counter() - tc, 4),
+              "info": json.loads(json.dumps(info, default=str)), "files": file_records(out),
+              "failed_attempts": failed}
+    record["content_hash"] = listing_digest({k: v[2] for k, v in record["files"].items()})
+    write_json(done, record)
+    return result_from_record(record, entry, "computed")
+
+
+def _writable(folder: Path) -> bool:
+    probe = folder if folder.exists() else folder.parent
+    return os.access(probe, os.W_OK)
+
+
+# ---------------------------------------------------------------------------------------
+# Locks
+
+
+class FlockLockManager:
+    """Prefect ``LockManager`` on ``flock``: one lock file per key in ``folder``.
+
+    Exclusive across threads and processes (and machines, on filesystems with working
+    ``flock``, e.g. NFSv4); the kernel drops a lock when its process dies, so a killed
+    worker never leaves a key locked. In a read-only cache no lock is taken (nothing can
+    be computed there; hits are served).
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self._held: dict[str, tuple[str, int]] = {}  # key -> (holder, fd)
+        self._mutex = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.lock"
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                     hold_timeout: float | None = None) -> bool:
+        with self._mutex:
+            if key in self._held and self._held[key][0] == holder:
+                return True
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._path(key), os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                return True  # read-only cache: serve hits without a lock
+            raise
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() > deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.05)
+        with self._mutex:
+            self._held[key] = (holder, fd)
+        return True
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                            hold_timeout: float | None = None) -> bool:
+        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+    def release_lock(self, key: str, holder: str) -> None:
+        with self._mutex:
+            held = self._held.get(key)
+            if held is None or held[0] != holder:
+                return
+            del self._held[key]
+        fcntl.flock(held[1], fcntl.LOCK_UN)
+        os.close(held[1])
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        with self._mutex:
+            if key in self._held:
+                return True
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        with self._mutex:
+            return key in self._held and self._held[key][0] == holder
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_locked(key):
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        return self.wait_for_lock(key, timeout)
+
+
+@contextlib.contextmanager
+def key_lock(cache_dir: Path, key: str) -> Iterator[None]:
+    """Hold the lock of one Prefect cache key (for running a stage without Prefect)."""
+    manager = FlockLockManager(cache_dir / ".locks")
+    holder = f"{os.getpid()}:{threading.get_ident()}"
+    manager.acquire_lock(key, holder)
+    try:
+        yield
+    finally:
+        manager.release_lock(key, holder)
+
+
+def run_stage_locally(spec: StageSpec, obj: str, inputs: Mapping[str, str], params: BaseModel,
+                      cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """:func:`execute_stage` under the key's lock, without Prefect (tests, scripts)."""
+    cache = Path(cache_dir).resolve()
+    key, _ = stage_key(spec, stage_inputs(spec, inputs, params), params)
+    with key_lock(cache, f"{spec.name}-{key}"):
+        return execute_stage(spec, obj, inputs, params, cache, use_cache=params.run.use_cache,
+                             verify_full=params.run.verify_cache == "full")

@@ -1,6 +1,6 @@
 """The run manifest: for every object and stage, computed or cached, seconds, key, outputs.
 
-A :class:`Recorder` collects :class:`~d2.tasks.cache.StageResult`s from any thread and
+A :class:`Recorder` collects :class:`StageResult`s from any thread and
 writes ``DIR/manifest.json`` atomically (after every stage, so a crashed run still tells
 what it did). Listeners (the progress display) hear about every stage start and end.
 """
@@ -8,13 +8,49 @@ what it did). Listeners (the progress display) hear about every stage start and 
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from d2.tasks.cache import StageResult
 from d2.utils.io import write_json
+
+
+@dataclass
+class StageResult:
+    """One stage execution of one object, as recorded in the manifest."""
+
+    stage: str
+    object: str
+    status: str  # "computed" or "cached"
+    key: str
+    seconds: float  # wall time from submission to result in this run (queueing included)
+    compute_seconds: float  # seconds the computation took when it was computed
+    store_dir: Path  # <cache>/<stage>/<key>/out (immutable input of downstream stages)
+    out_dir: Path  # the run's copy
+    outputs: list[str] = field(default_factory=list)  # files, relative to out_dir
+    info: dict[str, Any] = field(default_factory=dict)  # what the stage returned
+
+    @classmethod
+    def from_task(cls, result: dict[str, Any], obj: str, out_dir: Path, seconds: float,
+                  status: str | None = None) -> "StageResult":
+        """From a stage task's JSON result (``status`` overrides it: 'cached' for a Prefect cache hit)."""
+        return cls(stage=result["stage"], object=obj, status=status or result["status"], key=result["key"],
+                   seconds=seconds, compute_seconds=float(result["compute_seconds"]),
+                   store_dir=Path(result["store_dir"]), out_dir=out_dir, outputs=list(result["outputs"]),
+                   info=dict(result.get("info", {})))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form for the manifest."""
+        return {
+            "stage": self.stage, "object": self.object, "status": self.status, "key": self.key,
+            "seconds": round(self.seconds, 4), "compute_seconds": round(self.compute_seconds, 4),
+            "out_dir": str(self.out_dir), "store_dir": str(self.store_dir), "outputs": self.outputs,
+            "info": self.info,
+        }
 
 
 class Listener(Protocol):
@@ -40,6 +76,8 @@ class Recorder:
         self.results: list[StageResult] = []
         self.errors: list[dict[str, str]] = []
         self.status = "running"
+        self.meta.setdefault("pid", os.getpid())
+        self.meta.setdefault("host", socket.gethostname())
         self._lock = threading.Lock()
         self._t0 = time.perf_counter()
         self.started = time.time()
@@ -61,10 +99,11 @@ class Recorder:
         if self.forward_to is not None:
             self.forward_to.add(dataclasses.replace(result, object=self.prefix + result.object))
 
-    def add_error(self, obj: str, stage: str, error: BaseException) -> None:
-        """Record a failed stage."""
+    def add_error(self, obj: str, stage: str, error: BaseException | str) -> None:
+        """Record a failed stage (or a failed attempt of it, as a message)."""
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         with self._lock:
-            self.errors.append({"object": obj, "stage": stage, "error": f"{type(error).__name__}: {error}"})
+            self.errors.append({"object": obj, "stage": stage, "error": text})
         self.write()
         if self.forward_to is not None:
             self.forward_to.add_error(self.prefix + obj, stage, error)
@@ -104,8 +143,15 @@ class Recorder:
         write_json(path, self.to_json())
         return path
 
-    def finish(self, status: str) -> Path:
-        """Set the final status ('completed' / 'failed') and write the manifest."""
+    def finish(self, status: str, error: str | None = None) -> Path:
+        """Set the final status ('completed' / 'failed' / 'interrupted') and write the manifest."""
         self.status = status
+        if error:
+            self.meta["error"] = error
         return self.write()
+
+
+# Listeners every new top-level Recorder gets, in the process running the flow (the CLI's
+# progress display registers itself here while a command runs).
+LISTENERS: list[Listener] = []
 

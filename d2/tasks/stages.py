@@ -1,25 +1,32 @@
-"""The real stages as cacheable specs (registered as stage set ``"default"``).
+"""The real stages as cache specs: a few lines around each stage function.
 
-Each ``compute`` is a few lines around a stage function of ``docs/ARCHITECTURE.md``; it
-reads only the params named in its spec (they make its cache key, with its inputs' content
-and its code). Priors are loaded lazily, once per process and priors config, and only when
-a stage actually computes (a fully cached run never builds a model).
+Each ``compute`` reads only the params named in its spec (they make its cache key, with its
+inputs' content and the code of its module's import closure). Priors and metric networks are
+built lazily, once per process and config, and only when a stage actually computes (a fully
+cached run never builds a model).
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from d2.config import Params
 from d2.tasks.cache import StageSpec
-from d2.tasks.runtime import register_stage_set
 
-# knobs that cannot change a stage's result: left out of cache keys
-NO_EFFECT = ("progress", "chunk_size", "decode_chunk", "batch_size", "checkpoint_every", "metrics.device")
+
+@dataclass(frozen=True)
+class StageSet:
+    """The stages a flow runs (by name) and the params model they read. Pickles by reference."""
+
+    specs: dict[str, StageSpec]  # conditions, sampling, fit, render_eval, metrics, tables
+    params_model: type[BaseModel]  # root params model (d2.config.Params for the real stages)
+
 
 _priors_memo: dict[str, Any] = {}
 _priors_lock = threading.Lock()
@@ -47,7 +54,7 @@ def prior_weights(params: BaseModel) -> dict[str, Path]:
         backend = getattr(cfg, f"{family}_backend") or cfg.backend
         explicit = getattr(cfg, f"{family}_path")
         if backend == "mini":
-            from d2.train.mini import mini_prior_dir
+            from d2.stages.priors import mini_prior_dir
 
             path = mini_prior_dir(cfg, family)
         elif explicit:
@@ -166,6 +173,8 @@ def compute_tables(inputs: dict[str, Path], out: Path, params: BaseModel) -> dic
     from d2.eval.tables import results_markdown, write_results
 
     objects = sorted(k.split(":", 1)[1] for k in inputs if k.startswith("metrics:"))
+    generation = inputs.get("generation_time")
+    generation_s = json.loads(generation.read_text())["seconds_per_object"] if generation is not None else None
     per_frame: list[FrameScore] = []
     unavailable: dict[str, str] = {}
     first: Results | None = None
@@ -196,6 +205,7 @@ def compute_tables(inputs: dict[str, Path], out: Path, params: BaseModel) -> dic
         metrics=[m for m in (first.metrics if first else []) + ["fvd"] if m in requested] or requested,
         unavailable=unavailable, per_frame=per_frame, per_view=per_view, per_object=per_object, mean=mean,
         psnr_capped_frames=sum(s.psnr_capped for s in per_frame), num_scored_frames=len(per_frame),
+        generation_time_s=generation_s,
     )
     write_results(results, out)
     return {"summary": mean, "unavailable": unavailable, "table": results_markdown(results)}
@@ -209,17 +219,16 @@ def _read_json(path: Path, keep: tuple[str, ...]) -> dict:
 
 
 SPECS: dict[str, StageSpec] = {
-    "conditions": StageSpec("conditions", compute_conditions, ("d2.stages.conditions", "d2.stages.priors"),
-                            ("conditions", "priors"), NO_EFFECT, prior_weights),
-    "sampling": StageSpec("sampling", compute_sampling, ("d2.stages.sampling", "d2.stages.priors"),
-                          ("sampling", "priors"), NO_EFFECT, prior_weights),
-    "fit": StageSpec("fit", compute_fit, ("d2.stages.fit",), ("fit",), NO_EFFECT),
+    "conditions": StageSpec("conditions", compute_conditions, ("d2.stages.conditions",), ("conditions", "priors"),
+                            prior_weights),
+    "sampling": StageSpec("sampling", compute_sampling, ("d2.stages.sampling",), ("sampling", "priors"), prior_weights),
+    "fit": StageSpec("fit", compute_fit, ("d2.stages.fit",), ("fit",)),
     "render_eval": StageSpec("render_eval", compute_render_eval, ("d2.stages.export",),
-                             ("protocol", "render_eval", "conditions.num_frames"), NO_EFFECT),
-    "metrics": StageSpec("metrics", compute_metrics, ("d2.eval.benchmark",), ("protocol", "metrics"),
-                         NO_EFFECT),
+                             ("protocol", "render_eval", "conditions.num_frames")),
+    "metrics": StageSpec("metrics", compute_metrics, ("d2.eval.benchmark",), ("protocol", "metrics")),
     "tables": StageSpec("tables", compute_tables, ("d2.eval.benchmark", "d2.eval.tables"),
-                        ("protocol", "metrics", "run.data_dir"), NO_EFFECT),
+                        ("protocol", "metrics", "run.data_dir")),
 }
 
-register_stage_set("default", SPECS)
+STAGES = StageSet(SPECS, Params)
+"""The pipeline's stages (the default of every flow)."""

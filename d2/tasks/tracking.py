@@ -3,7 +3,7 @@
 A parent run per benchmark or sweep, a child run per object (per point for sweeps) with
 params, metrics, per-stage seconds, the matrix grid image, the turntable video and tags
 (git commit, params hash, Prefect flow-run id). The store is ``MLFLOW_TRACKING_URI``
-(default: ``sqlite:///<project>/mlflow.db``, set by :mod:`d2.tasks.env`); artifacts of the
+(default: ``sqlite:///<project>/mlflow.db``, set by :func:`d2.env.setup_env`); artifacts of the
 experiment go to ``D2_MLFLOW_ARTIFACTS`` (default ``<project>/mlruns``), set explicitly
 when the experiment is created.
 """
@@ -17,15 +17,14 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable
 
-from d2.tasks.env import project_root, setup_env
-
-setup_env()
+from d2.env import project_root
 
 _MAX_PARAM_LEN = 6000
 
 
 def git_commit() -> str:
-    """The checkout's HEAD commit (with '+dirty' when tracked files changed), or 'unknown'."""
+    """HEAD of the project the user runs in (:func:`d2.env.project_root`), with '+dirty' when
+    tracked files changed, or 'unknown'."""
     root = project_root()
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -124,10 +123,32 @@ class Tracker:
         exp = self.client.get_experiment(self.experiment_id)
         return Tracker(exp.name, run_name, params, {**self.tags, **tags}, parent=self)
 
-    def end(self, run_id: str, ok: bool) -> None:
-        """End a run FINISHED or FAILED."""
-        self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+    def end(self, run_id: str, ok: bool | str) -> None:
+        """End a run FINISHED (``True``), FAILED (``False``) or with an MLflow status (``'KILLED'``)."""
+        status = ok if isinstance(ok, str) else ("FINISHED" if ok else "FAILED")
+        self.client.set_terminated(run_id, status=status)
 
-    def finish(self, ok: bool) -> None:
+    def finish(self, ok: bool | str) -> None:
         """End the parent run."""
         self.end(self.run_id, ok)
+
+
+def fail_stale_runs(run_ids: Iterable[str], reason: str) -> list[str]:
+    """Mark the MLflow runs among ``run_ids`` that are still RUNNING as FAILED (their process died).
+    Returns the ids it marked; no-op when MLflow cannot be reached."""
+    marked = []
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        for rid in run_ids:
+            try:
+                if client.get_run(rid).info.status == "RUNNING":
+                    client.set_tag(rid, "d2.failure", reason[:5000])
+                    client.set_terminated(rid, status="FAILED")
+                    marked.append(rid)
+            except Exception:  # noqa: BLE001  (a run deleted meanwhile)
+                continue
+    except Exception:  # noqa: BLE001  (tracking must never block a new run)
+        pass
+    return marked

@@ -377,7 +377,7 @@ class MetricLogger:
             self.client = None
 
     def _start(self, experiment: str, run_name: str, params: dict[str, Any]) -> None:
-        from d2.tasks.env import project_root, setup_env
+        from d2.env import project_root, setup_env
 
         setup_env()
         from mlflow.entities import Param

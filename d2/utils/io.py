@@ -21,9 +21,27 @@ from PIL import Image
 from torch import Tensor
 
 
+_umask: int | None = None
+
+
+def umask() -> int:
+    """The process umask (read once, without changing it where /proc tells it)."""
+    global _umask
+    if _umask is None:
+        try:
+            line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("Umask:"))
+            _umask = int(line.split()[1], 8)
+        except (OSError, StopIteration, ValueError):
+            old = os.umask(0o022)
+            os.umask(old)
+            _umask = old
+    return _umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``."""
+    """Yield a temporary path beside ``path``; on success rename it onto ``path`` (with the
+    permissions a plain ``open`` would give it under the umask, not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
@@ -31,6 +49,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o666 & ~umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -45,6 +65,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~umask())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():
@@ -70,8 +91,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_tensor(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` through an open file: torch names the archive after a path it is given, so
+    saving to the random temporary path would put that name into the bytes."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
 
 
 def load_tensor(path: str | os.PathLike) -> Any:

@@ -1,0 +1,96 @@
+"""The Prefect task that runs one stage of one object, cached by Prefect.
+
+The task is a pure function of serializable arguments: the stage set (pickled by reference),
+the stage's name, the object's name, input paths, the validated params as a dict and the
+cache root. It returns a small JSON dict (key, status, store folder, file list, timings, the
+stage's info) and touches nothing outside the cache; the flow that called it records the
+manifest, MLflow and the run folder's copy. So it runs the same in a thread, in another
+process or on another machine that sees the cache.
+
+Caching is Prefect's (:class:`StageCachePolicy`); the stage cache of :mod:`d2.tasks.cache`
+holds the files and verifies them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+
+from d2.tasks.cache import FlockLockManager, execute_stage, stage_inputs, stage_key, verify_entry
+from d2.tasks.stages import StageSet
+
+log = logging.getLogger("d2.cache")
+
+RECORDS = ".records"  # Prefect result records (the tasks' JSON results) under the cache root
+LOCKS = ".locks"  # one flock file per key under the cache root
+
+
+def _resolve(stages: StageSet, stage: str, inputs: dict[str, str], params: dict[str, Any]) -> tuple[Any, Any, str]:
+    p = stages.params_model.model_validate(params)
+    spec = stages.specs[stage]
+    key, _ = stage_key(spec, stage_inputs(spec, inputs, p), p)
+    return spec, p, key
+
+
+@dataclass
+class StageCachePolicy(CachePolicy):
+    """Prefect cache key of a stage task: ``<stage>-<content key>`` (:func:`d2.tasks.cache.stage_key`).
+
+    Before Prefect looks the key up, the entry on disk is verified; when it is not a valid
+    result, Prefect's record of it is dropped, so Prefect runs the task again (which
+    recomputes) instead of serving a result whose files are gone or changed.
+    """
+
+    cache_dir: str = ""  # absolute cache root
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        spec, p, key = _resolve(inputs["stages"], inputs["stage"], inputs["inputs"], inputs["params"])
+        prefect_key = f"{spec.name}-{key}"
+        entry = Path(self.cache_dir) / spec.name / key
+        record, reason = verify_entry(entry, full=p.run.verify_cache == "full")
+        if record is None:
+            stale = Path(self.cache_dir) / RECORDS / prefect_key
+            if stale.exists():
+                log.warning("cache miss for %s[%s]: %s; recomputing", spec.name, inputs["obj"], reason)
+                try:
+                    stale.unlink()
+                except OSError:
+                    pass  # a read-only cache: the task body reports it
+        return prefect_key
+
+
+def _run_stage(stages: StageSet, stage: str, obj: str, inputs: dict[str, str], params: dict[str, Any],
+               cache_dir: str) -> dict[str, Any]:
+    """Serve or compute one stage of one object in the cache (the key's lock is held by Prefect)."""
+    spec, p, _ = _resolve(stages, stage, inputs, params)
+    return execute_stage(spec, obj, inputs, p, Path(cache_dir), use_cache=p.run.use_cache,
+                         verify_full=p.run.verify_cache == "full")
+
+
+stage_task = task(_run_stage, name="stage", persist_result=True, result_serializer="json", log_prints=False)
+
+
+def configured_task(stage: str, obj: str, cache_dir: Path, params: Any, label: str = "") -> Any:
+    """The stage task with its cache (records, locks, SERIALIZABLE isolation), retries and run name."""
+    cache_dir = Path(cache_dir)
+    policy = StageCachePolicy(cache_dir=str(cache_dir), isolation_level="SERIALIZABLE",
+                              lock_manager=FlockLockManager(cache_dir / LOCKS))
+    return stage_task.with_options(
+        name=stage, task_run_name=f"{stage}[{label + '/' if label else ''}{obj}]", cache_policy=policy,
+        result_storage=cache_dir / RECORDS,
+        refresh_cache=not params.run.use_cache, retries=params.run.retries,
+        retry_delay_seconds=params.run.retry_delay_s)
+
+
+def task_arguments(stages: StageSet, stage: str, obj: str, inputs: dict[str, str | os.PathLike], params: Any,
+                   cache_dir: Path) -> dict[str, Any]:
+    """The task's keyword arguments: everything serializable (paths as strings, params as a dict)."""
+    return {"stages": stages, "stage": stage, "obj": obj, "inputs": {k: str(v) for k, v in inputs.items()},
+            "params": params.model_dump(mode="json"), "cache_dir": str(cache_dir)}

@@ -1,0 +1,52 @@
+"""Names and run folders: what a run may write, and whether another run holds a folder."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from pathlib import Path
+
+LOCK_FILE = ".d2-run.lock"  # held (flock) by the run writing into a folder
+
+_NAME_RE = re.compile(r"^[^/\\\x00]+$")
+
+
+class UnsafeName(ValueError):
+    """An object name that would leave the run folder."""
+
+
+def safe_name(name: str, what: str = "object name") -> str:
+    """``name`` when it is one plain path component, else :class:`UnsafeName` (nothing is written)."""
+    if not name or name in (".", "..") or not _NAME_RE.match(name) or name != name.strip() or name.startswith("."):
+        raise UnsafeName(f"{what} {name!r} is not a plain folder name (no '/', '\\\\', leading '.' or surrounding "
+                         "spaces): it would write outside the run folder")
+    return name
+
+
+def inside(folder: Path, path: Path) -> Path:
+    """``path`` (its parent resolved) when it lies inside ``folder``, else ValueError."""
+    folder = folder.resolve()
+    parent = path.parent.resolve()
+    if parent != folder and folder not in parent.parents:
+        raise ValueError(f"refusing to write {path}: outside the run folder {folder}")
+    return parent / path.name
+
+
+def run_folder_holder(run_dir: Path) -> str | None:
+    """Who holds ``run_dir`` (the lock file's text) when another live run writes into it, else None.
+
+    Only a check (the run itself takes the lock): lets a command refuse before anything starts.
+    """
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+    finally:
+        os.close(fd)

@@ -59,8 +59,8 @@ class RenderEvalConfig(BaseModel):
 # Knobs that cannot change any stage's result (how fast or how verbosely it runs): left out of
 # every cache key. A bare name matches that field in any section, a dotted key one field.
 # (sampling.decode_chunk is not one: the temporal decoder attends within a chunk.)
-NO_EFFECT: tuple[str, ...] = ("progress", "sampling.chunk_size", "metrics.batch_size", "metrics.device",
-                              "fit.checkpoint_every")
+NO_EFFECT: tuple[str, ...] = ("progress", "sampling.chunk_size", "conditions.chunk_size", "metrics.batch_size",
+                              "metrics.device", "fit.checkpoint_every")
 
 
 # Sections composed from the stage modules: name -> (module, class). A section exists only

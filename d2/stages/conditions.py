@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from d2.stages.cameras import OrbitSpec, orbit_azimuths
+from d2.stages.edm import sample_sequences
 from d2.stages.priors import Prior
 from d2.stages.schedules import multiview_cfg_scales, video_cfg_scales
 
@@ -266,8 +267,6 @@ def detect_kind(path: Path) -> Literal["image", "video", "orbit"]:
 def sample_reference_orbit(multiview_prior: Prior, image: Tensor, azimuths_deg: list[float], elevation_deg: float,
                            cfg: ConditionsConfig) -> Tensor:
     """Orbit [V, 3, H, W] from the multi-view prior conditioned on ``image`` [3, H, W]."""
-    from d2.stages.sampling import sample_sequences
-
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         cond = multiview_prior.condition(image[None], cond_aug=cfg.multiview_cond_aug, azimuths_deg=azimuths_deg,
@@ -281,8 +280,6 @@ def sample_reference_orbit(multiview_prior: Prior, image: Tensor, azimuths_deg: 
 
 def sample_reference_video(video_prior: Prior, image: Tensor, cfg: ConditionsConfig) -> Tensor:
     """Video [F, 3, H, W] from the video prior conditioned on ``image`` [3, H, W]."""
-    from d2.stages.sampling import sample_sequences
-
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
         cond = video_prior.condition(image[None], cond_aug=cfg.video_cond_aug, fps_id=cfg.fps_id,

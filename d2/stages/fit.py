@@ -325,8 +325,8 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig) -> dict
     start = 0
     g: Gaussians4D | None = None
     grad_accum = grad_count = None
-    if ckpt_path.is_file():
-        ck = load_tensor(ckpt_path)
+    ck = _read_checkpoint(ckpt_path)
+    if ck is not None:
         if ck.get("config_hash") == cfg_hash and ck.get("input_hash") == in_hash:
             g = Gaussians4D.from_state(ck["gaussians"]).to(device)
             opt = make_optimizer(g, cfg)
@@ -406,14 +406,28 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig) -> dict
     if cfg.turntable_frames > 0:
         render_turntable(g, out_dir / "turntable.mp4", spec, h, cfg.turntable_frames, cfg.turntable_fps,
                          background=cfg.background, backend=backend)
+    # no paths, no timings: the same matrix and config give the same bytes (the input is input_hash)
     summary = {
-        "matrix_dir": str(matrix_dir), "V": v, "F": f, "resolution": h, "iterations": cfg.iterations,
+        "V": v, "F": f, "resolution": h, "iterations": cfg.iterations,
         "resumed_from": start, "num_gaussians": g.num, "backend": backend, "device": str(device),
-        "fit_seconds": fit_seconds, "final": {k: float(v) for k, v in logs.items()}, "train_psnr": train_psnr,
+        "final": {k: float(v) for k, v in logs.items()}, "train_psnr": train_psnr,
         "config": cfg.model_dump(mode="json"),
         "config_hash": cfg_hash, "input_hash": in_hash,
     }
     write_json(out_dir / "fit.json", summary)
     if ckpt_path.exists():
         ckpt_path.unlink()
-    return summary
+    return {**summary, "fit_seconds": fit_seconds}
+
+
+def _read_checkpoint(path: Path) -> dict | None:
+    """The checkpoint at ``path``, or None when there is none or it cannot be read (an unreadable
+    checkpoint means starting over, never a failed fit)."""
+    if not path.is_file():
+        return None
+    try:
+        ck = load_tensor(path)
+    except Exception as e:  # noqa: BLE001  (torch raises many types for a damaged archive)
+        print(f"fit: ignoring the unreadable checkpoint {path} ({type(e).__name__}); starting over")
+        return None
+    return ck if isinstance(ck, dict) else None

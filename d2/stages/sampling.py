@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from d2.stages.edm import chunks as _chunks
+from d2.stages.edm import edm_sample, sample_sequences  # noqa: F401  (part of this stage's API)
 from d2.stages.priors import Prior, PriorCondition
 from d2.stages.schedules import (
     base_multiview_weight,
@@ -84,21 +86,6 @@ def weights_at(i: int, cfg: SamplingConfig, num_views: int) -> tuple[Tensor, Ten
     return wv.float(), wm.float()
 
 
-def _chunks(n: int, size: int) -> list[slice]:
-    """Contiguous slices of length <= size, all equal where that costs at most 1.5 times the calls.
-
-    Equal chunks mean one input shape per UNet (one compilation with ``priors.compile``):
-    21 by 5 -> 7 x 3, 25 by 5 -> 5 x 5, 21 by 7 -> 3 x 7; otherwise near-equal: 23 by 5 -> 5, 5, 5, 4, 4.
-    """
-    parts = math.ceil(n / size)
-    for p in range(parts, min(parts + parts // 2, n) + 1):
-        if n % p == 0:
-            parts = p
-            break
-    bounds = [round(k * n / parts) for k in range(parts + 1)]
-    return [slice(bounds[k], bounds[k + 1]) for k in range(parts)]
-
-
 class ComposedDenoiser:
     """D(x; sigma) of the whole matrix x [V, F, C, h, w] at step i (fp32)."""
 
@@ -139,44 +126,6 @@ class ComposedDenoiser:
                 dm = self._call(self.mv, xc, sigma, self.mcond.select(sl), self.mv_cfg).transpose(0, 1)
                 d[:, sl] += w_mv.view(-1, 1, 1, 1, 1) * dm
         return d
-
-
-def edm_sample(
-    denoiser: Callable[[Tensor, float, int], Tensor],
-    noise: Tensor,
-    sigmas: Tensor,
-    solver: Literal["euler", "heun"] = "euler",
-    rollback_steps: int = 0,
-    rollback_noise: Literal["linear", "vp"] = "linear",
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-    desc: str = "sampling",
-) -> Tensor:
-    """Deterministic EDM sampling from unit ``noise`` (any shape, fp32) with ``denoiser(x, sigma, i)``.
-
-    x starts at ``noise * sqrt(1 + sigma_0^2)``; step i goes from sigmas[i] to sigmas[i+1]. The
-    first ``rollback_steps`` steps are each taken twice: step, add N(0, std^2) noise (std =
-    |dt| for "linear", sqrt(sigma_i^2 - sigma_{i+1}^2) for "vp"; drawn from ``generator`` on the
-    CPU), step again from sigmas[i].
-    """
-    x = noise.float() * math.sqrt(1.0 + float(sigmas[0]) ** 2)
-    n = len(sigmas) - 1
-    for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        passes = 2 if i < rollback_steps else 1
-        for j in range(passes):
-            d0 = (x - denoiser(x, s, i)) / s
-            x_next = x + (s_next - s) * d0
-            if solver == "heun" and s_next > 0:
-                d1 = (x_next - denoiser(x_next, s_next, i)) / s_next
-                x_next = x + (s_next - s) * (d0 + d1) / 2
-            if j < passes - 1:
-                std = abs(s - s_next) if rollback_noise == "linear" else math.sqrt(max(s * s - s_next * s_next, 0.0))
-                eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
-                x = x_next + std * eps
-            else:
-                x = x_next
-    return x
 
 
 def build_matrix_conditions(video_prior: Prior, multiview_prior: Prior, conditions: "Conditions",
@@ -235,31 +184,6 @@ def sample_matrix(video_prior: Prior, multiview_prior: Prior, conditions: "Condi
     with torch.no_grad():
         x = edm_sample(denoiser, noise.to(video_prior.device), sigmas, cfg.solver, cfg.rollback_steps,
                        cfg.rollback_noise, gen, cfg.progress, desc=f"matrix {v}x{f}")
-    return x.float().cpu()
-
-
-def sample_sequences(prior: Prior, cond: PriorCondition, num_frames: int, cfg_scale: Tensor, num_steps: int,
-                     seed: int, sigma_min: float = 0.002, sigma_max: float = 700.0, rho: float = 7.0,
-                     solver: Literal["euler", "heun"] = "euler", chunk_size: int = 4,
-                     progress: bool = False) -> Tensor:
-    """Plain single-model sampling of N sequences (one per ``cond`` element): latents [N, T, C, h, w]."""
-    n = len(cond)
-    gen = torch.Generator().manual_seed(seed)
-    c, h = prior.latent_channels, prior.latent_size
-    noise = torch.randn((n, num_frames, c, h, h), generator=gen, dtype=torch.float32)
-    scale = cfg_scale.float().reshape(1, -1).expand(n, num_frames)
-
-    def denoiser(x: Tensor, sigma: float, i: int) -> Tensor:
-        out = torch.empty_like(x)
-        for sl in _chunks(n, chunk_size):
-            b = x[sl].shape[0]
-            out[sl] = prior.denoise(x[sl], torch.full((b,), sigma, device=x.device), cond.select(sl),
-                                    scale[sl].to(x.device))
-        return out
-
-    sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
-    with torch.no_grad():
-        x = edm_sample(denoiser, noise.to(prior.device), sigmas, solver, progress=progress, desc="reference")
     return x.float().cpu()
 
 

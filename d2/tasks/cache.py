@@ -322,7 +322,7 @@ def execute_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str], params: 
     record, reason = verify_entry(entry, full=verify_full)
     if record is not None and use_cache:
         return result_from_record(record, entry, "cached")
-    if not _writable(cache_dir):
+    if not cache_writable(cache_dir):
         raise PermissionError(f"the stage cache {cache_dir} is read-only and holds no valid {spec.name} result "
                               f"for key {key[:12]} ({reason}); point run.cache_dir at a writable folder")
     done = entry / "done.json"
@@ -358,7 +358,8 @@ def execute_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str], params: 
     return result_from_record(record, entry, "computed")
 
 
-def _writable(folder: Path) -> bool:
+def cache_writable(folder: Path) -> bool:
+    """Whether this process may write into the cache root (a read-only cache only serves hits)."""
     probe = folder if folder.exists() else folder.parent
     return os.access(probe, os.W_OK)
 

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE, CachePolicy
 
+from d2.tasks import cache
 from d2.tasks.cache import FlockLockManager, execute_stage, stage_inputs, stage_key, verify_entry
 from d2.tasks.stages import StageSet
 
@@ -78,12 +79,19 @@ stage_task = task(_run_stage, name="stage", persist_result=True, result_serializ
 
 
 def configured_task(stage: str, obj: str, cache_dir: Path, params: Any, label: str = "") -> Any:
-    """The stage task with its cache (records, locks, SERIALIZABLE isolation), retries and run name."""
+    """The stage task with its cache (records, locks, SERIALIZABLE isolation), retries and run name.
+
+    A read-only cache has no Prefect records or locks written: the task itself serves verified
+    hits and names the cache when a result is missing.
+    """
     cache_dir = Path(cache_dir)
+    name = f"{stage}[{label + '/' if label else ''}{obj}]"
+    if not cache.cache_writable(cache_dir):
+        return stage_task.with_options(name=stage, task_run_name=name, cache_policy=NO_CACHE, persist_result=False)
     policy = StageCachePolicy(cache_dir=str(cache_dir), isolation_level="SERIALIZABLE",
                               lock_manager=FlockLockManager(cache_dir / LOCKS))
     return stage_task.with_options(
-        name=stage, task_run_name=f"{stage}[{label + '/' if label else ''}{obj}]", cache_policy=policy,
+        name=stage, task_run_name=name, cache_policy=policy,
         result_storage=cache_dir / RECORDS,
         refresh_cache=not params.run.use_cache, retries=params.run.retries,
         retry_delay_seconds=params.run.retry_delay_s)

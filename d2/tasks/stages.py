@@ -28,6 +28,28 @@ class StageSet:
     params_model: type[BaseModel]  # root params model (d2.config.Params for the real stages)
 
 
+_warm_lock = threading.Lock()
+_warm_done: list[bool] = []
+
+
+def warm_imports() -> None:
+    """Import the model libraries the stages build from, once per process and under a lock, before
+    stages build models in parallel threads: transformers and diffusers resolve their names lazily,
+    and two threads resolving them at once can fail (``cannot import name ... from 'transformers'``)."""
+    with _warm_lock:
+        if _warm_done:
+            return
+        import diffusers
+        import transformers
+
+        for lib, names in ((diffusers, ("AutoencoderKLTemporalDecoder", "UNetSpatioTemporalConditionModel")),
+                           (transformers, ("PreTrainedModel", "CLIPImageProcessor", "CLIPVisionConfig",
+                                           "CLIPVisionModelWithProjection", "CLIPModel"))):
+            for name in names:
+                getattr(lib, name)
+        _warm_done.append(True)
+
+
 _priors_memo: dict[str, Any] = {}
 _priors_lock = threading.Lock()
 
@@ -36,6 +58,7 @@ def get_priors(params: BaseModel) -> tuple[Any, Any]:
     """``load_priors(params.priors)``, built once per process for each priors config."""
     from d2.stages.priors import load_priors
 
+    warm_imports()
     key = params.priors.model_dump_json()
     with _priors_lock:
         if key not in _priors_memo:
@@ -93,6 +116,7 @@ def compute_fit(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
     """matrix -> 4D Gaussians, PLY sequence, turntable video."""
     from d2.stages.fit import run_fit
 
+    warm_imports()
     summary = run_fit(inputs["matrix"], out, _quiet(params.fit))
     return json.loads(json.dumps(summary, default=str)) if isinstance(summary, dict) else {}
 
@@ -128,6 +152,7 @@ def get_metric_suite(cfg: BaseModel) -> Any:
     """``build_metric_suite(cfg)``, built once per process for each metrics config."""
     from d2.eval.metrics import build_metric_suite
 
+    warm_imports()
     key = cfg.model_dump_json()
     with _suite_lock:
         if key not in _suite_memo:
@@ -160,7 +185,9 @@ def compute_metrics(inputs: dict[str, Path], out: Path, params: BaseModel) -> di
         suite = get_metric_suite(cfg.model_copy(update={"resolution": params.protocol.resolution}))
         results = evaluate(root / "pred", root / "gt", params.protocol, cfg, objects=["object"], suite=suite,
                            progress=False)
-    write_json(out / "results.json", results.model_dump(mode="json"))
+    # without this evaluation's timing, date and temporary paths: the same renders give the same bytes
+    write_json(out / "results.json", results.model_dump(mode="json", exclude={"seconds", "created_utc", "pred_dir",
+                                                                             "gt_dir"}))
     return {"metrics": results.per_object.get("object", {}), "unavailable": results.unavailable}
 
 

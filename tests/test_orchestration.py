@@ -1,0 +1,363 @@
+"""The orchestration core under adversarial use: self-contained tasks, exact and verified cache
+keys, deterministic artifacts, confined names, locked run folders, interruption."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from d2.cli import main
+from d2.config import load_params
+from d2.flows import run_benchmark
+from d2.flows.engine import RunFolderBusy, open_run_folder
+from d2.tasks.cache import run_stage_locally, verify_entry
+from d2.tasks.stages import STAGES
+
+from d2_toy import make_toy, toy_params, write_tiny_params
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def load(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def statuses(manifest: dict, stage: str) -> list[str]:
+    return [s["status"] for s in manifest["stages"] if s["stage"] == stage]
+
+
+def sub_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny real params (2 objects, MLflow off) and their prepared dataset."""
+    root = tmp_path_factory.mktemp("orch")
+    params = write_tiny_params(root / "params.yaml", f"run.cache_dir={root / 'cache'}", "run.progress=false",
+                               f"run.data_dir={root / 'data'}", "run.mlflow=false")
+    assert main(["prepare", "--params", str(params)]) == 0
+    return {"root": root, "params": params, "data": root / "data"}
+
+
+# ---------------------------------------------------------------------------------------
+# Self-contained tasks, deterministic artifacts
+
+
+def test_each_task_in_a_subprocess_from_pickled_arguments_equals_in_process(tiny, tmp_path):
+    p = load_params(tiny["params"])
+    obj = "bouncing_ball"
+    data = tiny["data"]
+    local = tmp_path / "cache-local"
+    calls, results = [], {}
+    upstream = {"conditions": "input", "sampling": "conditions", "fit": "sampling", "render_eval": "fit"}
+    for stage, name in (("conditions", None), ("sampling", "conditions"), ("fit", "matrix"),
+                        ("render_eval", "gaussians"), ("metrics", None)):
+        if stage == "conditions":
+            inputs = {"input": str(data / "input" / obj)}
+        elif stage == "metrics":
+            inputs = {"pred": results["render_eval"]["store_dir"], "gt": str(data / "gt" / obj)}
+        else:
+            inputs = {name: results[upstream[stage]]["store_dir"]}
+        results[stage] = run_stage_locally(STAGES.specs[stage], obj, inputs, p, local)
+        calls.append({"stages": STAGES, "stage": stage, "obj": obj, "inputs": inputs,
+                      "params": p.model_dump(mode="json"), "cache_dir": str(tmp_path / "cache-remote")})
+    (tmp_path / "calls.pkl").write_bytes(pickle.dumps(calls))
+    script = textwrap.dedent("""
+        import json, pickle, sys
+        from d2.env import setup_env
+        setup_env()
+        from d2.tasks.stage_task import _run_stage
+        calls = pickle.loads(open(sys.argv[1], "rb").read())
+        print(json.dumps([_run_stage(**c) for c in calls]))
+    """)
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "calls.pkl")], capture_output=True, text=True,
+                       timeout=600, env=sub_env(), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    remote = json.loads(r.stdout.strip().splitlines()[-1])
+    for res in remote:
+        mine = results[res["stage"]]
+        assert res["status"] == "computed" and res["store_dir"].startswith(str(tmp_path / "cache-remote"))
+        assert (res["key"], res["content_hash"], res["outputs"]) == (mine["key"], mine["content_hash"],
+                                                                     mine["outputs"]), res["stage"]
+        untimed = lambda info: {k: v for k, v in info.items() if "seconds" not in k}  # noqa: E731
+        assert untimed(res["info"]) == untimed(mine["info"]), res["stage"]
+
+
+@pytest.mark.slow
+def test_two_clean_runs_give_byte_identical_artifacts_and_equal_keys(tiny, tmp_path):
+    manifests = []
+    for i in (1, 2):
+        rc = main(["benchmark", "--params", str(tiny["params"]), "--out", str(tmp_path / f"run{i}"),
+                   "--set", f"run.cache_dir={tmp_path / f'cache{i}'}"])
+        assert rc == 0
+        manifests.append(load(tmp_path / f"run{i}" / "manifest.json"))
+    keys = [{(s["object"], s["stage"]): s["key"] for s in m["stages"]} for m in manifests]
+    # the tables also read the measured generation time (an input, like the paper's table's column),
+    # the one thing two clean runs do not share; everything else is equal
+    tables = [load(Path(m["objects"]["_benchmark"]["tables"]["store_dir"]).parent / "done.json") for m in manifests]
+    assert [{k: v for k, v in t["ingredients"]["inputs"].items() if k != "generation_time"} for t in tables] == \
+        [{k: v for k, v in tables[0]["ingredients"]["inputs"].items() if k != "generation_time"}] * 2
+    for k in keys:
+        k.pop(("_benchmark", "tables"))
+    assert keys[0] == keys[1] and len(keys[0]) == 10
+    assert all(s["status"] == "computed" for m in manifests for s in m["stages"])
+    files = sorted(p.relative_to(tmp_path / "run1") for p in (tmp_path / "run1" / "objects").rglob("*") if p.is_file())
+    assert any(f.suffix == ".pt" for f in files) and any(f.suffix == ".mp4" for f in files)
+    different = [str(f) for f in files if (tmp_path / "run1" / f).read_bytes() != (tmp_path / "run2" / f).read_bytes()]
+    assert different == []
+    for f in files:  # normal permissions under umask 022
+        assert (tmp_path / "run1" / f).stat().st_mode & 0o777 == 0o644, f
+    assert (tmp_path / "run1" / "objects").stat().st_mode & 0o777 == 0o755
+
+
+# ---------------------------------------------------------------------------------------
+# Exact code keys
+
+
+def test_keys_follow_the_code_a_stage_runs(tmp_path):
+    """Editing the mini backend changes the sampling key; editing CLIP code does not change the fit key."""
+    shutil.copytree(REPO / "d2", tmp_path / "d2", ignore=shutil.ignore_patterns("__pycache__"))
+    script = textwrap.dedent("""
+        import json, sys
+        from pathlib import Path
+        from d2.tasks.cache import code_version
+        from d2.tasks.stages import SPECS
+        root = Path(sys.argv[1])
+        def versions():
+            return {n: code_version(list(s.modules), [s.compute]) for n, s in SPECS.items()}
+        out = [versions()]
+        priors = root / "d2" / "stages" / "priors.py"
+        priors.write_text(priors.read_text().replace('    folder = mini_prior_dir(cfg, family)',
+                                                     '    folder = mini_prior_dir(cfg, family)  # edited'))
+        out.append(versions())
+        metrics = root / "d2" / "eval" / "metrics.py"
+        text = metrics.read_text()
+        assert "open_clip" in text
+        metrics.write_text(text.replace("import open_clip", "import open_clip  # edited", 1))
+        out.append(versions())
+        print(json.dumps(out))
+    """)
+    env = sub_env(PYTHONPATH=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    before, mini_edit, clip_edit = json.loads(r.stdout.strip().splitlines()[-1])
+    assert mini_edit["sampling"] != before["sampling"] and mini_edit["conditions"] != before["conditions"]
+    assert mini_edit["fit"] == before["fit"] and mini_edit["render_eval"] == before["render_eval"]
+    assert clip_edit["metrics"] != mini_edit["metrics"]
+    assert clip_edit["fit"] == mini_edit["fit"] and clip_edit["sampling"] == mini_edit["sampling"]
+
+
+# ---------------------------------------------------------------------------------------
+# Verified hits
+
+
+@pytest.fixture
+def toy(tmp_path):
+    return make_toy(tmp_path)
+
+
+def _entry(manifest: dict, obj: str, stage: str) -> Path:
+    return Path(manifest["objects"][obj][stage]["store_dir"]).parent
+
+
+def test_a_truncated_cached_file_is_a_miss_and_is_recomputed(toy, tmp_path, caplog):
+    m1 = load(run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stages=toy.stages)["manifest"])
+    grid = _entry(m1, "apple", "sampling") / "out" / "grid.png"
+    good = grid.read_bytes()
+    grid.write_bytes(good[:3])
+    assert verify_entry(grid.parents[1])[0] is None
+    m2 = load(run_benchmark(toy.data, tmp_path / "b", toy_params(tmp_path), stages=toy.stages)["manifest"])
+    assert m2["objects"]["apple"]["sampling"]["status"] == "computed"
+    assert m2["objects"]["bird"]["sampling"]["status"] == "cached"
+    assert m2["objects"]["apple"]["fit"]["status"] == "cached"  # same content again: downstream keys unchanged
+    assert grid.read_bytes() == good and (tmp_path / "b" / "objects" / "apple" / "sampling" / "grid.png").read_bytes() == good
+    assert "grid.png" in caplog.text  # the reason is logged
+
+
+def test_a_same_size_edit_in_the_cache_is_caught(toy, tmp_path):
+    m1 = load(run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stages=toy.stages)["manifest"])
+    grid = _entry(m1, "bird", "sampling") / "out" / "grid.png"
+    grid.write_bytes(b"TOY GRID")  # same size, new content (and mtime)
+    m2 = load(run_benchmark(toy.data, tmp_path / "b", toy_params(tmp_path), stages=toy.stages)["manifest"])
+    assert m2["objects"]["bird"]["sampling"]["status"] == "computed" and grid.read_bytes() == b"toy grid"
+
+
+def test_edits_in_a_run_folder_never_reach_the_cache(toy, tmp_path):
+    m1 = load(run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stages=toy.stages)["manifest"])
+    run_file = tmp_path / "a" / "objects" / "apple" / "sampling" / "grid.png"
+    cached_file = _entry(m1, "apple", "sampling") / "out" / "grid.png"
+    before = cached_file.read_bytes()
+    with open(run_file, "ab") as f:
+        f.write(b"x")
+    assert cached_file.read_bytes() == before
+    assert verify_entry(cached_file.parents[1], full=True)[0] is not None
+    m2 = load(run_benchmark(toy.data, tmp_path / "b", toy_params(tmp_path), stages=toy.stages)["manifest"])
+    assert m2["totals"]["computed"] == 0
+    # the rerun into the same folder replaces the edited copy
+    run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stages=toy.stages)
+    assert run_file.read_bytes() == before
+
+
+@pytest.mark.parametrize("garbage", [b"{not json", b'{"format": 2}', b"", b'{"format": 2, "files": {}, '
+                                     b'"content_hash": "0"}'])
+def test_garbage_done_json_is_a_miss(toy, tmp_path, garbage):
+    m1 = load(run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stages=toy.stages)["manifest"])
+    (_entry(m1, "apple", "fit") / "done.json").write_bytes(garbage)
+    m2 = load(run_benchmark(toy.data, tmp_path / "b", toy_params(tmp_path), stages=toy.stages)["manifest"])
+    assert m2["status"] == "completed"
+    assert m2["objects"]["apple"]["fit"]["status"] == "computed" and m2["objects"]["bird"]["fit"]["status"] == "cached"
+
+
+def test_a_garbage_checkpoint_is_a_fresh_start(tmp_path):
+    import torch
+
+    from d2.stages.cameras import OrbitSpec
+    from d2.stages.fit import FitConfig, run_fit, write_matrix
+
+    images = torch.rand(2, 2, 3, 16, 16)  # [V, F, 3, H, W]
+    write_matrix(tmp_path / "matrix", images, azimuths_deg=[0.0, 180.0], times=[0.0, 1.0], spec=OrbitSpec())
+    cfg = FitConfig(iterations=2, num_gaussians=50, lambda_lpips=0, turntable_frames=2, export_ply=False,
+                    progress=False)
+    out = tmp_path / "fit"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"garbage, not a torch archive")
+    run_fit(tmp_path / "matrix", out, cfg)
+    assert (out / "gaussians.pt").is_file()
+
+
+def test_a_read_only_cache_serves_its_hits(toy, tmp_path, monkeypatch):
+    """A cache the user may not write (root writes anyway, so writability is also patched)."""
+    from d2.tasks import cache as cache_mod
+
+    run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stages=toy.stages)
+    root = tmp_path / "cache"
+    snapshot = lambda: {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}  # noqa: E731
+    before = snapshot()
+    modes = {p: p.stat().st_mode for p in [root, *root.rglob("*")]}
+    try:
+        for p in [root, *root.rglob("*")]:
+            p.chmod(p.stat().st_mode & ~0o222)
+        monkeypatch.setattr(cache_mod, "cache_writable", lambda folder: False)
+        m = load(run_benchmark(toy.data, tmp_path / "b", toy_params(tmp_path), stages=toy.stages)["manifest"])
+        assert m["status"] == "completed" and m["totals"]["computed"] == 0
+        assert snapshot() == before
+        with pytest.raises(Exception, match="read-only"):  # a miss names the cache
+            run_benchmark(toy.data, tmp_path / "c", toy_params(tmp_path, "fit.iters=9"), stages=toy.stages)
+        assert snapshot() == before
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+
+
+# ---------------------------------------------------------------------------------------
+# Names, folders, concurrency
+
+
+def test_a_name_that_leaves_the_run_folder_is_refused_before_any_work(tmp_path, capsys):
+    img = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(img)
+    victim = tmp_path / "victim"
+    (victim / "conditions").mkdir(parents=True)
+    (victim / "conditions" / "important.txt").write_text("keep me")
+    for name in ("../victim", "../../x", "..", "a/b", ".hidden", " x"):
+        rc = main(["generate", "--input", str(img), "--out", str(tmp_path / "run"), "--name", name])
+        assert rc == 1, name
+        assert "would write outside the run folder" in capsys.readouterr().err
+    assert (victim / "conditions" / "important.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "victim"]
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_at_once(toy, tmp_path):
+    out = tmp_path / "run"
+    with open_run_folder(out):
+        t0 = time.perf_counter()
+        with pytest.raises(RunFolderBusy, match="in use by another d2 run"):
+            run_benchmark(toy.data, out, toy_params(tmp_path), stages=toy.stages)
+        assert time.perf_counter() - t0 < 30
+    assert not (out / "manifest.json").exists() and [p.name for p in out.iterdir()] == [".d2-run.lock"]
+    m = load(run_benchmark(toy.data, out, toy_params(tmp_path), stages=toy.stages)["manifest"])  # free again
+    assert m["status"] == "completed"
+
+
+def test_the_cli_refuses_a_busy_folder_before_prefect_starts(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    with open_run_folder(out):
+        t0 = time.perf_counter()
+        rc = main(["benchmark", "--params", str(tiny["params"]), "--out", str(out)])
+        assert rc == 1 and time.perf_counter() - t0 < 5
+    assert "in use by another d2 run (pid" in capsys.readouterr().err
+
+
+def test_a_dead_runs_manifest_is_failed_by_the_next_run(toy, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"status": "running", "pid": 999999, "host": "h",
+                                                   "mlflow_runs": [], "stages": []}))
+    run_benchmark(toy.data, out, toy_params(tmp_path), stages=toy.stages)
+    dead = load(out / "manifest.dead.json")
+    assert dead["status"] == "failed" and "died before finishing" in dead["errors"][-1]["error"]
+    assert load(out / "manifest.json")["status"] == "completed"
+
+
+# ---------------------------------------------------------------------------------------
+# Interruption and cold processes (real subprocesses)
+
+
+@pytest.mark.slow
+def test_sigint_stops_a_running_benchmark_within_seconds(tiny, tmp_path):
+    out = tmp_path / "run"
+    cmd = [str(BIN / "d2"), "benchmark", "--params", str(tiny["params"]), "--out", str(out), "--no-progress",
+           "--set", f"run.cache_dir={tmp_path / 'cache'}", "--set", "sampling.num_steps=400"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sub_env(),
+                            cwd=tmp_path)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until sampling runs
+        try:
+            m = load(out / "manifest.json")
+            if any(s["stage"] == "conditions" for s in m["stages"]):
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the benchmark never reached sampling")
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 130, err[-2000:]
+    assert elapsed < 10, elapsed
+    m = load(out / "manifest.json")
+    assert m["status"] == "interrupted" and "interrupted" in err
+    assert not any(p.name == "done.json" for p in (tmp_path / "cache" / "sampling").rglob("done.json"))
+
+
+@pytest.mark.slow
+def test_cold_processes_run_two_objects_in_parallel_without_import_errors(tiny, tmp_path):
+    for i in range(3):
+        r = subprocess.run([str(BIN / "d2"), "benchmark", "--params", str(tiny["params"]), "--out",
+                            str(tmp_path / f"run{i}"), "--no-progress", "--set", "run.max_parallel=2",
+                            "--set", f"run.cache_dir={tmp_path / f'cache{i}'}"],
+                           capture_output=True, text=True, timeout=600, env=sub_env(), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "ImportError" not in r.stderr
+        assert load(tmp_path / f"run{i}" / "manifest.json")["totals"]["computed"] == 11

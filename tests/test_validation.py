@@ -236,6 +236,10 @@ def mixed_sizes(tmp: Path) -> Path:
     return d
 
 
+def _assert(ok: bool) -> None:
+    assert ok
+
+
 def expect_repair_16bit(tmp: Path, p: Any, warnings: list[str]) -> None:
     img = load_image(tmp / "g16.png")  # what d2 evaluate and the conditions stage read
     assert abs(float(img[0, 16, 16]) - 3000 / 65535) < 1e-4 and float(img[0, 0, 0]) == pytest.approx(1.0)
@@ -312,6 +316,9 @@ CORPUS: list[Case] = [
                                                command="generate"), "fit.lambda_lpips = 1 needs the VGG16 weights"),
     Case("metric weights file missing", par("metrics.i3d_weights=/nonexistent/i3d.pt", command="evaluate"),
          "metrics.i3d_weights = /nonexistent/i3d.pt: file not found"),
+    Case("TorchScript weights named: warned", lambda t: ("evaluate", {"pred": str(t), "gt": str(t)}, P,
+                                                          [f"metrics.i3d_weights={binary(t / 'i3d.pt')}"]),
+         None, lambda t, p, w: _assert(len(w) == 1 and "TorchScript file is code that runs when loaded" in w[0])),
     # one input (d2 generate)
     Case("input missing", gen(lambda t: t / "missing.png"), "missing.png: input not found"),
     Case("unsupported extension", gen(lambda t: params_file(t / "notes.txt", "hi")), "unsupported input extension '.txt'"),

@@ -162,8 +162,9 @@ def _unknown_key_error(key: str, model: type[BaseModel], prefix: str) -> ParamsE
     known = list(model.model_fields)
     where = prefix.rstrip(".") or "params"
     near = difflib.get_close_matches(key.split(".")[-1], known, n=1)
-    hint = f" Did you mean '{prefix}{near[0]}'?" if near else ""
-    return ParamsError(f"unknown parameter '{prefix}{key}': {where} has {', '.join(known)}.{hint}")
+    if near:
+        return ParamsError(f"unknown parameter '{prefix}{key}'. Did you mean '{prefix}{near[0]}'?")
+    return ParamsError(f"unknown parameter '{prefix}{key}': {where} has {', '.join(known)}")
 
 
 def check_keys(data: dict, model: type[BaseModel] | None = None, prefix: str = "") -> None:
@@ -353,15 +354,21 @@ def knob_problems(params: BaseModel) -> list[str]:
         bad = ((lo is not None and (v < lo or (lo_open and v == lo)))
                or (hi is not None and (v > hi or (hi_open and v == hi))) or v != v)
         if bad:
-            left = "(" if lo_open else "["
-            right = ")" if hi_open else "]"
-            rng = f"{left}{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}{right}"
-            problems.append(f"{_name(key)} = {v!r} is outside {rng}: {why}")
+            def num(x: float) -> str:
+                return str(x) if isinstance(x, int) else f"{x:g}"
+
+            if lo is None:
+                rng = f"must be {'<' if hi_open else '<='} {num(hi)}"
+            elif hi is None:
+                rng = f"must be {'>' if lo_open else '>='} {num(lo)}"
+            else:
+                rng = f"is outside {'(' if lo_open else '['}{num(lo)}, {num(hi)}{')' if hi_open else ']'}"
+            problems.append(f"{_name(key)} = {v!r} {rng}: {why}")
 
     interval("sampling.logistic_s0", 0.0, 1.0, "the logistic midpoint is a fraction of the denoising steps "
              "(paper 0.5)")
-    interval("sampling.logistic_k", 0.0, None, "the steepness must be >= 0 for the multi-view weight to drop from "
-             "logistic_max to logistic_min (paper 20)")
+    interval("sampling.logistic_k", 0.0, None, "a negative steepness makes the multi-view weight rise instead of "
+             "drop from logistic_max to logistic_min (paper 20)")
     samp = getattr(params, "sampling", None)
     if samp is not None and samp.weight_schedule == "logistic" and 0 <= samp.logistic_s0 <= 1 and samp.logistic_k >= 0:
         top = samp.logistic_k * (1.0 - samp.logistic_s0)

@@ -170,7 +170,14 @@ def check_input(path: str | os.PathLike, params: BaseModel, decode_all: bool = T
                 frames = (C.read_video_frames(p, cfg.num_frames, cfg.frame_stride) if decode_all
                           else [C.read_image(used[0])])
             else:
-                frames = C.read_video_frames(p, cfg.num_frames, cfg.frame_stride)
+                try:
+                    frames = C.read_video_frames(p, cfg.num_frames, cfg.frame_stride)
+                except ValueError as e:
+                    cause = str(e.__cause__ or e).strip().splitlines()
+                    if e.__cause__ is None:
+                        raise
+                    raise InputError(f"{p}: cannot read the video ({cause[0] if cause else type(e.__cause__).__name__}); "
+                                     "re-encode it as MP4 (H.264) or give a folder of frames") from None
             count = cfg.num_frames
         elif kind == "orbit":
             if not p.is_dir():

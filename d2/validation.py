@@ -30,7 +30,7 @@ from typing import Any, Mapping
 from pydantic import BaseModel
 
 from d2.config import ParamsError, parse_override, with_overrides
-from d2.utils.io import MIN_IMAGE_SIDE, ImageReadError, open_image, read_rgba
+from d2.utils.io import MIN_IMAGE_SIDE, SUPPORTED_MODES, ImageReadError, read_rgba
 
 FRAME_NAME = re.compile(r"^(\d+)$")  # ground-truth and benchmark-input frames are named <i>.<ext>
 GT_EXTS = (".png", ".jpg", ".jpeg")  # what d2.eval.benchmark.list_frames reads
@@ -82,9 +82,7 @@ def check_image(path: str | os.PathLike, decode: bool = True) -> tuple[int, int]
                 w, h = img.size
                 mode = img.mode
                 img.verify()
-            from d2.utils.io import _EIGHT_BIT_MODES, _HIGH_BIT_MODES
-
-            if mode not in _EIGHT_BIT_MODES + _HIGH_BIT_MODES:
+            if mode not in SUPPORTED_MODES:
                 raise ImageReadError(f"{p}: image mode {mode!r} is not supported; save it as an RGB or RGBA PNG")
     except ImageReadError as e:
         raise InputError(_one_line(e)) from None

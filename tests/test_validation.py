@@ -10,7 +10,6 @@ console script to show that nothing (no Prefect import, no model) starts before 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

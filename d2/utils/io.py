@@ -105,6 +105,7 @@ HDR_EXTS = (".hdr", ".exr", ".pfm")  # float / high-range formats the pipeline d
 # scaled by hand: Pillow's own conversion of "I;16" / "I" / "F" to RGB clips at 255.
 _EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBA", "LA", "PA", "RGBX", "CMYK", "YCbCr", "La", "RGBa")
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+SUPPORTED_MODES = _EIGHT_BIT_MODES + _HIGH_BIT_MODES  # every Pillow mode :func:`pil_to_rgba` reads
 
 
 class ImageReadError(ValueError):

@@ -265,8 +265,8 @@ def check_gt(gt_dir: str | os.PathLike, params: BaseModel, input_dir: str | os.P
     folders = [(gt / f"eval_{k}", f"protocol.eval_azimuths_deg has {views} views") for k in range(views)]
     if prot.include_front_view:
         if input_dir is None:
-            raise InputError(f"{gt}: protocol.include_front_view scores the input frames, which this command lacks; "
-                             "set protocol.include_front_view=false")
+            raise InputError(f"{gt}: protocol.include_front_view scores the input frames, which this input lacks "
+                             "(give a folder of frames); or set protocol.include_front_view=false")
         folders.append((Path(input_dir), "protocol.include_front_view is true"))
     for folder, why in folders:
         if not folder.is_dir():
@@ -491,7 +491,8 @@ def preflight(command: str, args: Mapping[str, Any], params: BaseModel) -> list[
     if command == "generate":
         warnings += list(check_input(args["input"], params).warnings)
         if args.get("gt"):
-            check_gt(args["gt"], params)
+            src = Path(args["input"]).expanduser()
+            check_gt(args["gt"], params, src if src.is_dir() else None)  # a frames folder is the front view
     if command in ("benchmark", "sweep", "demo", "schedule"):
         data = Path(args.get("data") or params.run.data_dir).expanduser()
         if command == "demo" and not (data / "meta.json").exists():

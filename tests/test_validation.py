@@ -70,6 +70,11 @@ def params_file(path: Path, text: str) -> Path:
     return path
 
 
+def loop(path: Path) -> Path:
+    os.symlink(path.name, path)  # points at itself
+    return path
+
+
 def binary(path: Path) -> Path:
     path.write_bytes(b"\xff\xfe\x00bad")
     return path
@@ -146,6 +151,13 @@ def gt_without_eval3(tmp: Path) -> Path:
 def gt_without_frame7(tmp: Path) -> Path:
     d = dataset(tmp / "ds")
     (d / "gt" / "ball" / "eval_2" / "7.png").unlink()
+    return d
+
+
+def renamed_input(tmp: Path) -> Path:
+    d = dataset(tmp / "ds", objects=("ball",))
+    for f in (d / "input" / "ball").iterdir():
+        f.rename(f.with_name(f"frame_{int(f.stem):03d}.png"))  # fine for the input, not for front-view scoring
     return d
 
 
@@ -320,6 +332,8 @@ CORPUS: list[Case] = [
          None, lambda t, p, w: _assert(len(w) == 1 and "TorchScript file is code that runs when loaded" in w[0])),
     # one input (d2 generate)
     Case("input missing", gen(lambda t: t / "missing.png"), "missing.png: input not found"),
+    Case("symlink loop", gen(lambda t: loop(t / "loop.png")), "loop.png: input not found"),
+    Case("unicode and spaces in the path: accepted", gen(lambda t: png(t / "mes images" / "été 1.png")), None),
     Case("unsupported extension", gen(lambda t: params_file(t / "notes.txt", "hi")), "unsupported input extension '.txt'"),
     Case("HDR file extension", gen(lambda t: params_file(t / "sky.hdr", "#?RADIANCE")), "unsupported input extension '.hdr'"),
     Case("not an image", gen(lambda t: params_file(t / "fake.png", "not a png")), "fake.png: cannot read the image"),
@@ -346,6 +360,11 @@ CORPUS: list[Case] = [
     Case("corrupt video", gen(junk_mp4), "clip.mp4: cannot read the video ("),
     Case("generate --gt lacks a view", gen(lambda t: png(t / "in.png"), gt=lambda t: rm(dataset(t / "ds") / "gt" / "ball" / "eval_2")
                                            .parent), "eval_2: missing (protocol.eval_azimuths_deg has 4 views)"),
+    Case("front view scored from an image input", gen(lambda t: png(t / "in.png"), "protocol.include_front_view=true",
+                                                       gt=lambda t: dataset(t / "ds") / "gt" / "ball"),
+         "protocol.include_front_view scores the input frames"),
+    Case("front view: input frames not named <i>.png", bench(renamed_input, "protocol.include_front_view=true"),
+         "input/ball: missing frame(s) 0, 1, 2, 3, 4 ..."),
     # datasets (d2 benchmark / sweep / demo / schedule)
     Case("dataset missing", bench(lambda t: t / "nowhere"), "benchmark dataset not found; create one with `d2 prepare"),
     Case("dataset without input/", bench(lambda t: rm(dataset(t / "ds") / "input").parent), "no input/ folder"),
@@ -391,6 +410,22 @@ def test_sixteen_bit_png_is_not_white_in_pillow_but_is_here(tmp_path: Path) -> N
     assert naive.min() == 255  # what the old reader saw: all white
     rgba, alpha = pil_to_rgba(Image.open(path))
     assert not alpha and rgba[16, 16, 0] == pytest.approx(3000 / 65535, abs=1e-6)
+
+
+def test_evaluate_scores_sixteen_bit_ground_truth(tmp_path: Path) -> None:
+    """d2 evaluate reads 16-bit ground truth at its values: the 8-bit copy of it scores ~ 8-bit PSNR."""
+    from d2.eval.benchmark import evaluate
+    from d2.eval.metrics import MetricsConfig
+    from d2.eval.protocol import Protocol
+
+    a16 = np.full((16, 16), 65535, np.uint16)
+    a16[4:12, 4:12] = 13107  # grey 0.2: all white through Pillow's own conversion
+    for i in range(2):
+        Image.fromarray(a16).save(png(tmp_path / "gt" / "gt" / "o" / "eval_0" / f"{i}.png"))
+        png(tmp_path / "pred" / "o" / "eval_0" / f"{i}.png", np.repeat((a16 // 257).astype(np.uint8)[..., None], 3, -1))
+    r = evaluate(tmp_path / "pred", tmp_path / "gt", Protocol(eval_azimuths_deg=[0.0], num_frames=2, resolution=16),
+                 MetricsConfig(metrics=["psnr"], resolution=16), progress=False)
+    assert r.mean["psnr"] > 60  # identical up to 16 -> 8 bit rounding (the old all-white reading gave 8 dB)
 
 
 def test_hdr_float_and_exr_refused_by_name(tmp_path: Path) -> None:

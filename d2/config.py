@@ -404,12 +404,23 @@ def knob_problems(params: BaseModel) -> list[str]:
         interval(key, 0, SEED_MAX, "seeds are non-negative 64-bit integers (seed + 1 is used too)")
     interval("priors.attention_max_batch", 1, CUDA_GRID_MAX, "CUDA launches at most 65535 blocks per grid "
              "dimension")
-    tiny = _get(params, "priors.tiny")
-    if tiny is not None:
-        bad = [c for c in tiny.block_out_channels if c <= 0 or c % 32]
-        if bad:
-            problems.append(f"priors.tiny.block_out_channels = {list(tiny.block_out_channels)}: every width must be "
-                            "a positive multiple of 32 (GroupNorm with 32 groups)")
+    pri = getattr(params, "priors", None)
+    if pri is not None and "tiny" in (pri.backend, pri.video_backend, pri.multiview_backend):
+        t = pri.tiny
+        for key, widths in (("block_out_channels", t.block_out_channels), ("vae_block_out_channels",
+                                                                           t.vae_block_out_channels)):
+            if not widths or any(c <= 0 or c % 32 for c in widths):
+                problems.append(f"priors.tiny.{key} = {list(widths)}: every width must be a positive multiple of 32 "
+                                "(GroupNorm with 32 groups)")
+        factor = 2 ** (len(t.block_out_channels) - 1) * (2 ** (len(t.vae_block_out_channels) - 1) if t.vae else 1)
+        if t.resolution <= 0 or t.resolution % factor:
+            problems.append(f"priors.tiny.resolution = {t.resolution} must be a positive multiple of {factor} "
+                            "(the VAE and UNet downsampling)")
+        if t.layers_per_block < 1 or t.num_attention_heads < 1 or t.clip_layers < 1:
+            problems.append("priors.tiny.layers_per_block, num_attention_heads and clip_layers must be >= 1")
+        if t.clip_image_size < 8 or t.clip_image_size % 8 or t.clip_hidden_size < 2 or t.clip_hidden_size % 2:
+            problems.append(f"priors.tiny.clip_image_size = {t.clip_image_size} must be a multiple of the 8 px patch "
+                            f"and clip_hidden_size = {t.clip_hidden_size} a multiple of its 2 heads")
     fit = getattr(params, "fit", None)
     if fit is not None and fit.lambda_ssim == 0 and fit.lambda_lpips == 0 and fit.lambda_l1 == 0:
         problems.append("fit.lambda_ssim, fit.lambda_lpips and fit.lambda_l1 are all 0: the fit has no loss to "

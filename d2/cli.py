@@ -419,6 +419,15 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """Params, inputs and datasets checked before any command starts (d2.validation); warnings on stderr."""
+    from d2.validation import preflight
+
+    if args.command != "report":
+        for warning in preflight(args.command, vars(args), _params(args)):
+            print(f"d2 {args.command}: warning: {warning}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``d2`` console script."""
     args = build_parser().parse_args(argv)
@@ -428,10 +437,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
     from d2.config import ParamsError
+    from d2.validation import InputError
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a stopped job ends like Ctrl-C
     try:
+        _preflight(args)
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
@@ -441,7 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         stop_prefect()
         os._exit(130)  # now: worker threads still computing a stage are dropped, not awaited
-    except ParamsError as e:
+    except (ParamsError, InputError) as e:
+        if os.environ.get("D2_DEBUG"):
+            raise
         print(f"d2 {args.command}: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001  (one clear line; D2_DEBUG=1 shows the traceback)

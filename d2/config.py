@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import importlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -21,6 +22,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 DEFAULT_PARAMS = "params.yaml"
+SHIPPED_PARAMS = Path(__file__).with_name("params_default.yaml")
+"""The project's params.yaml as shipped inside the package (a test keeps the two identical):
+missing keys of any params file, and a missing ./params.yaml, are completed from it."""
 
 
 class ParamsError(ValueError):
@@ -166,8 +170,9 @@ def _unknown_key_error(key: str, model: type[BaseModel], prefix: str) -> ParamsE
     known = list(model.model_fields)
     where = prefix.rstrip(".") or "params"
     near = difflib.get_close_matches(key.split(".")[-1], known, n=1)
-    hint = f" Did you mean '{prefix}{near[0]}'?" if near else ""
-    return ParamsError(f"unknown parameter '{prefix}{key}': {where} has {', '.join(known)}.{hint}")
+    if near:
+        return ParamsError(f"unknown parameter '{prefix}{key}'. Did you mean '{prefix}{near[0]}'?")
+    return ParamsError(f"unknown parameter '{prefix}{key}': {where} has {', '.join(known)}")
 
 
 def check_keys(data: dict, model: type[BaseModel] | None = None, prefix: str = "") -> None:
@@ -194,7 +199,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ParamsError(f"override '{text}': value is not valid YAML ({e})") from None
+        raise ParamsError(f"override '{text}': value is not valid YAML ({_yaml_problem(e)})") from None
     return key.split("."), value
 
 
@@ -229,30 +234,81 @@ def _format_validation_error(e: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(e).split())
+
+
+def _read_yaml_mapping(p: Path) -> dict:
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{p}: not valid YAML ({_yaml_problem(e)})") from None
+    except UnicodeDecodeError:
+        raise ParamsError(f"{p}: not a text file (a YAML params file is expected)") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ParamsError(f"{p}: the top level must be a mapping of sections")
+    return loaded
+
+
+def shipped_defaults() -> dict:
+    """The shipped params (``d2/params_default.yaml`` = the project's params.yaml) as raw data."""
+    data = _read_yaml_mapping(SHIPPED_PARAMS)
+    if "sampling" in Params.model_fields:
+        _apply_file_aliases(data)
+    return data
+
+
+def _complete(defaults: dict, data: dict) -> dict:
+    """``data`` with every key it lacks taken from ``defaults`` (nested mappings merged; an empty
+    section such as ``fit:`` with nothing under it counts as missing)."""
+    out = dict(defaults)
+    for key, value in data.items():
+        base = defaults.get(key)
+        if isinstance(base, dict) and value is None:
+            value = {}
+        if isinstance(base, dict) and isinstance(value, dict):
+            out[key] = _complete(base, value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_params(path: str | os.PathLike | None = DEFAULT_PARAMS, overrides: Iterable[str] = ()) -> BaseModel:
-    """Read ``path`` (YAML; None or a missing default file = all defaults), apply ``key=value``
-    overrides, and validate. Raises :class:`ParamsError` naming the problem."""
+    """Read ``path`` (YAML), complete it from the shipped defaults, apply ``key=value`` overrides,
+    and validate. Raises :class:`ParamsError` naming the problem.
+
+    An empty file, or one that lacks keys, is completed from ``d2/params_default.yaml`` (the
+    shipped params.yaml); so is a missing ``params.yaml`` (the default path: running outside
+    the project folder). ``path=None`` means the pydantic models' own defaults (library use).
+    """
     data: dict = {}
-    source = "defaults"
+    source = "model defaults"
     if path is not None:
         p = Path(path)
-        if p.exists():
-            try:
-                loaded = yaml.safe_load(p.read_text())
-            except yaml.YAMLError as e:
-                raise ParamsError(f"{p}: not valid YAML ({e})") from None
-            data = loaded or {}
+        if p.is_file():
+            data = _read_yaml_mapping(p)
             source = str(p)
+        elif p.exists():
+            raise ParamsError(f"params file {p} is not a file")
         elif str(path) != DEFAULT_PARAMS:
             raise ParamsError(f"params file not found: {p}")
-    if not isinstance(data, dict):
-        raise ParamsError(f"{source}: the top level must be a mapping of sections")
+        else:
+            source = f"shipped defaults ({SHIPPED_PARAMS.name}; no {DEFAULT_PARAMS} here)"
     if "sampling" in Params.model_fields:
         _apply_file_aliases(data)
     try:
         check_keys(data)
     except ParamsError as e:
         raise ParamsError(f"{source}: {e}") from None
+    if path is not None:
+        data = _complete(shipped_defaults(), data)
     overrides = list(overrides)
     for text in overrides:
         path_keys, value = parse_override(text)
@@ -267,8 +323,121 @@ def load_params(path: str | os.PathLike | None = DEFAULT_PARAMS, overrides: Iter
     return params
 
 
+EXP_MAX = 709.78  # math.exp overflows above this (log of the largest float64)
+FP32_MAX_SIGMA = 1e30  # the sampler keeps x in fp32 (max 3.4e38); initial noise std = sqrt(1 + sigma_max^2)
+SEED_MAX = 2**63 - 2  # torch.Generator.manual_seed takes 64-bit seeds; seed + 1 is used too
+CUDA_GRID_MAX = 65535  # CUDA's grid limit on attention sequences per kernel call
+
+
+def _name(key: str) -> str:
+    """The spelling params.yaml uses for a full key (``sampling.logistic_s0`` -> ``sampling.s0``)."""
+    short = {full: alias for alias, full in ALIASES.items()}
+    return short.get(key, key)
+
+
+def _get(params: BaseModel, key: str) -> Any:
+    node: Any = params
+    for part in key.split("."):
+        if node is None or not hasattr(node, part):
+            return None
+        node = getattr(node, part)
+    return node
+
+
+def knob_problems(params: BaseModel) -> list[str]:
+    """Values inside each field's own type and bounds that still cannot work (one line each).
+
+    Intervals of single knobs (the logistic midpoint, camera angles, distances, seeds, the
+    CUDA grid limit) and the products that overflow: the logistic schedule's
+    ``exp(k (x - s0))`` for x in [0, 1], the Karras ramp ``sigma ** (1 / rho)``, the fp32 noise
+    scale, and a fit with no loss term.
+    """
+    problems: list[str] = []
+
+    def interval(key: str, lo: float | None, hi: float | None, why: str, lo_open: bool = False,
+                 hi_open: bool = False) -> None:
+        v = _get(params, key)
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            return
+        bad = ((lo is not None and (v < lo or (lo_open and v == lo)))
+               or (hi is not None and (v > hi or (hi_open and v == hi))) or v != v)
+        if bad:
+            def num(x: float) -> str:
+                return str(x) if isinstance(x, int) else f"{x:g}"
+
+            if lo is None:
+                rng = f"must be {'<' if hi_open else '<='} {num(hi)}"
+            elif hi is None:
+                rng = f"must be {'>' if lo_open else '>='} {num(lo)}"
+            else:
+                rng = f"is outside {'(' if lo_open else '['}{num(lo)}, {num(hi)}{')' if hi_open else ']'}"
+            problems.append(f"{_name(key)} = {v!r} {rng}: {why}")
+
+    interval("sampling.logistic_s0", 0.0, 1.0, "the logistic midpoint is a fraction of the denoising steps "
+             "(paper 0.5)")
+    interval("sampling.logistic_k", 0.0, None, "a negative steepness makes the multi-view weight rise instead of "
+             "drop from logistic_max to logistic_min (paper 20)")
+    samp = getattr(params, "sampling", None)
+    if samp is not None and samp.weight_schedule == "logistic" and 0 <= samp.logistic_s0 <= 1 and samp.logistic_k >= 0:
+        top = samp.logistic_k * (1.0 - samp.logistic_s0)
+        if top > EXP_MAX:
+            problems.append(f"sampling.k * (1 - sampling.s0) = {top:g} > {EXP_MAX}: exp() in the logistic weight "
+                            f"schedule overflows; lower sampling.k (paper 20) or raise sampling.s0")
+    for sec in ("conditions", "sampling"):
+        cfg = getattr(params, sec, None)
+        if cfg is None:
+            continue
+        interval(f"{sec}.sigma_max", None, FP32_MAX_SIGMA, "the initial noise (std sqrt(1 + sigma_max^2)) "
+                 "overflows fp32; the authors use 700")
+        if cfg.sigma_min >= cfg.sigma_max:
+            problems.append(f"{sec}.sigma_min = {cfg.sigma_min:g} >= {sec}.sigma_max = {cfg.sigma_max:g}: "
+                            "the Karras noise levels must descend; make sigma_min < sigma_max")
+        else:
+            try:
+                hi, lo = cfg.sigma_max ** (1.0 / cfg.rho), cfg.sigma_min ** (1.0 / cfg.rho)
+                ok = lo > 0 and math.isfinite(hi) and lo ** cfg.rho > 0 and math.isfinite(hi ** cfg.rho)
+            except OverflowError:
+                ok = False
+            if not ok:
+                problems.append(f"{sec}.rho = {cfg.rho:g}: sigma ** (1/rho) over- or underflows for sigma in "
+                                f"[{cfg.sigma_min:g}, {cfg.sigma_max:g}]; use rho >= 0.1 (Karras 7)")
+    for sec in ("conditions", "prepare"):
+        interval(f"{sec}.fov_deg", 0.0, 180.0, "a field of view must be between 0 and 180 degrees",
+                 lo_open=True, hi_open=True)
+        interval(f"{sec}.radius", 0.0, None, "cameras must be away from the object at the origin", lo_open=True)
+    for sec in ("conditions", "prepare", "protocol"):
+        interval(f"{sec}.elevation_deg", -90.0, 90.0, "at or past the pole every azimuth gives the same or a "
+                 "flipped view", lo_open=True, hi_open=True)
+    for key in ("conditions.seed", "sampling.seed", "fit.seed", "prepare.seed", "priors.tiny.seed"):
+        interval(key, 0, SEED_MAX, "seeds are non-negative 64-bit integers (seed + 1 is used too)")
+    interval("priors.attention_max_batch", 1, CUDA_GRID_MAX, "CUDA launches at most 65535 blocks per grid "
+             "dimension")
+    pri = getattr(params, "priors", None)
+    if pri is not None and "tiny" in (pri.backend, pri.video_backend, pri.multiview_backend):
+        t = pri.tiny
+        for key, widths in (("block_out_channels", t.block_out_channels), ("vae_block_out_channels",
+                                                                           t.vae_block_out_channels)):
+            if not widths or any(c <= 0 or c % 32 for c in widths):
+                problems.append(f"priors.tiny.{key} = {list(widths)}: every width must be a positive multiple of 32 "
+                                "(GroupNorm with 32 groups)")
+        factor = 2 ** (len(t.block_out_channels) - 1) * (2 ** (len(t.vae_block_out_channels) - 1) if t.vae else 1)
+        if t.resolution <= 0 or t.resolution % factor:
+            problems.append(f"priors.tiny.resolution = {t.resolution} must be a positive multiple of {factor} "
+                            "(the VAE and UNet downsampling)")
+        if t.layers_per_block < 1 or t.num_attention_heads < 1 or t.clip_layers < 1:
+            problems.append("priors.tiny.layers_per_block, num_attention_heads and clip_layers must be >= 1")
+        if t.clip_image_size < 8 or t.clip_image_size % 8 or t.clip_hidden_size < 2 or t.clip_hidden_size % 2:
+            problems.append(f"priors.tiny.clip_image_size = {t.clip_image_size} must be a multiple of the 8 px patch "
+                            f"and clip_hidden_size = {t.clip_hidden_size} a multiple of its 2 heads")
+    fit = getattr(params, "fit", None)
+    if fit is not None and fit.lambda_ssim == 0 and fit.lambda_lpips == 0 and fit.lambda_l1 == 0:
+        problems.append("fit.lambda_ssim, fit.lambda_lpips and fit.lambda_l1 are all 0: the fit has no loss to "
+                        "minimise; set fit.lambda_ssim=1 (the default)")
+    return problems
+
+
 def check_consistency(params: BaseModel) -> None:
-    """Cross-section checks that would otherwise fail mid-run (after earlier stages computed)."""
+    """Cross-section checks and knob bounds that would otherwise fail mid-run (after earlier stages computed)."""
     problems: list[str] = []
     cond, samp = getattr(params, "conditions", None), getattr(params, "sampling", None)
     if cond is not None and samp is not None:
@@ -278,6 +447,10 @@ def check_consistency(params: BaseModel) -> None:
                 problems.append(f"conditions.{knob} = {a} but sampling.{knob} = {b} (they must match)")
     if problems:
         raise ParamsError("inconsistent parameters:\n  " + "\n  ".join(dict.fromkeys(problems)))
+    problems = knob_problems(params) if isinstance(params, Params) else []  # other models (tests) have own knobs
+    if problems:
+        more = f" (+{len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+        raise ParamsError(f"invalid parameter: {problems[0]}{more}")
 
 
 def with_overrides(params: BaseModel, overrides: Iterable[str]) -> BaseModel:

@@ -51,6 +51,8 @@ def asset_flow(input_path: str, out_dir: str, params: dict[str, Any], gt_dir: st
     if not src.exists():
         raise FileNotFoundError(f"input not found: {src}")
     obj = safe_name(name or src.stem, "--name")
+    if stages.check_input is not None:
+        stages.check_input(src, p, gt_dir)
     with open_run_folder(Path(out_dir)) as run_dir:
         run = new_run(run_dir, "asset", p, stages, {"input": str(src), "gt": gt_dir},
                       tracker=make_tracker(p, "asset", f"asset/{obj}"))

@@ -113,6 +113,8 @@ def benchmark_flow(data_dir: str, out_dir: str, params: dict[str, Any], stages: 
     torch.set_num_threads(p.run.threads_per_task)
     data = Path(data_dir)
     objects = list_objects(data, p.run.objects)
+    if stages.check_dataset is not None:
+        stages.check_dataset(data, p, objects)
     with open_run_folder(Path(out_dir)) as run_dir:
         tracker = make_tracker(p, "benchmark", f"benchmark/{run_dir.name}",
                                {"data_dir": str(data_dir), "out_dir": str(out_dir)})

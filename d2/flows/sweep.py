@@ -69,6 +69,9 @@ def sweep_flow(data_dir: str, out_dir: str, params: dict[str, Any], grid: dict[s
     data = Path(data_dir)
     points = expand_grid(base, grid)
     objects = {pid: list_objects(data, p.run.objects) for pid, _, p in points}
+    if stages.check_dataset is not None:
+        for pid, _, p in points:
+            stages.check_dataset(data, p, objects[pid])
     rows: list[dict[str, Any]] = []
     with open_run_folder(Path(out_dir)) as run_dir:
         tracker = make_tracker(base, "sweep", f"sweep/{run_dir.name}", {"grid": str(grid)})

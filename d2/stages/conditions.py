@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
@@ -128,23 +128,20 @@ def _quantize(images: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 
-def _to_rgba(img: Image.Image) -> tuple[np.ndarray, bool]:
-    """PIL image -> ([H, W, 4] float32 in [0, 1], has_alpha)."""
-    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-    arr = np.asarray(img.convert("RGBA")).astype(np.float32) / 255.0
-    return arr, has_alpha
+def _to_rgba(img: Image.Image, name: str = "image") -> tuple[np.ndarray, bool]:
+    """PIL image -> ([H, W, 4] float32 in [0, 1], has_alpha) (16-bit, palette, CMYK, EXIF: d2.utils.io)."""
+    from d2.utils.io import pil_to_rgba
+
+    return pil_to_rgba(img, name)
 
 
 def read_image(path: Path) -> tuple[np.ndarray, bool]:
     """An image file -> ([H, W, 4] float32, has_alpha); clear errors for unreadable files."""
+    from d2.utils.io import read_rgba
+
     if not path.is_file():
         raise FileNotFoundError(f"input image {path} does not exist")
-    try:
-        img = Image.open(path)
-        img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read {path} as an image: {e}") from e
-    return _to_rgba(img)
+    return read_rgba(path)
 
 
 def object_mask(rgba: np.ndarray, has_alpha: bool, cfg: ConditionsConfig) -> np.ndarray:

@@ -26,6 +26,8 @@ class StageSet:
 
     specs: dict[str, StageSpec]  # conditions, sampling, fit, render_eval, metrics, tables
     params_model: type[BaseModel]  # root params model (d2.config.Params for the real stages)
+    check_dataset: Any = None  # (data_dir, params, objects) -> objects, raising before any stage runs
+    check_input: Any = None  # (input_path, params, gt_dir) -> None, raising before any stage runs
 
 
 _warm_lock = threading.Lock()
@@ -257,5 +259,21 @@ SPECS: dict[str, StageSpec] = {
                         ("protocol", "metrics", "run.data_dir")),
 }
 
-STAGES = StageSet(SPECS, Params)
+def check_asset_input(input_path: Path, params: BaseModel, gt_dir: str | Path | None) -> None:
+    """One input (and its ground truth, when given) checked before the first stage."""
+    from d2.validation import check_gt, check_input
+
+    check_input(input_path, params)
+    if gt_dir is not None:
+        check_gt(gt_dir, params, input_path if Path(input_path).is_dir() else None)
+
+
+def check_benchmark_dataset(data_dir: Path, params: BaseModel, objects: list[str] | None) -> list[str]:
+    """Every object's input and every ground-truth view and frame the protocol needs, before the first stage."""
+    from d2.validation import check_dataset
+
+    return check_dataset(data_dir, params, objects)
+
+
+STAGES = StageSet(SPECS, Params, check_benchmark_dataset, check_asset_input)
 """The pipeline's stages (the default of every flow)."""

@@ -122,18 +122,90 @@ def save_image(path: str | os.PathLike, image: Tensor | np.ndarray) -> None:
         Image.fromarray(to_uint8(image)).save(tmp, format="PNG")
 
 
+MIN_IMAGE_SIDE = 8  # images with a side below this are refused (no object survives the resize)
+HDR_EXTS = (".hdr", ".exr", ".pfm")  # float / high-range formats the pipeline does not read
+
+# Pillow modes read exactly (8-bit per channel after conversion) and the high-bit-depth ones
+# scaled by hand: Pillow's own conversion of "I;16" / "I" / "F" to RGB clips at 255.
+_EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBA", "LA", "PA", "RGBX", "CMYK", "YCbCr", "La", "RGBa")
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+SUPPORTED_MODES = _EIGHT_BIT_MODES + _HIGH_BIT_MODES  # every Pillow mode :func:`pil_to_rgba` reads
+
+
+class ImageReadError(ValueError):
+    """An image file cannot be read as an RGB(A) picture in [0, 1] (the message names the file and the fix)."""
+
+
+def pil_to_rgba(img: Image.Image, name: str = "image") -> tuple[np.ndarray, bool]:
+    """A PIL image -> ([H, W, 4] float32 in [0, 1], has_alpha).
+
+    EXIF orientation is applied; 16-bit and 32-bit grayscale are scaled from their own range
+    (not clipped at 255); palette, LA, PA and CMYK go through Pillow's conversions; float images
+    outside [0, 1] (HDR range) and modes without an RGB meaning are refused by name.
+    """
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode in _HIGH_BIT_MODES:
+        raw = np.asarray(img)
+        arr = raw.astype(np.float64)
+        if mode == "F":
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            if not np.isfinite(arr).all() or lo < 0.0 or hi > 1.0:
+                raise ImageReadError(f"{name}: float image with values in [{lo:.3g}, {hi:.3g}] (HDR range); "
+                                     "tone-map it to an 8- or 16-bit PNG with values in [0, 1]")
+        elif mode == "I":
+            lo, hi = float(arr.min()), float(arr.max())
+            if lo < 0 or hi > 65535:
+                raise ImageReadError(f"{name}: 32-bit integer image with values in [{lo:.0f}, {hi:.0f}]; "
+                                     "save it as an 8- or 16-bit PNG")
+            arr = arr / 65535.0
+        else:
+            arr = arr / 65535.0
+        gray = arr.astype(np.float32)
+        rgba = np.stack([gray, gray, gray, np.ones_like(gray)], axis=-1)
+        return rgba, False
+    if mode not in _EIGHT_BIT_MODES:
+        raise ImageReadError(f"{name}: image mode {mode!r} is not supported; save it as an RGB or RGBA PNG")
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info)
+    arr = np.asarray(img.convert("RGBA")).astype(np.float32) / 255.0
+    return arr, has_alpha
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open and decode an image file; :class:`ImageReadError` names the file when it cannot be read."""
+    from PIL import UnidentifiedImageError
+
+    path = Path(path)
+    if path.suffix.lower() in HDR_EXTS:
+        raise ImageReadError(f"{path}: {path.suffix} images (float / HDR) are not read; "
+                             "tone-map to an 8- or 16-bit PNG")
+    try:
+        img = Image.open(path)
+        img.load()
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"cannot read {path} as an image: {e}") from e
+    return img
+
+
+def read_rgba(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
+    """An image file -> ([H, W, 4] float32 in [0, 1], has_alpha) (see :func:`pil_to_rgba`)."""
+    return pil_to_rgba(open_image(path), str(path))
+
+
 def load_image(path: str | os.PathLike, size: int | None = None, background: float = 1.0) -> Tensor:
-    """Load an image as [3, H, W] float in [0, 1]; alpha is composited on ``background``."""
-    img = Image.open(path)
-    img.load()
-    if img.mode in ("RGBA", "LA", "P"):
-        img = img.convert("RGBA")
-        arr = np.asarray(img).astype(np.float32) / 255.0
-        rgb, alpha = arr[..., :3], arr[..., 3:4]
-        arr = rgb * alpha + background * (1.0 - alpha)
-    else:
-        arr = np.asarray(img.convert("RGB")).astype(np.float32) / 255.0
-    out = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    """Load an image as [3, H, W] float in [0, 1]; alpha is composited on ``background``.
+
+    Reads 16-bit grayscale, palette, LA, CMYK and EXIF-rotated files correctly
+    (:func:`pil_to_rgba`); HDR-range files are refused with :class:`ImageReadError`.
+    """
+    rgba, _ = read_rgba(path)
+    rgb, alpha = rgba[..., :3], rgba[..., 3:4]
+    arr = rgb * alpha + background * (1.0 - alpha)
+    out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)
     if size is not None and (out.shape[1] != size or out.shape[2] != size):
         out = torch.nn.functional.interpolate(out[None], size=(size, size), mode="bilinear", antialias=True,
                                               align_corners=False)[0].clamp(0, 1)

@@ -36,7 +36,12 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_parallel: int = Field(2, ge=1)  # objects (or sweep points x objects) run at the same time
+    max_parallel: int = Field(2, ge=1)  # stage tasks in flight at once (objects, or sweep points x objects, in parallel)
+    runner: Literal["threads", "dask", "ray"] = "threads"  # where stage tasks run: this process's threads, a Dask or a Ray cluster
+    address: str | None = None  # dask: scheduler address (tcp://host:8786); ray: cluster address (ray://host:10001, auto); None: start a local cluster
+    workers: int = Field(2, ge=1)  # worker processes of a local Dask / Ray cluster (one task each at a time)
+    gpus: list[int] = []  # local Dask cluster: one worker per GPU index with CUDA_VISIBLE_DEVICES=index (e.g. [0, 1]); replaces run.workers
+    gpu_tasks: bool = False  # stages on cuda request one GPU of the runner (Dask resource GPU=1, Ray num_gpus=1); on with run.gpus
     threads_per_task: int = Field(1, ge=1)  # torch threads each running stage may use
     cache_dir: str = ".d2cache"  # content-addressed stage cache (relative to the working directory)
     use_cache: bool = True  # False: recompute every stage (results are still stored in the cache)

@@ -238,6 +238,25 @@ def test_chunk_size_does_not_change_the_result(tiny):
     assert a.abs().max() > 0.1
 
 
+@pytest.mark.parametrize("devices,v,f", [(2, 3, 5), (3, 5, 4)])
+def test_a_matrix_spread_over_devices_equals_one_device(tiny, devices, v, f):
+    """V and F not divisible by the device count; each replica is its own copy of the priors."""
+    import copy
+
+    video, mv = tiny
+    cond = _conditions(32, v=v, f=f)
+    cfg = _cfg(num_views=v, num_frames=f, chunk_size=1, rollback_steps=1, num_steps=2, video_cond_aug=0.02,
+               weight_schedule="logistic")
+    one = sample_matrix(video, mv, cond, cfg)
+    replicas = [(video, mv)] + [(copy.deepcopy(video), copy.deepcopy(mv)) for _ in range(devices - 1)]
+    seen: list = []
+    spread = sample_matrix(video, mv, cond, cfg, replicas=replicas,
+                           denoiser_hook=lambda den: seen.append(den.replicas is not None))
+    assert seen == [True]
+    torch.testing.assert_close(spread, one, atol=1e-5, rtol=0)
+    assert one.abs().max() > 0.1
+
+
 def test_same_seed_same_matrix(tiny):
     video, mv = tiny
     cond = _conditions(32)

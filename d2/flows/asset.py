@@ -16,7 +16,8 @@ import torch
 from prefect import flow
 from pydantic import BaseModel
 
-from d2.flows.engine import (StageThreadRunner, Graph, Job, Stage, closing, drive, failures, make_tracker, new_run, open_run_folder,
+from d2.flows.runners import task_runner
+from d2.flows.engine import (Graph, Job, Stage, closing, drive, failures, make_tracker, new_run, open_run_folder,
                              prefect_api_check, safe_name)
 from d2.tasks.stages import STAGES, StageSet
 
@@ -70,6 +71,6 @@ def run_asset(input_path: str | Path, out_dir: str | Path, params: BaseModel, gt
               name: str | None = None, stages: StageSet | None = None) -> dict[str, Any]:
     """Run the asset flow (validated ``params``; the name is checked before anything starts)."""
     safe_name(name or Path(input_path).stem, "--name")
-    f = asset_flow.with_options(task_runner=StageThreadRunner(max_workers=params.run.max_parallel))
+    f = asset_flow.with_options(task_runner=task_runner(params))
     return f(str(input_path), str(out_dir), params.model_dump(mode="json"),
              None if gt_dir is None else str(gt_dir), name, stages)

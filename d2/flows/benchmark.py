@@ -16,7 +16,8 @@ from prefect import flow
 from pydantic import BaseModel
 
 from d2.flows.asset import object_graph
-from d2.flows.engine import (StageThreadRunner, Graph, Job, Run, Stage, closing, drive, failures, make_tracker, new_run,
+from d2.flows.runners import task_runner
+from d2.flows.engine import (Graph, Job, Run, Stage, closing, drive, failures, make_tracker, new_run,
                              open_run_folder, prefect_api_check, safe_name)
 from d2.tasks.stages import STAGES, StageSet
 from d2.tasks.tracking import flat_numbers
@@ -134,5 +135,5 @@ def benchmark_flow(data_dir: str, out_dir: str, params: dict[str, Any], stages: 
 def run_benchmark(data_dir: str | Path, out_dir: str | Path, params: BaseModel,
                   stages: StageSet | None = None) -> dict[str, Any]:
     """Run the benchmark flow with ``run.max_parallel`` stage tasks at a time."""
-    f = benchmark_flow.with_options(task_runner=StageThreadRunner(max_workers=params.run.max_parallel))
+    f = benchmark_flow.with_options(task_runner=task_runner(params))
     return f(str(data_dir), str(out_dir), params.model_dump(mode="json"), stages)

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generator, Iterator
 
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from d2.config import flatten_params, params_hash
+from d2.config import flatten_params, get_param, params_hash
+from d2.flows.runners import gpu_request, wants_gpu
 from d2.tasks.manifest import LISTENERS, Recorder, StageResult
 from d2.tasks.stage_task import configured_task, task_arguments
 from d2.tasks.stages import StageSet
@@ -234,21 +234,6 @@ def closing(run: Run, children: dict[str, Run] | None = None) -> Iterator[None]:
 # The driver
 
 
-class StageThreadRunner(ThreadPoolTaskRunner):
-    """Prefect's thread-pool task runner that, when the flow ends with an error or Ctrl-C, does
-    not wait for the stages still running in its threads (their results would be dropped anyway;
-    an unfinished stage leaves no ``done.json``, so nothing half-written is ever a result)."""
-
-    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
-        if exc_type is None or self._executor is None:
-            return super().__exit__(exc_type, exc_value, traceback)
-        for event in self._cancel_events.values():
-            event.set()
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = None
-        TaskRunner.__exit__(self, exc_type, exc_value, traceback)
-
-
 @dataclass
 class Job:
     """One object's graph in one run."""
@@ -290,7 +275,11 @@ def drive(jobs: list[Job], max_parallel: int, api_alive: Any = None) -> None:
             p = job.run.params
             job.run.recorder.started_stage(job.obj, stage.name)
             t = configured_task(stage.name, job.obj, job.run.cache_dir, p, job.run.label)
-            fut = t.submit(**task_arguments(job.run.stages, stage.name, job.obj, stage.inputs, p, job.run.cache_dir))
+            spec = job.run.stages.specs[stage.name]
+            device = str(get_param(p, spec.device_key)) if spec.device_key else None
+            with gpu_request(p) if wants_gpu(p, device) else contextlib.nullcontext():
+                fut = t.submit(**task_arguments(job.run.stages, stage.name, job.obj, stage.inputs, p,
+                                                job.run.cache_dir))
             in_flight[fut] = (job, stage, time.perf_counter())
             fut.add_done_callback(done.put)
         try:

@@ -19,7 +19,8 @@ from pydantic import BaseModel
 
 from d2.config import ParamsError, parse_override, with_overrides
 from d2.flows.benchmark import list_objects, object_jobs, raise_failures, summarize, tables_graph
-from d2.flows.engine import StageThreadRunner, Job, closing, drive, finish, make_tracker, new_run, open_run_folder, prefect_api_check
+from d2.flows.runners import task_runner
+from d2.flows.engine import Job, closing, drive, finish, make_tracker, new_run, open_run_folder, prefect_api_check
 from d2.tasks.stages import STAGES, StageSet
 from d2.tasks.tracking import flat_numbers
 from d2.utils.io import write_json, write_text
@@ -142,5 +143,5 @@ def run_sweep(data_dir: str | Path, out_dir: str | Path, params: BaseModel, grid
               stages: StageSet | None = None) -> dict[str, Any]:
     """Run the sweep flow (grid points validated first) with ``run.max_parallel`` tasks at a time."""
     expand_grid(params, grid)  # validate every point before any compute
-    f = sweep_flow.with_options(task_runner=StageThreadRunner(max_workers=params.run.max_parallel))
+    f = sweep_flow.with_options(task_runner=task_runner(params))
     return f(str(data_dir), str(out_dir), params.model_dump(mode="json"), grid, stages)

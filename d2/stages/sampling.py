@@ -73,6 +73,7 @@ class SamplingConfig(BaseModel):
     video_cond_aug: float = Field(0.02, ge=0)  # noise added to the video prior's conditioning image (SVD)
     multiview_cond_aug: float = Field(1e-5, ge=0)  # noise added to the multi-view prior's conditioning image (SV3D)
     decode_chunk: int = Field(14, ge=1)  # frames per temporal-decoder call
+    devices: list[str] = []  # spread each step's rows and columns over these devices (a prior replica on each, e.g. [cuda:0, cuda:1]); [] = priors.device
     grid_thumb: int = Field(128, ge=8)  # thumbnail side in grid.png / grid.mp4
     video_fps: int = Field(8, ge=1)  # fps of grid.mp4
     progress: bool = True  # show tqdm bars
@@ -87,11 +88,23 @@ def weights_at(i: int, cfg: SamplingConfig, num_views: int) -> tuple[Tensor, Ten
 
 
 class ComposedDenoiser:
-    """D(x; sigma) of the whole matrix x [V, F, C, h, w] at step i (fp32)."""
+    """D(x; sigma) of the whole matrix x [V, F, C, h, w] at step i (fp32).
+
+    With ``replicas`` (one ``(video, multiview)`` prior pair per device, the first being
+    ``video_prior, multiview_prior``), each step's row and column chunks (the same chunks as on
+    one device, so each UNet call sees the same batch) are spread over the devices, one thread
+    per device (the UNet calls release the GIL; on GPUs each thread drives its own card, with no
+    inter-process communication), balanced by work (longest first to the least loaded device);
+    the chunk outputs are summed in the same fixed order as on one device. A device gets work
+    only while there are at least as many chunks as devices: keep ``chunk_size`` at or below
+    ``min(V, F) / len(devices)``.
+    """
 
     def __init__(self, video_prior: Prior, multiview_prior: Prior, video_cond: PriorCondition,
-                 multiview_cond: PriorCondition, cfg: SamplingConfig, num_views: int, num_frames: int) -> None:
+                 multiview_cond: PriorCondition, cfg: SamplingConfig, num_views: int, num_frames: int,
+                 replicas: list[tuple[Prior, Prior]] | None = None) -> None:
         self.video, self.mv = video_prior, multiview_prior
+        self.replicas = replicas if replicas and len(replicas) > 1 else None
         self.vcond, self.mcond = video_cond, multiview_cond
         self.cfg = cfg
         self.v, self.f = num_views, num_frames
@@ -111,8 +124,50 @@ class ComposedDenoiser:
             self.unet_seconds += self.timer() - t0
         return out.to(x.device)
 
+    def _spread(self, x: Tensor, sigma: float, w_video: Tensor, w_mv: Tensor) -> Tensor:
+        """One step's row and column chunks over the replicas' devices (see the class docstring)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        n_dev = len(self.replicas)
+        items: list[tuple[str, slice]] = []  # (rows | cols, slice) in the single-device order
+        if bool((w_video > 0).any()):
+            items += [("rows", sl) for sl in _chunks(self.v, self.cfg.chunk_size)]
+        if bool((w_mv > 0).any()):
+            items += [("cols", sl) for sl in _chunks(self.f, self.cfg.chunk_size)]
+        cost = lambda it: (it[1].stop - it[1].start) * (self.f if it[0] == "rows" else self.v)  # noqa: E731
+        load = [0] * n_dev
+        plan: list[list[int]] = [[] for _ in range(n_dev)]
+        for k in sorted(range(len(items)), key=lambda k: -cost(items[k])):  # longest first to the least loaded
+            d = load.index(min(load))
+            plan[d].append(k)
+            load[d] += cost(items[k])
+        outs: dict[int, Tensor] = {}
+
+        def work(d: int) -> None:
+            video, mv = self.replicas[d]
+            with torch.no_grad():  # grad mode is per thread
+                for k in plan[d]:
+                    kind, sl = items[k]
+                    if kind == "rows":
+                        outs[k] = self._call(video, x[sl], sigma, self.vcond.select(sl), self.video_cfg)
+                    else:
+                        xc = x[:, sl].transpose(0, 1)  # [b, V, C, h, w]
+                        outs[k] = self._call(mv, xc, sigma, self.mcond.select(sl), self.mv_cfg).transpose(0, 1)
+
+        with ThreadPoolExecutor(n_dev) as pool:
+            list(pool.map(work, range(n_dev)))
+        d = torch.zeros_like(x)
+        for k, (kind, sl) in enumerate(items):
+            if kind == "rows":
+                d[sl] += w_video[sl].view(-1, 1, 1, 1, 1) * outs[k]
+            else:
+                d[:, sl] += w_mv.view(-1, 1, 1, 1, 1) * outs[k]
+        return d
+
     def __call__(self, x: Tensor, sigma: float, i: int) -> Tensor:
         w_video, w_mv = weights_at(i, self.cfg, self.v)
+        if self.replicas is not None:
+            return self._spread(x, sigma, w_video.to(x.device), w_mv.to(x.device))
         w_video, w_mv = w_video.to(x.device), w_mv.to(x.device)
         d = torch.zeros_like(x)  # [V, F, C, h, w]
         size = self.cfg.chunk_size  # the priors split huge temporal-attention batches themselves
@@ -161,12 +216,13 @@ def check_compatible(video_prior: Prior, multiview_prior: Prior, conditions: "Co
 
 
 def sample_matrix(video_prior: Prior, multiview_prior: Prior, conditions: "Conditions", cfg: SamplingConfig,
-                  noise: Tensor | None = None, denoiser_hook: Callable[[ComposedDenoiser], None] | None = None
-                  ) -> Tensor:
+                  noise: Tensor | None = None, denoiser_hook: Callable[[ComposedDenoiser], None] | None = None,
+                  replicas: list[tuple[Prior, Prior]] | None = None) -> Tensor:
     """The composed latent matrix [V, F, C, h, w] fp32 (on the CPU).
 
     ``noise`` (unit Gaussian [V, F, C, h, w]) replaces the seeded initial noise when given.
     ``denoiser_hook`` sees the :class:`ComposedDenoiser` before sampling (benchmarks).
+    ``replicas`` (one prior pair per device) spreads each step over the devices.
     """
     check_compatible(video_prior, multiview_prior, conditions, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -177,7 +233,7 @@ def sample_matrix(video_prior: Prior, multiview_prior: Prior, conditions: "Condi
         noise = torch.randn((v, f, c, h, h), generator=gen, dtype=torch.float32)
     if noise.shape != (v, f, c, h, h):
         raise ValueError(f"noise must be {(v, f, c, h, h)}, got {tuple(noise.shape)}")
-    denoiser = ComposedDenoiser(video_prior, multiview_prior, vcond, mcond, cfg, v, f)
+    denoiser = ComposedDenoiser(video_prior, multiview_prior, vcond, mcond, cfg, v, f, replicas)
     if denoiser_hook is not None:
         denoiser_hook(denoiser)
     sigmas = karras_sigmas(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
@@ -208,7 +264,7 @@ def _thumbs(images: Tensor, size: int) -> Tensor:
 
 
 def run_sampling(conditions_dir: str | Path, out_dir: str | Path, cfg: SamplingConfig,
-                 priors: tuple[Prior, Prior]) -> Path:
+                 priors: tuple[Prior, Prior], replicas: list[tuple[Prior, Prior]] | None = None) -> Path:
     """Stage: conditions folder -> matrix folder.
 
     Writes (atomically, the folder appears whole) ``latents.pt`` ({"latents": [V, F, C, h, w]}),
@@ -224,7 +280,7 @@ def run_sampling(conditions_dir: str | Path, out_dir: str | Path, cfg: SamplingC
     video_prior, multiview_prior = priors
     conditions = load_conditions(conditions_dir)
     check_compatible(video_prior, multiview_prior, conditions, cfg)
-    latents = sample_matrix(video_prior, multiview_prior, conditions, cfg)  # [V, F, C, h, w]
+    latents = sample_matrix(video_prior, multiview_prior, conditions, cfg, replicas=replicas)  # [V, F, C, h, w]
     images = decode_matrix(video_prior, latents, cfg.decode_chunk, cfg.progress)  # [V, F, 3, H, W]
     v, f = latents.shape[:2]
     with atomic_dir(out_dir) as tmp:

@@ -226,6 +226,7 @@ class StageSpec:
     modules: tuple[str, ...]  # the stage's modules: their import closures (and compute's source) version it
     params_keys: tuple[str, ...]  # dotted params keys the stage reads
     extra_inputs: Callable[[BaseModel], dict[str, Path]] | None = None  # params -> more input artifacts (weights)
+    device_key: str | None = None  # dotted params key of the torch device it computes on ('fit.device')
 
 
 def stage_inputs(spec: StageSpec, inputs: Mapping[str, str | os.PathLike], params: BaseModel) -> dict[str, Path]:
@@ -384,6 +385,12 @@ class FlockLockManager:
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.lock"
+
+    def __getstate__(self) -> dict:  # travels to workers as its folder; locks held are per process
+        return {"folder": self.folder}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["folder"])
 
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
                      hold_timeout: float | None = None) -> bool:

@@ -56,15 +56,16 @@ _priors_memo: dict[str, Any] = {}
 _priors_lock = threading.Lock()
 
 
-def get_priors(params: BaseModel) -> tuple[Any, Any]:
-    """``load_priors(params.priors)``, built once per process for each priors config."""
+def get_priors(params: BaseModel, device: str | None = None) -> tuple[Any, Any]:
+    """``load_priors(params.priors, device)``, built once per process for each priors config and device
+    (a long-lived worker loads and compiles its priors once, whatever number of objects it runs)."""
     from d2.stages.priors import load_priors
 
     warm_imports()
-    key = params.priors.model_dump_json()
+    key = params.priors.model_dump_json() + f"|{device}"
     with _priors_lock:
         if key not in _priors_memo:
-            _priors_memo[key] = load_priors(params.priors)
+            _priors_memo[key] = load_priors(params.priors, device)
         return _priors_memo[key]
 
 
@@ -110,7 +111,9 @@ def compute_sampling(inputs: dict[str, Path], out: Path, params: BaseModel) -> d
     """conditions -> the V x F matrix (score composition of the two priors)."""
     from d2.stages.sampling import run_sampling
 
-    run_sampling(inputs["conditions"], out, _quiet(params.sampling), get_priors(params))
+    replicas = [get_priors(params, d) for d in params.sampling.devices] or None  # one prior pair per device
+    priors = replicas[0] if replicas else get_priors(params)
+    run_sampling(inputs["conditions"], out, _quiet(params.sampling), priors, replicas)
     return _read_json(out / "matrix.json", keep=("V", "F", "resolution"))
 
 
@@ -249,14 +252,16 @@ def _read_json(path: Path, keep: tuple[str, ...]) -> dict:
 
 SPECS: dict[str, StageSpec] = {
     "conditions": StageSpec("conditions", compute_conditions, ("d2.stages.conditions",), ("conditions", "priors"),
-                            prior_weights),
-    "sampling": StageSpec("sampling", compute_sampling, ("d2.stages.sampling",), ("sampling", "priors"), prior_weights),
-    "fit": StageSpec("fit", compute_fit, ("d2.stages.fit",), ("fit",)),
+                            prior_weights, "priors.device"),
+    "sampling": StageSpec("sampling", compute_sampling, ("d2.stages.sampling",), ("sampling", "priors"), prior_weights,
+                          "priors.device"),
+    "fit": StageSpec("fit", compute_fit, ("d2.stages.fit",), ("fit",), device_key="fit.device"),
     "render_eval": StageSpec("render_eval", compute_render_eval, ("d2.stages.export",),
-                             ("protocol", "render_eval", "conditions.num_frames")),
-    "metrics": StageSpec("metrics", compute_metrics, ("d2.eval.benchmark",), ("protocol", "metrics")),
+                             ("protocol", "render_eval", "conditions.num_frames"), device_key="render_eval.device"),
+    "metrics": StageSpec("metrics", compute_metrics, ("d2.eval.benchmark",), ("protocol", "metrics"),
+                         device_key="metrics.device"),
     "tables": StageSpec("tables", compute_tables, ("d2.eval.benchmark", "d2.eval.tables"),
-                        ("protocol", "metrics", "run.data_dir")),
+                        ("protocol", "metrics", "run.data_dir"), device_key="metrics.device"),
 }
 
 def check_asset_input(input_path: Path, params: BaseModel, gt_dir: str | Path | None) -> None:

@@ -56,7 +56,7 @@ def test_fit_recovers_held_out_views_and_times(tmp_path: Path) -> None:
     thread of a loaded 2-core machine."""
     gt, spec, az = _make_matrix(tmp_path / "matrix", 8, 6, 64)
     cfg = _small_cfg(iterations=200, num_gaussians=500, batch_size=4, densify_from=50, densify_every=50,
-                     turntable_frames=4, export_ply=True)
+                     densify_until=150, max_gaussians=1500, turntable_frames=4, export_ply=True)
     t0 = time.perf_counter()
     summary = run_fit(tmp_path / "matrix", tmp_path / "fit", cfg)
     took = time.perf_counter() - t0
@@ -288,3 +288,23 @@ def test_missing_video_writer_fails_before_fitting(tmp_path: Path, monkeypatch) 
     monkeypatch.undo()
     run_fit(tmp_path / "matrix", tmp_path / "fit0", _small_cfg(iterations=2, turntable_frames=0))  # the way out
     assert (tmp_path / "fit0" / "fit.json").is_file()
+
+
+def test_rasterizer_reports_screen_space_means_and_visibility() -> None:
+    """The statistics densification reads: 2D means whose gradient is kept, radii, visibility."""
+    from d2.stages.cameras import orbit_cameras
+    from d2.stages.render import rasterize
+
+    vm, K = orbit_cameras([0.0], OrbitSpec(), 24, 24)
+    means = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 3.0, 0.0], [4.0, 0.0, 0.0]]])  # centre, off-screen, behind
+    covars = (torch.eye(3) * 0.05 ** 2).expand(1, 3, 3, 3).clone()
+    opac = torch.full((1, 3), 0.8, requires_grad=True)
+    means.requires_grad_(True)
+    info: dict = {}
+    col, _ = rasterize(means, covars, opac, torch.rand(1, 3, 3), vm[None], K[None], 24, 24,
+                       background=torch.ones(3), backend="torch", info=info)
+    assert info["visible"].tolist() == [[[True, False, False]]]
+    assert info["means2d"].shape == (1, 1, 3, 2) and info["radii"][0, 0, 0] > 0 and info["radii"][0, 0, 1] == 0
+    ((col - 0.3) ** 2).sum().backward()
+    g2 = info["means2d"].grad
+    assert g2 is not None and g2[0, 0, 0].abs().sum() > 0 and g2[0, 0, 1:].abs().sum() == 0

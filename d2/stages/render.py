@@ -165,6 +165,7 @@ def _rasterize_gsplat(
         means, None, None, opacities, colors, viewmats, Ks, width, height,
         near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, tile_size=tile_size,
         rasterize_mode="classic", covars=covars,
+        **({"packed": False} if info is not None else {}),  # unpacked: per-camera [..., C, N] statistics
     )
     if info is not None:
         m2 = _meta["means2d"]  # [..., C, N, 2] pixels

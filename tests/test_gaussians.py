@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from d2.stages.cameras import OrbitSpec, frame_times, orbit_azimuths, orbit_cameras
@@ -13,9 +14,11 @@ from d2.stages.gaussians import (
     from_reference_layout,
     init_from_images,
     init_random,
+    load_reference_checkpoint,
     reference_params_from_checkpoint,
     rgb_to_sh_dc,
     rotation_4d,
+    save_reference_init,
     to_reference_layout,
 )
 
@@ -219,6 +222,19 @@ def test_reference_layout_round_trip_and_same_geometry() -> None:
     back2 = from_reference_layout(reference_params_from_checkpoint((tuple(cap), 5000)), 3, 2)
     torch.testing.assert_close(back2.covariance(), g.covariance())
     assert back2.temporal_cutoff == 0.05
+
+
+def test_reference_files_round_trip(tmp_path) -> None:
+    g = init_random(5, sh_degree=3, time_basis=2, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        g.time_coefs.normal_(generator=torch.Generator().manual_seed(3))
+    save_reference_init(g, tmp_path / "init.pth", time_start=0.5)
+    back = load_reference_checkpoint(tmp_path / "init.pth", time_start=0.5)
+    for k, v in g.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v)
+    assert back.sh_degree == 3 and back.time_basis == 2
+    with pytest.raises(ValueError, match="needs 16"):
+        load_reference_checkpoint(tmp_path / "init.pth", sh_degree=3, time_basis=0)
 
 
 def test_temporal_cutoff_skips_faint_gaussians() -> None:

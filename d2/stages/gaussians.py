@@ -504,3 +504,17 @@ def from_reference_layout(params: dict[str, Tensor], sh_degree: int, time_basis:
         "time_coefs": feats[:, k:].reshape(n, time_basis, k, 3),
     })
     return g
+
+
+def load_reference_checkpoint(path, sh_degree: int = 3, time_basis: int = 2, time_start: float = 0.0,
+                              time_period: float = 1.0) -> Gaussians4D:
+    """Our Gaussians from a 4DGS file: its ``chkpnt*.pth`` or a ``loaded_pth`` dict (defaults:
+    its D-NeRF setting, SH degree 3 with 2 time terms over time_duration [0, 1])."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return from_reference_layout(reference_params_from_checkpoint(obj), sh_degree, time_basis, time_start,
+                                 time_period)
+
+
+def save_reference_init(g: Gaussians4D, path, time_start: float = 0.0) -> None:
+    """Write our Gaussians as a file the 4DGS code loads with its ``loaded_pth`` option."""
+    torch.save(to_reference_layout(g, time_start), path)

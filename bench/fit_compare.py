@@ -77,12 +77,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--previous", default="331680a", help="git revision of the previous fitter")
-    ap.add_argument("--iters", type=int, default=150)
+    ap.add_argument("--iters", type=int, default=600)
     ap.add_argument("--train-views", type=int, default=8)
     ap.add_argument("--train-frames", type=int, default=6)
     ap.add_argument("--resolution", type=int, default=32)
-    ap.add_argument("--gaussians", type=int, default=500, help="initial Gaussians (both fitters)")
-    ap.add_argument("--scene-gaussians", type=int, default=48)
+    ap.add_argument("--gaussians", type=int, default=150, help="initial Gaussians (both fitters)")
+    ap.add_argument("--max-gaussians", type=int, default=1200, help="densification cap (both fitters)")
+    ap.add_argument("--scene-gaussians", type=int, default=300, help="Gaussians of the known scene")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
@@ -106,12 +107,12 @@ def main() -> None:
                   checkpoint_every=0, export_ply=False, turntable_frames=0, seed=0)
     # the current fitter: 4DGS rules, its 30k-iteration schedule scaled to `it` iterations
     cur_cfg = FitConfig(**common, sh_degree=1, sh_increase_every=0, densify_from=max(1, it // 10),
-                        densify_every=max(1, it // 15), densify_until=int(0.75 * it), max_gaussians=4 * args.gaussians,
+                        densify_every=max(1, it // 15), densify_until=int(0.75 * it), max_gaussians=args.max_gaussians,
                         opacity_reset_every=0, opacity_reset_at_densify_from=False, lr_means=1.6e-3,
                         lr_means_max_steps=it)
     # the previous fitter: its own defaults with the demo's densification window scaled the same way
     prev_common = dict(common, densify_from=max(1, it // 10), densify_every=max(1, it // 15),
-                       densify_until_frac=0.75, max_gaussians=4 * args.gaussians)
+                       densify_until_frac=0.75, max_gaussians=args.max_gaussians)
 
     results: dict = {"previous_rev": args.previous, "iterations": it, "resolution": res,
                      "train": f"{args.train_views} views x {args.train_frames} frames",

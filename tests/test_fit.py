@@ -308,3 +308,15 @@ def test_rasterizer_reports_screen_space_means_and_visibility() -> None:
     ((col - 0.3) ** 2).sum().backward()
     g2 = info["means2d"].grad
     assert g2 is not None and g2[0, 0, 0].abs().sum() > 0 and g2[0, 0, 1:].abs().sum() == 0
+
+
+def test_lpips_is_in_the_loss_whenever_its_weights_load(tmp_path: Path, monkeypatch) -> None:
+    """Found weights (here a random VGG backbone stands in for them): LPIPS joins the loss."""
+    import d2.eval.metrics as metrics
+
+    real = metrics.build_lpips
+    monkeypatch.setattr(metrics, "build_lpips", lambda *a, **k: real(random_backbone=True, device="cpu"))
+    _make_matrix(tmp_path / "matrix", 2, 2, 16, n=8)
+    summary = run_fit(tmp_path / "matrix", tmp_path / "fit", _small_cfg(iterations=1, lambda_lpips=0.5))
+    assert summary["lpips_in_loss"] is True and summary["lpips_left_out_because"] is None
+    assert summary["objective"].startswith("0.5 * C_lpips * LPIPS + ") and "lpips" in summary["final"]

@@ -320,3 +320,27 @@ def test_lpips_is_in_the_loss_whenever_its_weights_load(tmp_path: Path, monkeypa
     summary = run_fit(tmp_path / "matrix", tmp_path / "fit", _small_cfg(iterations=1, lambda_lpips=0.5))
     assert summary["lpips_in_loss"] is True and summary["lpips_left_out_because"] is None
     assert summary["objective"].startswith("0.5 * C_lpips * LPIPS + ") and "lpips" in summary["final"]
+
+
+def test_time_component_of_the_means_keeps_its_own_constant_rate() -> None:
+    """4DGS: spatial means decay from lr_means x extent; the time component stays at its rate."""
+    from d2.stages.fit import _lr_means, _rescale_time_step
+
+    extent = 2.0
+    cfg = _small_cfg(lr_means=1e-3, lr_means_final=0.01, lr_means_max_steps=100, lr_time=4e-3)
+    assert _lr_means(cfg, extent, 0) == pytest.approx(2e-3)
+    assert _lr_means(cfg, extent, 50) == pytest.approx(2e-3 * 0.1)
+    assert _lr_means(cfg, extent, 500) == pytest.approx(2e-3 * 0.01)
+    g = init_random(5, generator=torch.Generator().manual_seed(0))
+    opt = make_optimizer(g, cfg, extent)
+    for group in opt.param_groups:
+        if group["name"] == "means":
+            group["lr"] = _lr_means(cfg, extent, 50)
+    before = g.means.detach().clone()
+    g.means.sum().backward()  # Adam's first step moves every element by exactly its rate
+    t_before = g.means[:, 3].detach().clone()
+    opt.step()
+    _rescale_time_step(g, t_before, _lr_means(cfg, extent, 50), 4e-3 * extent)
+    step = (before - g.means.detach()).abs()
+    torch.testing.assert_close(step[:, :3], torch.full((5, 3), 2e-4), rtol=0, atol=2e-7)
+    torch.testing.assert_close(step[:, 3], torch.full((5,), 8e-3), rtol=0, atol=2e-6)  # float32 rounding

@@ -189,11 +189,12 @@ class Gaussians4D(nn.Module):
     def slice(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """3D Gaussians at times t [T]: means [T, N, 3], covars [T, N, 3, 3], opacities [T, N]."""
         t = t.to(self.means)
-        means, covs, opac = slice_covariance(self.means, self.covariance(), torch.sigmoid(self.opacity_logits), t)
+        cov4 = self.covariance()
+        means, covs, opac = slice_covariance(self.means, cov4, torch.sigmoid(self.opacity_logits), t)
         if self.temporal_cutoff > 0:
             with torch.no_grad():
-                s_tt = self.covariance()[:, 3, 3].clamp(min=1e-12)
-                dt = t[:, None] - self.means[None, :, 3]
+                s_tt = cov4[:, 3, 3].detach().clamp(min=1e-12)
+                dt = t[:, None] - self.means[None, :, 3].detach()
                 shown = torch.exp(-0.5 * dt * dt / s_tt[None]) > self.temporal_cutoff  # [T, N]
             opac = torch.where(shown, opac, torch.zeros_like(opac))
         return means, covs, opac

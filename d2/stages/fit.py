@@ -63,20 +63,20 @@ class FitConfig(BaseModel):
     max_gaussians: int = Field(1_000_000, ge=1)  # no cloning or splitting once the set has this many
     init: Literal["carve", "random"] = "carve"  # carve: space carving of the matrix itself; random: uniform cube
     init_extent: float = Field(0.6, gt=0)  # half side of the cube initial Gaussians are drawn in (world units)
-    init_scales: Literal["knn", "spacing"] = "knn"  # spatial scale: knn = 3DGS's 3-nearest-neighbour rule; spacing = half the carved spacing
+    init_scales: Literal["knn", "spacing"] = "knn"  # knn: 3DGS's 3-nearest-neighbour rule; spacing: carved spacing / 2
     init_time_scale: float = Field(0.4472135955, gt=0)  # initial temporal std (4DGS: sqrt(T / 5), T = 1)
     init_time_margin: float = Field(0.1, ge=0)  # start times uniform in [-margin, 1 + margin] (4DGS: 0.1)
     init_opacity: float = Field(0.1, gt=0, lt=1)  # initial opacity (4DGS: 0.1)
     sh_degree: int = Field(3, ge=0, le=3)  # spherical-harmonics degree of the colour (4DGS: 3)
-    time_basis: int = Field(2, ge=0)  # time terms cos(2 pi k (mu_t - t) / time_period), k = 1..this, on every SH band (4DGS: 2)
+    time_basis: int = Field(2, ge=0)  # time terms cos(2 pi k (mu_t - t) / T), k = 1..this, on every SH band (4DGS: 2)
     time_period: float = Field(1.0, gt=0)  # T of the colour's time basis (4DGS: the time span, 1 here)
-    sh_increase_every: int = Field(1000, ge=0)  # one more SH band every this many iterations, then one more time term (0: all from the start)
-    temporal_cutoff: float = Field(0.05, ge=0, lt=1)  # skip a Gaussian at time t when its temporal marginal is <= this (4DGS: 0.05)
-    scene_extent: float | None = Field(None, gt=0)  # scene size for rates and thresholds; None: 1.1 x the largest camera distance from the cameras' centroid (3DGS)
+    sh_increase_every: int = Field(1000, ge=0)  # +1 SH band per this many steps, then +1 time term (0: all at once)
+    temporal_cutoff: float = Field(0.05, ge=0, lt=1)  # skip Gaussians whose temporal marginal is <= this (4DGS: 0.05)
+    scene_extent: float | None = Field(None, gt=0)  # for rates/thresholds; None: 1.1 x max camera-centroid distance
     lr_means: float = Field(1.6e-4, ge=0)  # Adam rate of the spatial means, times scene_extent (4DGS: 1.6e-4)
-    lr_means_final: float = Field(0.01, gt=0, le=1)  # the spatial means' rate decays exponentially to lr_means * this (4DGS: 0.01)
+    lr_means_final: float = Field(0.01, gt=0, le=1)  # the spatial rate decays exponentially to lr_means x this (4DGS)
     lr_means_max_steps: int = Field(30000, ge=1)  # iterations over which that decay runs, constant after (4DGS: 30000)
-    lr_time: float | None = Field(None, ge=0)  # constant rate of the means' time component, times scene_extent; None: lr_means (4DGS)
+    lr_time: float | None = Field(None, ge=0)  # constant rate of the means' time, x scene_extent; None: lr_means (4DGS)
     lr_scales: float = Field(5e-3, ge=0)  # learning rate of the 4 log-scales (4DGS: 5e-3)
     lr_quats: float = Field(1e-3, ge=0)  # learning rate of the two rotation quaternions (4DGS: 1e-3)
     lr_opacity: float = Field(5e-2, ge=0)  # learning rate of the opacity logits (4DGS: 5e-2)
@@ -85,21 +85,21 @@ class FitConfig(BaseModel):
     lambda_lpips: float = Field(1.0, ge=0)  # weight of the confidence-weighted LPIPS term (needs VGG16 weights)
     lambda_ssim: float = Field(1.0, ge=0)  # weight of the confidence-weighted D-SSIM (1 - SSIM) term
     lambda_l1: float = Field(0.0, ge=0)  # weight of an optional L1 term (the paper uses none)
-    lpips_required: bool = False  # true: missing LPIPS weights stop the run; false: fit without LPIPS and say so in fit.json
+    lpips_required: bool = False  # true: missing LPIPS weights stop the run; false: fit without, say so in fit.json
     lpips_vgg_weights: Path | None = None  # torchvision vgg16-397923af.pth; None: search as d2.eval.metrics does
-    ssim_padding: Literal["same", "valid"] = "same"  # loss SSIM windows: same = zero-padded, every pixel gets gradient (3DGS); valid = interior only
+    ssim_padding: Literal["same", "valid"] = "same"  # loss SSIM: same = zero-padded (3DGS), valid = interior windows
     densify_from: int = Field(500, ge=0)  # densify (clone/split) and prune at iterations after this (4DGS: 500)
-    densify_until: int = Field(15000, ge=0)  # gradient statistics, densification, pruning and opacity resets stop at this iteration (4DGS: 15000)
+    densify_until: int = Field(15000, ge=0)  # stats, densifying, pruning, opacity resets stop here (4DGS: 15000)
     densify_every: int = Field(100, ge=1)  # iterations between densification steps (4DGS: 100)
-    densify_grad_threshold: float = Field(2e-4, ge=0)  # densify when the mean screen-space gradient (NDC units, per view that saw it) reaches this (4DGS: 2e-4)
-    dense_fraction: float = Field(0.01, gt=0)  # clone when the largest spatial scale is <= this x scene_extent, split when larger (4DGS percent_dense: 0.01)
-    split_scale_divisor: float = Field(1.6, gt=1)  # a split's two children divide every scale, spatial and temporal, by this (4DGS: 0.8 x 2)
-    opacity_reset_every: int = Field(3000, ge=0)  # clamp every opacity to opacity_reset_value every this many iterations (0: never; 4DGS: 3000)
+    densify_grad_threshold: float = Field(2e-4, ge=0)  # mean NDC gradient over seeing views to densify (4DGS: 2e-4)
+    dense_fraction: float = Field(0.01, gt=0)  # clone if max spatial scale <= this x scene_extent, else split (4DGS)
+    split_scale_divisor: float = Field(1.6, gt=1)  # split children divide all 4 scales by this (4DGS: 0.8 x 2)
+    opacity_reset_every: int = Field(3000, ge=0)  # clamp opacities to opacity_reset_value this often (0: never)
     opacity_reset_value: float = Field(0.01, gt=0, lt=1)  # the clamp of an opacity reset (4DGS: 0.01)
     opacity_reset_at_densify_from: bool = True  # also reset at iteration densify_from (4DGS does on white backgrounds)
     prune_opacity: float = Field(0.005, ge=0, lt=1)  # prune at densification when opacity is below this (4DGS: 0.005)
-    prune_screen_size: float = Field(20.0, ge=0)  # after the first periodic opacity reset, also prune radii above this (pixels; 0: never; 4DGS: 20)
-    prune_world_size: float = Field(0.1, ge=0)  # ... and largest spatial scales above this x scene_extent (0: never; 4DGS: 0.1)
+    prune_screen_size: float = Field(20.0, ge=0)  # after the first periodic reset, prune radii above this (px; 0: off)
+    prune_world_size: float = Field(0.1, ge=0)  # ... and max spatial scales above this x scene_extent (0: off)
     background: float = Field(1.0, ge=0, le=1)  # grey level behind the Gaussians (the matrices are on white)
     backend: Literal["auto", "torch", "gsplat"] = "auto"  # rasterizer: auto = gsplat on CUDA, torch otherwise
     device: str = "auto"  # torch device; auto = cuda when available, else cpu

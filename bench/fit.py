@@ -21,6 +21,9 @@ its own, before anything else is measured.
     python bench/fit.py --gpu --json $OUT/fit_gpu.json   # then, on the same warm machine (~3 min)
     python bench/fit.py --gpu --views 3 --frames 2 --resolution 64 --iters 20 --device cpu --backend torch
         # the same code path, tiny, on CPU (gsplat parts reported as skipped)
+
+Held-out quality against the previous fitter (unseen azimuths and times, equal iterations and
+equal wall time): ``bench/fit_compare.py``, or ``bench/fit.py --compare-previous REV``.
 """
 
 from __future__ import annotations
@@ -152,7 +155,19 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--progress", action="store_true", help="show the fit's progress bar")
     ap.add_argument("--compile-only", action="store_true", help="only time gsplat's first call (JIT build), exit")
-    args = ap.parse_args()
+    ap.add_argument("--compare-previous", default=None, metavar="REV",
+                    help="run bench/fit_compare.py against the fitter of git revision REV instead")
+    argv = sys.argv[1:]
+    args, _ = ap.parse_known_args(argv)
+    if args.compare_previous:  # every other argument goes to bench/fit_compare.py as given
+        import runpy
+
+        i = argv.index("--compare-previous")
+        sys.argv = [str(Path(__file__).with_name("fit_compare.py")), "--previous", args.compare_previous,
+                    *argv[:i], *argv[i + 2:]]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     gpu = args.gpu
@@ -233,10 +248,12 @@ def main() -> None:
         densify = gpu  # CPU timing keeps N fixed at n_init
         turntable = gpu and _can_write_mp4()  # the device image has no MP4 writer (bench/gpu_checks.sh)
         results["turntable"] = turntable
+        # GPU: the 4DGS training rules at their own schedule (FitConfig's defaults); CPU: degree 1, no densification
         cfg = FitConfig(iterations=iters, batch_size=args.batch, num_gaussians=n_init,
-                        max_gaussians=max(n_init, 100_000 if gpu else n_init), lambda_lpips=lam_lpips,
+                        max_gaussians=max(n_init, 1_000_000 if gpu else n_init), lambda_lpips=lam_lpips,
                         lambda_ssim=1.0, lambda_l1=0.0 if args.lpips_random else 1.0,
-                        densify_from=100 if densify else iters + 1, backend=backend, device=str(device),
+                        sh_degree=3 if gpu else 1, sh_increase_every=1000 if gpu else 0,
+                        densify_from=500 if densify else iters + 1, backend=backend, device=str(device),
                         progress=args.progress, checkpoint_every=0, export_ply=gpu, turntable_frames=48 if turntable else 0)
         _sync(device)
         t0 = time.perf_counter()

@@ -405,8 +405,11 @@ def check_runtime(params: BaseModel, devices: tuple[str, ...], fits: bool, score
 
         paths = vgg16_search_paths(params.fit.lpips_vgg_weights)
         if _find_file(paths) is None:
-            raise InputError(f"fit.lambda_lpips = {params.fit.lambda_lpips:g} needs the VGG16 weights, not found at "
-                             f"{', '.join(map(str, paths))}; set fit.lpips_vgg_weights=FILE or fit.lambda_lpips=0")
+            if getattr(params.fit, "lpips_required", True):
+                raise InputError(f"fit.lambda_lpips = {params.fit.lambda_lpips:g} with fit.lpips_required needs the "
+                                 f"VGG16 weights, not found at {', '.join(map(str, paths))}; set "
+                                 "fit.lpips_vgg_weights=FILE, or fit.lpips_required=false to fit without LPIPS")
+            # not required: the fit leaves LPIPS out and fit.json says what it optimised instead
     if scores:
         m = params.metrics
         for key, value in (("metrics.clip_weights", m.clip_weights), ("metrics.lpips_vgg_weights", m.lpips_vgg_weights),

@@ -39,7 +39,7 @@ def _tilted_model() -> Gaussians4D:
         g.means[:, 3] = torch.rand(30, generator=gen)
         g.opacity_logits.copy_(torch.randn(30, generator=gen))
         g.sh_rest.copy_(torch.randn(30, 8, 3, generator=gen) * 0.1)
-        g.time_coefs.copy_(torch.randn(30, 2, 3, generator=gen) * 0.1)
+        g.time_coefs.copy_(torch.randn(30, 2, 9, 3, generator=gen) * 0.1)
     return g
 
 
@@ -67,10 +67,11 @@ def test_ply_round_trip_with_standard_names(tmp_path: Path) -> None:
     np.testing.assert_allclose(back["means"], means[0].detach().numpy()[keep], atol=1e-6)
     sig = 1 / (1 + np.exp(-back["opacity_logits"]))
     np.testing.assert_allclose(sig, opac[0].detach().numpy()[keep], rtol=1e-4)
-    # DC at t = 0.4 and the degree-2 bands (padded with zeros to degree 3)
-    np.testing.assert_allclose(back["sh_dc"], g.sh_at(torch.tensor([0.4]))[0, :, 0].detach().numpy()[keep],
-                               atol=1e-6)
-    np.testing.assert_allclose(back["sh_rest"][:, :8], g.sh_rest.detach().numpy()[keep], atol=1e-6)
+    # every band at t = 0.4 (they all vary in time; degree 2 padded with zeros to degree 3)
+    sh_t = g.sh_at(torch.tensor([0.4]))[0].detach().numpy()[keep]
+    np.testing.assert_allclose(back["sh_dc"], sh_t[:, 0], atol=1e-6)
+    np.testing.assert_allclose(back["sh_rest"][:, :8], sh_t[:, 1:], atol=1e-6)
+    assert np.abs(sh_t[:, 1:] - g.sh_rest.detach().numpy()[keep]).max() > 1e-3
     assert np.all(back["sh_rest"][:, 8:] == 0)
     q = back["quats"]
     np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-6)

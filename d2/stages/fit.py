@@ -3,9 +3,16 @@
 Objective (paper, after V3D): ``L = lambda_lpips C_lpips L_lpips + lambda_ssim C_ssim L_ssim``
 with ``L_ssim = 1 - SSIM`` and per-image confidences computed without gradient,
 ``C_ssim = SSIM(render, target)`` and ``C_lpips = 1 - LPIPS(render, target)``; an optional
-L1 term (the paper uses none). LPIPS loads its VGG backbone from local weights
-(:func:`d2.eval.metrics.build_lpips`): without them the run stops before any work unless
-``lambda_lpips`` is set to 0.
+L1 term (the paper uses none). The loss's SSIM uses zero-padded windows as 3DGS's does, so
+border pixels get gradient. LPIPS loads its VGG backbone from local weights
+(:func:`d2.eval.metrics.build_lpips`) and is in the loss whenever they are found; without
+them the run stops before any work when ``lpips_required`` is set, and otherwise fits without
+LPIPS and records the objective it optimised in ``fit.json`` (``objective``,
+``lpips_left_out_because``).
+
+Training follows the 4DGS code (Yang et al., ICLR 2024): screen-space gradient statistics,
+clone/split densification, periodic opacity resets, pruning, progressive SH bands, its
+learning rates and initialisation (see :class:`FitConfig`; every rule is a knob).
 
 Matrix layout read here (written by the sampling stage): ``view_XX/frame_YY.png`` (two
 digits, from 00) and ``matrix.json`` with ``V, F, resolution, azimuths_deg, elevation_deg,
@@ -31,43 +38,68 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from d2.stages.cameras import OrbitSpec, orbit_cameras
-from d2.stages.gaussians import PARAM_NAMES, Gaussians4D, init_from_images, init_random, rotation_4d
+from d2.stages.gaussians import (
+    PARAM_NAMES,
+    Gaussians4D,
+    camera_centers,
+    init_from_images,
+    init_random,
+    knn_scales,
+    rotation_4d,
+)
 from d2.stages.render import resolve_backend
 from d2.utils.io import load_image, load_tensor, save_image, save_tensor, video_plugin, write_json
 
 
 class FitConfig(BaseModel):
-    """Knobs of the 4D Gaussian fit (stage 2)."""
+    """Knobs of the 4D Gaussian fit (stage 2); defaults of the training rules are the 4DGS code's."""
 
     model_config = ConfigDict(extra="forbid")
 
     iterations: int = Field(300, ge=0)  # optimisation steps; the paper uses 5000 (the small default suits CPU runs)
-    batch_size: int = Field(4, ge=1)  # (view, frame) pairs rendered per iteration
+    batch_size: int = Field(4, ge=1)  # (view, frame) pairs rendered per iteration (4DGS: 2 on D-NeRF, 4 on DyNeRF)
     resolution: int | None = Field(None, ge=11)  # fit at this square size (None: the matrix's own resolution)
-    num_gaussians: int = Field(2000, ge=1)  # Gaussians at initialisation
-    max_gaussians: int = Field(50000, ge=1)  # densification never grows the set past this
+    num_gaussians: int = Field(2000, ge=1)  # Gaussians at initialisation (4DGS: 100k-300k points)
+    max_gaussians: int = Field(1_000_000, ge=1)  # no cloning or splitting once the set has this many
     init: Literal["carve", "random"] = "carve"  # carve: space carving of the matrix itself; random: uniform cube
     init_extent: float = Field(0.6, gt=0)  # half side of the cube initial Gaussians are drawn in (world units)
-    init_time_scale: float = Field(0.25, gt=0)  # initial temporal standard deviation (time runs over [0, 1])
-    sh_degree: int = Field(1, ge=0, le=3)  # spherical-harmonics degree of the colour
-    time_basis: int = Field(2, ge=0)  # cosine terms cos(pi k t), k = 1..time_basis, on the colour's DC
-    lr_means: float = Field(1.6e-3, ge=0)  # Adam learning rate of the 4D means (world units / time)
-    lr_means_final: float = Field(0.05, gt=0, le=1)  # the means' rate decays exponentially to lr_means * this
-    lr_scales: float = Field(5e-3, ge=0)  # learning rate of the 4 log-scales
-    lr_quats: float = Field(1e-3, ge=0)  # learning rate of the two rotation quaternions
-    lr_opacity: float = Field(5e-2, ge=0)  # learning rate of the opacity logits
-    lr_sh: float = Field(2.5e-3, ge=0)  # learning rate of the DC colour and its time coefficients
-    lr_sh_rest: float = Field(1.25e-4, ge=0)  # learning rate of the higher SH bands
+    init_scales: Literal["knn", "spacing"] = "knn"  # knn: 3DGS's 3-nearest-neighbour rule; spacing: carved spacing / 2
+    init_time_scale: float = Field(0.4472135955, gt=0)  # initial temporal std (4DGS: sqrt(T / 5), T = 1)
+    init_time_margin: float = Field(0.1, ge=0)  # start times uniform in [-margin, 1 + margin] (4DGS: 0.1)
+    init_opacity: float = Field(0.1, gt=0, lt=1)  # initial opacity (4DGS: 0.1)
+    sh_degree: int = Field(3, ge=0, le=3)  # spherical-harmonics degree of the colour (4DGS: 3)
+    time_basis: int = Field(2, ge=0)  # time terms cos(2 pi k (mu_t - t) / T), k = 1..this, on every SH band (4DGS: 2)
+    time_period: float = Field(1.0, gt=0)  # T of the colour's time basis (4DGS: the time span, 1 here)
+    sh_increase_every: int = Field(1000, ge=0)  # +1 SH band per this many steps, then +1 time term (0: all at once)
+    temporal_cutoff: float = Field(0.05, ge=0, lt=1)  # skip Gaussians whose temporal marginal is <= this (4DGS: 0.05)
+    scene_extent: float | None = Field(None, gt=0)  # for rates/thresholds; None: 1.1 x max camera-centroid distance
+    lr_means: float = Field(1.6e-4, ge=0)  # Adam rate of the spatial means, times scene_extent (4DGS: 1.6e-4)
+    lr_means_final: float = Field(0.01, gt=0, le=1)  # the spatial rate decays exponentially to lr_means x this (4DGS)
+    lr_means_max_steps: int = Field(30000, ge=1)  # iterations over which that decay runs, constant after (4DGS: 30000)
+    lr_time: float | None = Field(None, ge=0)  # constant rate of the means' time, x scene_extent; None: lr_means (4DGS)
+    lr_scales: float = Field(5e-3, ge=0)  # learning rate of the 4 log-scales (4DGS: 5e-3)
+    lr_quats: float = Field(1e-3, ge=0)  # learning rate of the two rotation quaternions (4DGS: 1e-3)
+    lr_opacity: float = Field(5e-2, ge=0)  # learning rate of the opacity logits (4DGS: 5e-2)
+    lr_sh: float = Field(2.5e-3, ge=0)  # learning rate of the DC colour (4DGS: 2.5e-3)
+    lr_sh_rest: float = Field(1.25e-4, ge=0)  # learning rate of the higher bands and every time term (4DGS: lr_sh / 20)
     lambda_lpips: float = Field(1.0, ge=0)  # weight of the confidence-weighted LPIPS term (needs VGG16 weights)
     lambda_ssim: float = Field(1.0, ge=0)  # weight of the confidence-weighted D-SSIM (1 - SSIM) term
     lambda_l1: float = Field(0.0, ge=0)  # weight of an optional L1 term (the paper uses none)
+    lpips_required: bool = False  # true: missing LPIPS weights stop the run; false: fit without, say so in fit.json
     lpips_vgg_weights: Path | None = None  # torchvision vgg16-397923af.pth; None: search as d2.eval.metrics does
-    densify_from: int = Field(100, ge=0)  # first iteration that may densify or prune
-    densify_until_frac: float = Field(0.6, ge=0, le=1)  # densify and prune only before this fraction of iterations
-    densify_every: int = Field(100, ge=1)  # iterations between densification/pruning steps
-    densify_fraction: float = Field(0.05, ge=0, le=1)  # share of Gaussians (largest mean gradient) split per step
-    split_scale: float = Field(0.02, gt=0)  # Gaussians wider than this (world units) shrink by 1.6 when split
-    prune_opacity: float = Field(0.005, ge=0, lt=1)  # prune when the peak opacity over t in [0, 1] is below this
+    ssim_padding: Literal["same", "valid"] = "same"  # loss SSIM: same = zero-padded (3DGS), valid = interior windows
+    densify_from: int = Field(500, ge=0)  # densify (clone/split) and prune at iterations after this (4DGS: 500)
+    densify_until: int = Field(15000, ge=0)  # stats, densifying, pruning, opacity resets stop here (4DGS: 15000)
+    densify_every: int = Field(100, ge=1)  # iterations between densification steps (4DGS: 100)
+    densify_grad_threshold: float = Field(2e-4, ge=0)  # mean NDC gradient over seeing views to densify (4DGS: 2e-4)
+    dense_fraction: float = Field(0.01, gt=0)  # clone if max spatial scale <= this x scene_extent, else split (4DGS)
+    split_scale_divisor: float = Field(1.6, gt=1)  # split children divide all 4 scales by this (4DGS: 0.8 x 2)
+    opacity_reset_every: int = Field(3000, ge=0)  # clamp opacities to opacity_reset_value this often (0: never)
+    opacity_reset_value: float = Field(0.01, gt=0, lt=1)  # the clamp of an opacity reset (4DGS: 0.01)
+    opacity_reset_at_densify_from: bool = True  # also reset at iteration densify_from (4DGS does on white backgrounds)
+    prune_opacity: float = Field(0.005, ge=0, lt=1)  # prune at densification when opacity is below this (4DGS: 0.005)
+    prune_screen_size: float = Field(20.0, ge=0)  # after the first periodic reset, prune radii above this (px; 0: off)
+    prune_world_size: float = Field(0.1, ge=0)  # ... and max spatial scales above this x scene_extent (0: off)
     background: float = Field(1.0, ge=0, le=1)  # grey level behind the Gaussians (the matrices are on white)
     backend: Literal["auto", "torch", "gsplat"] = "auto"  # rasterizer: auto = gsplat on CUDA, torch otherwise
     device: str = "auto"  # torch device; auto = cuda when available, else cpu
@@ -79,8 +111,10 @@ class FitConfig(BaseModel):
     turntable_fps: int = Field(12, ge=1)  # frame rate of turntable.mp4
 
 
-# fields that do not change the result: excluded from the resume check
-_RUN_ONLY = {"progress", "checkpoint_every", "device", "export_ply", "turntable_frames", "turntable_fps"}
+# fit knobs that do not change the fitted Gaussians (excluded from the resume check; importable by
+# run-level code that keeps such lists)
+RUN_ONLY_FIELDS = frozenset({"progress", "checkpoint_every", "device", "export_ply", "turntable_frames",
+                             "turntable_fps"})
 
 
 class MatrixData(BaseModel):
@@ -148,43 +182,79 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_fit_lpips(cfg: FitConfig, device: torch.device) -> torch.nn.Module | None:
-    """The LPIPS network for the loss, or None when ``lambda_lpips == 0``.
+def load_fit_lpips(cfg: FitConfig, device: torch.device) -> tuple[torch.nn.Module | None, str | None]:
+    """The LPIPS network for the loss and, when it is left out, why: ``(net, None)`` or ``(None, reason)``.
 
     Raises:
-        RuntimeError: LPIPS weights are missing and ``lambda_lpips > 0`` (names the fix).
+        RuntimeError: LPIPS weights are missing, ``lambda_lpips > 0`` and ``lpips_required`` (names the fix).
     """
     if cfg.lambda_lpips == 0:
-        return None
+        return None, "lambda_lpips is 0"
     from d2.eval.metrics import MetricUnavailable, build_lpips
 
     try:
-        return build_lpips(cfg.lpips_vgg_weights, device=str(device))
+        return build_lpips(cfg.lpips_vgg_weights, device=str(device)), None
     except MetricUnavailable as e:
-        raise RuntimeError(
-            f"fit: the LPIPS loss is unavailable ({e}). Provide the VGG16 weights (fit.lpips_vgg_weights) "
-            "or set fit.lambda_lpips=0 explicitly to fit without the perceptual term."
-        ) from e
+        if cfg.lpips_required:
+            raise RuntimeError(
+                f"fit: the LPIPS loss is unavailable ({e}) and fit.lpips_required is set. Provide the VGG16 weights "
+                "(fit.lpips_vgg_weights) or set fit.lambda_lpips=0 / fit.lpips_required=false to fit without it."
+            ) from e
+        return None, f"LPIPS weights unavailable: {e}"
+
+
+def objective_description(cfg: FitConfig, lpips_on: bool) -> str:
+    """The loss actually optimised, in words (written to fit.json)."""
+    terms = []
+    if lpips_on and cfg.lambda_lpips > 0:
+        terms.append(f"{cfg.lambda_lpips:g} * C_lpips * LPIPS")
+    if cfg.lambda_ssim > 0:
+        terms.append(f"{cfg.lambda_ssim:g} * C_ssim * (1 - SSIM[{cfg.ssim_padding}])")
+    if cfg.lambda_l1 > 0:
+        terms.append(f"{cfg.lambda_l1:g} * L1")
+    return " + ".join(terms) if terms else "0 (no loss term has a positive weight)"
+
+
+def ssim_same(x: Tensor, y: Tensor, window_size: int = 11, sigma: float = 1.5) -> Tensor:
+    """Mean SSIM per image pair ([N, C, H, W] x2 -> [N]) with zero-padded ('same') Gaussian
+    windows, as the 3DGS / 4DGS training loss computes it: every pixel, the border ones too,
+    has a window centred on it and so receives gradient."""
+    c = x.shape[1]
+    coords = torch.arange(window_size, dtype=x.dtype, device=x.device) - (window_size - 1) / 2
+    g1 = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    g1 = g1 / g1.sum()
+    w = (g1[:, None] * g1[None, :]).expand(c, 1, window_size, window_size)
+    pad = window_size // 2
+
+    def filt(z: Tensor) -> Tensor:
+        return torch.nn.functional.conv2d(z, w, padding=pad, groups=c)
+
+    mu_x, mu_y = filt(x), filt(y)
+    sxx = filt(x * x) - mu_x ** 2
+    syy = filt(y * y) - mu_y ** 2
+    sxy = filt(x * y) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s_map = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
+    return s_map.mean(dim=(1, 2, 3))
 
 
 def fit_loss(render: Tensor, target: Tensor, cfg: FitConfig, lpips_net: torch.nn.Module | None
              ) -> tuple[Tensor, dict[str, Tensor]]:
     """Confidence-weighted LPIPS + D-SSIM (+ optional L1): render, target [B, 3, H, W] -> scalar loss.
 
-    The logs are detached 0-d tensors (no device sync here; call ``float`` when displaying).
+    The LPIPS term is present when ``lpips_net`` is given and ``lambda_lpips > 0``. The logs are
+    detached 0-d tensors (no device sync here; call ``float`` when displaying).
     """
     from d2.eval.metrics import lpips_distance, ssim
 
     total = render.new_zeros(())
     logs: dict[str, Tensor] = {}
     if cfg.lambda_ssim > 0:
-        s = ssim(render, target)  # [B]
+        s = ssim_same(render, target) if cfg.ssim_padding == "same" else ssim(render, target)  # [B]
         c_ssim = s.detach().clamp(min=0.0)
         total = total + cfg.lambda_ssim * (c_ssim * (1.0 - s)).mean()
         logs["ssim"] = s.detach().mean()
-    if cfg.lambda_lpips > 0:
-        if lpips_net is None:
-            raise RuntimeError("fit_loss: lambda_lpips > 0 but no LPIPS network was given")
+    if cfg.lambda_lpips > 0 and lpips_net is not None:
         d = lpips_distance(lpips_net, render, target)  # [B]
         c_lpips = (1.0 - d.detach()).clamp(min=0.0)
         total = total + cfg.lambda_lpips * (c_lpips * d).mean()
@@ -197,13 +267,38 @@ def fit_loss(render: Tensor, target: Tensor, cfg: FitConfig, lpips_net: torch.nn
     return total, logs
 
 
-def make_optimizer(g: Gaussians4D, cfg: FitConfig) -> torch.optim.Adam:
-    """Adam with one named group per parameter tensor."""
-    lrs = {"means": cfg.lr_means, "log_scales": cfg.lr_scales, "quats_l": cfg.lr_quats, "quats_r": cfg.lr_quats,
-           "opacity_logits": cfg.lr_opacity, "sh_dc": cfg.lr_sh, "sh_rest": cfg.lr_sh_rest,
-           "time_coefs": cfg.lr_sh}
+def scene_extent(viewmats: Tensor) -> float:
+    """3DGS's scene size from cameras [V, 4, 4]: 1.1 x the largest distance of a camera centre
+    from the centres' mean."""
+    centers = camera_centers(viewmats.double())  # [V, 3]
+    return 1.1 * float((centers - centers.mean(0)).norm(dim=-1).max())
+
+
+def _lr_means(cfg: FitConfig, extent: float, step: int) -> float:
+    """The spatial means' rate at ``step``: log-linear from lr_means to lr_means * lr_means_final
+    over lr_means_max_steps, times the scene extent (3DGS's exponential schedule)."""
+    frac = min(max(step / cfg.lr_means_max_steps, 0.0), 1.0)
+    return cfg.lr_means * extent * cfg.lr_means_final ** frac
+
+
+def make_optimizer(g: Gaussians4D, cfg: FitConfig, extent: float = 1.0) -> torch.optim.Adam:
+    """Adam with one named group per parameter tensor (the means' time rate is applied by
+    :func:`_rescale_time_step`)."""
+    lrs = {"means": _lr_means(cfg, extent, 0), "log_scales": cfg.lr_scales, "quats_l": cfg.lr_quats,
+           "quats_r": cfg.lr_quats, "opacity_logits": cfg.lr_opacity, "sh_dc": cfg.lr_sh, "sh_rest": cfg.lr_sh_rest,
+           "time_coefs": cfg.lr_sh_rest}
     groups = [{"params": [getattr(g, k)], "lr": lrs[k], "name": k} for k in PARAM_NAMES]
-    return torch.optim.Adam(groups, lr=cfg.lr_means, eps=1e-15)
+    return torch.optim.Adam(groups, lr=lrs["means"], eps=1e-15)
+
+
+@torch.no_grad()
+def _rescale_time_step(g: Gaussians4D, t_before: Tensor, lr_spatial: float, lr_time: float) -> None:
+    """Give the means' time column its own rate: Adam's step is linear in the rate, so the step
+    taken with ``lr_spatial`` is rescaled to ``lr_time`` on that column."""
+    if lr_spatial > 0:
+        g.means[:, 3] = t_before + (g.means[:, 3] - t_before) * (lr_time / lr_spatial)
+    else:
+        g.means[:, 3] = t_before
 
 
 def _replace_rows(g: Gaussians4D, opt: torch.optim.Adam, new_params: dict[str, Tensor], index: Tensor,
@@ -228,61 +323,131 @@ def _replace_rows(g: Gaussians4D, opt: torch.optim.Adam, new_params: dict[str, T
         group["params"] = [new_p]
 
 
-@torch.no_grad()
-def densify_and_prune(g: Gaussians4D, opt: torch.optim.Adam, grad_accum: Tensor, grad_count: Tensor,
-                      cfg: FitConfig, generator: torch.Generator) -> dict[str, int]:
-    """Split the Gaussians with the largest mean positional gradient, prune invisible ones.
+class DensifyStats:
+    """Screen-space statistics between densification steps (3DGS): per Gaussian, the sum over
+    iterations of the mean (over the batch's views that saw it) norm of its 2D mean's gradient
+    in NDC units, the number of iterations that saw it, and its largest screen radius."""
 
-    Split: the chosen Gaussian is replaced by two samples of its own 4D distribution; those
-    wider than ``split_scale`` shrink by 1.6 (3DGS's rule). Pruned: peak opacity over
-    t in [0, 1] below ``prune_opacity``. The set never grows past ``max_gaussians``.
+    def __init__(self, n: int, device: torch.device):
+        self.grad_accum = torch.zeros(n, device=device)  # [N]
+        self.count = torch.zeros(n, device=device)  # [N]
+        self.max_radii = torch.zeros(n, device=device)  # [N] pixels
+
+    @torch.no_grad()
+    def add(self, means2d_grad: Tensor, visible: Tensor, radii: Tensor, width: int, height: int) -> None:
+        """means2d_grad [V, N, 2] (pixels) of a loss averaged over the V views of the batch,
+        visible [V, N] bool, radii [V, N] pixels."""
+        v = means2d_grad.shape[0]
+        # one view's own loss in NDC: the batch mean holds 1/V of it; d ndc = 2 d pixel / size
+        g = means2d_grad * v * means2d_grad.new_tensor([width / 2.0, height / 2.0])
+        norms = torch.where(visible, g.norm(dim=-1), torch.zeros_like(g[..., 0]))  # [V, N]
+        seen = visible.sum(0)  # [N]
+        hit = seen > 0
+        self.grad_accum[hit] += norms.sum(0)[hit] / seen[hit]
+        self.count[hit] += 1
+        self.max_radii = torch.maximum(self.max_radii, torch.where(visible, radii, 0.0).amax(0))
+
+    def mean_grad(self) -> Tensor:
+        """Mean screen-space gradient per Gaussian [N] (0 where never seen)."""
+        return torch.where(self.count > 0, self.grad_accum / self.count.clamp(min=1), torch.zeros_like(self.count))
+
+    def state(self) -> dict[str, Tensor]:
+        return {"grad_accum": self.grad_accum.cpu(), "count": self.count.cpu(), "max_radii": self.max_radii.cpu()}
+
+    @classmethod
+    def from_state(cls, st: dict[str, Tensor], device: torch.device) -> "DensifyStats":
+        s = cls(0, device)
+        s.grad_accum, s.count, s.max_radii = (st[k].to(device) for k in ("grad_accum", "count", "max_radii"))
+        return s
+
+
+@torch.no_grad()
+def densify_and_prune(g: Gaussians4D, opt: torch.optim.Adam, stats: DensifyStats, cfg: FitConfig, extent: float,
+                      generator: torch.Generator, densify: bool = True, size_prune: bool = False) -> dict[str, int]:
+    """One 3DGS/4DGS densification step: clone, split, then prune.
+
+    Gaussians whose mean screen-space gradient reaches ``densify_grad_threshold`` are cloned
+    (an exact copy is added) when their largest spatial scale is at most ``dense_fraction *
+    extent``, and split otherwise: replaced by two samples ``mu + R diag(s) z`` (z ~ N(0, I_4))
+    of their own 4D distribution whose four scales are divided by ``split_scale_divisor``.
+    While the set holds ``max_gaussians`` or more nothing is added (the largest gradients go
+    first when only some fit). Then Gaussians with opacity below ``prune_opacity`` are removed
+    and, with ``size_prune``, those with a screen radius above ``prune_screen_size`` or a
+    largest spatial scale above ``prune_world_size * extent``. New rows start with zero Adam
+    moments; the set never becomes empty.
     """
     n = g.num
     dev = g.means.device
     p = {k: getattr(g, k).detach() for k in PARAM_NAMES}
-    # peak opacity over t in [0, 1]
-    cov = g.covariance()
-    s_tt = cov[:, 3, 3].clamp(min=1e-12)
-    gap = (p["means"][:, 3] - p["means"][:, 3].clamp(0, 1)).abs()
-    peak = torch.sigmoid(p["opacity_logits"]) * torch.exp(-0.5 * gap * gap / s_tt)
-    keep = peak >= cfg.prune_opacity
-    if keep.sum() == 0:  # never prune everything
-        keep[torch.argmax(peak)] = True
-    score = torch.where(grad_count > 0, grad_accum / grad_count.clamp(min=1), torch.zeros_like(grad_accum))
-    score = torch.where(keep, score, torch.zeros_like(score))
-    n_keep = int(keep.sum())
-    budget = max(0, cfg.max_gaussians - n_keep)
-    n_split = min(int(cfg.densify_fraction * n_keep), budget, int((score > 0).sum()))
-    split = torch.zeros(n, dtype=torch.bool, device=dev)
-    if n_split > 0:
-        split[torch.topk(score, n_split).indices] = True
-    base = keep & ~split
-    idx_keep = torch.nonzero(base).squeeze(-1)
-    idx_split = torch.nonzero(split).squeeze(-1)
-    new = {k: [v[idx_keep]] for k, v in p.items()}
-    if n_split > 0:
-        # samples mu + R diag(s) z of each chosen 4D Gaussian (no factorisation of Sigma needed)
+    grads = stats.mean_grad()
+    big = torch.exp(p["log_scales"][:, :3]).amax(-1) > cfg.dense_fraction * extent
+    chosen = grads >= cfg.densify_grad_threshold if densify else torch.zeros(n, dtype=torch.bool, device=dev)
+    budget = max(0, cfg.max_gaussians - n)
+    # a clone adds one Gaussian, a split one more than it removes
+    if int(chosen.sum()) > budget:
+        order = torch.argsort(torch.where(chosen, grads, torch.full_like(grads, -1.0)), descending=True)
+        chosen = torch.zeros_like(chosen)
+        chosen[order[:budget]] = True
+    clone, split = chosen & ~big, chosen & big
+    idx_all = torch.arange(n, device=dev)
+    idx_split = idx_all[split]
+    s = idx_split.shape[0]
+    new = {k: [v[~split]] for k, v in p.items()}
+    index = [idx_all[~split]]
+    for k, v in p.items():
+        new[k].append(v[clone])
+    index.append(idx_all[clone])
+    if s > 0:
         L = rotation_4d(p["quats_l"][idx_split], p["quats_r"][idx_split]) * torch.exp(
-            p["log_scales"][idx_split]).unsqueeze(-2)  # [S, 4, 4]
+            p["log_scales"][idx_split]).unsqueeze(-2)  # [S, 4, 4] = R diag(s)
         for _ in range(2):
-            z = torch.randn(n_split, 4, 1, generator=generator, dtype=cov.dtype).to(dev)
+            z = torch.randn(s, 4, 1, generator=generator, dtype=torch.float64).to(device=dev, dtype=L.dtype)
             for k, v in p.items():
                 new[k].append(v[idx_split])
             new["means"][-1] = p["means"][idx_split] + (L @ z).squeeze(-1)
-            ls = p["log_scales"][idx_split].clone()
-            wide = ls[:, :3].amax(-1) > math.log(cfg.split_scale)
-            ls[wide, :3] -= math.log(1.6)
-            new["log_scales"][-1] = ls
+            new["log_scales"][-1] = p["log_scales"][idx_split] - math.log(cfg.split_scale_divisor)
+            index.append(idx_split)
     cat = {k: torch.cat(v) for k, v in new.items()}
-    index = torch.cat([idx_keep, idx_split, idx_split])
-    fresh = torch.cat([torch.zeros_like(idx_keep, dtype=torch.bool), torch.ones(2 * n_split, dtype=torch.bool,
-                                                                                device=dev)])
-    _replace_rows(g, opt, cat, index, fresh)
-    return {"pruned": int((~keep).sum()), "split": n_split, "num": g.num}
+    index_t = torch.cat(index)
+    n_old = n - s
+    fresh = torch.arange(index_t.shape[0], device=dev) >= n_old  # clones and children restart Adam
+    radii = torch.cat([stats.max_radii[~split], torch.zeros(index_t.shape[0] - n_old, device=dev)])
+    prune = torch.sigmoid(cat["opacity_logits"]) < cfg.prune_opacity
+    if size_prune:
+        if cfg.prune_screen_size > 0:
+            prune |= radii > cfg.prune_screen_size
+        if cfg.prune_world_size > 0:
+            prune |= torch.exp(cat["log_scales"][:, :3]).amax(-1) > cfg.prune_world_size * extent
+    if bool(prune.all()):  # never prune everything
+        prune[torch.argmax(cat["opacity_logits"])] = False
+    keep = ~prune
+    _replace_rows(g, opt, {k: v[keep] for k, v in cat.items()}, index_t[keep], fresh[keep])
+    return {"cloned": int(clone.sum()), "split": s, "pruned": int(prune.sum()), "num": g.num}
+
+
+@torch.no_grad()
+def reset_opacity(g: Gaussians4D, opt: torch.optim.Adam, value: float) -> None:
+    """Clamp every opacity to at most ``value`` and zero the opacities' Adam moments (3DGS)."""
+    g.opacity_logits.clamp_(max=math.log(value / (1 - value)))
+    st = opt.state.get(g.opacity_logits)
+    if st:
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                st[key].zero_()
+
+
+def active_degrees(cfg: FitConfig, step: int) -> tuple[int, int]:
+    """(SH degree, time terms) in use at iteration ``step``: one more band every
+    ``sh_increase_every`` iterations up to ``sh_degree``, then one more time term (4DGS)."""
+    if cfg.sh_increase_every == 0:
+        return cfg.sh_degree, cfg.time_basis
+    ups = step // cfg.sh_increase_every
+    deg = min(cfg.sh_degree, ups)
+    return deg, min(cfg.time_basis, max(0, ups - cfg.sh_degree))
 
 
 def _config_hash(cfg: FitConfig) -> str:
-    d = cfg.model_dump(mode="json", exclude=_RUN_ONLY)
+    d = cfg.model_dump(mode="json", exclude=set(RUN_ONLY_FIELDS))
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -301,7 +466,8 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig) -> dict
     matrix_dir, out_dir = Path(matrix_dir), Path(out_dir)
     device = resolve_device(cfg.device)
     backend = resolve_backend(cfg.backend, device)
-    lpips_net = load_fit_lpips(cfg, device)  # fails fast when LPIPS is wanted but unavailable
+    # fails fast when LPIPS is required but unavailable
+    lpips_net, lpips_off_reason = load_fit_lpips(cfg, device)
     if cfg.turntable_frames > 0:  # fails fast when turntable.mp4 could not be written at the end
         try:
             video_plugin()
@@ -314,6 +480,7 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig) -> dict
         raise ValueError(f"fit: images {h}x{w} are smaller than SSIM's 11px window")
     spec = OrbitSpec(radius=data.radius, fov_deg=data.fov_deg, elevation_deg=data.elevation_deg)
     viewmats, Ks = orbit_cameras(data.azimuths_deg, spec, w, h)  # [V, 4, 4], [V, 3, 3]
+    extent = cfg.scene_extent if cfg.scene_extent is not None else scene_extent(viewmats)
     viewmats, Ks = viewmats.to(device), Ks.to(device)
     times = torch.tensor(data.times, dtype=torch.float32, device=device)  # [F]
     bg = torch.full((3,), cfg.background, device=device)
@@ -324,67 +491,82 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig) -> dict
     in_hash = _input_hash(matrix_dir)
     start = 0
     g: Gaussians4D | None = None
-    grad_accum = grad_count = None
+    stats: DensifyStats | None = None
+    history: list[dict] = []
     ck = _read_checkpoint(ckpt_path)
     if ck is not None:
         if ck.get("config_hash") == cfg_hash and ck.get("input_hash") == in_hash:
             g = Gaussians4D.from_state(ck["gaussians"]).to(device)
-            opt = make_optimizer(g, cfg)
+            opt = make_optimizer(g, cfg, extent)
             opt.load_state_dict(ck["optimizer"])
             start = int(ck["iteration"])
             gen.set_state(ck["generator"])
-            grad_accum, grad_count = ck["grad_accum"].to(device), ck["grad_count"].to(device)
+            stats = DensifyStats.from_state(ck["densify_stats"], device)
+            history = list(ck["densify_history"])
     if g is None:
+        common = dict(sh_degree=cfg.sh_degree, time_basis=cfg.time_basis, time_scale=cfg.init_time_scale,
+                      generator=gen, time_margin=cfg.init_time_margin, opacity=cfg.init_opacity)
         if cfg.init == "carve":
             g = init_from_images(data.images, viewmats.cpu(), Ks.cpu(), times.cpu(), cfg.num_gaussians,
-                                 extent=cfg.init_extent, background=cfg.background, sh_degree=cfg.sh_degree,
-                                 time_basis=cfg.time_basis, time_scale=cfg.init_time_scale, generator=gen)
+                                 extent=cfg.init_extent, background=cfg.background, scale_init=cfg.init_scales,
+                                 **common)
         else:
-            g = init_random(cfg.num_gaussians, cfg.init_extent, cfg.sh_degree, cfg.time_basis,
-                            cfg.init_time_scale, generator=gen)
+            g = init_random(cfg.num_gaussians, cfg.init_extent, **common)
+            if cfg.init_scales == "knn":
+                with torch.no_grad():
+                    g.log_scales[:, :3] = torch.log(knn_scales(g.means[:, :3]))[:, None]
+        g.time_period, g.temporal_cutoff = cfg.time_period, cfg.temporal_cutoff
         g = g.to(device)
-        opt = make_optimizer(g, cfg)
-        grad_accum = torch.zeros(g.num, device=device)
-        grad_count = torch.zeros(g.num, device=device)
+        opt = make_optimizer(g, cfg, extent)
+        stats = DensifyStats(g.num, device)
 
-    decay = cfg.lr_means_final ** (1.0 / max(1, cfg.iterations))
-    densify_until = int(cfg.densify_until_frac * cfg.iterations)
+    lr_time = (cfg.lr_time if cfg.lr_time is not None else cfg.lr_means) * extent
     logs: dict[str, Tensor] = {}
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, disable=not cfg.progress,
                desc="fit", dynamic_ncols=True)
     for it in bar:
+        lr_xyz = _lr_means(cfg, extent, it)
         for group in opt.param_groups:
             if group["name"] == "means":
-                group["lr"] = cfg.lr_means * decay ** it
+                group["lr"] = lr_xyz
+        g.active_sh_degree, g.active_time_basis = active_degrees(cfg, it)
         pairs = torch.randint(0, v * f, (cfg.batch_size,), generator=gen)
         vi, fi = (pairs // f).to(device), (pairs % f).to(device)
         target = images[vi, fi]  # [B, 3, H, W]
+        info: dict = {}
         out, _ = g.render(times[fi], viewmats[vi][:, None], Ks[vi][:, None], w, h, background=bg,
-                          backend=backend)  # [B, 1, H, W, 3]
+                          backend=backend, info=info)  # [B, 1, H, W, 3]
         render = out[:, 0].permute(0, 3, 1, 2)  # [B, 3, H, W]
         loss, logs = fit_loss(render, target, cfg, lpips_net)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        with torch.no_grad():
-            gn = g.means.grad[:, :3].norm(dim=-1)
-            grad_accum += gn
-            grad_count += (gn > 0).float()
-        opt.step()
         step = it + 1
-        if cfg.densify_from <= step < densify_until and step % cfg.densify_every == 0:
-            densify_and_prune(g, opt, grad_accum, grad_count, cfg, gen)
-            grad_accum = torch.zeros(g.num, device=device)
-            grad_count = torch.zeros(g.num, device=device)
+        tracking = step < cfg.densify_until
+        if tracking and info["means2d"].grad is not None:
+            stats.add(info["means2d"].grad[:, 0], info["visible"][:, 0], info["radii"][:, 0], w, h)
+        t_before = g.means[:, 3].detach().clone()
+        opt.step()
+        _rescale_time_step(g, t_before, lr_xyz, lr_time)
+        if tracking and step > cfg.densify_from and step % cfg.densify_every == 0:
+            size_prune = cfg.opacity_reset_every > 0 and step > cfg.opacity_reset_every
+            record = densify_and_prune(g, opt, stats, cfg, extent, gen, size_prune=size_prune)
+            history.append({"iteration": step, **record})
+            stats = DensifyStats(g.num, device)
+        if tracking and ((cfg.opacity_reset_every > 0 and step % cfg.opacity_reset_every == 0)
+                         or (cfg.opacity_reset_at_densify_from and step == cfg.densify_from)):
+            reset_opacity(g, opt, cfg.opacity_reset_value)
+            history.append({"iteration": step, "opacity_reset": cfg.opacity_reset_value, "num": g.num})
         if cfg.progress and (step % 10 == 0 or step == cfg.iterations):
             bar.set_postfix(loss=f"{logs['loss']:.4f}", psnr=f"{logs['psnr']:.2f}", n=g.num)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.iterations:
             save_tensor(ckpt_path, {"gaussians": g.export_state(), "optimizer": opt.state_dict(),
                                     "iteration": step, "generator": gen.get_state(), "config_hash": cfg_hash,
-                                    "input_hash": in_hash, "grad_accum": grad_accum.cpu(),
-                                    "grad_count": grad_count.cpu()})
+                                    "input_hash": in_hash, "densify_stats": stats.state(),
+                                    "densify_history": history})
     bar.close()
     fit_seconds = time.perf_counter() - t0
+    g.active_sh_degree, g.active_time_basis = g.sh_degree, g.time_basis  # inactive bands are still zero
 
     # training-set PSNR over the whole matrix (no gradients)
     with torch.no_grad():
@@ -411,6 +593,9 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig) -> dict
         "V": v, "F": f, "resolution": h, "iterations": cfg.iterations,
         "resumed_from": start, "num_gaussians": g.num, "backend": backend, "device": str(device),
         "final": {k: float(v) for k, v in logs.items()}, "train_psnr": train_psnr,
+        "objective": objective_description(cfg, lpips_net is not None),
+        "lpips_in_loss": lpips_net is not None, "lpips_left_out_because": lpips_off_reason,
+        "scene_extent": extent, "densification": history,
         "config": cfg.model_dump(mode="json"),
         "config_hash": cfg_hash, "input_hash": in_hash,
     }

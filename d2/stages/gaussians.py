@@ -9,10 +9,20 @@ so its covariance is ``Sigma = R diag(s)^2 R^T`` (4 x 4). Slicing at time ``t`` 
     S3(t)    = S_xx - S_xt S_xt^T / S_tt
     alpha(t) = sigmoid(o) * exp(-(t - mu_t)^2 / (2 S_tt))
 
-Colour: real spherical harmonics of the viewing direction (degree ``sh_degree``) whose DC
-term varies in time with a small cosine basis, ``dc(t) = dc + sum_k a_k cos(pi k t)``,
-k = 1..``time_basis``; RGB = max(SH(dir) + 0.5, 0) as in 3DGS. Times are in [0, 1]
-(frame f of F at f / (F - 1), :mod:`d2.stages.cameras`).
+and, as the 4DGS rasterizer does, a Gaussian whose temporal marginal
+``exp(-(t - mu_t)^2 / (2 S_tt))`` is at or below ``temporal_cutoff`` is skipped at that time.
+
+Colour: 4D spherindrical harmonics as 4DGS evaluates them. Every real spherical-harmonics
+band of the viewing direction (degree ``sh_degree``) carries ``time_basis`` extra
+coefficient sets multiplying ``cos(2 pi k (mu_t - t) / time_period)``, k = 1..time_basis,
+with ``mu_t`` the Gaussian's own time (held constant in the colour's gradient, as the
+reference does):
+
+    c(d, t) = sum_j Y_j(d) (f_j + sum_k cos(2 pi k (mu_t - t) / T) f_{k, j})
+
+RGB = max(c + 0.5, 0) as in 3DGS. Times are in [0, 1] (frame f of F at f / (F - 1),
+:mod:`d2.stages.cameras`). :func:`to_reference_layout` / :func:`from_reference_layout`
+convert to and from the 4DGS code's parameter layout.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ SH_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.092548
 SH_C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154, -0.4570457994644658,
          1.445305721320277, -0.5900435899266435)
 
+STATE_VERSION = 2  # 2: time basis on every SH band, relative to each Gaussian's time
 PARAM_NAMES = ("means", "log_scales", "quats_l", "quats_r", "opacity_logits", "sh_dc", "sh_rest", "time_coefs")
 
 
@@ -136,14 +147,24 @@ def camera_centers(viewmats: Tensor) -> Tensor:
 class Gaussians4D(nn.Module):
     """A set of N native 4D Gaussians (parameters as ``nn.Parameter``; see the module docstring)."""
 
-    def __init__(self, n: int, sh_degree: int = 1, time_basis: int = 2, dtype: torch.dtype = torch.float32):
+    def __init__(self, n: int, sh_degree: int = 1, time_basis: int = 2, dtype: torch.dtype = torch.float32,
+                 time_period: float = 1.0, temporal_cutoff: float = 0.0):
         super().__init__()
         if not 0 <= sh_degree <= 3:
             raise ValueError(f"sh_degree must be in 0..3, got {sh_degree}")
         if time_basis < 0:
             raise ValueError(f"time_basis must be >= 0, got {time_basis}")
+        if time_period <= 0:
+            raise ValueError(f"time_period must be > 0, got {time_period}")
+        if not 0 <= temporal_cutoff < 1:
+            raise ValueError(f"temporal_cutoff must be in [0, 1), got {temporal_cutoff}")
         self.sh_degree = sh_degree
         self.time_basis = time_basis
+        self.time_period = float(time_period)  # T of the colour's time basis cos(2 pi k (mu_t - t) / T)
+        self.temporal_cutoff = float(temporal_cutoff)  # skip a Gaussian whose temporal marginal is <= this
+        # bands in use (training raises them progressively); inactive coefficients get no gradient
+        self.active_sh_degree = sh_degree
+        self.active_time_basis = time_basis
         k = (sh_degree + 1) ** 2
         ident = torch.zeros(n, 4, dtype=dtype)
         ident[:, 0] = 1.0
@@ -154,7 +175,7 @@ class Gaussians4D(nn.Module):
         self.opacity_logits = nn.Parameter(torch.zeros(n, dtype=dtype))  # [N]
         self.sh_dc = nn.Parameter(torch.zeros(n, 3, dtype=dtype))  # [N, 3]
         self.sh_rest = nn.Parameter(torch.zeros(n, k - 1, 3, dtype=dtype))  # [N, K-1, 3]
-        self.time_coefs = nn.Parameter(torch.zeros(n, time_basis, 3, dtype=dtype))  # [N, B, 3]
+        self.time_coefs = nn.Parameter(torch.zeros(n, time_basis, k, 3, dtype=dtype))  # [N, B, K, 3]
 
     @property
     def num(self) -> int:
@@ -168,26 +189,42 @@ class Gaussians4D(nn.Module):
     def slice(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """3D Gaussians at times t [T]: means [T, N, 3], covars [T, N, 3, 3], opacities [T, N]."""
         t = t.to(self.means)
-        return slice_covariance(self.means, self.covariance(), torch.sigmoid(self.opacity_logits), t)
+        cov4 = self.covariance()
+        means, covs, opac = slice_covariance(self.means, cov4, torch.sigmoid(self.opacity_logits), t)
+        if self.temporal_cutoff > 0:
+            with torch.no_grad():
+                s_tt = cov4[:, 3, 3].detach().clamp(min=1e-12)
+                dt = t[:, None] - self.means[None, :, 3].detach()
+                shown = torch.exp(-0.5 * dt * dt / s_tt[None]) > self.temporal_cutoff  # [T, N]
+            opac = torch.where(shown, opac, torch.zeros_like(opac))
+        return means, covs, opac
+
+    def time_basis_at(self, t: Tensor) -> Tensor:
+        """cos(2 pi k (mu_t - t) / time_period), k = 1..active_time_basis: [T, N, B_active]."""
+        t = t.to(self.means)
+        k = torch.arange(1, self.active_time_basis + 1, dtype=t.dtype, device=t.device)
+        dt = self.means[:, 3].detach()[None] - t[:, None]  # [T, N]
+        return torch.cos(2 * math.pi * dt[..., None] * k / self.time_period)
 
     def sh_at(self, t: Tensor) -> Tensor:
-        """SH coefficients at times t [T]: [T, N, (deg+1)^2, 3] (time-varying DC, fixed higher bands)."""
+        """SH coefficients at times t [T]: [T, N, (deg+1)^2, 3] (every band varies in time)."""
         t = t.to(self.means)
-        k = torch.arange(1, self.time_basis + 1, dtype=t.dtype, device=t.device)
-        basis = torch.cos(math.pi * t[:, None] * k[None])  # [T, B]
-        dc = self.sh_dc[None] + torch.einsum("tb,nbc->tnc", basis, self.time_coefs)  # [T, N, 3]
-        rest = self.sh_rest[None].expand(t.shape[0], -1, -1, -1)
-        return torch.cat([dc[:, :, None], rest], dim=2)
+        base = torch.cat([self.sh_dc[:, None], self.sh_rest], dim=1)  # [N, K, 3]
+        b = self.active_time_basis
+        if b == 0:
+            return base[None].expand(t.shape[0], -1, -1, -1)
+        return base[None] + torch.einsum("tnb,nbkc->tnkc", self.time_basis_at(t), self.time_coefs[:, :b])
 
     def colors(self, t: Tensor, means_t: Tensor, cam_centers: Tensor) -> Tensor:
         """RGB [T, C, N, 3] seen from cameras at cam_centers [T, C, 3], Gaussians at means_t [T, N, 3]."""
         coeffs = self.sh_at(t)  # [T, N, K, 3]
-        if self.sh_degree == 0:
+        deg = min(self.active_sh_degree, self.sh_degree)
+        if deg == 0:
             rgb = eval_sh(0, coeffs, means_t)[:, None].expand(-1, cam_centers.shape[1], -1, -1)
         else:
             dirs = means_t[:, None] - cam_centers[:, :, None]  # [T, C, N, 3]
             dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp(min=1e-9)
-            rgb = eval_sh(self.sh_degree, coeffs[:, None], dirs)
+            rgb = eval_sh(deg, coeffs[:, None], dirs)
         return torch.clamp(rgb + 0.5, min=0.0)
 
     def render(
@@ -211,7 +248,8 @@ class Gaussians4D(nn.Module):
 
     def export_state(self) -> dict:
         """Plain dict (tensors and ints) for torch.save / torch.load(weights_only=True)."""
-        return {"version": 1, "sh_degree": self.sh_degree, "time_basis": self.time_basis,
+        return {"version": STATE_VERSION, "sh_degree": self.sh_degree, "time_basis": self.time_basis,
+                "time_period": self.time_period, "temporal_cutoff": self.temporal_cutoff,
                 "params": {k: getattr(self, k).detach().cpu().clone() for k in PARAM_NAMES}}
 
     @classmethod
@@ -219,8 +257,12 @@ class Gaussians4D(nn.Module):
         """Inverse of :meth:`export_state`."""
         if not isinstance(state, dict) or "params" not in state:
             raise ValueError("not a Gaussians4D state (expected a dict with 'params', 'sh_degree', 'time_basis')")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"Gaussians4D state version {state.get('version')} is not {STATE_VERSION} (version 1 "
+                             "used an absolute-time colour basis on the DC band only; refit the asset)")
         p = state["params"]
-        g = cls(p["means"].shape[0], int(state["sh_degree"]), int(state["time_basis"]), dtype=p["means"].dtype)
+        g = cls(p["means"].shape[0], int(state["sh_degree"]), int(state["time_basis"]), dtype=p["means"].dtype,
+                time_period=float(state["time_period"]), temporal_cutoff=float(state["temporal_cutoff"]))
         g.set_params({k: p[k] for k in PARAM_NAMES})
         return g
 
@@ -233,6 +275,21 @@ class Gaussians4D(nn.Module):
             setattr(self, k, nn.Parameter(params[k].detach().clone()))
 
 
+def knn_scales(xyz: Tensor, k: int = 3, chunk: int = 4096) -> Tensor:
+    """Initial spatial scale of each point [N, 3] as 3DGS sets it: sqrt of the mean squared
+    distance to its ``k`` nearest other points (floored at 1e-7 squared), [N]."""
+    n = xyz.shape[0]
+    if n <= 1:
+        return torch.full((n,), 1e-3, dtype=xyz.dtype)
+    kk = min(k, n - 1)
+    out = []
+    for i in range(0, n, chunk):
+        d2 = torch.cdist(xyz[i:i + chunk], xyz).square()  # [c, N]
+        d2[torch.arange(d2.shape[0]), torch.arange(i, i + d2.shape[0])] = float("inf")  # not itself
+        out.append(torch.topk(d2, kk, dim=-1, largest=False).values.mean(-1))
+    return torch.sqrt(torch.cat(out).clamp(min=1e-7))
+
+
 def init_random(
     n: int,
     extent: float = 0.5,
@@ -241,23 +298,27 @@ def init_random(
     time_scale: float = 0.25,
     color: Tensor | None = None,
     generator: torch.Generator | None = None,
+    time_margin: float = 0.0,
+    opacity: float = 0.1,
 ) -> Gaussians4D:
-    """N Gaussians uniform in the cube [-extent, extent]^3 x [0, 1] (no point cloud needed).
+    """N Gaussians uniform in the cube [-extent, extent]^3 x [-time_margin, 1 + time_margin].
 
     Spatial scale = the mean spacing (volume / N)^(1/3) / 2, temporal scale ``time_scale``, no
-    space-time rotation, opacity 0.1, colour ``color`` [N, 3] or grey.
+    space-time rotation, opacity ``opacity``, colour ``color`` [N, 3] or grey.
     """
     if n < 1:
         raise ValueError(f"number of Gaussians must be >= 1, got {n}")
+    if not 0 < opacity < 1:
+        raise ValueError(f"initial opacity must be in (0, 1), got {opacity}")
     g = Gaussians4D(n, sh_degree, time_basis)
     xyz = (torch.rand(n, 3, generator=generator) * 2 - 1) * extent
-    t = torch.rand(n, 1, generator=generator)
+    t = torch.rand(n, 1, generator=generator) * (1 + 2 * time_margin) - time_margin
     spacing = (8 * extent ** 3 / n) ** (1 / 3)
     with torch.no_grad():
         g.means.copy_(torch.cat([xyz, t], 1))
         g.log_scales[:, :3] = math.log(spacing / 2)
         g.log_scales[:, 3] = math.log(time_scale)
-        g.opacity_logits.fill_(math.log(0.1 / 0.9))
+        g.opacity_logits.fill_(math.log(opacity / (1 - opacity)))
         if color is not None:
             g.sh_dc.copy_(rgb_to_sh_dc(color.clamp(0.02, 0.98)))
     return g
@@ -277,14 +338,21 @@ def init_from_images(
     time_basis: int = 2,
     time_scale: float = 0.25,
     generator: torch.Generator | None = None,
+    time_margin: float = 0.0,
+    opacity: float = 0.1,
+    scale_init: str = "spacing",
 ) -> Gaussians4D:
     """Initialise N Gaussians by space carving the image matrix itself (no external point cloud).
 
-    Candidate points uniform in [-extent, extent]^3 x [0, 1] are kept when, at the nearest
-    frame, every view that sees them shows foreground there (a pixel farther than
-    ``threshold`` from the background colour); their colour is the mean of those pixels.
-    Falls back to uniform points when the images show no foreground at all.
+    Candidate points uniform in [-extent, extent]^3 x [-time_margin, 1 + time_margin] are kept
+    when, at the nearest frame, every view that sees them shows foreground there (a pixel
+    farther than ``threshold`` from the background colour); their colour is the mean of those
+    pixels. Falls back to uniform points when the images show no foreground at all. Spatial
+    scales: ``spacing`` = half the mean spacing of the carved volume, ``knn`` = 3DGS's rule
+    (:func:`knn_scales`).
     """
+    if scale_init not in ("spacing", "knn"):
+        raise ValueError(f"scale_init must be 'spacing' or 'knn', got {scale_init!r}")
     v, f, _, h, w = images.shape
     if viewmats.shape[0] != v or Ks.shape[0] != v or times.shape[0] != f:
         raise ValueError("images [V, F, 3, H, W], viewmats [V, 4, 4], Ks [V, 3, 3], times [F] disagree")
@@ -294,8 +362,8 @@ def init_from_images(
     for _ in range(20):  # at most 20 rounds of candidates
         m = max(4 * n, 4096)
         xyz = (torch.rand(m, 3, generator=generator) * 2 - 1) * extent
-        t = torch.rand(m, generator=generator)
-        fi = torch.round(t * (f - 1)).long() if f > 1 else torch.zeros(m, dtype=torch.long)
+        t = torch.rand(m, generator=generator) * (1 + 2 * time_margin) - time_margin
+        fi = torch.round(t.clamp(0, 1) * (f - 1)).long() if f > 1 else torch.zeros(m, dtype=torch.long)
         cam = torch.einsum("vij,mj->vmi", viewmats[:, :3, :3].float(), xyz) + viewmats[:, None, :3, 3].float()
         z = cam[..., 2].clamp(min=1e-6)  # [V, M]
         u = Ks[:, None, 0, 0] * cam[..., 0] / z + Ks[:, None, 0, 2]
@@ -316,18 +384,23 @@ def init_from_images(
         if total >= n:
             break
     if total == 0:
-        return init_random(n, extent, sh_degree, time_basis, time_scale, generator=generator)
+        return init_random(n, extent, sh_degree, time_basis, time_scale, generator=generator,
+                           time_margin=time_margin, opacity=opacity)
     xyz, t, rgb = torch.cat(kept_xyz), torch.cat(kept_t), torch.cat(kept_rgb)
     if total < n:  # repeat with jitter
         idx = torch.randint(0, total, (n,), generator=generator)
         xyz, t, rgb = xyz[idx], t[idx], rgb[idx]
     xyz, t, rgb = xyz[:n], t[:n], rgb[:n]
-    g = init_random(n, extent, sh_degree, time_basis, time_scale, color=rgb, generator=generator)
-    # spacing from the carved volume: fraction of candidates kept times the cube's volume
-    volume = 8 * extent ** 3 * max(total, 1) / max(1, len(kept_xyz) * max(4 * n, 4096))
-    spacing = (volume / n) ** (1 / 3)
+    g = init_random(n, extent, sh_degree, time_basis, time_scale, color=rgb, generator=generator,
+                    time_margin=time_margin, opacity=opacity)
     g.means.copy_(torch.cat([xyz, t[:, None]], 1))
-    g.log_scales[:, :3] = math.log(max(spacing, 1e-3) / 2)
+    if scale_init == "knn":
+        g.log_scales[:, :3] = torch.log(knn_scales(xyz))[:, None]
+    else:
+        # spacing from the carved volume: fraction of candidates kept times the cube's volume
+        volume = 8 * extent ** 3 * max(total, 1) / max(1, len(kept_xyz) * max(4 * n, 4096))
+        spacing = (volume / n) ** (1 / 3)
+        g.log_scales[:, :3] = math.log(max(spacing, 1e-3) / 2)
     return g
 
 
@@ -352,6 +425,97 @@ def procedural_gaussians(n: int = 48, seed: int = 0, spread: float = 0.18, sh_de
         g.quats_r.copy_(q)
         g.opacity_logits.fill_(3.0)
         g.sh_dc.copy_(rgb_to_sh_dc(torch.rand(n, 3, generator=gen) * 0.8 + 0.1))
-        if time_basis > 0:
-            g.time_coefs[:, 0] = (torch.rand(n, 3, generator=gen) - 0.5) * 0.6
+        if time_basis > 0:  # the DC band pulses with cos(2 pi (mu_t - t)) = -cos(2 pi t)
+            g.time_coefs[:, 0, 0] = (torch.rand(n, 3, generator=gen) - 0.5) * 0.6
     return g
+
+
+# The 4DGS code (fudan-zvg/4d-gaussian-splatting) keeps a 4D Gaussian as
+#   xyz [N, 3], t [N, 1], scaling [N, 3] and scaling_t [N, 1] (log), rotation and rotation_r [N, 4]
+#   (two quaternions, real part first), opacity [N, 1] (logit), features_dc [N, 1, 3] and
+#   features_rest [N, M - 1, 3] with M = (deg + 1)^2 (deg_t + 1): coefficient j of time term k
+#   (k = 0: no time factor) at index k (deg + 1)^2 + j (its rasterizer evaluates the time terms for
+#   degree 3 only). Its rotation is A = flip(M_l(q_l) M_r(q_r)) with M_l the left multiplication by
+#   q_l, M_r the right multiplication by conj(q_r) (its quaternion product reads 4-vectors as
+#   (t, z, y, x) before the flip of both axes, where ours reads (t, x, y, z)). Relabelling its
+#   quaternion components (a, b, c, d) -> (a, d, c, b) (the swap x <-> z, a reflection, which
+#   reverses quaternion products) turns v -> q_l v conj(q_r) into ours v -> q_l' v q_r' with
+#       q_l' = conj(swap(q_r)),  q_r' = swap(q_l)    (and back: q_l = swap(q_r'), q_r = conj(swap(q_l')))
+# so both give the same 4 x 4 rotation of (x, y, z, t), hence the same covariance and slices.
+
+def _swap_xz(q: Tensor) -> Tensor:
+    return q[..., [0, 3, 2, 1]]
+
+
+def _conj(q: Tensor) -> Tensor:
+    return q * q.new_tensor([1.0, -1.0, -1.0, -1.0])
+
+
+def to_reference_layout(g: Gaussians4D, time_start: float = 0.0) -> dict[str, Tensor]:
+    """Our Gaussians as the dict the 4DGS code's ``loaded_pth`` option reads (``torch.save`` it):
+    its parameters with the features stored [N, 3, 1] and [N, 3, M - 1] (it transposes them on
+    load); ``t`` is shifted by ``time_start`` (its ``time_duration[0]``; its span must equal our
+    ``time_period``)."""
+    n, k, b = g.num, (g.sh_degree + 1) ** 2, g.time_basis
+    p = {name: getattr(g, name).detach() for name in PARAM_NAMES}
+    feats = torch.cat([p["sh_dc"][:, None], p["sh_rest"]], 1)  # [N, K, 3]
+    feats = torch.cat([feats, p["time_coefs"].reshape(n, b * k, 3)], 1)  # [N, K (B + 1), 3]
+    return {"xyz": p["means"][:, :3].clone(), "t": p["means"][:, 3:4] + time_start,
+            "scaling": p["log_scales"][:, :3].clone(), "scaling_t": p["log_scales"][:, 3:4].clone(),
+            "rotation": _swap_xz(p["quats_r"]), "rotation_r": _conj(_swap_xz(p["quats_l"])),
+            "opacity": p["opacity_logits"][:, None].clone(),
+            "features_dc": feats[:, :1].transpose(1, 2).contiguous(),
+            "features_rest": feats[:, 1:].transpose(1, 2).contiguous()}
+
+
+def reference_params_from_checkpoint(obj) -> dict[str, Tensor]:
+    """The parameters of a 4DGS checkpoint, features as [N, M', 3]: either a ``loaded_pth`` dict
+    (features stored [N, 3, M'] there) or its ``chkpnt*.pth`` (``(capture tuple, iteration)``,
+    the 4D capture with ``rot_4d``)."""
+    if isinstance(obj, dict):
+        d = dict(obj)
+        for key in ("features_dc", "features_rest"):
+            d[key] = d[key].transpose(1, 2)
+        return d
+    cap = obj[0] if isinstance(obj, (tuple, list)) and len(obj) == 2 else obj
+    if not isinstance(cap, (tuple, list)) or len(cap) != 19:
+        raise ValueError("not a 4DGS checkpoint: expected (capture, iteration) with the 19-field 4D capture")
+    if not cap[16]:
+        raise ValueError("4DGS checkpoint without rot_4d: only the 4D-rotation model converts")
+    return {"xyz": cap[1], "features_dc": cap[2], "features_rest": cap[3], "scaling": cap[4], "rotation": cap[5],
+            "opacity": cap[6], "t": cap[13], "scaling_t": cap[14], "rotation_r": cap[15]}
+
+
+def from_reference_layout(params: dict[str, Tensor], sh_degree: int, time_basis: int, time_start: float = 0.0,
+                          time_period: float = 1.0, temporal_cutoff: float = 0.05) -> Gaussians4D:
+    """Inverse of :func:`to_reference_layout` (``params`` as :func:`reference_params_from_checkpoint`
+    returns them); ``sh_degree`` / ``time_basis`` are its ``max_sh_degree`` / ``sh_degree_t``."""
+    k = (sh_degree + 1) ** 2
+    feats = torch.cat([params["features_dc"], params["features_rest"]], 1).detach().float()  # [N, M, 3]
+    n = feats.shape[0]
+    if feats.shape[1] != k * (time_basis + 1):
+        raise ValueError(f"features hold {feats.shape[1]} coefficients per colour; degree {sh_degree} with "
+                         f"{time_basis} time terms needs {k * (time_basis + 1)}")
+    g = Gaussians4D(n, sh_degree, time_basis, time_period=time_period, temporal_cutoff=temporal_cutoff)
+    g.set_params({
+        "means": torch.cat([params["xyz"], params["t"] - time_start], 1).float(),
+        "log_scales": torch.cat([params["scaling"], params["scaling_t"]], 1).float(),
+        "quats_l": _conj(_swap_xz(params["rotation_r"])).float(), "quats_r": _swap_xz(params["rotation"]).float(),
+        "opacity_logits": params["opacity"].reshape(n).float(), "sh_dc": feats[:, 0], "sh_rest": feats[:, 1:k],
+        "time_coefs": feats[:, k:].reshape(n, time_basis, k, 3),
+    })
+    return g
+
+
+def load_reference_checkpoint(path, sh_degree: int = 3, time_basis: int = 2, time_start: float = 0.0,
+                              time_period: float = 1.0) -> Gaussians4D:
+    """Our Gaussians from a 4DGS file: its ``chkpnt*.pth`` or a ``loaded_pth`` dict (defaults:
+    its D-NeRF setting, SH degree 3 with 2 time terms over time_duration [0, 1])."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return from_reference_layout(reference_params_from_checkpoint(obj), sh_degree, time_basis, time_start,
+                                 time_period)
+
+
+def save_reference_init(g: Gaussians4D, path, time_start: float = 0.0) -> None:
+    """Write our Gaussians as a file the 4DGS code loads with its ``loaded_pth`` option."""
+    torch.save(to_reference_layout(g, time_start), path)

@@ -108,6 +108,7 @@ def rasterize(
     tile_size: int = 16,
     torch_tile_size: int = 8,
     max_elements: int = 1 << 23,
+    info: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Render Gaussians into every camera of every batch entry.
 
@@ -126,6 +127,10 @@ def rasterize(
         torch_tile_size: torch backend: tile side for binning Gaussians (pixels; smaller
             tiles mean shorter per-tile lists and less dense work on CPU).
         max_elements: torch backend: bound on pixels x Gaussians evaluated at once.
+        info: when a dict is given, it receives the screen-space statistics densification
+            needs: ``means2d`` [..., C, N, 2] (pixels; a non-leaf tensor whose ``.grad`` is kept
+            after backward), ``radii`` [..., C, N] (pixels, 0 where not drawn) and ``visible``
+            [..., C, N] (bool: in front of the camera, not culled, on screen).
 
     Returns:
         render_colors: [..., C, H, W, D]; render_alphas: [..., C, H, W, 1].
@@ -142,15 +147,15 @@ def rasterize(
     which = resolve_backend(backend, means.device)
     if which == "gsplat":
         return _rasterize_gsplat(means, covars, opacities, colors, viewmats, Ks, width, height, background,
-                                 near_plane, far_plane, eps2d, tile_size)
+                                 near_plane, far_plane, eps2d, tile_size, info)
     return _rasterize_torch(means, covars, opacities, colors, viewmats, Ks, width, height, background,
-                            near_plane, far_plane, eps2d, torch_tile_size, max_elements, per_cam)
+                            near_plane, far_plane, eps2d, torch_tile_size, max_elements, per_cam, info)
 
 
 def _rasterize_gsplat(
     means: Tensor, covars: Tensor, opacities: Tensor, colors: Tensor, viewmats: Tensor, Ks: Tensor,
     width: int, height: int, background: Tensor | None, near_plane: float, far_plane: float, eps2d: float,
-    tile_size: int,
+    tile_size: int, info: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     import gsplat  # optional extra "gpu"; imported only here
 
@@ -160,7 +165,15 @@ def _rasterize_gsplat(
         means, None, None, opacities, colors, viewmats, Ks, width, height,
         near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, tile_size=tile_size,
         rasterize_mode="classic", covars=covars,
+        **({"packed": False} if info is not None else {}),  # unpacked: per-camera [..., C, N] statistics
     )
+    if info is not None:
+        m2 = _meta["means2d"]  # [..., C, N, 2] pixels
+        if m2.requires_grad:
+            m2.retain_grad()
+        radii = _meta["radii"]
+        radii = radii.amax(-1) if radii.dim() == m2.dim() else radii  # gsplat >= 1.5: [..., C, N, 2]
+        info.update(means2d=m2, radii=radii.float(), visible=radii > 0)
     if background is not None:
         # composite here (colour + T * background, as gsplat does): gsplat 1.5.3's own
         # `backgrounds` check rejects batched leading dims
@@ -301,7 +314,7 @@ def _composite_tiles(
 def _rasterize_torch(
     means: Tensor, covars: Tensor, opacities: Tensor, colors: Tensor, viewmats: Tensor, Ks: Tensor,
     width: int, height: int, background: Tensor | None, near_plane: float, far_plane: float, eps2d: float,
-    tile_size: int, max_elements: int, per_cam: bool,
+    tile_size: int, max_elements: int, per_cam: bool, info: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     batch = tuple(means.shape[:-2])
     n = means.shape[-2]
@@ -309,6 +322,11 @@ def _rasterize_torch(
     d = colors.shape[-1]
     means2d, conics, cov2d, depths, valid = project(means, covars, viewmats, Ks, width, height, eps2d,
                                                     near_plane, far_plane)
+    if info is not None:
+        if means2d.requires_grad:
+            means2d.retain_grad()
+        info.update(_screen_stats(means2d, cov2d, valid, opacities.unsqueeze(-2).expand(*batch, c, n), width,
+                                  height))
     b = math.prod(batch) * c
     opac = opacities.unsqueeze(-2).expand(*batch, c, n).reshape(b, n)
     cols = (colors if per_cam else colors.unsqueeze(-3).expand(*batch, c, n, d)).reshape(b, n, d)
@@ -324,6 +342,21 @@ def _rasterize_torch(
     if background is not None:
         col = col + (1.0 - alp) * background.reshape(b, 1, 1, d)
     return col.reshape(*batch, c, height, width, d), alp.reshape(*batch, c, height, width, 1)
+
+
+@torch.no_grad()
+def _screen_stats(means2d: Tensor, cov2d: Tensor, valid: Tensor, opac: Tensor, width: int, height: int) -> dict:
+    """Radii (3 standard deviations of the 2D covariance's major axis, rounded up, as 3DGS) and
+    visibility: valid, opacity at least 1/255, and the 3-sigma box overlapping the image."""
+    a, b, c = cov2d.detach().unbind(-1)
+    mid = 0.5 * (a + c)
+    lam = mid + torch.sqrt((mid * mid - (a * c - b * b)).clamp(min=0.1))
+    radii = torch.ceil(3.0 * torch.sqrt(lam.clamp(min=0)))
+    m = means2d.detach()
+    on_screen = ((m[..., 0] + radii > 0) & (m[..., 0] - radii < width) & (m[..., 1] + radii > 0)
+                 & (m[..., 1] - radii < height))
+    visible = valid & (opac.detach() >= ALPHA_THRESHOLD) & on_screen & (radii > 0)
+    return {"means2d": means2d, "radii": torch.where(visible, radii, torch.zeros_like(radii)), "visible": visible}
 
 
 def _splat_images(

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 DEFAULT_PARAMS = "params.yaml"
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "params"  # named, complete params files (docs/presets.md)
 
 
 class ParamsError(ValueError):
@@ -257,6 +258,22 @@ def load_params(path: str | os.PathLike | None = DEFAULT_PARAMS, overrides: Iter
         raise ParamsError(_format_validation_error(e, source)) from None
     check_consistency(params)
     return params
+
+
+def available_presets() -> list[str]:
+    """Names of the presets in ``params/`` (``authors``, ``demo``, ``fast``, ``paper``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) if PRESETS_DIR.is_dir() else []
+
+
+def preset_path(name: str) -> Path:
+    """The params file of preset ``name`` (``params/<name>.yaml``); ParamsError naming the known ones."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ParamsError(f"bad preset name {name!r}: give a bare name such as 'paper'")
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(available_presets()) or "none"
+        raise ParamsError(f"unknown preset {name!r}; known presets: {known} (files in {PRESETS_DIR.name}/)")
+    return path
 
 
 def check_consistency(params: BaseModel) -> None:

@@ -189,14 +189,20 @@ def test_clip_preprocess_option_reaches_the_embedding():
 def test_resnet_norm_eps_option():
     from diffusers.models.resnet import SpatioTemporalResBlock
 
+    def norms(unet):
+        return {n: m.eps for n, m in unet.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+
     video, mv = load_priors(PriorsConfig(backend="tiny", resnet_norm_eps=1e-5))
     default = load_priors(PriorsConfig(backend="tiny"))[1]
-    for prior, want in ((video, 1e-5), (mv, 1e-5), (default, 1e-6)):
-        norms = {n: m.eps for n, m in prior.unet.named_modules() if isinstance(m, torch.nn.GroupNorm)}
-        resnet = {n: e for n, e in norms.items() if n.endswith((".norm1", ".norm2"))}
-        assert resnet and set(resnet.values()) == {want}
-        assert {e for n, e in norms.items() if "attentions" in n} == {1e-6}  # transformer norms untouched
-        assert norms["conv_norm_out"] == 1e-5
+    built = norms(build_tiny_prior(PriorsConfig().tiny, "multiview").unet)
+    assert norms(default.unet) == built  # None: as diffusers builds them, a mix of 1e-6 and 1e-5
+    assert {e for n, e in built.items() if n.endswith((".norm1", ".norm2"))} == {1e-6, 1e-5}
+    for prior in (video, mv, default):
+        eps = norms(prior.unet)
+        resnet = {n: e for n, e in eps.items() if n.endswith((".norm1", ".norm2"))}
+        assert resnet and set(resnet.values()) == ({1e-6, 1e-5} if prior is default else {1e-5})
+        assert {e for n, e in eps.items() if "attentions" in n} == {1e-6}  # transformer norms untouched
+        assert eps["conv_norm_out"] == 1e-5
     unet = build_tiny_prior(PriorsConfig().tiny, "video").unet
     blocks = sum(isinstance(m, SpatioTemporalResBlock) for m in unet.modules())
     assert blocks > 0 and set_resnet_norm_eps(unet, 1e-5) == 4 * blocks  # spatial + temporal, two norms each

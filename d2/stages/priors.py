@@ -146,7 +146,7 @@ class PriorsConfig(BaseModel):
     compile: bool = False  # torch.compile the UNets (the first call of each shape compiles: minutes at full size)
     compile_mode: Literal["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"] = "default"  # torch.compile mode
     compile_freezing: bool = False  # Inductor freezing: weights folded in as constants (inference only)
-    resnet_norm_eps: float = Field(1e-6, gt=0, le=1e-3)  # GroupNorm eps of the UNets' ResNet blocks; 1e-6 = diffusers' build, what the miniature priors were trained with; Stability's sgm (SVD-XT, SV3D_p): 1e-5
+    resnet_norm_eps: float | None = Field(None, gt=0, le=1e-3)  # GroupNorm eps of every UNet ResNet block; None: as diffusers builds them (1e-6, 1e-5 in the mid and attention-free down blocks), as the miniature priors were trained; Stability's sgm (SVD-XT, SV3D_p): 1e-5
     autocast: Literal["none", "float16", "bfloat16"] = "none"  # UNet calls under torch.autocast of this dtype (authors: float16, weights fp32); none: plain `dtype`, reproducible and CPU-friendly
     clip_preprocess: Literal["sgm", "torch"] = "sgm"  # CLIP input resize: sgm = Gaussian antialias + bicubic align_corners=True, unclamped (Stability's and diffusers' SVD pipeline); torch = F.interpolate bicubic antialias, align_corners=False, clamped
     tiny: TinyPriorConfig = Field(default_factory=TinyPriorConfig)  # sizes of the tiny backend
@@ -487,8 +487,9 @@ _AUTOCAST: dict[str, torch.dtype | None] = {"none": None, "float16": torch.float
 def set_resnet_norm_eps(unet: nn.Module, eps: float) -> int:
     """Set the eps of both GroupNorms of every ResNet block (spatial and temporal) of ``unet``; returns the count.
 
-    diffusers builds them with 1e-6; Stability's sgm VideoUNet (where SVD-XT and SV3D_p were
-    trained) with 1e-5. Attention and output norms are untouched (equal in both).
+    diffusers builds most of them with 1e-6 (1e-5 in the mid block and the attention-free down
+    blocks); Stability's sgm VideoUNet (where SVD-XT and SV3D_p were trained) uses 1e-5 in
+    all. Attention and output norms are untouched (equal in both).
     """
     from diffusers.models.resnet import ResnetBlock2D, TemporalResnetBlock
 

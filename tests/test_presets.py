@@ -206,3 +206,14 @@ def test_resnet_norm_eps_option():
     unet = build_tiny_prior(PriorsConfig().tiny, "video").unet
     blocks = sum(isinstance(m, SpatioTemporalResBlock) for m in unet.modules())
     assert blocks > 0 and set_resnet_norm_eps(unet, 1e-5) == 4 * blocks  # spatial + temporal, two norms each
+
+
+def test_prior_folder_keeps_the_image_decoder(tmp_path):
+    from d2.stages.priors import load_prior_folder, save_prior_folder
+
+    prior = build_tiny_prior(PriorsConfig().tiny, "multiview").eval()
+    save_prior_folder(prior, tmp_path / "mv")
+    loaded = load_prior_folder(tmp_path / "mv").eval()
+    z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(z, decoder="image"), prior.decode(z, decoder="image"), atol=0, rtol=0)

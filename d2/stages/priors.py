@@ -54,6 +54,7 @@ Prior folder layout (what :func:`save_prior_folder` writes and :func:`load_prior
       image_encoder/       config.json + model.safetensors (CLIPVisionModelWithProjection)
       feature_extractor/   preprocessor_config.json (CLIPImageProcessor)
       vae/                 only when latent == "vae" (AutoencoderKLTemporalDecoder)
+      image_decoder/       optional: config.json + model.safetensors of a per-frame ImageDecoder
 
 A folder without ``d2_prior.json`` is read as SVD-XT's diffusers layout (video family, VAE).
 Weights are read only from safetensors (or ``torch.load(weights_only=True)``).
@@ -896,8 +897,18 @@ def load_prior_folder(folder: str | os.PathLike, family: Family | None = None, d
     fam: Family = meta["family"]
     comps = _load_components(folder, meta["latent"], dtype, f"{fam} prior", need_unet=True,
                              unet_cls=SV3DUNet if fam == "multiview" else None)
+    image_decoder = None
+    if (folder / "image_decoder" / "config.json").is_file():
+        from safetensors.torch import load_file
+
+        from d2.stages.sv3d import ImageDecoder
+
+        dcfg = json.loads((folder / "image_decoder" / "config.json").read_text())
+        image_decoder = ImageDecoder(**dcfg)
+        image_decoder.load_state_dict(load_file(str(folder / "image_decoder" / "model.safetensors")), strict=True)
+        image_decoder = image_decoder.to(dtype)
     prior = Prior(fam, comps["unet"], comps["vae"], comps["image_encoder"], comps["feature_extractor"],
-                  meta["resolution"], name=str(folder))
+                  meta["resolution"], name=str(folder), image_decoder=image_decoder)
     return prior.to(device)
 
 
@@ -914,6 +925,13 @@ def save_prior_folder(prior: Prior, folder: str | os.PathLike, extra: dict[str, 
         latent = "pixel" if isinstance(prior.vae, PixelSpaceVAE) else "vae"
         if latent == "vae":
             prior.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        if prior.image_decoder is not None:
+            from safetensors.torch import save_file
+
+            (tmp / "image_decoder").mkdir()
+            write_json(tmp / "image_decoder" / "config.json", dict(prior.image_decoder.config))
+            save_file({k: v.contiguous() for k, v in prior.image_decoder.state_dict().items()},
+                      str(tmp / "image_decoder" / "model.safetensors"))
         meta = {"family": prior.family, "latent": latent, "resolution": prior.resolution, **(extra or {})}
         write_json(tmp / PRIOR_META, meta)
 

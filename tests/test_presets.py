@@ -217,3 +217,16 @@ def test_prior_folder_keeps_the_image_decoder(tmp_path):
     z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(loaded.decode(z, decoder="image"), prior.decode(z, decoder="image"), atol=0, rtol=0)
+
+
+def test_decode_chunk_sets_the_temporal_decoder_calls():
+    prior = build_tiny_prior(PriorsConfig().tiny, "video").eval()
+    calls: list[int] = []
+    prior.vae.decoder.register_forward_hook(lambda m, args, kw, out: calls.append(kw.get("num_frames", 0)),
+                                            with_kwargs=True)
+    z = torch.randn(25, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        by10 = prior.decode(z, chunk=10)
+        assert calls == [10, 10, 5]  # the authors' decoding_t
+        by14 = prior.decode(z, chunk=14)
+    assert (by10 - by14).abs().max() > 1e-4  # frames mix within a call: the chunk changes the images

@@ -138,6 +138,18 @@ def test_image_decoder_is_per_frame_and_refused_where_missing():
         video.decode(z, decoder="image")
 
 
+def test_missing_image_decoder_fails_before_sampling(tmp_path):
+    from d2.stages.conditions import ConditionsConfig
+
+    video, mv = load_priors(PriorsConfig(backend="tiny"))
+    mv.image_decoder = None  # e.g. a checkpoint without its first stage
+    mv.denoise = lambda *a, **k: pytest.fail("sampled before the decoder check")
+    _rgba(tmp_path / "obj.png")
+    cfg = ConditionsConfig(num_views=3, num_frames=4, resolution=32, num_steps=2, progress=False)
+    with pytest.raises(ValueError, match="orbit_decoder=temporal"):
+        make_conditions(tmp_path / "obj.png", cfg, (video, mv))
+
+
 def _rgba(path: Path, box=(10, 30, 40, 52)) -> None:
     arr = np.zeros((64, 64, 4), np.uint8)
     y0, y1, x0, x1 = box

@@ -329,6 +329,8 @@ def make_conditions(input_path: str | Path, cfg: ConditionsConfig, priors: tuple
     for p in (video_prior, multiview_prior):
         if p.resolution != cfg.resolution:
             raise ValueError(f"conditions.resolution {cfg.resolution} != the {p.family} prior's {p.resolution}")
+    if kind != "orbit":  # the orbit will be sampled and decoded: fail before any sampling
+        multiview_prior.check_decoder(cfg.orbit_decoder)
     azimuths = orbit_azimuths(cfg.num_views)
     elevation = cfg.elevation_deg
     v_in = cfg.num_views - 1

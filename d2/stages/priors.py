@@ -363,11 +363,7 @@ class Prior(nn.Module):
         """
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents must be [N, {self.latent_channels}, h, w], got {tuple(latents.shape)}")
-        if decoder not in ("temporal", "image"):
-            raise ValueError(f"decoder must be 'temporal' or 'image', got {decoder!r}")
-        if decoder == "image" and self.image_decoder is None and not isinstance(self.vae, PixelSpaceVAE):
-            raise ValueError(f"the {self.family} prior {self.name!r} has no per-frame image decoder; decode with "
-                             "the temporal decoder (conditions.orbit_decoder=temporal)")
+        self.check_decoder(decoder)
         z = latents.to(self.device, torch.float32) / self.scaling_factor
         outs = []
         for i in range(0, z.shape[0], chunk):
@@ -381,6 +377,14 @@ class Prior(nn.Module):
                 vdtype = next(self.vae.parameters()).dtype
                 outs.append(self.vae.decode(zi.to(vdtype), num_frames=zi.shape[0]).sample.float())
         return ((torch.cat(outs) + 1) / 2).clamp(0, 1)
+
+    def check_decoder(self, decoder: str) -> None:
+        """ValueError unless :meth:`decode` can use ``decoder`` ("temporal" | "image") on this prior."""
+        if decoder not in ("temporal", "image"):
+            raise ValueError(f"decoder must be 'temporal' or 'image', got {decoder!r}")
+        if decoder == "image" and self.image_decoder is None and not isinstance(self.vae, PixelSpaceVAE):
+            raise ValueError(f"the {self.family} prior {self.name!r} has no per-frame image decoder; decode with "
+                             "the temporal decoder (conditions.orbit_decoder=temporal)")
 
     def clip_embed(self, images: Tensor) -> Tensor:
         """Images [N, 3, H, W] in [0, 1] -> CLIP image embeddings [N, 1, D] (fp32)."""

@@ -528,7 +528,7 @@ def sgm_clip_resize(images: Tensor, size: int) -> Tensor:
     sig = (max((h / size - 1.0) / 2.0, 0.001), max((w / size - 1.0) / 2.0, 0.001))
     ks = [int(max(4.0 * s, 3)) for s in sig]
     ks = [k + 1 if k % 2 == 0 else k for k in ks]
-    n, c = out.shape[:2]
+    c = out.shape[1]
     for axis in (1, 0):  # columns (W) first, then rows (H)
         k, s = ks[axis], sig[axis]
         kern = _gaussian_kernel1d(k, s).to(out.device, out.dtype)
@@ -641,9 +641,9 @@ def load_priors(cfg: PriorsConfig, device: str | torch.device | None = None) -> 
             raise ValueError(f"backend {name!r} returned a {prior.family} prior for the {family} slot")
         prior.eval().requires_grad_(False)
         prior = prior.to(dev)
-        prior.configure_runtime(**runtime_options(cfg))
         prior.configure_numerics(resnet_norm_eps=cfg.resnet_norm_eps, autocast=cfg.autocast,
-                                 clip_preprocess=cfg.clip_preprocess)
+                                 clip_preprocess=cfg.clip_preprocess)  # before torch.compile sees the modules
+        prior.configure_runtime(**runtime_options(cfg))
         out.append(prior)
     if missing:
         raise MissingWeightsError("\n\n".join(missing))

@@ -5,7 +5,8 @@ generative-models checkout (its docstring says how; sgm_goldens.json records the
 Here the same random weights go through our conversion into our modules and must give sgm's
 outputs. Tolerances:
 
-- UNet and image decoder, float64 on both sides: 1e-12 absolute (outputs are O(1); what is
+- UNets (SV3D_p's per-frame cameras in our SV3DUNet, SVD's per-sequence ids in diffusers' stock
+  UNet) and the image decoder, float64 on both sides: 1e-12 absolute (outputs are O(1); what is
   left is float64 rounding of differently ordered sums, ~1e-15). A real difference (the
   ResNet GroupNorm eps 1e-6 instead of sgm's 1e-5, a wrong key) shows as >= 1e-7.
 - vector conditioning and EDM scaling: sgm and we compute them in float32: 1e-6 relative.
@@ -73,6 +74,35 @@ def test_sv3d_unet_matches_sgm_video_unet(golden):
     assert ref.abs().mean() > 0.05  # a non-trivial output (no zero-initialised layer left)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     assert (as_built - ref).abs().max() > 1e-7  # diffusers' built eps (1e-6 in most blocks) does not match sgm
+
+
+def test_svd_unet_matches_sgm_video_unet(golden):
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    data, meta = golden
+    sd = _weights(data, "unet.weights.")
+    sd["model.diffusion_model.label_emb.0.0.weight"] = data["svd.label_emb_weight"].double()
+    u = meta["unet"]
+    cfg = spatiotemporal_unet_config(
+        family="video", latent_channels=u["out_channels"],
+        block_out_channels=[u["model_channels"] * m for m in u["channel_mult"]],
+        attention=[2**i in u["attention_resolutions"] for i in range(len(u["channel_mult"]))],
+        addition_time_embed_dim=meta["svd_id_width"], layers_per_block=u["num_res_blocks"],
+        cross_attention_dim=u["context_dim"], num_attention_heads=u["num_heads"], num_frames=meta["frames"])
+    unet = UNetSpatioTemporalConditionModel(**cfg)  # stock diffusers: SVD's per-sequence added ids
+    unet.load_state_dict(convert_sgm_unet_state_dict(sd, unet), strict=True)
+    unet = unet.double().eval()
+    set_resnet_norm_eps(unet, 1e-5)
+    sigma = data["unet.sigma"]
+    c_in, c_noise = 1.0 / (sigma**2 + 1.0).sqrt(), sigma.log() / 4.0
+    x, concat = data["unet.x"], data["unet.concat"]
+    sample = torch.cat([x * c_in.view(-1, 1, 1, 1, 1), concat[:, None].expand(-1, x.shape[1], -1, -1, -1)], 2)
+    with torch.no_grad():
+        out = unet(sample, c_noise, encoder_hidden_states=data["unet.context"], added_time_ids=data["svd.ids"],
+                   return_dict=False)[0]
+    ref = data["svd.output"]
+    assert ref.abs().mean() > 0.05 and (ref - data["unet.output"]).abs().max() > 1e-3  # the vector matters
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
 
 
 def test_sv3d_camera_vector_matches_sgm_conditioner(golden):

@@ -9,6 +9,8 @@ outputs. Tolerances:
   UNet) and the image decoder, float64 on both sides: 1e-12 absolute (outputs are O(1); what is
   left is float64 rounding of differently ordered sums, ~1e-15). A real difference (the
   ResNet GroupNorm eps 1e-6 instead of sgm's 1e-5, a wrong key) shows as >= 1e-7.
+- SVD's temporal decoder (diffusers' TemporalDecoder, the layout SVD-XT ships in) against
+  sgm's VideoDecoder, float64: 1e-12 absolute.
 - vector conditioning and EDM scaling: sgm and we compute them in float32: 1e-6 relative.
 - CLIP resize (float32, kornia 0.6.9 vs ours): 1e-5 absolute on values in [0, 1].
 """
@@ -205,3 +207,62 @@ def test_edm_euler_step_matches_diffusers_scheduler(svd):
             d = prior.denoise_raw(x, torch.tensor([s]), cond)
             ours = x + (s_next - s) * (x - d) / s
             torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, s), rtol=1e-4)
+
+
+_TIME_STACK = {"in_layers.0.": "norm1.", "in_layers.2.": "conv1.", "out_layers.0.": "norm2.", "out_layers.3.": "conv2."}
+
+
+def _sgm_video_decoder_key_to_diffusers(key: str, num_levels: int) -> str:
+    """sgm ``VideoDecoder`` key -> diffusers ``TemporalDecoder`` key (the layout SVD-XT ships in)."""
+    import re
+
+    from d2.stages.sv3d import sgm_decoder_key_to_diffusers
+
+    if key.startswith("conv_out.time_mix_conv."):
+        return "time_conv_out." + key[len("conv_out.time_mix_conv."):]
+    m = re.match(r"^(mid\.block_[12]|up\.\d+\.block\.\d+)\.(.*)$", key)
+    if not m:
+        return sgm_decoder_key_to_diffusers(key, num_levels)
+    block = sgm_decoder_key_to_diffusers(m.group(1) + ".conv1.weight", num_levels)[: -len("conv1.weight")]
+    rest = m.group(2)
+    if rest == "mix_factor":
+        return block + "time_mixer.mix_factor"
+    if rest.startswith("time_stack."):
+        rest = rest[len("time_stack."):]
+        for old, new in _TIME_STACK.items():
+            if rest.startswith(old):
+                return block + "temporal_res_block." + new + rest[len(old):]
+        raise KeyError(key)
+    return block + "spatial_res_block." + sgm_decoder_key_to_diffusers("mid.block_1." + rest, 1)[len(
+        "mid_block.resnets.0."):]
+
+
+def test_svd_temporal_decoder_matches_sgm_video_decoder(golden):
+    from diffusers.models.autoencoders.autoencoder_kl_temporal_decoder import TemporalDecoder
+
+    data, meta = golden
+    d = meta["decoder"]
+    spatial = _weights(data, "decoder.weights.first_stage_model.decoder.")
+    temporal = _weights(data, "temporal.weights.first_stage_model.decoder.")
+    sd = {**spatial, **temporal}
+    levels = len(d["ch_mult"])
+    dec = TemporalDecoder(in_channels=d["z_channels"], out_channels=d["out_ch"],
+                          block_out_channels=tuple(d["ch"] * m for m in d["ch_mult"]),
+                          layers_per_block=d["num_res_blocks"])
+    ours = {}
+    for k, v in sd.items():
+        nk = _sgm_video_decoder_key_to_diffusers(k, levels)
+        ours[nk] = v[:, :, 0, 0] if ".attentions.0.to_" in nk and nk.endswith(".weight") else v
+    dec.load_state_dict(ours, strict=True)
+    dec = dec.double().eval()
+    z, t = data["temporal.z"], meta["temporal_frames"]
+    with torch.no_grad():
+        out = dec(z, torch.zeros(1, t, dtype=torch.float64), num_frames=t)
+    ref = data["temporal.output"]
+    assert ref.abs().mean() > 0.05
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    cfg = dict(block_out_channels=tuple(d["ch"] * m for m in d["ch_mult"]), layers_per_block=d["num_res_blocks"],
+               latent_channels=d["z_channels"])
+    per_frame = load_sgm_image_decoder({"first_stage_model.decoder." + k: v for k, v in spatial.items()}, cfg)
+    with torch.no_grad():
+        assert (per_frame.double()(z) - ref).abs().max() > 1e-3  # its temporal layers matter: not a per-frame decoder

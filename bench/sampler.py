@@ -10,7 +10,7 @@ GPU (``--gpu-full``): the full-size SVD-XT and SV3D_p UNet architectures with ra
 built directly on the GPU in bf16 (no download), V x F = 21 x 25 at 576 x 576 (latents
 4 x 72 x 72), CFG on both models, the authors' weights (both models on every entry): seconds
 per composed step (after a warm-up step), achieved TFLOP/s against the ~3.45 PFLOP a step
-costs (DESIGN.md section 4) and against FLOPs counted by torch's FlopCounterMode on one forward
+costs (docs/method.md, "Cost") and against FLOPs counted by torch's FlopCounterMode on one forward
 of each UNet, and peak GPU memory. ``--attention``, ``--no-shortcut``, ``--temporal-conv``,
 ``--temporal-norm``, ``--channels-last``, ``--compile`` (``--compile-mode``, ``--freezing``) set
 the priors' runtime knobs (d2/stages/unet_runtime.py); ``bench/gpu_sampler.sh`` runs the
@@ -56,7 +56,7 @@ from d2.stages.sampling import (  # noqa: E402
 from d2.stages.schedules import karras_sigmas  # noqa: E402
 from d2.stages.unet_runtime import COMPILE_MODES, TEMPORAL_CONVS, TEMPORAL_NORMS  # noqa: E402
 
-DESIGN_PFLOP_PER_STEP = 3.45  # 21*2*41 + 25*2*35 TFLOP (DESIGN.md section 4, estimate)
+DESIGN_PFLOP_PER_STEP = 3.45  # 21*2*41 + 25*2*35 TFLOP (docs/method.md, "Cost"; an estimate)
 
 
 class UNetTimer:

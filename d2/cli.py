@@ -83,12 +83,13 @@ class ProgressDisplay:
 
 
 def _params(args: argparse.Namespace) -> Any:
-    from d2.config import load_params
+    from d2.config import load_params, preset_path
 
     overrides = list(args.set or [])
     if getattr(args, "no_progress", False):
         overrides.append("run.progress=false")
-    return load_params(args.params, overrides)
+    path = preset_path(args.preset) if getattr(args, "preset", None) else args.params
+    return load_params(path, overrides)
 
 
 def _print(text: str = "") -> None:
@@ -340,7 +341,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _common(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    which.add_argument("--preset", metavar="NAME",
+                       help="a named params file of params/: authors, paper, demo, fast (docs/presets.md)")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                     help="override a param (dotted key, YAML value), e.g. --set sampling.num_steps=10; repeatable")
     sp.add_argument("--no-progress", action="store_true", help="no progress display (same as --set run.progress=false)")

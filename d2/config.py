@@ -26,6 +26,8 @@ SHIPPED_PARAMS = Path(__file__).with_name("params_default.yaml")
 """The project's params.yaml as shipped inside the package (a test keeps the two identical):
 missing keys of any params file, and a missing ./params.yaml, are completed from it."""
 
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "params"  # named, complete params files (docs/presets.md)
+
 
 class ParamsError(ValueError):
     """A params file or an override is invalid (unknown key, bad value, bad syntax)."""
@@ -439,6 +441,22 @@ def knob_problems(params: BaseModel) -> list[str]:
         problems.append("fit.lambda_ssim, fit.lambda_lpips and fit.lambda_l1 are all 0: the fit has no loss to "
                         "minimise; set fit.lambda_ssim=1 (the default)")
     return problems
+
+
+def available_presets() -> list[str]:
+    """Names of the presets in ``params/`` (``authors``, ``demo``, ``fast``, ``paper``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) if PRESETS_DIR.is_dir() else []
+
+
+def preset_path(name: str) -> Path:
+    """The params file of preset ``name`` (``params/<name>.yaml``); ParamsError naming the known ones."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ParamsError(f"bad preset name {name!r}: give a bare name such as 'paper'")
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(available_presets()) or "none"
+        raise ParamsError(f"unknown preset {name!r}; known presets: {known} (files in {PRESETS_DIR.name}/)")
+    return path
 
 
 def check_consistency(params: BaseModel) -> None:

@@ -7,16 +7,22 @@ Three input kinds (``ConditionsConfig.input_kind``, "auto" guesses from the path
             reference video from the video prior on the image.
     video   a video file (.mp4/.gif/.mov/.avi/.webm/.mkv) or a folder of frames (sorted by the
             number in their names): the first ``num_frames`` frames (every ``frame_stride``-th)
-            are the reference video; frame 0 is the reference time (the authors' code takes the
-            last one, which looks like a bug); the orbit is sampled from frame 0.
+            are the reference video; the orbit is sampled from frame 0 or, with
+            ``video_orbit_frame: last`` (the paper and the authors' code), from the last frame.
     orbit   a folder holding ``orbit.json`` ({"elevation_deg": e, optional "azimuths_deg"}) and
             ``num_views`` images in SV3D_p order (view v at (v+1)*360/V degrees from the front, the
             last = the front view): the orbit is given; the video is sampled from its front view.
 
 Preprocessing of every image: alpha composited on white; the object (alpha > threshold, or
-non-white pixels when there is no alpha) cropped to its bounding box, recentred on a white
-square so its longer side is ``object_fraction`` of the image (one box for all frames of a
-video, so the object does not jitter), resized to ``resolution``.
+non-white pixels when there is no alpha) found by its bounding box (one box for all frames of
+a video, so the object does not jitter), then framed (``framing`` for images and orbits,
+``video_framing`` for videos):
+
+    fraction   recentred on a white square so its longer side is ``object_fraction`` of the side
+    own_scale  recentred at its own scale on a white square of the input's longer side (authors, images)
+    keep       the input as it is, padded to a square (authors, videos)
+
+and resized to ``resolution``.
 
 Outputs (one folder, written atomically): ``conditions.pt`` (see :class:`Conditions`),
 ``input.png``, ``orbit/view_XX.png``, ``video/frame_YY.png``, ``conditions.json``.
@@ -59,10 +65,15 @@ class ConditionsConfig(BaseModel):
     elevation_deg: float = 10.0  # orbit elevation (authors' default 10; an orbit input's orbit.json overrides it)
     fov_deg: float = _ORBIT_DEFAULTS.fov_deg  # camera field of view recorded for the fitting stage
     radius: float = _ORBIT_DEFAULTS.radius  # camera distance recorded for the fitting stage
-    object_fraction: float | None = Field(0.85, gt=0, le=1)  # object's longer side / image side; None: keep framing
+    framing: Literal["fraction", "own_scale", "keep"] = "fraction"  # image / orbit inputs (authors: own_scale); fraction puts every object at one size, which the miniature priors were trained on
+    video_framing: Literal["fraction", "own_scale", "keep"] = "fraction"  # video inputs (authors: keep); fraction as for images, one box for all frames
+    object_fraction: float | None = Field(0.85, gt=0, le=1)  # object's longer side / image side with framing fraction; None: keep framing
     alpha_threshold: float = Field(0.5, gt=0, lt=1)  # alpha above this is object
     white_threshold: float = Field(0.08, gt=0, lt=1)  # without alpha: a pixel this far from white is object
     frame_stride: int = Field(1, ge=1)  # take every k-th frame of a video input
+    video_orbit_frame: Literal["first", "last"] = "first"  # video input: the frame the reference orbit is sampled from (paper, authors: last); first matches the front-view row, whose video prior starts at its conditioning image
+    orbit_decoder: Literal["image", "temporal"] = "image"  # reference orbit decoded by the multi-view prior's own per-frame decoder (authors: SV3D_p's image decoder) or the temporal video decoder across the views
+    store_dtype: Literal["uint8", "float32"] = "uint8"  # images in conditions.pt (authors keep floats: float32); uint8 is 4x smaller and equals the PNG previews
     replace_input_view: bool = True  # put the input image into the sampled orbit's input view
     num_steps: int = Field(50, ge=1)  # denoising steps of the reference samples
     sigma_min: float = Field(0.002, gt=0)  # Karras sigma_min
@@ -79,7 +90,7 @@ class ConditionsConfig(BaseModel):
     multiview_cfg_scale: float = 2.5  # constant value / triangle peak
     multiview_cfg_min: float = 1.0  # triangle ends
     chunk_size: int = Field(4, ge=1)  # sequences per UNet call
-    decode_chunk: int = Field(14, ge=1)  # frames per temporal-decoder call
+    decode_chunk: int = Field(10, ge=1)  # frames per decoder call (authors' decoding_t 10; the temporal decoder mixes frames within a call)
     progress: bool = True  # tqdm bars
 
 
@@ -89,21 +100,23 @@ class Conditions:
 
     orbit: Tensor  # [V, 3, H, W] reference orbit; view v at azimuths_deg[v]
     video: Tensor  # [F, 3, H, W] reference video; frame 0 = the reference time
-    input: Tensor  # [3, H, W] the preprocessed input image (front view at frame 0)
+    input: Tensor  # [3, H, W] the preprocessed input image (front view at frame input_frame_index)
     azimuths_deg: list[float]  # [V] azimuth of each orbit view from the input view
     elevation_deg: float  # orbit elevation
     fov_deg: float  # field of view (for fitting)
     radius: float  # camera distance (for fitting)
     input_view_index: int  # orbit index of the input (front) view: V - 1 in SV3D_p order
     kind: str  # "image" | "video" | "orbit"
+    input_frame_index: int = 0  # video frame the orbit was sampled from (0 for image and orbit inputs)
 
-    def state(self) -> dict:
-        """What ``conditions.pt`` holds: images as uint8 [.., 3, H, W] (4x smaller; PNG precision)."""
-        q = _quantize
+    def state(self, store_dtype: Literal["uint8", "float32"] = "uint8") -> dict:
+        """What ``conditions.pt`` holds: images [.., 3, H, W] as uint8 (4x smaller; PNG precision) or float32."""
+        q = _quantize if store_dtype == "uint8" else (lambda t: t.float().contiguous())
         return {"orbit": q(self.orbit), "video": q(self.video), "input": q(self.input),
                 "azimuths_deg": [float(a) for a in self.azimuths_deg], "elevation_deg": float(self.elevation_deg),
                 "fov_deg": float(self.fov_deg), "radius": float(self.radius),
-                "input_view_index": int(self.input_view_index), "kind": self.kind}
+                "input_view_index": int(self.input_view_index), "kind": self.kind,
+                "input_frame_index": int(self.input_frame_index)}
 
 
 def load_conditions(conditions_dir: str | Path) -> Conditions:
@@ -166,11 +179,21 @@ def bbox(mask: np.ndarray, name: str) -> tuple[int, int, int, int]:
     return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
 
 
-def recentre(rgb: np.ndarray, box: tuple[int, int, int, int] | None, cfg: ConditionsConfig) -> Tensor:
-    """[H, W, 3] on white -> [3, R, R] tensor: box cropped, centred with its longer side = object_fraction * R."""
+def recentre(rgb: np.ndarray, box: tuple[int, int, int, int] | None, cfg: ConditionsConfig,
+             framing: Literal["fraction", "own_scale", "keep"] = "fraction") -> Tensor:
+    """[H, W, 3] on white -> [3, R, R] tensor framed as ``framing`` says (module docstring)."""
     r = cfg.resolution
     img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()  # [3, H, W]
-    if box is None or cfg.object_fraction is None:  # keep framing: pad to a square, then resize
+    if box is not None and framing == "own_scale":  # the box at its own scale, centred on the input's square
+        y0, y1, x0, x1 = box
+        side = max(img.shape[1:])
+        ch, cw = y1 - y0, x1 - x0
+        canvas = torch.ones(3, side, side)
+        top, left = side // 2 - ch // 2, side // 2 - cw // 2
+        canvas[:, top:top + ch, left:left + cw] = img[:, y0:y1, x0:x1]
+        return F.interpolate(canvas[None], size=(r, r), mode="bilinear", antialias=True,
+                             align_corners=False)[0].clamp(0, 1)
+    if box is None or framing == "keep" or cfg.object_fraction is None:  # keep framing: pad to a square, resize
         h, w = img.shape[1:]
         side = max(h, w)
         canvas = torch.ones(3, side, side)
@@ -189,8 +212,9 @@ def recentre(rgb: np.ndarray, box: tuple[int, int, int, int] | None, cfg: Condit
     return canvas
 
 
-def preprocess_frames(frames: list[tuple[np.ndarray, bool]], cfg: ConditionsConfig, name: str) -> Tensor:
-    """RGBA frames -> [N, 3, R, R]; one bounding box (the union) for all frames."""
+def preprocess_frames(frames: list[tuple[np.ndarray, bool]], cfg: ConditionsConfig, name: str,
+                      framing: Literal["fraction", "own_scale", "keep"] | None = None) -> Tensor:
+    """RGBA frames -> [N, 3, R, R]; one bounding box (the union) for all frames; ``framing`` default cfg.framing."""
     if not frames:
         raise ValueError(f"{name}: no frames")
     shapes = {f[0].shape[:2] for f in frames}
@@ -198,7 +222,8 @@ def preprocess_frames(frames: list[tuple[np.ndarray, bool]], cfg: ConditionsConf
         raise ValueError(f"{name}: frames differ in size: {sorted(shapes)}")
     boxes = [bbox(object_mask(a, al, cfg), f"{name} frame {i}") for i, (a, al) in enumerate(frames)]
     union = (min(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes), max(b[3] for b in boxes))
-    return torch.stack([recentre(composite_white(a), union, cfg) for a, _ in frames])
+    framing = cfg.framing if framing is None else framing
+    return torch.stack([recentre(composite_white(a), union, cfg, framing) for a, _ in frames])
 
 
 def _numbered(paths: list[Path]) -> list[Path]:
@@ -272,7 +297,7 @@ def sample_reference_orbit(multiview_prior: Prior, image: Tensor, azimuths_deg: 
     lat = sample_sequences(multiview_prior, cond, len(azimuths_deg), scale, cfg.num_steps, cfg.seed, cfg.sigma_min,
                            cfg.sigma_max, cfg.rho, chunk_size=cfg.chunk_size, progress=cfg.progress)
     with torch.no_grad():
-        return multiview_prior.decode(lat[0], chunk=cfg.decode_chunk).cpu()
+        return multiview_prior.decode(lat[0], chunk=cfg.decode_chunk, decoder=cfg.orbit_decoder).cpu()
 
 
 def sample_reference_video(video_prior: Prior, image: Tensor, cfg: ConditionsConfig) -> Tensor:
@@ -298,9 +323,12 @@ def make_conditions(input_path: str | Path, cfg: ConditionsConfig, priors: tuple
     for p in (video_prior, multiview_prior):
         if p.resolution != cfg.resolution:
             raise ValueError(f"conditions.resolution {cfg.resolution} != the {p.family} prior's {p.resolution}")
+    if kind != "orbit":  # the orbit will be sampled and decoded: fail before any sampling
+        multiview_prior.check_decoder(cfg.orbit_decoder)
     azimuths = orbit_azimuths(cfg.num_views)
     elevation = cfg.elevation_deg
     v_in = cfg.num_views - 1
+    ref_frame = 0
     if kind == "image":
         if not path.is_file():
             raise ValueError(f"input kind 'image' needs an image file, got {path}")
@@ -311,8 +339,9 @@ def make_conditions(input_path: str | Path, cfg: ConditionsConfig, priors: tuple
         video = sample_reference_video(video_prior, image, cfg)
     elif kind == "video":
         frames = read_video_frames(path, cfg.num_frames, cfg.frame_stride)
-        video = preprocess_frames(frames, cfg, str(path))
-        image = video[0]
+        video = preprocess_frames(frames, cfg, str(path), cfg.video_framing)
+        ref_frame = video.shape[0] - 1 if cfg.video_orbit_frame == "last" else 0
+        image = video[ref_frame]
         orbit = sample_reference_orbit(multiview_prior, image, azimuths, elevation, cfg)
         if cfg.replace_input_view:
             orbit[v_in] = image
@@ -338,15 +367,16 @@ def make_conditions(input_path: str | Path, cfg: ConditionsConfig, priors: tuple
         raise ValueError(f"unknown input kind {kind!r}")
     return Conditions(orbit=orbit.float(), video=video.float(), input=image.float(), azimuths_deg=azimuths,
                       elevation_deg=elevation, fov_deg=cfg.fov_deg, radius=cfg.radius, input_view_index=v_in,
-                      kind=kind)
+                      kind=kind, input_frame_index=ref_frame)
 
 
-def write_conditions(conditions: Conditions, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write a conditions folder atomically (layout of the module docstring)."""
+def write_conditions(conditions: Conditions, out_dir: str | Path, extra: dict | None = None,
+                     store_dtype: Literal["uint8", "float32"] = "uint8") -> Path:
+    """Write a conditions folder atomically (layout of the module docstring); images stored as ``store_dtype``."""
     from d2.utils.io import atomic_dir, save_image, save_tensor, write_json
 
     with atomic_dir(out_dir) as tmp:
-        save_tensor(tmp / "conditions.pt", conditions.state())
+        save_tensor(tmp / "conditions.pt", conditions.state(store_dtype))
         save_image(tmp / "input.png", conditions.input)
         for v in range(conditions.orbit.shape[0]):
             save_image(tmp / "orbit" / f"view_{v:02d}.png", conditions.orbit[v])
@@ -364,4 +394,5 @@ def run_conditions(input_path: str | Path, out_dir: str | Path, cfg: ConditionsC
                    priors: tuple[Prior, Prior]) -> Path:
     """Stage: input (image / video / orbit) -> conditions folder (``conditions.pt`` and previews)."""
     conditions = make_conditions(input_path, cfg, priors)
-    return write_conditions(conditions, out_dir, {"input_path": str(input_path), "config": cfg.model_dump()})
+    return write_conditions(conditions, out_dir, {"input_path": str(input_path), "config": cfg.model_dump()},
+                            cfg.store_dtype)

@@ -55,6 +55,7 @@ Prior folder layout (what :func:`save_prior_folder` writes and :func:`load_prior
       image_encoder/       config.json + model.safetensors (CLIPVisionModelWithProjection)
       feature_extractor/   preprocessor_config.json (CLIPImageProcessor)
       vae/                 only when latent == "vae" (AutoencoderKLTemporalDecoder)
+      image_decoder/       optional: config.json + model.safetensors of a per-frame ImageDecoder
 
 A folder without ``d2_prior.json`` is read as SVD-XT's diffusers layout (video family, VAE).
 Weights are read only from safetensors (or ``torch.load(weights_only=True)``).
@@ -147,6 +148,9 @@ class PriorsConfig(BaseModel):
     compile: bool = False  # torch.compile the UNets (the first call of each shape compiles: minutes at full size)
     compile_mode: Literal["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"] = "default"  # torch.compile mode
     compile_freezing: bool = False  # Inductor freezing: weights folded in as constants (inference only)
+    resnet_norm_eps: float | None = Field(None, gt=0, le=1e-3)  # GroupNorm eps of every UNet ResNet block; None: as diffusers builds them (1e-6, 1e-5 in the mid and attention-free down blocks), as the miniature priors were trained; Stability's sgm (SVD-XT, SV3D_p): 1e-5
+    autocast: Literal["none", "float16", "bfloat16"] = "none"  # UNet calls under torch.autocast of this dtype (authors: float16, weights fp32); none: plain `dtype`, reproducible and CPU-friendly
+    clip_preprocess: Literal["sgm", "torch"] = "sgm"  # CLIP input resize: sgm = Gaussian antialias + bicubic align_corners=True, unclamped (Stability's and diffusers' SVD pipeline); torch = F.interpolate bicubic antialias, align_corners=False, clamped
     tiny: TinyPriorConfig = Field(default_factory=TinyPriorConfig)  # sizes of the tiny backend
     gaussian: GaussianPriorConfig = Field(default_factory=GaussianPriorConfig)  # the analytic prior
 
@@ -233,6 +237,7 @@ class Prior(nn.Module):
         feature_extractor: Any | None,
         resolution: int,
         name: str = "",
+        image_decoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if family not in FAMILIES:
@@ -244,6 +249,9 @@ class Prior(nn.Module):
         self.feature_extractor = feature_extractor
         self.resolution = int(resolution)
         self.name = name or family
+        self.image_decoder = image_decoder  # per-frame decoder of the model's own first stage (SV3D_p), or None
+        self.autocast_dtype: torch.dtype | None = None  # torch.autocast dtype of the UNet calls
+        self.clip_preprocess: str = "torch"  # "torch" | "sgm": see PriorsConfig.clip_preprocess
         mean = getattr(feature_extractor, "image_mean", None) or [0.48145466, 0.4578275, 0.40821073]
         std = getattr(feature_extractor, "image_std", None) or [0.26862954, 0.26130258, 0.27577711]
         self.register_buffer("clip_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -266,6 +274,23 @@ class Prior(nn.Module):
                          temporal_conv=temporal_conv, temporal_norm=temporal_norm,  # type: ignore[arg-type]
                          compile=compile, compile_mode=compile_mode, compile_freezing=compile_freezing)  # type: ignore[arg-type]
         return self
+
+    def configure_numerics(self, *, resnet_norm_eps: float | None = None, autocast: str = "none",
+                           clip_preprocess: str = "torch") -> "Prior":
+        """Numerical choices that change results slightly (PriorsConfig: resnet_norm_eps, autocast, clip_preprocess)."""
+        if autocast not in _AUTOCAST:
+            raise ValueError(f"autocast must be one of {sorted(_AUTOCAST)}, got {autocast!r}")
+        if clip_preprocess not in ("torch", "sgm"):
+            raise ValueError(f"clip_preprocess must be 'torch' or 'sgm', got {clip_preprocess!r}")
+        if resnet_norm_eps is not None and self.unet is not None:
+            set_resnet_norm_eps(self.unet, resnet_norm_eps)
+        self.autocast_dtype = _AUTOCAST[autocast]
+        self.clip_preprocess = clip_preprocess
+        return self
+
+    def _autocast(self):
+        """torch.autocast of ``autocast_dtype`` on this prior's device (a no-op context when None)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     # ---- properties ----
     @property
@@ -329,30 +354,49 @@ class Prior(nn.Module):
         out = [self._encode_unscaled(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]
         return torch.cat(out) * self.scaling_factor
 
-    def decode(self, latents: Tensor, chunk: int = 14) -> Tensor:
-        """Latents [N, C, h, w] (one video of N frames) -> images [N, 3, H, W] in [0, 1], fp32.
+    def decode(self, latents: Tensor, chunk: int = 14, decoder: Literal["temporal", "image"] = "temporal") -> Tensor:
+        """Latents [N, C, h, w] (one sequence of N frames) -> images [N, 3, H, W] in [0, 1], fp32.
 
-        The temporal decoder sees ``chunk`` consecutive frames at a time.
+        ``decoder="temporal"``: the VAE's decoder sees ``chunk`` consecutive frames at a time
+        (SVD-XT's temporal decoder mixes neighbouring frames). ``decoder="image"``: the prior's own
+        per-frame :attr:`image_decoder` (SV3D_p's first stage), ``chunk`` frames per call. A
+        pixel-space prior decodes every frame on its own either way.
         """
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents must be [N, {self.latent_channels}, h, w], got {tuple(latents.shape)}")
+        self.check_decoder(decoder)
         z = latents.to(self.device, torch.float32) / self.scaling_factor
         outs = []
         for i in range(0, z.shape[0], chunk):
             zi = z[i:i + chunk]
             if isinstance(self.vae, PixelSpaceVAE):
                 outs.append(zi)
+            elif decoder == "image":
+                ddtype = next(self.image_decoder.parameters()).dtype
+                outs.append(self.image_decoder(zi.to(ddtype)).float())
             else:
                 vdtype = next(self.vae.parameters()).dtype
                 outs.append(self.vae.decode(zi.to(vdtype), num_frames=zi.shape[0]).sample.float())
         return ((torch.cat(outs) + 1) / 2).clamp(0, 1)
+
+    def check_decoder(self, decoder: str) -> None:
+        """ValueError unless :meth:`decode` can use ``decoder`` ("temporal" | "image") on this prior."""
+        if decoder not in ("temporal", "image"):
+            raise ValueError(f"decoder must be 'temporal' or 'image', got {decoder!r}")
+        if decoder == "image" and self.image_decoder is None and not isinstance(self.vae, PixelSpaceVAE):
+            raise ValueError(f"the {self.family} prior {self.name!r} has no per-frame image decoder; decode with "
+                             "the temporal decoder (conditions.orbit_decoder=temporal)")
 
     def clip_embed(self, images: Tensor) -> Tensor:
         """Images [N, 3, H, W] in [0, 1] -> CLIP image embeddings [N, 1, D] (fp32)."""
         size = int(self.image_encoder.config.image_size)
         x = images.to(self.device, torch.float32)
         if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+            if self.clip_preprocess == "sgm":
+                x = sgm_clip_resize(x, size)
+            else:
+                x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
+                                  align_corners=False).clamp(0, 1)
         x = (x - self.clip_mean) / self.clip_std
         edtype = next(self.image_encoder.parameters()).dtype
         return self.image_encoder(pixel_values=x.to(edtype)).image_embeds.float()[:, None]
@@ -409,7 +453,7 @@ class Prior(nn.Module):
         ids = cond.added_ids
         if self.family == "multiview" and ids.shape[1] != t:
             raise ValueError(f"conditioning has cameras for {ids.shape[1]} views, sample has {t}")
-        with attention_context(self.attention_backend):  # type: ignore[arg-type]
+        with attention_context(self.attention_backend), self._autocast():  # type: ignore[arg-type]
             out = self.unet(sample, c_noise.to(torch.float32), encoder_hidden_states=cond.context.to(dtype),
                             added_time_ids=ids.float(), return_dict=False)[0]  # ids stay fp32 (angles)
         return out.float()
@@ -441,6 +485,63 @@ class Prior(nn.Module):
         d = self.denoise_raw(torch.cat([x, x]), torch.cat([sigma, sigma]), both)
         d_u, d_c = d[:b], d[b:]
         return d_u + cfg.view(b, t, 1, 1, 1) * (d_c - d_u)
+
+
+_AUTOCAST: dict[str, torch.dtype | None] = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def set_resnet_norm_eps(unet: nn.Module, eps: float) -> int:
+    """Set the eps of both GroupNorms of every ResNet block (spatial and temporal) of ``unet``; returns the count.
+
+    diffusers builds most of them with 1e-6 (1e-5 in the mid block and the attention-free down
+    blocks); Stability's sgm VideoUNet (where SVD-XT and SV3D_p were trained) uses 1e-5 in
+    all. Attention and output norms are untouched (equal in both).
+    """
+    from diffusers.models.resnet import ResnetBlock2D, TemporalResnetBlock
+
+    n = 0
+    for m in unet.modules():
+        if isinstance(m, (ResnetBlock2D, TemporalResnetBlock)):
+            for norm in (m.norm1, m.norm2):
+                if isinstance(norm, nn.GroupNorm):
+                    norm.eps = float(eps)
+                    n += 1
+    return n
+
+
+def _gaussian_kernel1d(size: int, sigma: float) -> Tensor:
+    x = torch.arange(size, dtype=torch.float64) - size // 2
+    if size % 2 == 0:
+        x = x + 0.5
+    g = torch.exp(-x**2 / (2 * sigma**2))
+    return (g / g.sum()).float()
+
+
+def sgm_clip_resize(images: Tensor, size: int) -> Tensor:
+    """[N, 3, H, W] -> [N, 3, size, size] as Stability's CLIP embedder resizes (kornia ``resize``, antialias).
+
+    A separable Gaussian blur (sigma = max((factor - 1) / 2, 0.001) per axis, kernel
+    ``int(max(4 sigma, 3))`` made odd, reflect padding), then bicubic with
+    ``align_corners=True``; no clamp. diffusers' SVD pipeline does the same.
+    """
+    h, w = images.shape[-2:]
+    out = images
+    sig = (max((h / size - 1.0) / 2.0, 0.001), max((w / size - 1.0) / 2.0, 0.001))
+    ks = [int(max(4.0 * s, 3)) for s in sig]
+    ks = [k + 1 if k % 2 == 0 else k for k in ks]
+    c = out.shape[1]
+    for axis in (1, 0):  # columns (W) first, then rows (H)
+        k, s = ks[axis], sig[axis]
+        kern = _gaussian_kernel1d(k, s).to(out.device, out.dtype)
+        pad = ((k - 1) // 2, k - 1 - (k - 1) // 2)
+        if axis == 1:
+            out = F.pad(out, (*pad, 0, 0), mode="reflect")
+            weight = kern.view(1, 1, 1, k).expand(c, 1, 1, k)
+        else:
+            out = F.pad(out, (0, 0, *pad), mode="reflect")
+            weight = kern.view(1, 1, k, 1).expand(c, 1, k, 1)
+        out = F.conv2d(out, weight, groups=c)
+    return F.interpolate(out, size=(size, size), mode="bicubic", align_corners=True)
 
 
 class GaussianPrior(Prior):
@@ -523,6 +624,8 @@ def load_priors(cfg: PriorsConfig, device: str | torch.device | None = None) -> 
             raise ValueError(f"backend {name!r} returned a {prior.family} prior for the {family} slot")
         prior.eval().requires_grad_(False)
         prior = prior.to(dev)
+        prior.configure_numerics(resnet_norm_eps=cfg.resnet_norm_eps, autocast=cfg.autocast,
+                                 clip_preprocess=cfg.clip_preprocess)  # before torch.compile sees the modules
         prior.configure_runtime(**runtime_options(cfg))
         out.append(prior)
     if missing:
@@ -594,7 +697,7 @@ def build_tiny_prior(t: TinyPriorConfig, family: Family, seed: int | None = None
     from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from d2.stages.sv3d import SV3DUNet
+    from d2.stages.sv3d import ImageDecoder, SV3DUNet
 
     seed = t.seed + (0 if family == "video" else 1) if seed is None else seed
     cpu_rng = torch.random.fork_rng(devices=[])
@@ -620,8 +723,11 @@ def build_tiny_prior(t: TinyPriorConfig, family: Family, seed: int | None = None
             patch_size=8,
         )
         encoder = CLIPVisionModelWithProjection(clip_cfg)
+        image_decoder = None
+        if t.vae and family == "multiview":  # SV3D_p's own per-frame first stage, after the rest (same weights above)
+            image_decoder = ImageDecoder(tuple(t.vae_block_out_channels), layers_per_block=1, latent_channels=4)
     fe = CLIPImageProcessor(crop_size=t.clip_image_size, size={"shortest_edge": t.clip_image_size})
-    return Prior(family, unet, vae, encoder, fe, t.resolution, name=f"tiny-{family}")
+    return Prior(family, unet, vae, encoder, fe, t.resolution, name=f"tiny-{family}", image_decoder=image_decoder)
 
 
 def build_tiny(cfg: PriorsConfig, family: Family, device: torch.device) -> Prior:
@@ -778,8 +884,18 @@ def load_prior_folder(folder: str | os.PathLike, family: Family | None = None, d
     fam: Family = meta["family"]
     comps = _load_components(folder, meta["latent"], dtype, f"{fam} prior", need_unet=True,
                              unet_cls=SV3DUNet if fam == "multiview" else None)
+    image_decoder = None
+    if (folder / "image_decoder" / "config.json").is_file():
+        from safetensors.torch import load_file
+
+        from d2.stages.sv3d import ImageDecoder
+
+        dcfg = json.loads((folder / "image_decoder" / "config.json").read_text())
+        image_decoder = ImageDecoder(**dcfg)
+        image_decoder.load_state_dict(load_file(str(folder / "image_decoder" / "model.safetensors")), strict=True)
+        image_decoder = image_decoder.to(dtype)
     prior = Prior(fam, comps["unet"], comps["vae"], comps["image_encoder"], comps["feature_extractor"],
-                  meta["resolution"], name=str(folder))
+                  meta["resolution"], name=str(folder), image_decoder=image_decoder)
     return prior.to(device)
 
 
@@ -796,6 +912,13 @@ def save_prior_folder(prior: Prior, folder: str | os.PathLike, extra: dict[str, 
         latent = "pixel" if isinstance(prior.vae, PixelSpaceVAE) else "vae"
         if latent == "vae":
             prior.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        if prior.image_decoder is not None:
+            from safetensors.torch import save_file
+
+            (tmp / "image_decoder").mkdir()
+            write_json(tmp / "image_decoder" / "config.json", dict(prior.image_decoder.config))
+            save_file({k: v.contiguous() for k, v in prior.image_decoder.state_dict().items()},
+                      str(tmp / "image_decoder" / "model.safetensors"))
         meta = {"family": prior.family, "latent": latent, "resolution": prior.resolution, **(extra or {})}
         write_json(tmp / PRIOR_META, meta)
 
@@ -808,22 +931,39 @@ def build_svd(cfg: PriorsConfig, family: Family, device: torch.device) -> Prior:
     return load_prior_folder(folder, "video", _DTYPES[cfg.dtype], device)
 
 
-def load_sv3d_unet(ckpt: str | os.PathLike, dtype: torch.dtype = torch.float32,
+def _read_checkpoint(ckpt: str | os.PathLike | dict[str, Tensor]) -> dict[str, Tensor]:
+    """A Stability checkpoint as a flat state dict (safetensors, or torch.load with weights_only)."""
+    if isinstance(ckpt, dict):
+        return ckpt
+    from safetensors.torch import load_file
+
+    ckpt = Path(ckpt)
+    if ckpt.suffix == ".safetensors":
+        return load_file(str(ckpt))
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)
+    return sd.get("state_dict", sd)
+
+
+def load_sv3d_image_decoder(ckpt: str | os.PathLike | dict[str, Tensor], dtype: torch.dtype = torch.float32,
+                            config: dict | None = None) -> nn.Module | None:
+    """SV3D_p's own first-stage (per-frame image) decoder from its checkpoint; None when it carries none."""
+    from d2.stages.sv3d import SGM_DECODER_PREFIX, load_sgm_image_decoder
+
+    sd = _read_checkpoint(ckpt)
+    if not any(k.startswith(SGM_DECODER_PREFIX) for k in sd):
+        return None
+    return load_sgm_image_decoder(sd, config).to(dtype)
+
+
+def load_sv3d_unet(ckpt: str | os.PathLike | dict[str, Tensor], dtype: torch.dtype = torch.float32,
                    config: dict | None = None) -> nn.Module:
     """SV3D_p's UNet from Stability's ``sv3d_p.safetensors`` (keys converted, ``strict=True``).
 
     ``config`` overrides the UNet config (default: SV3D_p's full-size config).
     """
-    from safetensors.torch import load_file
-
     from d2.stages.sv3d import SV3D_P_UNET_CONFIG, SV3DUNet, convert_sgm_unet_state_dict
 
-    ckpt = Path(ckpt)
-    if ckpt.suffix == ".safetensors":
-        sd = load_file(str(ckpt))
-    else:
-        sd = torch.load(ckpt, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd)
+    sd = _read_checkpoint(ckpt)
     with torch.device("meta"):
         unet = SV3DUNet(**(config or SV3D_P_UNET_CONFIG))
     converted = convert_sgm_unet_state_dict(sd, unet)
@@ -857,9 +997,11 @@ def build_sv3d_p(cfg: PriorsConfig, family: Family, device: torch.device) -> Pri
     assert comps_dir is not None
     dtype = _DTYPES[cfg.dtype]
     comps = _load_components(comps_dir, "vae", dtype, "sv3d_p components", need_unet=False)
-    unet = load_sv3d_unet(Path(cfg.multiview_path).expanduser(), dtype)
+    sd = _read_checkpoint(Path(cfg.multiview_path).expanduser())
+    unet = load_sv3d_unet(sd, dtype)
+    image_decoder = load_sv3d_image_decoder(sd, dtype)  # its own first stage (None: conditions.orbit_decoder=temporal)
     prior = Prior("multiview", unet, comps["vae"], comps["image_encoder"], comps["feature_extractor"], 576,
-                  name="sv3d_p")
+                  name="sv3d_p", image_decoder=image_decoder)
     return prior.to(device)
 
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 
 class SamplingConfig(BaseModel):
-    """Knobs of the composed sampler (defaults follow the authors' code, see DESIGN.md section 4)."""
+    """Knobs of the composed sampler (defaults follow the authors' code; docs/method.md)."""
 
     model_config = ConfigDict(extra="forbid")
     num_views: int = Field(21, ge=1)  # V: views of the orbit (must match the conditions)
@@ -72,7 +72,7 @@ class SamplingConfig(BaseModel):
     motion_bucket_id: int = 127  # SVD micro-conditioning motion bucket
     video_cond_aug: float = Field(0.02, ge=0)  # noise added to the video prior's conditioning image (SVD)
     multiview_cond_aug: float = Field(1e-5, ge=0)  # noise added to the multi-view prior's conditioning image (SV3D)
-    decode_chunk: int = Field(14, ge=1)  # frames per temporal-decoder call
+    decode_chunk: int = Field(10, ge=1)  # frames per temporal-decoder call (authors' decoding_t 10; frames mix within a call)
     devices: list[str] = []  # spread each step's rows and columns over these devices (a prior replica on each, e.g. [cuda:0, cuda:1]); [] = priors.device
     grid_thumb: int = Field(128, ge=8)  # thumbnail side in grid.png / grid.mp4
     video_fps: int = Field(8, ge=1)  # fps of grid.mp4

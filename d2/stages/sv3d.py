@@ -350,3 +350,132 @@ SVD_XT_UNET_CONFIG: dict = {**SV3D_P_UNET_CONFIG, "projection_class_embeddings_i
 def sgm_key_pattern_ok(key: str) -> bool:
     """Cheap check that a key looks like sgm's VideoUNet layout (used in error messages)."""
     return re.match(r"^(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)\.", key) is not None
+
+
+# ---------------------------------------------------------------------------------------
+# SV3D_p's first stage: a per-frame image decoder (sgm ``Decoder``) in diffusers modules
+# ---------------------------------------------------------------------------------------
+
+SGM_DECODER_PREFIX = "first_stage_model.decoder."
+
+
+class ImageDecoder(torch.nn.Module):
+    """Per-frame VAE decoder: latents [N, C, h, w] (unscaled) -> images [N, 3, H, W] in [-1, 1].
+
+    SV3D_p's checkpoint carries its own first stage, sgm's 2-D ``Decoder`` (no temporal
+    layers, no post-quant convolution): every view is decoded on its own, unlike SVD-XT's
+    temporal decoder, which mixes neighbouring frames. The module is diffusers' ``Decoder``
+    (the same layers as sgm's); :func:`convert_sgm_decoder_state_dict` maps the keys.
+    """
+
+    def __init__(self, block_out_channels: tuple[int, ...] = (128, 256, 512, 512), layers_per_block: int = 2,
+                 latent_channels: int = 4) -> None:
+        super().__init__()
+        from diffusers.models.autoencoders.vae import Decoder
+
+        self.config = dict(block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                           latent_channels=latent_channels)
+        self.decoder = Decoder(in_channels=latent_channels, out_channels=3,
+                               up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+                               block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                               norm_num_groups=32, act_fn="silu", mid_block_add_attention=True)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """z [N, C, h, w] -> [N, 3, H, W]."""
+        return self.decoder(z)
+
+
+SV3D_P_DECODER_CONFIG: dict = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
+"""SV3D_p's first-stage decoder (configs/sv3d_p.yaml of Stability: ch 128, mult 1-2-4-4, 2 res blocks)."""
+
+_DEC_RESNET_LEAF = [("nin_shortcut.", "conv_shortcut.")]
+_DEC_ATTN_LEAF = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."),
+                  ("proj_out.", "to_out.0.")]
+
+
+def sgm_decoder_key_to_diffusers(key: str, num_levels: int) -> str:
+    """One sgm ``Decoder`` key (without prefix) -> diffusers ``Decoder`` key (without ``decoder.``)."""
+    if key.startswith("norm_out."):
+        return "conv_norm_out." + key[len("norm_out."):]
+    if key.startswith(("conv_in.", "conv_out.")):
+        return key
+    m = re.match(r"^mid\.block_([12])\.(.*)$", key)
+    if m:
+        rest = m.group(2)
+        for old, new in _DEC_RESNET_LEAF:
+            rest = new + rest[len(old):] if rest.startswith(old) else rest
+        return f"mid_block.resnets.{int(m.group(1)) - 1}.{rest}"
+    m = re.match(r"^mid\.attn_1\.(.*)$", key)
+    if m:
+        for old, new in _DEC_ATTN_LEAF:
+            if m.group(1).startswith(old):
+                return "mid_block.attentions.0." + new + m.group(1)[len(old):]
+    m = re.match(r"^up\.(\d+)\.block\.(\d+)\.(.*)$", key)
+    if m:
+        rest = m.group(3)
+        for old, new in _DEC_RESNET_LEAF:
+            rest = new + rest[len(old):] if rest.startswith(old) else rest
+        return f"up_blocks.{num_levels - 1 - int(m.group(1))}.resnets.{m.group(2)}.{rest}"
+    m = re.match(r"^up\.(\d+)\.upsample\.conv\.(.*)$", key)
+    if m:
+        return f"up_blocks.{num_levels - 1 - int(m.group(1))}.upsamplers.0.conv.{m.group(2)}"
+    raise KeyError(f"unknown sgm decoder key {key!r}")
+
+
+def convert_sgm_decoder_state_dict(sd: dict[str, Tensor], decoder: ImageDecoder,
+                                   prefix: str = SGM_DECODER_PREFIX) -> dict[str, Tensor]:
+    """Stability checkpoint (keys under ``prefix``) -> state dict of ``decoder`` (load with ``strict=True``).
+
+    The attention's 1x1 convolutions become linear weights ([C, C, 1, 1] -> [C, C]).
+    """
+    n = len(decoder.config["block_out_channels"])
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        if not k.startswith(prefix):
+            continue
+        nk = "decoder." + sgm_decoder_key_to_diffusers(k[len(prefix):], n)
+        if ".attentions.0.to_" in nk and nk.endswith(".weight") and v.ndim == 4:
+            v = v[:, :, 0, 0]
+        out[nk] = v
+    if not out:
+        raise KeyError(f"no key starts with {prefix!r}: this checkpoint carries no first-stage decoder")
+    return out
+
+
+def to_sgm_decoder_state_dict(decoder: ImageDecoder, prefix: str = SGM_DECODER_PREFIX) -> dict[str, Tensor]:
+    """The decoder's weights under sgm's key layout (exact inverse of :func:`convert_sgm_decoder_state_dict`)."""
+    n = len(decoder.config["block_out_channels"])
+    sd = decoder.state_dict()
+    names: dict[str, str] = {}
+    levels = n
+    sgm_keys = ["conv_in.", "conv_out.", "norm_out.", "mid.block_1.", "mid.block_2.", "mid.attn_1."]
+    sgm_keys += [f"up.{i}.block.{j}." for i in range(levels) for j in range(decoder.config["layers_per_block"] + 1)]
+    sgm_keys += [f"up.{i}.upsample.conv." for i in range(1, levels)]
+    leaves = {k.split(".")[-1] for k in sd}
+    for head in sgm_keys:  # enumerate candidate sgm keys and keep those that map onto our keys
+        for mid in ["", "norm1.", "conv1.", "norm2.", "conv2.", "nin_shortcut.", "norm.", "q.", "k.", "v.",
+                    "proj_out."]:
+            for leaf in leaves:
+                cand = head + mid + leaf
+                try:
+                    nk = "decoder." + sgm_decoder_key_to_diffusers(cand, n)
+                except KeyError:
+                    continue
+                if nk in sd:
+                    names[nk] = cand
+    out: dict[str, Tensor] = {}
+    for nk, v in sd.items():
+        if nk not in names:
+            raise KeyError(f"no sgm key maps to {nk!r}")
+        if ".attentions.0.to_" in nk and nk.endswith(".weight") and v.ndim == 2:
+            v = v[:, :, None, None]
+        out[prefix + names[nk]] = v
+    return out
+
+
+def load_sgm_image_decoder(sd: dict[str, Tensor], config: dict | None = None,
+                           prefix: str = SGM_DECODER_PREFIX) -> ImageDecoder:
+    """SV3D_p's first-stage decoder from a Stability state dict (``strict=True``)."""
+    decoder = ImageDecoder(**(config or SV3D_P_DECODER_CONFIG))
+    decoder.load_state_dict(convert_sgm_decoder_state_dict(sd, decoder, prefix), strict=True)
+    return decoder

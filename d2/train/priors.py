@@ -39,7 +39,7 @@ from d2.stages.cameras import orbit_azimuths
 from d2.stages.priors import (Family, PixelSpaceVAE, Prior, PriorCondition, load_prior_folder,
                               save_prior_folder, spatiotemporal_unet_config)
 
-SIGMA_MIN, SIGMA_MAX = 0.002, 700.0  # the sampler's Karras range (DESIGN section 4)
+SIGMA_MIN, SIGMA_MAX = 0.002, 700.0  # the sampler's Karras range (docs/method.md)
 
 
 # ---------------------------------------------------------------------------------------

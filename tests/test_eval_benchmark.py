@@ -35,7 +35,7 @@ def nets():
 
 
 def _protocol(**kw) -> Protocol:
-    base = dict(num_frames=FRAMES, resolution=32)
+    base = dict(num_frames=FRAMES, resolution=32, metric_definitions="d2")
     base.update(kw)
     return Protocol(**base)
 
@@ -91,7 +91,7 @@ def test_identical_prediction_scores_perfectly(bench: Path, tmp_path: Path, nets
     clip, lp = nets
     pred = _copy_as_prediction(bench, tmp_path / "pred", front=True)
     suite = M.build_metric_suite(M.MetricsConfig(metrics=["clip", "lpips", "psnr", "ssim"]), clip_model=clip,
-                                 lpips_net=lp)
+                                 lpips_net=lp, definitions="d2")
     res = evaluate(pred, bench, _protocol(include_front_view=True), suite=suite, progress=False,
                    out_dir=tmp_path / "out")
     assert res.num_scored_frames == len(OBJECTS) * 5 * FRAMES
@@ -109,7 +109,7 @@ def test_wrong_prediction_scores_worse_and_views_differ(bench: Path, tmp_path: P
     # view eval_1 of the robot gets the ball's frames instead
     shutil.rmtree(pred / "waving_robot" / "eval_1")
     shutil.copytree(bench / "gt" / "bouncing_ball" / "eval_1", pred / "waving_robot" / "eval_1")
-    suite = M.build_metric_suite(M.MetricsConfig(metrics=["lpips", "psnr", "ssim"]), lpips_net=lp)
+    suite = M.build_metric_suite(M.MetricsConfig(metrics=["lpips", "psnr", "ssim"]), lpips_net=lp, definitions="d2")
     res = evaluate(pred, bench, _protocol(), suite=suite, progress=False)
     robot = res.per_view["waving_robot"]
     assert robot["eval_1"]["ssim"] < 0.99 and robot["eval_0"]["ssim"] == pytest.approx(1.0, abs=1e-6)
@@ -146,7 +146,8 @@ def test_fvd_with_pluggable_extractor(bench: Path, tmp_path: Path):
     def extractor(videos: torch.Tensor) -> torch.Tensor:  # [B, T, 3, H, W] -> [B, 3]
         return videos.mean(dim=(1, 3, 4))
 
-    suite = M.build_metric_suite(M.MetricsConfig(metrics=["ssim", "fvd"]), video_extractor=extractor)
+    suite = M.build_metric_suite(M.MetricsConfig(metrics=["ssim", "fvd"]), video_extractor=extractor,
+                                 definitions="d2")
     res = evaluate(pred, bench, _protocol(), suite=suite, progress=False)
     assert res.mean["fvd"] == pytest.approx(0.0, abs=1e-6)
     assert "fvd" not in res.per_object["waving_robot"]

@@ -182,3 +182,48 @@ def test_rgba_predictions_are_composited_on_the_protocol_background(bench: Path,
     res = evaluate(pred, bench, _protocol(), metrics_cfg=M.MetricsConfig(metrics=["psnr"]), progress=False)
     frame0 = [s for s in res.per_frame if s.object == "bouncing_ball" and s.view == "eval_0" and s.frame == 0][0]
     assert not frame0.psnr_capped and frame0.values["psnr"] < 40
+
+
+def test_consistent4d_protocol_equals_the_script_per_frame_and_aggregated(tmp_path: Path):
+    """evaluate() under the consistent4d protocol against the script's main loop (RGBA ground truth
+    put on white, images of different sizes, 2 objects x 4 views x 2 frames): every per-image value
+    and the per-object and overall means to 1e-6 (PSNR: to 2e-5 dB, see c4d_reference.close;
+    the script averages float32 tensors in float32, we average in float64)."""
+    from c4d_reference import close, script_main, tiny_hf_clip, write_tree
+
+    model, processor = tiny_hf_clip()
+    gt_dir, pred_dir = write_tree(tmp_path, ["obj_a", "obj_b"], frames=2)
+    ref, ref_frames = script_main(gt_dir / "gt", pred_dir, model, processor, gt_rgba=True)
+    suite = M.build_metric_suite(M.MetricsConfig(metrics=["clip", "psnr", "ssim"]), clip_model=model,
+                                 clip_processor=processor, definitions="consistent4d")
+    res = evaluate(pred_dir, gt_dir, Protocol.consistent4d(num_frames=2), suite=suite, progress=False,
+                   out_dir=tmp_path / "out")
+    assert res.num_scored_frames == len(ref_frames) == 16
+    for s in res.per_frame:
+        for m in ("clip", "psnr", "ssim"):
+            assert close(m, s.values[m], ref_frames[(s.object, s.view, s.frame)][m]), (s, ref_frames[
+                (s.object, s.view, s.frame)])
+    for m in ("clip", "psnr", "ssim"):
+        for o in ("obj_a", "obj_b"):
+            assert close(m, res.per_object[o][m], float(ref[m][o])), (m, o, res.per_object[o][m], ref[m][o])
+        assert close(m, res.mean[m], float(ref[m]["average"])), (m, res.mean[m], ref[m]["average"])
+    # the mid-range images make the data-range choices matter: with a fixed range of 255 PSNR would differ
+    assert min(s.values["psnr"] for s in res.per_frame) < 40 and res.psnr_capped_frames == 0
+    back = (tmp_path / "out" / "results.md").read_text()
+    assert "metric definitions 'consistent4d'" in back
+    # a suite of the other definitions is refused before scoring
+    with pytest.raises(ValueError, match="definitions"):
+        evaluate(pred_dir, gt_dir, Protocol.d2_clean(num_frames=2), suite=suite, progress=False)
+
+
+def test_identical_prediction_under_consistent4d_gives_infinite_psnr(bench: Path, tmp_path: Path):
+    """The script's PSNR of identical images is +inf (no cap); it is kept, flagged, and survives results.json."""
+    from d2.eval.tables import load_results
+
+    pred = _copy_as_prediction(bench, tmp_path / "pred")
+    cfg = M.MetricsConfig(metrics=["psnr"])
+    res = evaluate(pred, bench, Protocol.consistent4d(num_frames=1), metrics_cfg=cfg, progress=False,
+                   objects=["bouncing_ball"], out_dir=tmp_path / "out")
+    assert res.mean["psnr"] == float("inf") and res.psnr_capped_frames == res.num_scored_frames == 4
+    back = load_results(tmp_path / "out")
+    assert back.mean["psnr"] == float("inf") and back.per_frame[0].values["psnr"] == float("inf")

@@ -213,32 +213,14 @@ def test_lpips_vgg_file_is_loaded(tmp_path: Path, lpips_net):
 # evaluation/compute_image_level_metrics.py line by line (PIL, torchmetrics, a tiny random
 # transformers CLIP with the PIL CLIPImageProcessor) against our protocol's per-image values.
 
+from c4d_reference import close, script_pair, tiny_hf_clip  # noqa: E402
 from PIL import Image  # noqa: E402
-from torchmetrics.functional.image import (peak_signal_noise_ratio as tm_psnr,  # noqa: E402
-                                           structural_similarity_index_measure as tm_ssim)
+from torchmetrics.functional.image import peak_signal_noise_ratio as tm_psnr  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def hf_clip():
-    """A tiny random transformers CLIP and the PIL image processor with the openai/clip-vit-base-patch32 settings."""
-    import transformers
-    from transformers import CLIPConfig, CLIPModel
-
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(image_size=224, patch_size=32, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                           num_attention_heads=4),
-        projection_dim=16)
-    torch.manual_seed(0)
-    model = CLIPModel(cfg).eval()
-    processor = transformers.CLIPImageProcessorPil(
-        do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
-        crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-        do_convert_rgb=True)
-    return model, processor
+    return tiny_hf_clip()
 
 
 def _smooth(h: int, w: int, lo: int, hi: int, seed: int) -> np.ndarray:
@@ -283,44 +265,6 @@ def _pairs(root: Path) -> list[tuple[Path, Path, bool]]:
     return out
 
 
-def _script_load(image_path: Path, preprocess, rgba: bool = False):
-    """The script's load_and_preprocess_image, line by line."""
-    image = Image.open(image_path)
-    if rgba:
-        tmp = np.array(image)
-        rgb = tmp[..., :3]
-        mask = tmp[..., -1]
-        rgb[mask == 0] = 255
-        image = Image.fromarray(rgb)
-    image = image.resize((512, 512))
-    image_rgb = torch.from_numpy(np.array(image)).float().permute(2, 0, 1).unsqueeze(0)
-    image = preprocess(image, return_tensors="pt")
-    return image, image_rgb
-
-
-def _features(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 4 / 5
-
-
-def _script_pair(pred_path: Path, gt_path: Path, gt_rgba: bool, model, preprocess, lpip=None) -> dict[str, float]:
-    """The body of the script's frame loop for one pair (the README's white background applied to RGBA gt)."""
-    pred_img, pred_img_rgb = _script_load(pred_path, preprocess)
-    gt_img, gt_img_rgb = _script_load(gt_path, preprocess, rgba=gt_rgba)
-    pred_img = pred_img["pixel_values"]
-    gt_img = gt_img["pixel_values"]
-    with torch.no_grad():
-        embedding_pred = _features(model.get_image_features(pred_img))
-        embedding_gt = _features(model.get_image_features(gt_img))
-    clip_score = torch.nn.functional.cosine_similarity(embedding_pred, embedding_gt)
-    # torchmetrics' defaults of the time: SSIM data range from the images; PSNR data range = target max - min
-    ssim = tm_ssim(pred_img_rgb, gt_img_rgb)
-    psnr = tm_psnr(pred_img_rgb, gt_img_rgb, data_range=gt_img_rgb.max() - gt_img_rgb.min())
-    out = {"clip": clip_score.item(), "ssim": ssim.item(), "psnr": psnr.item()}
-    if lpip is not None:
-        out["lpips"] = lpip(pred_img_rgb / 127.5 - 1, gt_img_rgb / 127.5 - 1).item()
-    return out
-
-
 def test_consistent4d_per_image_values_equal_the_script(tmp_path: Path, hf_clip):
     model, processor = hf_clip
     pairs = _pairs(tmp_path)
@@ -328,13 +272,13 @@ def test_consistent4d_per_image_values_equal_the_script(tmp_path: Path, hf_clip)
                                  clip_model=model, clip_processor=processor, definitions="consistent4d")
     ours = suite.score_files([p for p, _, _ in pairs], [g for _, g, _ in pairs])
     for i, (p, g, rgba) in enumerate(pairs):
-        ref = _script_pair(p, g, rgba, model, processor)
+        ref = script_pair(p, g, model, processor, gt_rgba=rgba)
         for m in ("clip", "psnr", "ssim"):
-            assert ours[m][i].item() == pytest.approx(ref[m], abs=1e-6), (i, m, ours[m][i].item(), ref[m])
+            assert close(m, ours[m][i].item(), float(ref[m])), (i, m, ours[m][i].item(), ref[m].item() if hasattr(ref[m], "item") else ref[m], ours[m][i].item() - float(ref[m]))
     # the cases differ in what the data range does: pair 1 has no full range (PSNR's range < 255)
     assert not ours["psnr_capped"].any()
-    r1 = _script_load(pairs[0][1], processor)[1]
-    assert float(r1.max() - r1.min()) < 200
+    r1 = np.array(Image.open(pairs[0][1]).resize((512, 512))).astype(float)
+    assert r1.max() - r1.min() < 200
     # the d2 definitions give different numbers on the same pairs (the gap the issue measured)
     d2 = M.build_metric_suite(M.MetricsConfig(metrics=["psnr", "ssim"], resolution=512), definitions="d2")
     d2_vals = d2.score_files([p for p, _, _ in pairs], [g for _, g, _ in pairs])
@@ -397,7 +341,7 @@ def test_consistent4d_lpips_equals_torchmetrics_metric(tmp_path: Path, monkeypat
     ours_net = C.build_lpips_script(vgg_state=state)
     model, processor = hf_clip
     p, g, rgba = _pairs(tmp_path)[2]
-    ref = _script_pair(p, g, rgba, model, processor, lpip=lpip)
+    ref = script_pair(p, g, model, processor, gt_rgba=rgba, lpip=lpip)
     suite = M.build_metric_suite(M.MetricsConfig(metrics=["lpips"], resolution=512), lpips_net=ours_net,
                                  definitions="consistent4d")
     ours = suite.score_files([p], [g])["lpips"][0].item()

@@ -64,7 +64,7 @@ PSNR_CAP_DB = 100.0
 # FVD is ours under both definition sets (one number per benchmark); the text says how it
 # differs from Consistent4D's compute_fvd.py.
 FVD_DEFINITION = (
-    "FVD (pooled; not Consistent4D's per-view FVD): one I3D (Kinetics-400, StyleGAN-V TorchScript, 400-d "
+    "pooled over the benchmark, not Consistent4D's per-view FVD: one I3D (Kinetics-400, StyleGAN-V TorchScript, 400-d "
     "logits) feature per (object, view) video of the scored frames, bilinear to 224, in [-1, 1]; Frechet "
     "distance between Gaussians fitted to all predicted and all ground-truth videos pooled over objects and "
     "views (one number per benchmark). With N videos per side the covariances have rank <= N-1 (28 for "

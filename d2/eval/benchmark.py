@@ -271,10 +271,15 @@ def evaluate(
         objects: subset of objects (default: every object of the ground truth).
         out_dir: when given, the results files are written there (:func:`d2.eval.tables.write_results`).
         suite: ready metric networks (tests inject tiny random ones); overrides ``metrics_cfg``'s weights.
+            Its ``definitions`` must be the protocol's ``metric_definitions`` (else ``ValueError``
+            before any scoring).
         generation_time_s: mean generation time per object, reported in the Table-2 view.
 
     Returns:
-        :class:`Results` with per-frame scores and the frames -> views -> objects means.
+        :class:`Results` with per-frame scores and the frames -> views -> objects means. Under the
+        ``consistent4d`` definitions the image files are scored as Consistent4D's script scores
+        them (:mod:`d2.eval.consistent4d`); under ``d2`` they are loaded in [0, 1] at the
+        protocol's resolution.
     """
     t0 = time.perf_counter()
     protocol = protocol or Protocol()

@@ -604,8 +604,9 @@ class MetricSuite:
                     vals["psnr_capped"] = ~torch.isfinite(vals["psnr"])
                 elif m == "ssim":
                     vals["ssim"] = C.ssim_script(p255, g255)
-                elif m == "lpips":
-                    vals["lpips"] = C.lpips_script(self.lpips_net, p255, g255)
+                elif m == "lpips":  # one pair at a time, as the script (VGG features of 512 px images are large)
+                    vals["lpips"] = torch.cat([C.lpips_script(self.lpips_net, p255[j:j + 1], g255[j:j + 1])
+                                               for j in range(p255.shape[0])])
                 elif m == "clip":
                     vals["clip"] = C.clip_script(self.clip_model, self.clip_processor, pp, gp)
             for k, v in vals.items():

@@ -147,7 +147,8 @@ def write_tree(root: Path, objects: list[str], frames: int, seed: int = 0) -> tu
                     d = base / o / f"eval_{k}"
                     d.mkdir(parents=True, exist_ok=True)
                     low = rng.integers(0, 256, (3, 3, 3)).astype(np.float32)
-                    img = np.array(Image.fromarray(low.astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR))
+                    img = np.array(Image.fromarray(low.astype(np.uint8)).resize((size, size),
+                                                                                Image.Resampling.BILINEAR))
                     img = np.clip(img.astype(np.int32) + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
                     alpha = np.zeros((size, size), np.uint8)
                     lo, hi = size // 5 + f + k % 2, size - size // 5 - oi

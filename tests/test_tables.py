@@ -106,7 +106,8 @@ def test_table2_compares_published_rows_only_under_the_script_definitions(protoc
 
 def test_tables_label_protocol_definitions_and_pooled_fvd():
     c4d = results_markdown(_results(protocol=Protocol.consistent4d()))
-    assert c4d.startswith("**Protocol 'consistent4d', metric definitions 'consistent4d' (Consistent4D's evaluation script)")
+    assert c4d.startswith("**Protocol 'consistent4d', metric definitions 'consistent4d' "
+                          "(Consistent4D's evaluation script)")
     assert "FVD (pooled) ↓" in c4d and "np.cov of one vector is NaN" in c4d
     assert "FVD (pooled): pooled over the benchmark, not Consistent4D's per-view FVD" in c4d
     assert "torchmetrics structural_similarity_index_measure" in c4d and "PSNR not finite" in c4d

@@ -155,7 +155,8 @@ def protocol_line(results: "Results") -> str:
 def results_markdown(results: "Results") -> str:
     """The per-object table in Markdown, with its footer."""
     head = ["object"] + _header(results)
-    out = [f"**{protocol_line(results)}**", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(results.metrics)) + "|"]
+    out = [f"**{protocol_line(results)}**", "", "| " + " | ".join(head) + " |",
+           "|" + "|".join(["---"] + ["---:"] * len(results.metrics)) + "|"]
     rows = results_rows(results, mark_capped=True)
     for i, r in enumerate(rows):
         cells = [f"**{c}**" if i == len(rows) - 1 else c for c in r]
@@ -250,7 +251,8 @@ def table2_notes(results: "Results") -> list[str]:
 
 def table2_markdown(results: "Results") -> str:
     """Table 2 of the paper (video-to-4D: CLIP similarity, generation time) with our measured row."""
-    out = [f"**{protocol_line(results)}**", "", "| method | type | CLIP ↑ | time ↓ | source |", "|---|---|---:|---:|---|"]
+    out = [f"**{protocol_line(results)}**", "", "| method | type | CLIP ↑ | time ↓ | source |",
+           "|---|---|---:|---:|---|"]
     for r in table2_rows(results):
         out.append("| " + " | ".join(r) + " |")
     out += [""] + [f"- {n}" for n in table2_notes(results)]

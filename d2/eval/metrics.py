@@ -72,8 +72,10 @@ FVD_DEFINITION = (
     "instead takes each (object, view) pair alone: the frames of one predicted and one ground-truth video "
     "(PIL bicubic per channel to 224, [-1, 1]) through DisCo's I3D (i3d_pretrained_400.pt), 400-d logits "
     "averaged over time, i.e. one feature vector per side; np.cov of one vector is NaN in every entry "
-    "(ddof 1), so its Frechet distance is undefined (scipy.linalg.sqrtm rejects the NaN matrix), and the "
-    "per-view mean it would average over views and objects cannot be reproduced.")
+    "(ddof 1), so its Frechet distance is undefined: scipy.linalg.sqrtm of the NaN product raises (ValueError "
+    "where sqrtm checks finiteness, LinAlgError for small matrices in SciPy 1.17, where a 400 x 400 one did not "
+    "return within a minute), and the per-view mean it would average over views and objects cannot be "
+    "reproduced.")
 
 METRIC_DEFINITIONS: dict[str, str] = {
     "clip": "CLIP similarity: cosine of CLIP ViT-B/32 (OpenAI weights, open-clip-torch) image features of "

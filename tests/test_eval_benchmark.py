@@ -35,7 +35,7 @@ def nets():
 
 
 def _protocol(**kw) -> Protocol:
-    base = dict(num_frames=FRAMES, resolution=32)
+    base = dict(num_frames=FRAMES, resolution=32, metric_definitions="d2")
     base.update(kw)
     return Protocol(**base)
 
@@ -91,7 +91,7 @@ def test_identical_prediction_scores_perfectly(bench: Path, tmp_path: Path, nets
     clip, lp = nets
     pred = _copy_as_prediction(bench, tmp_path / "pred", front=True)
     suite = M.build_metric_suite(M.MetricsConfig(metrics=["clip", "lpips", "psnr", "ssim"]), clip_model=clip,
-                                 lpips_net=lp)
+                                 lpips_net=lp, definitions="d2")
     res = evaluate(pred, bench, _protocol(include_front_view=True), suite=suite, progress=False,
                    out_dir=tmp_path / "out")
     assert res.num_scored_frames == len(OBJECTS) * 5 * FRAMES
@@ -109,7 +109,7 @@ def test_wrong_prediction_scores_worse_and_views_differ(bench: Path, tmp_path: P
     # view eval_1 of the robot gets the ball's frames instead
     shutil.rmtree(pred / "waving_robot" / "eval_1")
     shutil.copytree(bench / "gt" / "bouncing_ball" / "eval_1", pred / "waving_robot" / "eval_1")
-    suite = M.build_metric_suite(M.MetricsConfig(metrics=["lpips", "psnr", "ssim"]), lpips_net=lp)
+    suite = M.build_metric_suite(M.MetricsConfig(metrics=["lpips", "psnr", "ssim"]), lpips_net=lp, definitions="d2")
     res = evaluate(pred, bench, _protocol(), suite=suite, progress=False)
     robot = res.per_view["waving_robot"]
     assert robot["eval_1"]["ssim"] < 0.99 and robot["eval_0"]["ssim"] == pytest.approx(1.0, abs=1e-6)
@@ -146,7 +146,8 @@ def test_fvd_with_pluggable_extractor(bench: Path, tmp_path: Path):
     def extractor(videos: torch.Tensor) -> torch.Tensor:  # [B, T, 3, H, W] -> [B, 3]
         return videos.mean(dim=(1, 3, 4))
 
-    suite = M.build_metric_suite(M.MetricsConfig(metrics=["ssim", "fvd"]), video_extractor=extractor)
+    suite = M.build_metric_suite(M.MetricsConfig(metrics=["ssim", "fvd"]), video_extractor=extractor,
+                                 definitions="d2")
     res = evaluate(pred, bench, _protocol(), suite=suite, progress=False)
     assert res.mean["fvd"] == pytest.approx(0.0, abs=1e-6)
     assert "fvd" not in res.per_object["waving_robot"]
@@ -181,3 +182,48 @@ def test_rgba_predictions_are_composited_on_the_protocol_background(bench: Path,
     res = evaluate(pred, bench, _protocol(), metrics_cfg=M.MetricsConfig(metrics=["psnr"]), progress=False)
     frame0 = [s for s in res.per_frame if s.object == "bouncing_ball" and s.view == "eval_0" and s.frame == 0][0]
     assert not frame0.psnr_capped and frame0.values["psnr"] < 40
+
+
+def test_consistent4d_protocol_equals_the_script_per_frame_and_aggregated(tmp_path: Path):
+    """evaluate() under the consistent4d protocol against the script's main loop (RGBA ground truth
+    put on white, images of different sizes, 2 objects x 4 views x 2 frames): every per-image value
+    and the per-object and overall means to 1e-6 (PSNR: to 2e-5 dB, see c4d_reference.close;
+    the script averages float32 tensors in float32, we average in float64)."""
+    from c4d_reference import close, script_main, tiny_hf_clip, write_tree
+
+    model, processor = tiny_hf_clip()
+    gt_dir, pred_dir = write_tree(tmp_path, ["obj_a", "obj_b"], frames=2)
+    ref, ref_frames = script_main(gt_dir / "gt", pred_dir, model, processor, gt_rgba=True)
+    suite = M.build_metric_suite(M.MetricsConfig(metrics=["clip", "psnr", "ssim"]), clip_model=model,
+                                 clip_processor=processor, definitions="consistent4d")
+    res = evaluate(pred_dir, gt_dir, Protocol.consistent4d(num_frames=2), suite=suite, progress=False,
+                   out_dir=tmp_path / "out")
+    assert res.num_scored_frames == len(ref_frames) == 16
+    for s in res.per_frame:
+        for m in ("clip", "psnr", "ssim"):
+            assert close(m, s.values[m], ref_frames[(s.object, s.view, s.frame)][m]), (s, ref_frames[
+                (s.object, s.view, s.frame)])
+    for m in ("clip", "psnr", "ssim"):
+        for o in ("obj_a", "obj_b"):
+            assert close(m, res.per_object[o][m], float(ref[m][o])), (m, o, res.per_object[o][m], ref[m][o])
+        assert close(m, res.mean[m], float(ref[m]["average"])), (m, res.mean[m], ref[m]["average"])
+    # the mid-range images make the data-range choices matter: with a fixed range of 255 PSNR would differ
+    assert min(s.values["psnr"] for s in res.per_frame) < 40 and res.psnr_capped_frames == 0
+    back = (tmp_path / "out" / "results.md").read_text()
+    assert "metric definitions 'consistent4d'" in back
+    # a suite of the other definitions is refused before scoring
+    with pytest.raises(ValueError, match="definitions"):
+        evaluate(pred_dir, gt_dir, Protocol.d2_clean(num_frames=2), suite=suite, progress=False)
+
+
+def test_identical_prediction_under_consistent4d_gives_infinite_psnr(bench: Path, tmp_path: Path):
+    """The script's PSNR of identical images is +inf (no cap); it is kept, flagged, and survives results.json."""
+    from d2.eval.tables import load_results
+
+    pred = _copy_as_prediction(bench, tmp_path / "pred")
+    cfg = M.MetricsConfig(metrics=["psnr"])
+    res = evaluate(pred, bench, Protocol.consistent4d(num_frames=1), metrics_cfg=cfg, progress=False,
+                   objects=["bouncing_ball"], out_dir=tmp_path / "out")
+    assert res.mean["psnr"] == float("inf") and res.psnr_capped_frames == res.num_scored_frames == 4
+    back = load_results(tmp_path / "out")
+    assert back.mean["psnr"] == float("inf") and back.per_frame[0].values["psnr"] == float("inf")

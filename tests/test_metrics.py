@@ -135,7 +135,7 @@ def test_missing_weights_make_metrics_unavailable(tmp_path: Path):
                           i3d_weights=tmp_path / "i3d.pt", resolution=None)
     with pytest.raises(M.MetricUnavailable, match=str(missing)):
         M.build_lpips(missing)
-    suite = M.build_metric_suite(cfg)
+    suite = M.build_metric_suite(cfg, definitions="d2")
     assert set(suite.unavailable) == {"clip", "lpips", "fvd"}
     assert str(missing) in suite.unavailable["lpips"]
     assert suite.image_metrics == ["psnr", "ssim"]
@@ -151,14 +151,14 @@ def test_missing_weights_make_metrics_unavailable(tmp_path: Path):
 
 def test_suite_with_injected_random_nets_scores_all(lpips_net, clip_model):
     cfg = M.MetricsConfig(metrics=["clip", "lpips", "psnr", "ssim"], resolution=32, batch_size=3)
-    suite = M.build_metric_suite(cfg, clip_model=clip_model, lpips_net=lpips_net)
+    suite = M.build_metric_suite(cfg, clip_model=clip_model, lpips_net=lpips_net, definitions="d2")
     assert suite.unavailable == {}
     x, y = _structured(5, seed=10), _structured(5, seed=11)
     s = suite.score_images(x, y)
     assert all(s[k].shape == (5,) for k in ("clip", "lpips", "psnr", "ssim"))
     # batching does not change values
     whole = M.build_metric_suite(cfg.model_copy(update={"batch_size": 16}), clip_model=clip_model,
-                                 lpips_net=lpips_net).score_images(x, y)
+                                 lpips_net=lpips_net, definitions="d2").score_images(x, y)
     for k in ("clip", "lpips", "psnr", "ssim"):
         assert torch.allclose(s[k], whole[k], atol=1e-6)
     assert not math.isnan(float(s["lpips"].mean()))
@@ -198,9 +198,166 @@ def test_lpips_vgg_file_is_loaded(tmp_path: Path, lpips_net):
     net = M.build_lpips(path)
     assert torch.equal(net.net.slice1[0].weight, state["features.0.weight"])
     assert torch.equal(dict(net.net.slice5.named_children())["28"].bias, state["features.28.bias"])
-    suite = M.build_metric_suite(M.MetricsConfig(metrics=["lpips"], lpips_vgg_weights=path, resolution=None))
+    suite = M.build_metric_suite(M.MetricsConfig(metrics=["lpips"], lpips_vgg_weights=path, resolution=None),
+                                 definitions="d2")
     assert suite.unavailable == {}
     del state["features.28.weight"]
     torch.save(state, path)
     with pytest.raises(KeyError):
         M.build_lpips(path)
+
+
+# --------------------------------------------------------------------------- consistent4d definitions
+#
+# Golden tests: an independent reference that follows Consistent4D's
+# evaluation/compute_image_level_metrics.py line by line (PIL, torchmetrics, a tiny random
+# transformers CLIP with the PIL CLIPImageProcessor) against our protocol's per-image values.
+
+from c4d_reference import close, script_pair, tiny_hf_clip  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchmetrics.functional.image import peak_signal_noise_ratio as tm_psnr  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf_clip():
+    return tiny_hf_clip()
+
+
+def _smooth(h: int, w: int, lo: int, hi: int, seed: int) -> np.ndarray:
+    """Image-like uint8 [h, w, 3] with values in [lo, hi]."""
+    g = np.random.default_rng(seed)
+    low = torch.from_numpy(g.random((1, 3, 5, 5))).float()
+    x = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    x = (x.numpy() + 0.15 * g.random((h, w, 3))) / 1.15
+    return np.round(lo + (hi - lo) * x).astype(np.uint8)
+
+
+def _pairs(root: Path) -> list[tuple[Path, Path, bool]]:
+    """(pred, gt, gt_is_rgba) PNG pairs: partial and full black-to-white range (in either image), different
+    and unequal sizes, RGBA gt."""
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+
+    def save(name: str, arr: np.ndarray) -> Path:
+        p = root / f"{name}.png"
+        Image.fromarray(arr).save(p)
+        return p
+
+    # 1. mid-range only (data ranges well below 255), 64 x 64
+    out.append((save("p1", _smooth(64, 64, 60, 170, 1)), save("g1", _smooth(64, 64, 70, 190, 2)), False))
+    # 2. full black-to-white range in both, non-square 48 x 80
+    full_p, full_g = _smooth(48, 80, 0, 255, 3), _smooth(48, 80, 0, 255, 4)
+    full_p[0, 0], full_p[-1, -1] = 0, 255
+    full_g[0, 0], full_g[-1, -1] = 0, 255
+    out.append((save("p2", full_p), save("g2", full_g), False))
+    # 3. RGBA ground truth (transparent background, partly transparent edge) vs an RGB prediction, 40 x 40
+    rgb = _smooth(40, 40, 20, 230, 5)
+    alpha = np.zeros((40, 40), np.uint8)
+    alpha[8:32, 10:30] = 255
+    alpha[7, 10:30] = 128
+    rgba = np.dstack([rgb, alpha])
+    pred3 = np.where(alpha[..., None] > 0, _smooth(40, 40, 20, 230, 6), 255).astype(np.uint8)
+    out.append((save("p3", pred3), save("g3", rgba), True))
+    # 4. prediction and ground truth of different sizes (both go to 512), full range in gt only
+    out.append((save("p4", _smooth(32, 32, 30, 200, 7)), save("g4", _smooth(96, 96, 0, 255, 8)), False))
+    # 5. full-range prediction, low-contrast ground truth (SSIM's data range comes from the prediction)
+    out.append((save("p5", _smooth(24, 24, 0, 255, 11)), save("g5", _smooth(24, 24, 90, 160, 12)), False))
+    return out
+
+
+def test_consistent4d_per_image_values_equal_the_script(tmp_path: Path, hf_clip):
+    model, processor = hf_clip
+    pairs = _pairs(tmp_path)
+    suite = M.build_metric_suite(M.MetricsConfig(metrics=["clip", "psnr", "ssim"], resolution=512, batch_size=3),
+                                 clip_model=model, clip_processor=processor, definitions="consistent4d")
+    ours = suite.score_files([p for p, _, _ in pairs], [g for _, g, _ in pairs])
+    for i, (p, g, rgba) in enumerate(pairs):
+        ref = script_pair(p, g, model, processor, gt_rgba=rgba)
+        for m in ("clip", "psnr", "ssim"):
+            assert close(m, ours[m][i].item(), float(ref[m])), (i, m, ours[m][i].item(), float(ref[m]))
+    # the cases differ in what the data range does: pair 1 has no full range (PSNR's range < 255)
+    assert not ours["psnr_capped"].any()
+    r1 = np.array(Image.open(pairs[0][1]).resize((512, 512))).astype(float)
+    assert r1.max() - r1.min() < 200
+    # the d2 definitions give different numbers on the same pairs (the gap the issue measured)
+    d2 = M.build_metric_suite(M.MetricsConfig(metrics=["psnr", "ssim"], resolution=512), definitions="d2")
+    d2_vals = d2.score_files([p for p, _, _ in pairs], [g for _, g, _ in pairs])
+    assert max(abs(d2_vals["ssim"][i].item() - ours["ssim"][i].item()) for i in range(len(pairs))) > 1e-3
+
+
+def test_consistent4d_image_conversion_is_the_scripts():
+    """PIL's default resize filter is bicubic; RGBA: only alpha-0 pixels become white; the PIL
+    CLIP processor equals bicubic-to-224 + OpenAI mean/std by hand (the processor of the script's time)."""
+    from d2.eval import consistent4d as C
+
+    rgba = np.dstack([_smooth(30, 50, 0, 255, 9), np.tile(np.array([0, 77, 255], np.uint8), (30, 17))[:, :50]])
+    img = Image.fromarray(rgba)
+    conv = np.array(C.on_white(img))
+    assert (conv[rgba[..., 3] == 0] == 255).all()
+    keep = rgba[..., 3] > 0
+    assert np.array_equal(conv[keep], rgba[..., :3][keep])  # partly transparent pixels keep their colour
+    rgb = Image.fromarray(_smooth(30, 50, 0, 255, 10))
+    assert np.array_equal(np.array(C.script_image(rgb)), np.array(rgb.resize((512, 512))))
+    assert not np.array_equal(np.array(C.script_image(rgb)),
+                              np.array(rgb.resize((512, 512), resample=Image.Resampling.BILINEAR)))
+    proc = C.clip_processor_class()()
+    big = C.script_image(rgb)
+    pv = proc(images=[big], return_tensors="pt")["pixel_values"][0].numpy()
+    hand = np.asarray(big.resize((224, 224), Image.Resampling.BICUBIC)).astype(np.float32) / 255
+    hand = ((hand - np.array(M.CLIP_MEAN, np.float32)) / np.array(M.CLIP_STD, np.float32)).transpose(2, 0, 1)
+    assert np.abs(pv - hand).max() < 1e-6
+
+
+def test_consistent4d_psnr_data_range_is_passed_explicitly():
+    """With data range = gt max - min, a low-contrast ground truth gives a lower PSNR than data range 255."""
+    from d2.eval import consistent4d as C
+
+    g = torch.full((1, 3, 16, 16), 100.0)
+    g[..., :8] = 150.0  # range 50
+    p = g + 5.0
+    ours = C.psnr_script(p, g).item()
+    assert ours == pytest.approx(10 * math.log10(50.0**2 / 25.0), abs=1e-4)
+    assert ours < tm_psnr(p, g, data_range=255.0).item() - 10
+    same = C.psnr_script(g, g)
+    assert torch.isinf(same).all()  # identical images: +inf, as the script (not capped)
+
+
+@pytest.mark.slow
+def test_consistent4d_lpips_equals_torchmetrics_metric(tmp_path: Path, monkeypatch, hf_clip):
+    """LPIPS: our torchmetrics network, loaded from a VGG16 state dict, against the script's
+    LearnedPerceptualImagePatchSimilarity(net_type='vgg') whose torchvision backbone is the same
+    random VGG16 (no ImageNet weights exist here; the structure and input mapping are what is tested)."""
+    import torchvision
+    import torchmetrics.functional.image.lpips as tm_lpips_mod
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    from d2.eval import consistent4d as C
+
+    torch.manual_seed(1)
+    features = torchvision.models.vgg16(weights=None).features
+    monkeypatch.setattr(tm_lpips_mod, "_get_tv_model_features", lambda net, pretrained=False: features)
+    lpip = LearnedPerceptualImagePatchSimilarity(net_type="vgg", reduction="mean")
+    state = {f"features.{k}": v.clone() for k, v in features.state_dict().items()}
+    ours_net = C.build_lpips_script(vgg_state=state)
+    model, processor = hf_clip
+    p, g, rgba = _pairs(tmp_path)[2]
+    ref = script_pair(p, g, model, processor, gt_rgba=rgba, lpip=lpip)
+    suite = M.build_metric_suite(M.MetricsConfig(metrics=["lpips"], resolution=512), lpips_net=ours_net,
+                                 definitions="consistent4d")
+    ours = suite.score_files([p], [g])["lpips"][0].item()
+    assert ours == pytest.approx(ref["lpips"], abs=1e-6) and ours > 0
+
+
+def test_consistent4d_missing_weights_are_unavailable_with_reason(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = M.MetricsConfig(metrics=["clip", "lpips", "psnr"], lpips_vgg_weights=tmp_path / "no_vgg.pth",
+                          i3d_weights=tmp_path / "no_i3d.pt")
+    suite = M.build_metric_suite(cfg, definitions="consistent4d")
+    assert set(suite.unavailable) == {"clip", "lpips"}
+    assert "no_vgg.pth" in suite.unavailable["lpips"]
+    assert "openai/clip-vit-base-patch32" in suite.unavailable["clip"]
+    assert str(tmp_path / "hf" / "models--openai--clip-vit-base-patch32") in suite.unavailable["clip"]
+    assert suite.image_metrics == ["psnr"]
+    with pytest.raises(ValueError, match="clip_processor"):
+        M.build_metric_suite(M.MetricsConfig(metrics=["clip"]), clip_model=torch.nn.Linear(1, 1))

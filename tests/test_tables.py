@@ -18,7 +18,7 @@ from d2.eval.tables import (PUBLISHED_TABLE2, UNAVAILABLE, AblationPoint, load_r
 from d2.utils.io import load_image
 
 
-def _results(unavailable: dict[str, str] | None = None) -> Results:
+def _results(unavailable: dict[str, str] | None = None, protocol: Protocol | None = None) -> Results:
     frames = []
     for o, base in (("ball", 0.9), ("robot", 0.7)):
         for v in ("eval_0", "eval_1"):
@@ -32,7 +32,8 @@ def _results(unavailable: dict[str, str] | None = None) -> Results:
     per_view, per_object, mean = aggregate(frames, [m for m in metrics if m != "fvd"])
     if "fvd" not in unavailable:
         mean["fvd"] = 123.4
-    return Results(method="d2-test", dataset="toy", protocol=Protocol.paper(resolution=64), metrics=metrics,
+    protocol = protocol or Protocol.paper(resolution=64, metric_definitions="d2")
+    return Results(method="d2-test", dataset="toy", protocol=protocol, metrics=metrics,
                    unavailable=unavailable, per_frame=frames, per_view=per_view, per_object=per_object, mean=mean,
                    psnr_capped_frames=sum(s.psnr_capped for s in frames), num_scored_frames=len(frames),
                    generation_time_s=620.0)
@@ -79,7 +80,7 @@ def test_unavailable_metric_shows_as_unavailable_with_reason(tmp_path: Path):
 
 
 def test_table2_marks_published_rows_and_adds_ours():
-    res = _results()
+    res = _results(protocol=Protocol.paper())
     md = table2_markdown(res)
     lines = [line for line in md.splitlines() if line.startswith("| ") and "method" not in line]
     assert len(lines) == len(PUBLISHED_TABLE2) + 1
@@ -88,8 +89,30 @@ def test_table2_marks_published_rows_and_adds_ours():
     assert "| Consistent4D (published) | Optimization-based | 0.87 | 2 h |" in md
     assert lines[-1].startswith("| d2-test (measured) |") and f"{res.mean['clip']:.4f}" in lines[-1]
     assert "10.3 min" in lines[-1]
-    no_clip = table2_markdown(_results({"clip": "clip: weights missing"}))
+    no_clip = table2_markdown(_results({"clip": "clip: weights missing"}, protocol=Protocol.consistent4d()))
     assert "(measured) | Photogrammetry-based | unavailable" in no_clip
+    assert md.splitlines()[0].startswith("**Protocol 'diffusion2-paper', metric definitions 'consistent4d'")
+
+
+@pytest.mark.parametrize("protocol, why", [(Protocol.d2_clean(), "metric definitions 'd2' are ours"),
+                                           (Protocol.consistent4d(resolution=64), "not the script's 512x512")])
+def test_table2_compares_published_rows_only_under_the_script_definitions(protocol: Protocol, why: str):
+    md = table2_markdown(_results(protocol=protocol))
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "method" not in line]
+    assert len(rows) == 1 and rows[0].startswith("| d2-test (measured) |")
+    assert "(published)" not in md and "Published rows omitted" in md and why in md
+    assert f"Protocol '{protocol.name}'" in md.splitlines()[0]
+
+
+def test_tables_label_protocol_definitions_and_pooled_fvd():
+    c4d = results_markdown(_results(protocol=Protocol.consistent4d()))
+    assert c4d.startswith("**Protocol 'consistent4d', metric definitions 'consistent4d' "
+                          "(Consistent4D's evaluation script)")
+    assert "FVD (pooled) ↓" in c4d and "np.cov of one vector is NaN" in c4d
+    assert "FVD (pooled): pooled over the benchmark, not Consistent4D's per-view FVD" in c4d
+    assert "torchmetrics structural_similarity_index_measure" in c4d and "PSNR not finite" in c4d
+    ours = results_markdown(_results(protocol=Protocol.d2_clean()))
+    assert "metric definitions 'd2' (ours)" in ours and "scikit-image" in ours and "PSNR capped" in ours
 
 
 def test_ablation_table_and_figure_grid(tmp_path: Path):

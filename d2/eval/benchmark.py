@@ -11,6 +11,11 @@ Ground truth (the Consistent4D test set, or the generated mini-benchmark of
 the ground truth: ``<pred>/<object>/eval_{k}/<i>.png`` (and ``<pred>/<object>/front/<i>.png``
 when the protocol includes the front view, scored against the input frames).
 
+The official Consistent4D test set loads as distributed: ground truth as RGBA PNGs (put on
+white before scoring: under the ``consistent4d`` metric definitions as the script's README
+requires, :func:`d2.eval.consistent4d.on_white`; under ``d2`` alpha-composited on the
+protocol's background), input videos as folders of ``<i>.png``.
+
 :func:`evaluate` scores them per frame, then averages frames -> views -> objects
 (:func:`aggregate`); FVD is pooled over all (object, view) videos. Everything that was
 computed, and the protocol, go into :class:`Results`; :mod:`d2.eval.tables` writes them.
@@ -27,12 +32,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 from tqdm import tqdm
 
-from d2.eval.metrics import (ALL_METRICS, METRIC_DEFINITIONS, MetricsConfig, MetricSuite, build_metric_suite,
-                             fvd_pooled, parse_metric_list, resize_square)
+from d2.eval.metrics import (ALL_METRICS, MetricsConfig, MetricSuite, build_metric_suite, fvd_pooled,
+                             metric_definitions, parse_metric_list)
 from d2.eval.protocol import FRONT_VIEW, Protocol
 from d2.utils.io import load_image
 
@@ -134,15 +139,19 @@ def load_benchmark(gt_dir: str | Path) -> BenchmarkData:
 class FrameScore(BaseModel):
     """Metric values of one (object, view, frame)."""
 
+    model_config = ConfigDict(ser_json_inf_nan="constants")  # the script's PSNR may be +-inf / NaN
+
     object: str
     view: str
     frame: int
     values: dict[str, float]  # metric -> value
-    psnr_capped: bool = False  # PSNR hit the cap (images identical up to ~1e-5 RMS)
+    psnr_capped: bool = False  # d2: PSNR hit the cap (images identical up to ~1e-5 RMS); consistent4d: PSNR not finite
 
 
 class Results(BaseModel):
     """Everything an evaluation computed, with its protocol."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
 
     method: str = "ours"  # label of the scored method
     dataset: str = ""  # label of the ground-truth set
@@ -151,7 +160,7 @@ class Results(BaseModel):
     protocol: Protocol = Field(default_factory=Protocol)
     metrics: list[str] = Field(default_factory=list)  # requested metrics, in table order
     unavailable: dict[str, str] = Field(default_factory=dict)  # metric -> reason it was not computed
-    definitions: dict[str, str] = Field(default_factory=lambda: dict(METRIC_DEFINITIONS))
+    definitions: dict[str, str] = Field(default_factory=dict)  # metric -> definition (default: the protocol's set)
     per_frame: list[FrameScore] = Field(default_factory=list)
     per_view: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)  # object -> view -> metric
     per_object: dict[str, dict[str, float]] = Field(default_factory=dict)  # object -> metric
@@ -161,6 +170,12 @@ class Results(BaseModel):
     generation_time_s: float | None = None  # mean generation time per object, when the caller knows it
     seconds: float = 0.0  # time the evaluation took
     created_utc: str = ""
+
+    @model_validator(mode="after")
+    def _protocol_definitions(self) -> "Results":
+        if not self.definitions:
+            self.definitions = metric_definitions(self.protocol.metric_definitions)
+        return self
 
     @property
     def objects(self) -> list[str]:
@@ -256,10 +271,15 @@ def evaluate(
         objects: subset of objects (default: every object of the ground truth).
         out_dir: when given, the results files are written there (:func:`d2.eval.tables.write_results`).
         suite: ready metric networks (tests inject tiny random ones); overrides ``metrics_cfg``'s weights.
+            Its ``definitions`` must be the protocol's ``metric_definitions`` (else ``ValueError``
+            before any scoring).
         generation_time_s: mean generation time per object, reported in the Table-2 view.
 
     Returns:
-        :class:`Results` with per-frame scores and the frames -> views -> objects means.
+        :class:`Results` with per-frame scores and the frames -> views -> objects means. Under the
+        ``consistent4d`` definitions the image files are scored as Consistent4D's script scores
+        them (:mod:`d2.eval.consistent4d`); under ``d2`` they are loaded in [0, 1] at the
+        protocol's resolution.
     """
     t0 = time.perf_counter()
     protocol = protocol or Protocol()
@@ -294,8 +314,12 @@ def evaluate(
 
     cfg = metrics_cfg.model_copy(update={"resolution": protocol.resolution})
     if suite is None:
-        suite = build_metric_suite(cfg)
+        suite = build_metric_suite(cfg, definitions=protocol.metric_definitions)
     else:
+        if suite.definitions != protocol.metric_definitions:
+            raise ValueError(f"the metric suite computes the {suite.definitions!r} definitions but protocol "
+                             f"{protocol.name!r} uses {protocol.metric_definitions!r}; build it with "
+                             f"build_metric_suite(cfg, definitions={protocol.metric_definitions!r})")
         suite.resolution = protocol.resolution
     suite.require(required)  # before any scoring
 
@@ -308,16 +332,16 @@ def evaluate(
     for o, v in tqdm(pairs, desc="evaluate", disable=not progress):
         frames = frames_of[(o, v)]
         gt_paths = data.frame_paths(o, v)
-        gt = torch.stack([load_image(gt_paths[f], protocol.resolution, background) for f in frames])  # [F, 3, R, R]
-        pr = torch.stack([load_image(pred_paths[(o, v)][f], protocol.resolution, background) for f in frames])
-        scores = suite.score_images(pr, gt) if suite.image_metrics else {}
+        gt_files = [gt_paths[f] for f in frames]
+        pr_files = [pred_paths[(o, v)][f] for f in frames]
+        scores = suite.score_files(pr_files, gt_files, background) if suite.image_metrics else {}
         for i, f in enumerate(frames):
             vals = {m: float(scores[m][i]) for m in suite.image_metrics}
             capped = bool(scores["psnr_capped"][i]) if "psnr_capped" in scores else False
             per_frame.append(FrameScore(object=o, view=v, frame=f, values=vals, psnr_capped=capped))
         if want_fvd:
-            fvd_pred.append(resize_square(pr, FVD_SIZE))
-            fvd_gt.append(resize_square(gt, FVD_SIZE))
+            fvd_pred.append(torch.stack([load_image(p, FVD_SIZE, background) for p in pr_files]))  # [F, 3, 224, 224]
+            fvd_gt.append(torch.stack([load_image(p, FVD_SIZE, background) for p in gt_files]))
 
     image_metrics = [m for m in suite.requested if m != "fvd"]
     per_view, per_object, mean = aggregate(per_frame, image_metrics)
@@ -357,13 +381,13 @@ def evaluate_command(
 ) -> Results:
     """``d2 evaluate --pred DIR --gt DIR [--require-metrics clip,lpips] [--out DIR]``.
 
-    ``protocol`` may be a :class:`Protocol` or a preset name (``consistent4d`` | ``paper``).
+    ``protocol`` may be a :class:`Protocol` or a preset name (``consistent4d`` | ``paper`` | ``d2-clean``).
     Prints the per-object table and writes the results files to ``out`` (default:
     ``<pred>/eval``). Raises :class:`MetricUnavailable` for an unavailable required metric
     and :class:`BenchmarkError` for a layout mismatch.
     """
     if isinstance(protocol, str):
-        presets = {"consistent4d": Protocol.consistent4d, "paper": Protocol.paper}
+        presets = {"consistent4d": Protocol.consistent4d, "paper": Protocol.paper, "d2-clean": Protocol.d2_clean}
         if protocol not in presets:
             raise ValueError(f"unknown protocol preset {protocol!r}; known: {list(presets)}")
         protocol = presets[protocol]()

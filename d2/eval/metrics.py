@@ -1,6 +1,17 @@
 """Image and video metrics: SSIM, PSNR, LPIPS (VGG), CLIP similarity, FVD.
 
-Conventions: images are float ``[N, 3, H, W]`` in [0, 1] (white background); every
+Two sets of image-metric definitions (a protocol chooses one, ``Protocol.metric_definitions``):
+
+* ``consistent4d``: what Consistent4D's ``evaluation/compute_image_level_metrics.py`` computes
+  (torchmetrics PSNR / SSIM / LPIPS and transformers CLIP on 512 px PIL-bicubic images in
+  [0, 255]); see :mod:`d2.eval.consistent4d`. Published Consistent4D-benchmark numbers compare
+  only with these.
+* ``d2``: our own definitions below (images in [0, 1], PSNR with data range 1 and a cap,
+  scikit-image SSIM over valid windows, ``lpips`` package LPIPS, open_clip CLIP).
+
+A :class:`MetricSuite` is built for one set (``build_metric_suite(..., definitions=...)``).
+
+Conventions of the ``d2`` definitions: images are float ``[N, 3, H, W]`` in [0, 1] (white background); every
 per-image metric returns one value per pair, ``[N]``. SSIM, PSNR and LPIPS are
 differentiable (the fitting stage uses SSIM and LPIPS as losses).
 
@@ -22,7 +33,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol as TypingProtocol
+from typing import Any, Literal, Protocol as TypingProtocol
 
 import numpy as np
 import torch
@@ -31,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 MetricName = Literal["clip", "lpips", "psnr", "ssim", "fvd"]
+Definitions = Literal["consistent4d", "d2"]  # image-metric formulas: Consistent4D's script, or ours
 ALL_METRICS: tuple[str, ...] = ("clip", "lpips", "psnr", "ssim", "fvd")
 # Direction of each metric (True: higher is better), for tables.
 HIGHER_IS_BETTER: dict[str, bool] = {"clip": True, "lpips": False, "psnr": True, "ssim": True, "fvd": False}
@@ -49,6 +61,22 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # PSNR of identical images is +inf; we report it capped at this value and flag it.
 PSNR_CAP_DB = 100.0
 
+# FVD is ours under both definition sets (one number per benchmark); the text says how it
+# differs from Consistent4D's compute_fvd.py.
+FVD_DEFINITION = (
+    "pooled over the benchmark, not Consistent4D's per-view FVD: one I3D (Kinetics-400, StyleGAN-V TorchScript, 400-d "
+    "logits) feature per (object, view) video of the scored frames, bilinear to 224, in [-1, 1]; Frechet "
+    "distance between Gaussians fitted to all predicted and all ground-truth videos pooled over objects and "
+    "views (one number per benchmark). With N videos per side the covariances have rank <= N-1 (28 for "
+    "Consistent4D's 7 objects x 4 views), so values compare only at equal N. Consistent4D's compute_fvd.py "
+    "instead takes each (object, view) pair alone: the frames of one predicted and one ground-truth video "
+    "(PIL bicubic per channel to 224, [-1, 1]) through DisCo's I3D (i3d_pretrained_400.pt), 400-d logits "
+    "averaged over time, i.e. one feature vector per side; np.cov of one vector is NaN in every entry "
+    "(ddof 1), so its Frechet distance is undefined: scipy.linalg.sqrtm of the NaN product raises (ValueError "
+    "where sqrtm checks finiteness, LinAlgError for small matrices in SciPy 1.17, where a 400 x 400 one did not "
+    "return within a minute), and the per-view mean it would average over views and objects cannot be "
+    "reproduced.")
+
 METRIC_DEFINITIONS: dict[str, str] = {
     "clip": "CLIP similarity: cosine of CLIP ViT-B/32 (OpenAI weights, open-clip-torch) image features of "
             "prediction and ground truth; images resized to the eval resolution, then bicubic to 224 and "
@@ -59,12 +87,19 @@ METRIC_DEFINITIONS: dict[str, str] = {
             f"(MSE = 0) are capped at {PSNR_CAP_DB:g} dB and counted as capped.",
     "ssim": "SSIM (Wang et al. 2004): Gaussian window 11x11, sigma 1.5, K1 = 0.01, K2 = 0.03, data range 1, "
             "valid windows only, per channel then averaged (= scikit-image, gaussian_weights=True).",
-    "fvd": "FVD (pooled): one I3D (Kinetics-400, TorchScript) feature per (object, view) video of the scored "
-           "frames, resized to 224, in [-1, 1]; Frechet distance between Gaussians fitted to all predicted "
-           "and all ground-truth videos pooled over objects and views (one number per benchmark, not per "
-           "object: one video per side has no covariance). With N videos per side the covariances have rank "
-           "<= N-1 (28 for Consistent4D's 7 objects x 4 views), so values compare only at equal N.",
+    "fvd": FVD_DEFINITION,
 }
+
+
+def metric_definitions(definitions: str = "d2") -> dict[str, str]:
+    """Metric -> one-line definition, for ``definitions`` ``"consistent4d"`` (the script's) or ``"d2"``."""
+    if definitions == "consistent4d":
+        from d2.eval.consistent4d import C4D_METRIC_DEFINITIONS
+
+        return {**C4D_METRIC_DEFINITIONS, "fvd": FVD_DEFINITION}
+    if definitions == "d2":
+        return dict(METRIC_DEFINITIONS)
+    raise ValueError(f"unknown metric definitions {definitions!r}; known: consistent4d, d2")
 
 
 class MetricUnavailable(RuntimeError):
@@ -77,11 +112,12 @@ class MetricsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     metrics: list[MetricName] = Field(default_factory=lambda: list(ALL_METRICS))  # metrics to compute
-    clip_weights: Path | None = None  # OpenAI ViT-B/32 checkpoint (open_clip .safetensors/.bin or OpenAI ViT-B-32.pt); None: search caches
+    clip_weights: Path | None = None  # d2 definitions: OpenAI ViT-B/32 checkpoint (open_clip .safetensors/.bin or OpenAI ViT-B-32.pt); None: search caches
+    hf_clip_model: str = "openai/clip-vit-base-patch32"  # consistent4d definitions: transformers CLIP, a hub id read from the Hugging Face cache only (no download) or a local folder
     lpips_vgg_weights: Path | None = None  # torchvision vgg16-397923af.pth; None: search the torch hub cache
     i3d_weights: Path | None = None  # I3D TorchScript file for FVD; None: search $D2_WEIGHTS_DIR
     device: str = "cpu"  # torch device the metric networks run on
-    resolution: int | None = 512  # images are resized to this square size before scoring (None: native)
+    resolution: int | None = 512  # images are resized to this square size before scoring (None: native); evaluate() sets it to protocol.resolution
     batch_size: int = Field(16, ge=1)  # images per forward pass of CLIP / LPIPS
 
 
@@ -471,18 +507,22 @@ def fvd_pooled(pred_videos: list[Tensor], gt_videos: list[Tensor], extractor: Vi
 class MetricSuite:
     """The metrics of one evaluation, with the reason for each that is unavailable.
 
-    Build with :func:`build_metric_suite`; ``score_images`` gives per-pair values of the
-    available per-image metrics; FVD is pooled (see :func:`fvd_pooled`).
+    Build with :func:`build_metric_suite`; ``definitions`` says which formulas the per-image
+    metrics follow (``consistent4d``: Consistent4D's script, :mod:`d2.eval.consistent4d`;
+    ``d2``: ours). :meth:`score_files` scores image files, :meth:`score_images` tensors; FVD is
+    pooled (see :func:`fvd_pooled`).
     """
 
     requested: list[str]
     resolution: int | None = 512
     batch_size: int = 16
     device: str = "cpu"
-    clip_model: torch.nn.Module | None = None
-    lpips_net: torch.nn.Module | None = None
+    clip_model: torch.nn.Module | None = None  # open_clip CLIP (d2) or transformers CLIPModel (consistent4d)
+    lpips_net: torch.nn.Module | None = None  # lpips package net (d2) or torchmetrics' LPIPS net (consistent4d)
     video_extractor: VideoFeatureExtractor | None = None
     unavailable: dict[str, str] = field(default_factory=dict)
+    definitions: str = "consistent4d"  # image-metric formulas: "consistent4d" (the script's) or "d2"
+    clip_processor: Any = None  # consistent4d: the PIL CLIPImageProcessor paired with clip_model
 
     @property
     def available(self) -> list[str]:
@@ -509,11 +549,17 @@ class MetricSuite:
         """Per-pair values of every available image metric.
 
         Args:
-            pred, gt: [N, 3, H, W] in [0, 1].
+            pred, gt: [N, 3, H, W] in [0, 1]. Under the ``consistent4d`` definitions they are
+                first rounded to 8 bits (as a PNG stores them) and scored like files.
         Returns:
-            name -> [N] float64 on CPU, plus ``psnr_capped`` -> [N] bool when PSNR is computed.
+            name -> [N] float64 on CPU, plus ``psnr_capped`` -> [N] bool when PSNR is computed
+            (``consistent4d``: PSNR not finite, the script's value kept).
         """
         _check_pair(pred, gt, "score_images")
+        if self.definitions == "consistent4d":
+            from d2.eval.consistent4d import tensor_to_pil
+
+            return self.score_pil([tensor_to_pil(x) for x in pred], [tensor_to_pil(x) for x in gt])
         out: dict[str, list[Tensor]] = {}
         for i in range(0, pred.shape[0], self.batch_size):
             p = resize_square(pred[i:i + self.batch_size].float(), self.resolution).to(self.device)
@@ -533,28 +579,113 @@ class MetricSuite:
                 out.setdefault(k, []).append(v.detach().cpu())
         return {k: (torch.cat(v) if k == "psnr_capped" else torch.cat(v).double()) for k, v in out.items()}
 
+    @torch.no_grad()
+    def score_pil(self, pred: list, gt: list) -> dict[str, Tensor]:
+        """Consistent4D definitions on PIL images (any size; RGBA put on white, resized to
+        ``resolution`` by PIL bicubic: the script's 512 unless the protocol says otherwise).
+
+        Returns:
+            name -> [N] float64, plus ``psnr_capped`` -> [N] bool (PSNR not finite).
+        """
+        from d2.eval import consistent4d as C
+
+        if self.definitions != "consistent4d":
+            raise ValueError(f"score_pil computes the consistent4d definitions; this suite is {self.definitions!r}")
+        if len(pred) != len(gt):
+            raise ValueError(f"score_pil: {len(pred)} predictions vs {len(gt)} ground-truth images")
+        size = self.resolution or C.SCRIPT_SIZE
+        out: dict[str, list[Tensor]] = {}
+        for i in range(0, len(pred), self.batch_size):
+            pp = [C.script_image(x, size) for x in pred[i:i + self.batch_size]]
+            gp = [C.script_image(x, size) for x in gt[i:i + self.batch_size]]
+            p255, g255 = C.to_tensor255(pp), C.to_tensor255(gp)  # [B, 3, S, S] in [0, 255]
+            vals: dict[str, Tensor] = {}
+            for m in self.image_metrics:
+                if m == "psnr":
+                    vals["psnr"] = C.psnr_script(p255, g255)
+                    vals["psnr_capped"] = ~torch.isfinite(vals["psnr"])
+                elif m == "ssim":
+                    vals["ssim"] = C.ssim_script(p255, g255)
+                elif m == "lpips":  # one pair at a time, as the script (VGG features of 512 px images are large)
+                    vals["lpips"] = torch.cat([C.lpips_script(self.lpips_net, p255[j:j + 1], g255[j:j + 1])
+                                               for j in range(p255.shape[0])])
+                elif m == "clip":
+                    vals["clip"] = C.clip_script(self.clip_model, self.clip_processor, pp, gp)
+            for k, v in vals.items():
+                out.setdefault(k, []).append(v.detach().cpu())
+        return {k: (torch.cat(v) if k == "psnr_capped" else torch.cat(v).double()) for k, v in out.items()}
+
+    def score_files(self, pred: list[Path], gt: list[Path], background: float = 1.0) -> dict[str, Tensor]:
+        """Per-pair values for image files (prediction, ground truth), under this suite's definitions.
+
+        ``consistent4d``: the files are opened with PIL and scored as the script does
+        (:meth:`score_pil`). ``d2``: loaded in [0, 1] with alpha composited on ``background``,
+        resized to ``resolution`` (:meth:`score_images`).
+        """
+        if len(pred) != len(gt):
+            raise ValueError(f"score_files: {len(pred)} predictions vs {len(gt)} ground-truth files")
+        if self.definitions == "consistent4d":
+            from PIL import Image
+
+            def opened(p: Path) -> Any:
+                im = Image.open(p)
+                im.load()
+                return im
+
+            return self.score_pil([opened(p) for p in pred], [opened(p) for p in gt])
+        from d2.utils.io import load_image
+
+        pr = torch.stack([load_image(p, self.resolution, background) for p in pred])
+        g = torch.stack([load_image(p, self.resolution, background) for p in gt])
+        return self.score_images(pr, g)
+
 
 def build_metric_suite(
     cfg: MetricsConfig,
     clip_model: torch.nn.Module | None = None,
     lpips_net: torch.nn.Module | None = None,
     video_extractor: VideoFeatureExtractor | None = None,
+    *,
+    definitions: Definitions = "consistent4d",
+    clip_processor: Any = None,
 ) -> MetricSuite:
     """Load the networks of the requested metrics; missing weights mark a metric unavailable.
 
-    ``clip_model`` / ``lpips_net`` / ``video_extractor`` inject ready networks (tests use
-    tiny random ones); otherwise they are loaded from the config's weight paths.
+    ``definitions``: ``"consistent4d"`` (Consistent4D's script: transformers CLIP from the
+    Hugging Face cache, torchmetrics LPIPS) or ``"d2"`` (open_clip CLIP, ``lpips`` LPIPS); it
+    must match the protocol's ``metric_definitions`` when the suite is passed to ``evaluate``.
+    ``clip_model`` (+ ``clip_processor`` for consistent4d) / ``lpips_net`` / ``video_extractor``
+    inject ready networks (tests use tiny random ones); otherwise they are loaded from the
+    config's weight paths.
     """
+    if definitions not in ("consistent4d", "d2"):
+        raise ValueError(f"unknown metric definitions {definitions!r}; known: consistent4d, d2")
     suite = MetricSuite(requested=list(dict.fromkeys(cfg.metrics)), resolution=cfg.resolution,
-                        batch_size=cfg.batch_size, device=cfg.device)
+                        batch_size=cfg.batch_size, device=cfg.device, definitions=definitions)
+    c4d = definitions == "consistent4d"
     if "clip" in suite.requested:
         try:
+            if c4d:
+                if clip_model is not None and clip_processor is None:
+                    raise ValueError("build_metric_suite: a consistent4d clip_model needs its clip_processor")
+                if clip_model is None:
+                    from d2.eval.consistent4d import load_clip_script
+
+                    clip_model, clip_processor = load_clip_script(cfg.hf_clip_model, cfg.device)
+                suite.clip_processor = clip_processor
             suite.clip_model = (clip_model or load_clip_model(cfg.clip_weights, cfg.device)).to(cfg.device)
         except MetricUnavailable as e:
             suite.unavailable["clip"] = str(e)
     if "lpips" in suite.requested:
         try:
-            suite.lpips_net = (lpips_net or build_lpips(cfg.lpips_vgg_weights, device=cfg.device)).to(cfg.device)
+            if lpips_net is None:
+                if c4d:
+                    from d2.eval.consistent4d import build_lpips_script
+
+                    lpips_net = build_lpips_script(cfg.lpips_vgg_weights, device=cfg.device)
+                else:
+                    lpips_net = build_lpips(cfg.lpips_vgg_weights, device=cfg.device)
+            suite.lpips_net = lpips_net.to(cfg.device)
         except MetricUnavailable as e:
             suite.unavailable["lpips"] = str(e)
     if "fvd" in suite.requested:
@@ -581,6 +712,6 @@ __all__ = [
     "ALL_METRICS", "HIGHER_IS_BETTER", "METRIC_DEFINITIONS", "MetricSuite", "MetricUnavailable", "MetricsConfig",
     "I3DFeatures", "VideoFeatureExtractor", "build_lpips", "build_metric_suite", "clip_image_features",
     "clip_preprocess", "clip_similarity", "frechet_distance", "fvd_pooled", "load_clip_checkpoint", "load_clip_model",
-    "lpips_distance",
+    "lpips_distance", "metric_definitions",
     "mse", "parse_metric_list", "psnr", "psnr_capped", "resize_square", "ssim", "tiny_clip_model",
 ]

@@ -8,6 +8,15 @@ frames; Diffusion² scored the first 25 and also the front view (the input frame
 Aggregation: mean over frames, then over views, then over objects (FVD: pooled over all
 (object, view) videos, one number per benchmark).
 
+Metric definitions (``metric_definitions``): ``consistent4d`` computes what Consistent4D's
+``evaluation/compute_image_level_metrics.py`` computes (images resized to 512 by PIL bicubic,
+torchmetrics PSNR / SSIM / LPIPS, transformers CLIP; :mod:`d2.eval.consistent4d`): the only
+definitions under which published Consistent4D-benchmark numbers compare. ``d2`` is our own
+cleaner set (:mod:`d2.eval.metrics`), preset :meth:`Protocol.d2_clean`. The script divides
+the sum of its 4 views' means by 4; we take the mean over views, the same number for 4 views.
+FVD is our pooled FVD under both (see ``d2.eval.metrics.FVD_DEFINITION`` for what the
+script's ``compute_fvd.py`` computes instead).
+
 The front view, when included, is the view ``front``: the prediction's
 ``<object>/front/<i>.png`` against the ground truth's input frames ``input/<object>/<i>.png``.
 """
@@ -16,10 +25,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_EVAL_AZIMUTHS: tuple[float, ...] = (-75.0, 15.0, 105.0, 195.0)
 FRONT_VIEW = "front"  # name of the front (input) view in prediction folders
+SCRIPT_RESOLUTION = 512  # Consistent4D's evaluation script resizes every image to this size
 
 
 class Protocol(BaseModel):
@@ -34,7 +44,8 @@ class Protocol(BaseModel):
     include_front_view: bool = False  # also score the front view (prediction `front/` vs the input frames)
     num_frames: int | None = Field(32, ge=1)  # score frames 0..num_frames-1 (None: every frame present)
     background: Literal["white", "black"] = "white"  # background the renders are composited on
-    resolution: int = Field(512, ge=16)  # images are resized to this square size before every metric
+    resolution: int = Field(512, ge=16)  # images are resized to this square size before every metric (the consistent4d definitions: 512, as the script)
+    metric_definitions: Literal["consistent4d", "d2"] = "consistent4d"  # image-metric formulas: Consistent4D's evaluation script, or our own (d2)
     aggregation: tuple[Literal["frames"], Literal["views"], Literal["objects"]] = ("frames", "views", "objects")  # mean order (fixed)
 
     @field_validator("eval_azimuths_deg")
@@ -44,10 +55,29 @@ class Protocol(BaseModel):
             raise ValueError("eval_azimuths_deg must not be empty")
         return v
 
+    @model_validator(mode="after")
+    def _script_background(self) -> "Protocol":
+        if self.metric_definitions == "consistent4d" and self.background != "white":
+            raise ValueError("the consistent4d metric definitions put images on white (as the script's README "
+                             "requires); use background: white or metric_definitions: d2")
+        return self
+
     @classmethod
     def consistent4d(cls, **kw) -> "Protocol":
-        """Consistent4D's protocol: 4 novel views, 32 frames, no front view."""
+        """Consistent4D's protocol: 4 novel views, 32 frames, no front view, the script's metrics at 512 px."""
         return cls(**kw)
+
+    @classmethod
+    def d2_clean(cls, **kw) -> "Protocol":
+        """Consistent4D's views and frames with our own metric definitions (not comparable with published rows)."""
+        base = dict(name="d2-clean", metric_definitions="d2")
+        base.update(kw)
+        return cls(**base)
+
+    def compares_with_published(self) -> bool:
+        """Whether the image metrics are computed as Consistent4D's script computes them (its
+        definitions at its 512 px): the condition for printing published rows beside ours."""
+        return self.metric_definitions == "consistent4d" and self.resolution == SCRIPT_RESOLUTION
 
     @classmethod
     def paper(cls, **kw) -> "Protocol":
@@ -72,7 +102,15 @@ class Protocol(BaseModel):
         """One paragraph for table footers."""
         views = ", ".join(f"{k} = {a:g} deg" for k, a in self.view_azimuths().items())
         frames = "all frames present" if self.num_frames is None else f"the first {self.num_frames} frames"
+        if self.metric_definitions == "consistent4d":
+            defs = ("metric definitions 'consistent4d': Consistent4D's compute_image_level_metrics.py (RGBA put on "
+                    f"white, PIL bicubic to {self.resolution}x{self.resolution}, torchmetrics PSNR/SSIM/LPIPS, "
+                    "transformers CLIP)")
+            if self.resolution != SCRIPT_RESOLUTION:
+                defs += f"; NOT the script's numbers: it resizes to {SCRIPT_RESOLUTION}x{SCRIPT_RESOLUTION}"
+        else:
+            defs = (f"metric definitions 'd2' (ours; not comparable with published Consistent4D numbers): images "
+                    f"resized to {self.resolution}x{self.resolution}")
         return (f"Protocol '{self.name}': input video at azimuth {self.input_azimuth_deg:g} deg; scored views "
-                f"{views} (elevation {self.elevation_deg:g} deg); {frames}; {self.background} background; images "
-                f"resized to {self.resolution}x{self.resolution}; mean over frames, then views, then objects "
-                f"(FVD pooled over all object-view videos).")
+                f"{views} (elevation {self.elevation_deg:g} deg); {frames}; {self.background} background; {defs}; "
+                f"mean over frames, then views, then objects (FVD pooled over all object-view videos).")

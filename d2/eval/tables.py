@@ -10,7 +10,13 @@ Files written by :func:`write_results` into ``out_dir``:
 * ``results.md`` / ``results.tex``: the same table with a footer (protocol, metric definitions,
   unavailable metrics and why, PSNR caps);
 * ``table2.md`` / ``table2.tex``: the paper's Table 2 (CLIP similarity, generation time): the
-  published rows, marked as published, and our measured row.
+  published rows, marked as published, beside our measured row only when the run used the
+  ``consistent4d`` metric definitions at the script's 512 px (the published numbers come from
+  Consistent4D's evaluation script); otherwise our row alone, with the reason.
+
+Every table names the protocol (and its metric definitions) that made it. FVD is labelled
+"FVD (pooled)": one number per benchmark, not Consistent4D's per-view FVD (see
+``d2.eval.metrics.FVD_DEFINITION``).
 
 A metric that could not be computed appears as ``unavailable``, never as a number.
 """
@@ -37,7 +43,7 @@ if TYPE_CHECKING:
 UNAVAILABLE = "unavailable"
 NOT_APPLICABLE = "-"  # e.g. FVD per object (pooled over the benchmark only)
 CAP_MARK = "†"  # marks PSNR cells that include capped (identical-image) values
-METRIC_LABELS = {"clip": "CLIP", "lpips": "LPIPS", "psnr": "PSNR", "ssim": "SSIM", "fvd": "FVD"}
+METRIC_LABELS = {"clip": "CLIP", "lpips": "LPIPS", "psnr": "PSNR", "ssim": "SSIM", "fvd": "FVD (pooled)"}
 DIGITS = {"clip": 4, "lpips": 4, "psnr": 2, "ssim": 4, "fvd": 1}
 
 
@@ -128,15 +134,29 @@ def footer_lines(results: "Results") -> list[str]:
     for m, why in results.unavailable.items():
         lines.append(f"{METRIC_LABELS.get(m, m)} unavailable: {_reason(m, why)}")
     if "psnr" in results.metrics and "psnr" not in results.unavailable:
-        lines.append(f"PSNR capped (identical images) in {results.psnr_capped_frames} of "
-                     f"{results.num_scored_frames} images (cells marked {CAP_MARK}).")
+        if results.protocol.metric_definitions == "consistent4d":
+            lines.append(f"PSNR not finite (identical images: +inf; constant ground truth: -inf or NaN; kept as the "
+                         f"script computes it) in {results.psnr_capped_frames} of {results.num_scored_frames} images "
+                         f"(cells marked {CAP_MARK}).")
+        else:
+            lines.append(f"PSNR capped (identical images) in {results.psnr_capped_frames} of "
+                         f"{results.num_scored_frames} images (cells marked {CAP_MARK}).")
     return lines
+
+
+def protocol_line(results: "Results") -> str:
+    """The protocol that made a table, in one line (its first line in Markdown)."""
+    p = results.protocol
+    return (f"Protocol '{p.name}', metric definitions '{p.metric_definitions}'"
+            + (" (Consistent4D's evaluation script)" if p.metric_definitions == "consistent4d" else " (ours)")
+            + f": {results.method} on {results.dataset or results.gt_dir or 'the benchmark'}")
 
 
 def results_markdown(results: "Results") -> str:
     """The per-object table in Markdown, with its footer."""
     head = ["object"] + _header(results)
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(results.metrics)) + "|"]
+    out = [f"**{protocol_line(results)}**", "", "| " + " | ".join(head) + " |",
+           "|" + "|".join(["---"] + ["---:"] * len(results.metrics)) + "|"]
     rows = results_rows(results, mark_capped=True)
     for i, r in enumerate(rows):
         cells = [f"**{c}**" if i == len(rows) - 1 else c for c in r]
@@ -172,7 +192,7 @@ def _tex_table(head: list[str], rows: list[list[str]], caption: str, notes: list
 def results_latex(results: "Results") -> str:
     """The per-object table as a LaTeX ``table`` (booktabs) with the footer as notes."""
     return _tex_table(["object"] + _header(results), results_rows(results, mark_capped=True),
-                      f"{results.method} on {results.dataset or 'the benchmark'}", footer_lines(results), True)
+                      protocol_line(results), footer_lines(results), True)
 
 
 def results_csv(results: "Results") -> str:
@@ -198,27 +218,44 @@ def _reason(metric: str, why: str) -> str:
 
 
 def table2_rows(results: "Results") -> list[list[str]]:
-    """Method, type, CLIP, time, source rows: the published ones, then ours (measured)."""
-    rows = [[f"{p.method} (published)", p.kind, f"{p.clip:.2f}" if p.clip is not None else NOT_APPLICABLE,
-             p.time or NOT_APPLICABLE, p.source] for p in PUBLISHED_TABLE2]
+    """Method, type, CLIP, time, source rows: the published ones (only when the protocol computes the
+    script's metrics, :meth:`~d2.eval.protocol.Protocol.compares_with_published`), then ours (measured)."""
+    rows = []
+    if results.protocol.compares_with_published():
+        rows = [[f"{p.method} (published)", p.kind, f"{p.clip:.2f}" if p.clip is not None else NOT_APPLICABLE,
+                 p.time or NOT_APPLICABLE, p.source] for p in PUBLISHED_TABLE2]
     clip = format_value("clip", results.mean.get("clip"), "clip" in results.unavailable or "clip" not in results.metrics)
     rows.append([f"{results.method} (measured)", "Photogrammetry-based", clip, format_time(results.generation_time_s),
                  f"this run: {results.dataset or results.gt_dir}, protocol '{results.protocol.name}'"])
     return rows
 
 
-TABLE2_NOTE = ("Published rows are the figures as printed (Consistent4D test set, each paper's own protocol and "
-               "scripts); published numbers for the same method disagree across papers, so only re-scored "
-               "numbers compare. SV4D also reports LPIPS 0.118 and FVD 732 on the same set. The measured row "
-               "is this run, under the protocol below.")
+TABLE2_NOTE = ("Published rows are the figures as printed (Consistent4D test set, scored with Consistent4D's "
+               "evaluation script, compute_image_level_metrics.py, as each paper ran it); published numbers for the "
+               "same method disagree across papers, so only re-scored numbers compare. SV4D also reports LPIPS "
+               "0.118 and FVD 732 on the same set. The measured row is this run, under the protocol below.")
+
+
+def table2_notes(results: "Results") -> list[str]:
+    """The notes under Table 2: why published rows are (or are not) shown, and the protocol."""
+    p = results.protocol
+    if p.compares_with_published():
+        first = TABLE2_NOTE
+    else:
+        why = (f"metric definitions '{p.metric_definitions}' are ours" if p.metric_definitions != "consistent4d"
+               else f"images were resized to {p.resolution}x{p.resolution}, not the script's 512x512")
+        first = (f"Published rows omitted: they were scored with Consistent4D's evaluation script; this run's "
+                 f"{why}, so its numbers do not compare with them (protocol 'consistent4d' does).")
+    return [first, p.describe()]
 
 
 def table2_markdown(results: "Results") -> str:
     """Table 2 of the paper (video-to-4D: CLIP similarity, generation time) with our measured row."""
-    out = ["| method | type | CLIP ↑ | time ↓ | source |", "|---|---|---:|---:|---|"]
+    out = [f"**{protocol_line(results)}**", "", "| method | type | CLIP ↑ | time ↓ | source |",
+           "|---|---|---:|---:|---|"]
     for r in table2_rows(results):
         out.append("| " + " | ".join(r) + " |")
-    out += ["", f"- {TABLE2_NOTE}", f"- {results.protocol.describe()}"]
+    out += [""] + [f"- {n}" for n in table2_notes(results)]
     if "clip" in results.unavailable:
         out.append(f"- CLIP unavailable: {_reason('clip', results.unavailable['clip'])}")
     return "\n".join(out) + "\n"
@@ -226,9 +263,8 @@ def table2_markdown(results: "Results") -> str:
 
 def table2_latex(results: "Results") -> str:
     """Table 2 as LaTeX."""
-    notes = [TABLE2_NOTE, results.protocol.describe()]
     return _tex_table(["method", "type", "CLIP ↑", "time ↓", "source"], table2_rows(results),
-                      "Video-to-4D on Consistent4D-style data", notes, False)
+                      f"Video-to-4D on Consistent4D-style data. {protocol_line(results)}", table2_notes(results), False)
 
 
 def write_results(results: "Results", out_dir: str | Path) -> dict[str, Path]:

@@ -401,7 +401,7 @@ def check_runtime(params: BaseModel, devices: tuple[str, ...], fits: bool, score
         if isinstance(value, str):
             _check_device(key, value)
     if fits and params.fit.lambda_lpips > 0:
-        from d2.eval.metrics import _find_file, vgg16_search_paths
+        from d2.eval.perceptual import _find_file, vgg16_search_paths
 
         paths = vgg16_search_paths(params.fit.lpips_vgg_weights)
         if _find_file(paths) is None:

@@ -312,7 +312,7 @@ def test_rasterizer_reports_screen_space_means_and_visibility() -> None:
 
 def test_lpips_is_in_the_loss_whenever_its_weights_load(tmp_path: Path, monkeypatch) -> None:
     """Found weights (here a random VGG backbone stands in for them): LPIPS joins the loss."""
-    import d2.eval.metrics as metrics
+    import d2.eval.perceptual as metrics
 
     real = metrics.build_lpips
     monkeypatch.setattr(metrics, "build_lpips", lambda *a, **k: real(random_backbone=True, device="cpu"))

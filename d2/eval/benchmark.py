@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 from tqdm import tqdm
 
 from d2.eval.metrics import (ALL_METRICS, MetricsConfig, MetricSuite, build_metric_suite, fvd_pooled,
-                             metric_definitions, parse_metric_list)
+                             parse_metric_list)
 from d2.eval.protocol import FRONT_VIEW, Protocol
+from d2.eval.results import FrameScore, Results, aggregate  # noqa: F401  (part of this module's API)
 from d2.utils.io import load_image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -77,22 +77,40 @@ class BenchmarkData:
     input_root: Path  # <root>/input (may be missing: no front view, no input frames)
     objects: list[str]
     meta: dict | None
+    gt_dirs: dict[str, Path] | None = None  # object -> its ground-truth folder, where not <gt_root>/<object>
+    input_dirs: dict[str, Path] | None = None  # object -> its input frames, where not <input_root>/<object>
+
+    @classmethod
+    def of_object(cls, name: str, gt_dir: Path, input_dir: Path | None = None) -> "BenchmarkData":
+        """One object's ground truth (``gt_dir/eval_k/<i>.png``, and its input frames) wherever it lies."""
+        gt_dir = Path(gt_dir)
+        inputs = {name: Path(input_dir)} if input_dir is not None else {}
+        return cls(root=gt_dir.parent, gt_root=gt_dir.parent, input_root=gt_dir.parent / ".no-input",
+                   objects=[name], meta=None, gt_dirs={name: gt_dir}, input_dirs=inputs)
+
+    def gt_dir(self, obj: str) -> Path:
+        """The ground-truth folder of ``obj``."""
+        return (self.gt_dirs or {}).get(obj, self.gt_root / obj)
+
+    def input_dir(self, obj: str) -> Path:
+        """The input frames of ``obj``."""
+        return (self.input_dirs or {}).get(obj, self.input_root / obj)
 
     def views(self, obj: str) -> list[str]:
         """The ``eval_k`` folders present for ``obj``, in k order."""
-        d = self.gt_root / obj
+        d = self.gt_dir(obj)
         names = [p.name for p in d.iterdir() if p.is_dir() and re.fullmatch(r"eval_\d+", p.name)]
         return sorted(names, key=lambda n: int(n.split("_")[1]))
 
     def frame_paths(self, obj: str, view: str) -> dict[int, Path]:
         """Frame index -> ground-truth file of ``view`` (``eval_k``, or ``front`` = the input frames)."""
         if view == FRONT_VIEW:
-            return list_frames(self.input_root / obj)
-        return list_frames(self.gt_root / obj / view)
+            return list_frames(self.input_dir(obj))
+        return list_frames(self.gt_dir(obj) / view)
 
     def input_paths(self, obj: str) -> dict[int, Path]:
         """Frame index -> input video frame of ``obj``."""
-        return list_frames(self.input_root / obj)
+        return list_frames(self.input_dir(obj))
 
     def load_input(self, obj: str, size: int | None = None, background: float = 1.0) -> Tensor:
         """The input video: [F, 3, H, W] in [0, 1]."""
@@ -133,106 +151,16 @@ def load_benchmark(gt_dir: str | Path) -> BenchmarkData:
     return BenchmarkData(root=root, gt_root=gt_root, input_root=root / "input", objects=objects, meta=meta)
 
 
-# --------------------------------------------------------------------------- results
-
-
-class FrameScore(BaseModel):
-    """Metric values of one (object, view, frame)."""
-
-    model_config = ConfigDict(ser_json_inf_nan="constants")  # the script's PSNR may be +-inf / NaN
-
-    object: str
-    view: str
-    frame: int
-    values: dict[str, float]  # metric -> value
-    psnr_capped: bool = False  # d2: PSNR hit the cap (images identical up to ~1e-5 RMS); consistent4d: PSNR not finite
-
-
-class Results(BaseModel):
-    """Everything an evaluation computed, with its protocol."""
-
-    model_config = ConfigDict(ser_json_inf_nan="constants")
-
-    method: str = "ours"  # label of the scored method
-    dataset: str = ""  # label of the ground-truth set
-    pred_dir: str = ""
-    gt_dir: str = ""
-    protocol: Protocol = Field(default_factory=Protocol)
-    metrics: list[str] = Field(default_factory=list)  # requested metrics, in table order
-    unavailable: dict[str, str] = Field(default_factory=dict)  # metric -> reason it was not computed
-    definitions: dict[str, str] = Field(default_factory=dict)  # metric -> definition (default: the protocol's set)
-    per_frame: list[FrameScore] = Field(default_factory=list)
-    per_view: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)  # object -> view -> metric
-    per_object: dict[str, dict[str, float]] = Field(default_factory=dict)  # object -> metric
-    mean: dict[str, float] = Field(default_factory=dict)  # metric -> mean over objects (fvd: pooled)
-    psnr_capped_frames: int = 0  # frames whose PSNR was capped
-    num_scored_frames: int = 0  # (object, view, frame) triples scored
-    generation_time_s: float | None = None  # mean generation time per object, when the caller knows it
-    seconds: float = 0.0  # time the evaluation took
-    created_utc: str = ""
-
-    @model_validator(mode="after")
-    def _protocol_definitions(self) -> "Results":
-        if not self.definitions:
-            self.definitions = metric_definitions(self.protocol.metric_definitions)
-        return self
-
-    @property
-    def objects(self) -> list[str]:
-        """Objects in result order."""
-        return list(self.per_object)
-
-    def to_markdown(self) -> str:
-        """The per-object table with its footer (:func:`d2.eval.tables.results_markdown`)."""
-        from d2.eval.tables import results_markdown
-
-        return results_markdown(self)
-
-
-def aggregate(per_frame: list[FrameScore], metrics: list[str]) -> tuple[
-        dict[str, dict[str, dict[str, float]]], dict[str, dict[str, float]], dict[str, float]]:
-    """Mean over frames, then views, then objects.
-
-    Returns:
-        per_view[object][view][metric], per_object[object][metric], mean[metric]; objects
-        and views in first-seen order. A metric missing from a frame is skipped there.
-    """
-    sums: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for s in per_frame:
-        view = sums.setdefault(s.object, {}).setdefault(s.view, {})
-        for m in metrics:
-            if m in s.values:
-                view.setdefault(m, []).append(float(s.values[m]))
-
-    def mean(xs: list[float]) -> float:
-        return sum(xs) / len(xs)
-
-    per_view = {o: {v: {m: mean(x) for m, x in ms.items()} for v, ms in vs.items()} for o, vs in sums.items()}
-    per_object: dict[str, dict[str, float]] = {}
-    for o, vs in per_view.items():
-        per_object[o] = {}
-        for m in metrics:
-            vals = [vm[m] for vm in vs.values() if m in vm]
-            if vals:
-                per_object[o][m] = mean(vals)
-    overall = {}
-    for m in metrics:
-        vals = [om[m] for om in per_object.values() if m in om]
-        if vals:
-            overall[m] = mean(vals)
-    return per_view, per_object, overall
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
-def _check_prediction(pred_dir: Path, data: BenchmarkData, objects: list[str], views: list[str],
+def _check_prediction(pred_dirs: dict[str, Path], data: BenchmarkData, objects: list[str], views: list[str],
                       frames_of: dict[tuple[str, str], list[int]]) -> dict[tuple[str, str], dict[int, Path]]:
     problems: list[str] = []
     out: dict[tuple[str, str], dict[int, Path]] = {}
     for o in objects:
         for v in views:
-            folder = pred_dir / o / v
+            folder = pred_dirs[o] / v
             if not folder.is_dir():
                 problems.append(f"missing folder {folder}")
                 continue
@@ -281,10 +209,6 @@ def evaluate(
         them (:mod:`d2.eval.consistent4d`); under ``d2`` they are loaded in [0, 1] at the
         protocol's resolution.
     """
-    t0 = time.perf_counter()
-    protocol = protocol or Protocol()
-    metrics_cfg = metrics_cfg or MetricsConfig()
-    required = parse_metric_list(require_metrics if isinstance(require_metrics, str) else list(require_metrics))
     pred_dir, data = Path(pred_dir), load_benchmark(gt_dir)
     if not pred_dir.is_dir():
         raise BenchmarkError(f"prediction folder {pred_dir} does not exist")
@@ -292,9 +216,52 @@ def evaluate(
     unknown = [o for o in objs if o not in data.objects]
     if unknown:
         raise BenchmarkError(f"objects not in the ground truth: {unknown}; known: {data.objects}")
-    views = protocol.view_names()
-    if protocol.include_front_view and not data.input_root.is_dir():
+    if (protocol or Protocol()).include_front_view and not data.input_root.is_dir():
         raise BenchmarkError(f"protocol includes the front view but {data.input_root} does not exist")
+    results = evaluate_dirs({o: pred_dir / o for o in objs}, data, protocol, metrics_cfg, require_metrics, method,
+                            suite, generation_time_s, progress)
+    results.pred_dir, results.gt_dir = str(pred_dir), str(gt_dir)
+    if out_dir is not None:
+        from d2.eval.tables import write_results
+
+        write_results(results, out_dir)
+    return results
+
+
+def score_object(pred_dir: str | Path, gt_dir: str | Path, protocol: Protocol, metrics_cfg: MetricsConfig,
+                 suite: MetricSuite | None = None, input_dir: str | Path | None = None,
+                 name: str = "object") -> Results:
+    """Score one object's renders (``pred_dir/eval_k/<i>.png``, ``front/``) against its ground truth
+    (``gt_dir/eval_k/<i>.png``; the front view against ``input_dir``): per-frame scores and their
+    frames -> views means, FVD left to :func:`pooled_fvd` over the whole benchmark."""
+    data = BenchmarkData.of_object(name, Path(gt_dir), None if input_dir is None else Path(input_dir))
+    cfg = metrics_cfg.model_copy(update={"metrics": [m for m in metrics_cfg.metrics if m != "fvd"]})
+    return evaluate_dirs({name: Path(pred_dir)}, data, protocol, cfg, suite=suite, progress=False)
+
+
+def pooled_fvd(pred_dirs: dict[str, Path], gt_dirs: dict[str, Path], protocol: Protocol, suite: MetricSuite
+               ) -> tuple[float | None, str | None]:
+    """FVD pooled over every (object, view) video of a benchmark: ``(value, None)`` or ``(None, reason)``."""
+    data = BenchmarkData(root=Path("."), gt_root=Path("."), input_root=Path(".no-input"), objects=list(pred_dirs),
+                         meta=None, gt_dirs={o: Path(p) for o, p in gt_dirs.items()})
+    r = evaluate_dirs({o: Path(p) for o, p in pred_dirs.items()}, data, protocol.model_copy(
+        update={"include_front_view": False}), suite=suite, progress=False)
+    if "fvd" in r.mean:
+        return r.mean["fvd"], None
+    return None, r.unavailable.get("fvd", "fvd: not computed")
+
+
+def evaluate_dirs(pred_dirs: dict[str, Path], data: BenchmarkData, protocol: Protocol | None = None,
+                  metrics_cfg: MetricsConfig | None = None, require_metrics: Iterable[str] | str = (),
+                  method: str = "ours", suite: MetricSuite | None = None, generation_time_s: float | None = None,
+                  progress: bool = True) -> Results:
+    """:func:`evaluate` on ``pred_dirs`` (object -> its renders folder) against ``data``."""
+    t0 = time.perf_counter()
+    protocol = protocol or Protocol()
+    metrics_cfg = metrics_cfg or MetricsConfig()
+    required = parse_metric_list(require_metrics if isinstance(require_metrics, str) else list(require_metrics))
+    objs = list(pred_dirs)
+    views = protocol.view_names()
 
     # which frames: the first num_frames (all must exist), or every ground-truth frame
     frames_of: dict[tuple[str, str], list[int]] = {}
@@ -310,7 +277,7 @@ def evaluate(
                     raise BenchmarkError(f"ground truth {o}/{v} lacks frame(s) {missing[:5]} required by the "
                                          f"protocol ({protocol.num_frames} frames)")
                 frames_of[(o, v)] = want
-    pred_paths = _check_prediction(pred_dir, data, objs, views, frames_of)
+    pred_paths = _check_prediction(pred_dirs, data, objs, views, frames_of)
 
     cfg = metrics_cfg.model_copy(update={"resolution": protocol.resolution})
     if suite is None:
@@ -351,21 +318,15 @@ def evaluate(
             mean["fvd"] = fvd_pooled(fvd_pred, fvd_gt, suite.video_extractor)
         else:
             unavailable["fvd"] = "fvd: pooled FVD needs at least 2 (object, view) videos"
-    results = Results(
+    return Results(
         method=method,
         dataset=data.root.name + (" (generated mini-benchmark)" if (data.meta or {}).get("generator") else ""),
-        pred_dir=str(pred_dir), gt_dir=str(gt_dir), protocol=protocol,
-        metrics=[m for m in ALL_METRICS if m in suite.requested], unavailable=unavailable,
+        protocol=protocol, metrics=[m for m in ALL_METRICS if m in suite.requested], unavailable=unavailable,
         per_frame=per_frame, per_view=per_view, per_object=per_object, mean=mean,
         psnr_capped_frames=sum(s.psnr_capped for s in per_frame), num_scored_frames=len(per_frame),
         generation_time_s=generation_time_s, seconds=round(time.perf_counter() - t0, 3),
         created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    if out_dir is not None:
-        from d2.eval.tables import write_results
-
-        write_results(results, out_dir)
-    return results
 
 
 def evaluate_command(

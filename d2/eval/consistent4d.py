@@ -167,8 +167,8 @@ def build_lpips_script(vgg_weights: Path | None = None, device: str = "cpu",
     Raises:
         MetricUnavailable: no VGG16 file found (the message names every path tried).
     """
-    from d2.eval.metrics import (VGG16_FILENAME, MetricUnavailable, _find_file, _load_vgg_into_lpips,
-                                 vgg16_search_paths)
+    from d2.eval.perceptual import (VGG16_FILENAME, MetricUnavailable, _find_file, _load_vgg_into_lpips,
+                                    vgg16_search_paths)
 
     if vgg_state is None:
         candidates = vgg16_search_paths(vgg_weights)
@@ -225,7 +225,7 @@ def load_clip_script(model_id: str = HF_CLIP_ID, device: str = "cpu") -> tuple[t
     Raises:
         MetricUnavailable: not in the cache (the message names the folder looked in).
     """
-    from d2.eval.metrics import MetricUnavailable
+    from d2.eval.perceptual import MetricUnavailable
 
     try:
         from transformers import CLIPModel

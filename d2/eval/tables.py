@@ -4,7 +4,7 @@ Figure-5-style image grid.
 
 Files written by :func:`write_results` into ``out_dir``:
 
-* ``results.json``: the whole :class:`~d2.eval.benchmark.Results` (per frame, per view, protocol);
+* ``results.json``: the whole :class:`~d2.eval.results.Results` (per frame, per view, protocol);
 * ``results.csv``: one row per object and a ``mean`` row; ``#`` comment lines first carry the
   protocol and the unavailable metrics (read with ``pandas.read_csv(..., comment="#")``);
 * ``results.md`` / ``results.tex``: the same table with a footer (protocol, metric definitions,
@@ -38,7 +38,7 @@ from d2.eval.metrics import HIGHER_IS_BETTER
 from d2.utils.io import image_grid, save_image, write_json, write_text
 
 if TYPE_CHECKING:
-    from d2.eval.benchmark import Results
+    from d2.eval.results import Results
 
 UNAVAILABLE = "unavailable"
 NOT_APPLICABLE = "-"  # e.g. FVD per object (pooled over the benchmark only)
@@ -286,7 +286,7 @@ def write_results(results: "Results", out_dir: str | Path) -> dict[str, Path]:
 
 def load_results(path: str | Path) -> "Results":
     """Read ``results.json`` (or the folder holding it) back into :class:`Results`."""
-    from d2.eval.benchmark import Results
+    from d2.eval.results import Results
 
     p = Path(path)
     if p.is_dir():

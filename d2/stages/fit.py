@@ -5,7 +5,7 @@ with ``L_ssim = 1 - SSIM`` and per-image confidences computed without gradient,
 ``C_ssim = SSIM(render, target)`` and ``C_lpips = 1 - LPIPS(render, target)``; an optional
 L1 term (the paper uses none). The loss's SSIM uses zero-padded windows as 3DGS's does, so
 border pixels get gradient. LPIPS loads its VGG backbone from local weights
-(:func:`d2.eval.metrics.build_lpips`) and is in the loss whenever they are found; without
+(:func:`d2.eval.perceptual.build_lpips`) and is in the loss whenever they are found; without
 them the run stops before any work when ``lpips_required`` is set, and otherwise fits without
 LPIPS and records the objective it optimised in ``fit.json`` (``objective``,
 ``lpips_left_out_because``).
@@ -86,7 +86,7 @@ class FitConfig(BaseModel):
     lambda_ssim: float = Field(1.0, ge=0)  # weight of the confidence-weighted D-SSIM (1 - SSIM) term
     lambda_l1: float = Field(0.0, ge=0)  # weight of an optional L1 term (the paper uses none)
     lpips_required: bool = False  # true: missing LPIPS weights stop the run; false: fit without, say so in fit.json
-    lpips_vgg_weights: Path | None = None  # torchvision vgg16-397923af.pth; None: search as d2.eval.metrics does
+    lpips_vgg_weights: Path | None = None  # torchvision vgg16-397923af.pth; None: search as d2.eval.perceptual does
     ssim_padding: Literal["same", "valid"] = "same"  # loss SSIM: same = zero-padded (3DGS), valid = interior windows
     densify_from: int = Field(500, ge=0)  # densify (clone/split) and prune at iterations after this (4DGS: 500)
     densify_until: int = Field(15000, ge=0)  # stats, densifying, pruning, opacity resets stop here (4DGS: 15000)
@@ -190,7 +190,7 @@ def load_fit_lpips(cfg: FitConfig, device: torch.device) -> tuple[torch.nn.Modul
     """
     if cfg.lambda_lpips == 0:
         return None, "lambda_lpips is 0"
-    from d2.eval.metrics import MetricUnavailable, build_lpips
+    from d2.eval.perceptual import MetricUnavailable, build_lpips
 
     try:
         return build_lpips(cfg.lpips_vgg_weights, device=str(device)), None
@@ -245,7 +245,7 @@ def fit_loss(render: Tensor, target: Tensor, cfg: FitConfig, lpips_net: torch.nn
     The LPIPS term is present when ``lpips_net`` is given and ``lambda_lpips > 0``. The logs are
     detached 0-d tensors (no device sync here; call ``float`` when displaying).
     """
-    from d2.eval.metrics import lpips_distance, ssim
+    from d2.eval.perceptual import lpips_distance, ssim
 
     total = render.new_zeros(())
     logs: dict[str, Tensor] = {}

@@ -153,94 +153,63 @@ _suite_memo: dict[str, Any] = {}
 _suite_lock = threading.Lock()
 
 
-def get_metric_suite(cfg: BaseModel) -> Any:
-    """``build_metric_suite(cfg)``, built once per process for each metrics config."""
+def get_metric_suite(cfg: BaseModel, definitions: str) -> Any:
+    """``build_metric_suite(cfg, definitions=...)``, built once per process for each metrics config
+    and set of metric definitions (the protocol's)."""
     from d2.eval.metrics import build_metric_suite
 
     warm_imports()
-    key = cfg.model_dump_json()
+    key = cfg.model_dump_json() + f"|{definitions}"
     with _suite_lock:
         if key not in _suite_memo:
-            _suite_memo[key] = build_metric_suite(cfg)
+            _suite_memo[key] = build_metric_suite(cfg, definitions=definitions)
         return _suite_memo[key]
-
-
-def _layout(root: Path, pred: dict[str, Path] | None, gt: dict[str, Path], inputs: dict[str, Path] | None) -> None:
-    """Symlink folders into the Consistent4D layout evaluate() reads: root/pred/<o>, root/gt/<o>, root/input/<o>."""
-    for sub, mapping in (("pred", pred), ("gt/gt", gt), ("gt/input", inputs)):
-        for name, target in (mapping or {}).items():
-            link = root / sub / name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(Path(target).resolve(), target_is_directory=True)
 
 
 def compute_metrics(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
     """eval renders vs ground truth of one object -> per-frame scores (``results.json``; FVD is pooled
     over the benchmark by the tables stage)."""
-    import tempfile
-
-    from d2.eval.benchmark import evaluate
+    from d2.eval.benchmark import score_object
     from d2.utils.io import write_json
 
-    cfg = params.metrics.model_copy(update={"metrics": [m for m in params.metrics.metrics if m != "fvd"]})
-    with tempfile.TemporaryDirectory(prefix="d2-metrics-") as tmp:
-        root = Path(tmp)
-        _layout(root, {"object": inputs["pred"]}, {"object": inputs["gt"]},
-                {"object": inputs["input"]} if "input" in inputs else None)
-        suite = get_metric_suite(cfg.model_copy(update={"resolution": params.protocol.resolution}))
-        results = evaluate(root / "pred", root / "gt", params.protocol, cfg, objects=["object"], suite=suite,
-                           progress=False)
-    # without this evaluation's timing, date and temporary paths: the same renders give the same bytes
-    write_json(out / "results.json", results.model_dump(mode="json", exclude={"seconds", "created_utc", "pred_dir",
-                                                                             "gt_dir"}))
+    proto = params.protocol
+    cfg = params.metrics.model_copy(update={"metrics": [m for m in params.metrics.metrics if m != "fvd"],
+                                            "resolution": proto.resolution})
+    results = score_object(inputs["pred"], inputs["gt"], proto, cfg, get_metric_suite(cfg, proto.metric_definitions),
+                           input_dir=inputs.get("input"))
+    # without this evaluation's timing and date: the same renders give the same bytes
+    write_json(out / "results.json", results.model_dump(mode="json", exclude={"seconds", "created_utc"}))
     return {"metrics": results.per_object.get("object", {}), "unavailable": results.unavailable}
 
 
 def compute_tables(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
-    """Per-object scores of every object -> the benchmark's results tables (frames -> views -> objects;
-    FVD pooled over all objects and views)."""
-    import tempfile
-
-    from d2.eval.benchmark import FrameScore, Results, aggregate, evaluate
+    """Per-object scores of every object (and the mean generation time) -> the benchmark's results
+    tables (frames -> views -> objects; FVD pooled over all objects and views)."""
+    from d2.eval.benchmark import pooled_fvd
+    from d2.eval.results import Results, merge_results
     from d2.eval.tables import results_markdown, write_results
 
     objects = sorted(k.split(":", 1)[1] for k in inputs if k.startswith("metrics:"))
+    parts = {o: Results.model_validate_json((inputs[f"metrics:{o}"] / "results.json").read_text()) for o in objects}
     generation = inputs.get("generation_time")
     generation_s = json.loads(generation.read_text())["seconds_per_object"] if generation is not None else None
-    per_frame: list[FrameScore] = []
-    unavailable: dict[str, str] = {}
-    first: Results | None = None
-    for obj in objects:
-        r = Results.model_validate_json((inputs[f"metrics:{obj}"] / "results.json").read_text())
-        first = first or r
-        per_frame += [s.model_copy(update={"object": obj}) for s in r.per_frame]
-        unavailable.update(r.unavailable)
     requested = list(params.metrics.metrics)
-    image_metrics = [m for m in requested if m != "fvd"]
-    per_view, per_object, mean = aggregate(per_frame, image_metrics)
+    fvd, unavailable = None, {}
     if "fvd" in requested:
-        fvd_cfg = params.metrics.model_copy(update={"metrics": ["fvd"], "resolution": params.protocol.resolution})
-        suite = get_metric_suite(fvd_cfg)
+        proto = params.protocol
+        fvd_cfg = params.metrics.model_copy(update={"metrics": ["fvd"], "resolution": proto.resolution})
+        suite = get_metric_suite(fvd_cfg, proto.metric_definitions)
         if "fvd" in suite.unavailable:
             unavailable["fvd"] = suite.unavailable["fvd"]
         else:
-            with tempfile.TemporaryDirectory(prefix="d2-fvd-") as tmp:
-                root = Path(tmp)
-                _layout(root, {o: inputs[f"pred:{o}"] for o in objects}, {o: inputs[f"gt:{o}"] for o in objects}, None)
-                r = evaluate(root / "pred", root / "gt", params.protocol, fvd_cfg, objects=objects, suite=suite,
-                             progress=False)
-            if "fvd" in r.mean:
-                mean["fvd"] = r.mean["fvd"]
-            unavailable.update(r.unavailable)
-    results = Results(
-        method="diffusion2", dataset=params.run.data_dir, protocol=params.protocol,
-        metrics=[m for m in (first.metrics if first else []) + ["fvd"] if m in requested] or requested,
-        unavailable=unavailable, per_frame=per_frame, per_view=per_view, per_object=per_object, mean=mean,
-        psnr_capped_frames=sum(s.psnr_capped for s in per_frame), num_scored_frames=len(per_frame),
-        generation_time_s=generation_s,
-    )
+            fvd, reason = pooled_fvd({o: inputs[f"pred:{o}"] for o in objects}, {o: inputs[f"gt:{o}"] for o in objects},
+                                     proto, suite)
+            if reason:
+                unavailable["fvd"] = reason
+    results = merge_results(parts, params.protocol, requested, dataset=params.run.data_dir, fvd=fvd,
+                            unavailable=unavailable, generation_time_s=generation_s)
     write_results(results, out)
-    return {"summary": mean, "unavailable": unavailable, "table": results_markdown(results)}
+    return {"summary": results.mean, "unavailable": results.unavailable, "table": results_markdown(results)}
 
 
 def _read_json(path: Path, keep: tuple[str, ...]) -> dict:

@@ -131,6 +131,9 @@ for sig in (signal.SIGTERM, signal.SIGKILL):
 """
 
 
+_WATCHED: set[int] = set()  # server pids that have a watchdog
+
+
 def start_prefect() -> None:
     """Start the ephemeral Prefect API server now (unless ``PREFECT_API_URL`` names one), with a
     watchdog process that stops it if this process dies without stopping it (``kill -9``)."""
@@ -142,7 +145,8 @@ def start_prefect() -> None:
 
     server = SubprocessASGIServer()
     server.start()
-    if server.server_process is not None:
+    if server.server_process is not None and server.server_process.pid not in _WATCHED:
+        _WATCHED.add(server.server_process.pid)
         subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(server.server_process.pid)],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
@@ -468,7 +472,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = getattr(args, "out", None)
         if out and (Path(out) / "manifest.json").is_file():
             print(f"(what ran is in {Path(out) / 'manifest.json'}; D2_DEBUG=1 shows the traceback)", file=sys.stderr)
+        if argv is None and _busy_threads():  # the console script: stages still computing are dropped, not awaited
+            sys.stdout.flush()
+            sys.stderr.flush()
+            stop_prefect()
+            os._exit(1)
         return 1
+
+
+def _busy_threads() -> bool:
+    """Whether non-daemon threads besides this one are alive (stage tasks still computing)."""
+    return any(t is not threading.current_thread() and not t.daemon and t.is_alive() for t in threading.enumerate())
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def test_schedule_builds_a_cron_deployment(toy, tmp_path):
     assert dep.parameters["params"]["sampling"]["s0"] == 0.5
     with pytest.raises(Exception):
         build_schedule(toy_params(tmp_path), toy.data, tmp_path / "nightly", "not a cron")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="benchmark dataset not found"):
         build_schedule(toy_params(tmp_path), tmp_path / "no-data", tmp_path / "nightly", "0 3 * * *")
 
 
@@ -181,7 +181,7 @@ def test_retries_recover_a_transient_failure(toy, tmp_path):
 
 
 def test_bad_dataset_and_unknown_objects_fail_before_compute(toy, tmp_path):
-    with pytest.raises(FileNotFoundError, match="d2 prepare"):
+    with pytest.raises(ValueError, match="d2 prepare"):
         run_benchmark(tmp_path / "nothing", tmp_path / "run", toy_params(tmp_path), stages=toy.stages)
     with pytest.raises(ValueError, match="zebra"):
         run_benchmark(toy.data, tmp_path / "run", toy_params(tmp_path, "run.objects=[zebra]"),

@@ -361,3 +361,88 @@ def test_cold_processes_run_two_objects_in_parallel_without_import_errors(tiny, 
         assert r.returncode == 0, r.stderr[-3000:]
         assert "ImportError" not in r.stderr
         assert load(tmp_path / f"run{i}" / "manifest.json")["totals"]["computed"] == 11
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes whose parent is ``pid``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                out.append((int(d.name), (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _start_slow_benchmark(tiny, tmp_path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [str(BIN / "d2"), "benchmark", "--params", str(tiny["params"]), "--out", str(out), "--no-progress",
+           "--set", f"run.cache_dir={tmp_path / 'cache'}", "--set", "sampling.num_steps=400", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sub_env(),
+                            cwd=tmp_path)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            if any(s["stage"] == "conditions" for s in load(out / "manifest.json")["stages"]):
+                return proc
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("the benchmark never reached sampling")
+
+
+@pytest.mark.slow
+def test_a_lost_prefect_server_stops_the_run_with_one_clear_line(tiny, tmp_path):
+    out = tmp_path / "run"
+    proc = _start_slow_benchmark(tiny, tmp_path, out)
+    servers = [pid for pid, cmd in _children(proc.pid) if "uvicorn" in cmd]
+    assert len(servers) == 1
+    t0 = time.perf_counter()
+    os.kill(servers[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode not in (0, None) and elapsed < 30, (elapsed, err[-2000:])
+    assert "Prefect API server" in err and "exited" in err
+    assert load(out / "manifest.json")["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_no_server_and_the_next_run_fails_the_dead_one(tiny, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("D2_MLFLOW_ARTIFACTS", str(tmp_path / "mlruns"))
+    out = tmp_path / "run"
+    proc = _start_slow_benchmark(tiny, tmp_path, out, "--set", "run.mlflow=true")
+    servers = [pid for pid, cmd in _children(proc.pid) if "uvicorn" in cmd]
+    assert len(servers) == 1
+    dead = load(out / "manifest.json")
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.time() + 20
+    while _alive(servers[0]) and time.time() < deadline:  # the watchdog stops the orphaned server
+        time.sleep(0.2)
+    assert not _alive(servers[0])
+    client = MlflowClient(uri)
+    assert client.get_run(dead["mlflow_run_id"]).info.status == "RUNNING"
+    rc = main(["benchmark", "--params", str(tiny["params"]), "--out", str(out), "--set", "run.mlflow=true",
+               "--set", f"run.cache_dir={tmp_path / 'cache'}"])
+    assert rc == 0
+    failed = load(out / "manifest.dead.json")
+    assert failed["status"] == "failed" and dead["mlflow_run_id"] in failed["mlflow_marked_failed"]
+    assert client.get_run(dead["mlflow_run_id"]).info.status == "FAILED"
+    assert load(out / "manifest.json")["status"] == "completed"

@@ -81,8 +81,15 @@ def on_white(img: Image.Image, name: str = "image") -> Image.Image:
     """An RGB image: RGBA pixels with alpha 0 become white (255), other pixels keep their colour.
 
     This is the conversion in the script's ``load_and_preprocess_image(rgba=True)``; palette and
-    grey images are converted by PIL to RGB(A) first. Modes PIL cannot map to 8-bit RGB raise.
+    grey images are converted by PIL to RGB(A) first; 16-bit and 32-bit images (which PIL would clip
+    at 255) are scaled from their own range to 8 bits (:func:`d2.utils.io.pil_to_rgba`). Modes
+    without an RGB meaning raise.
     """
+    if img.mode not in ("P", "PA", "LA", "L", "1", "CMYK", "YCbCr", "RGB", "RGBA"):
+        from d2.utils.io import pil_to_rgba
+
+        rgba, _ = pil_to_rgba(img, name)  # [H, W, 4] in [0, 1]; raises for modes it cannot read
+        img = Image.fromarray((rgba * 255.0 + 0.5).clip(0, 255).astype(np.uint8), "RGBA")
     if img.mode in ("P", "PA", "LA"):
         img = img.convert("RGBA")
     elif img.mode in ("L", "1", "CMYK", "YCbCr"):

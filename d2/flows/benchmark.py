@@ -27,23 +27,16 @@ GENERATION_STAGES = ("conditions", "sampling", "fit")  # what "generation time" 
 
 
 def list_objects(data_dir: str | Path, only: list[str] | None = None) -> list[str]:
-    """Object names of a dataset (folders of ``<data>/input``), checked against ``only``."""
+    """Object names of a dataset (folders of ``<data>/input``, ``run.objects`` when given), each a
+    plain folder name with a ground-truth folder (:class:`d2.validation.InputError` otherwise)."""
+    from d2.validation import InputError, dataset_objects
+
     data = Path(data_dir)
-    inputs = data / "input"
-    if not inputs.is_dir():
-        raise FileNotFoundError(f"not a benchmark dataset (no {inputs}); create one with `d2 prepare --out {data}`")
-    names = sorted(p.name for p in inputs.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not names:
-        raise FileNotFoundError(f"no objects in {inputs}")
-    if only:
-        missing = [o for o in only if o not in names]
-        if missing:
-            raise ValueError(f"run.objects names objects not in {inputs}: {', '.join(missing)} (has: {', '.join(names)})")
-        names = [n for n in names if n in only]
+    names = dataset_objects(data, only)
     for n in names:
-        safe_name(n, f"object folder {inputs / n}:")
+        safe_name(n, f"object folder {data / 'input' / n}:")
         if not (data / "gt" / n).is_dir():
-            raise FileNotFoundError(f"object '{n}' has no ground truth folder {data / 'gt' / n}")
+            raise InputError(f"object '{n}' has no ground truth folder {data / 'gt' / n}")
     return names
 
 

@@ -49,6 +49,7 @@ from pydantic import BaseModel
 
 from d2.config import NO_EFFECT, params_subset_hash
 from d2.utils.io import write_json
+from d2.utils.paths import flock_holder
 
 log = logging.getLogger("d2.cache")
 
@@ -334,6 +335,11 @@ def execute_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str], params: 
     out = entry / "out"
     out.mkdir(parents=True, exist_ok=True)
     attempts_log = entry / "failed_attempts.json"
+    threads = getattr(getattr(params, "run", None), "threads_per_task", None)
+    if threads:  # the same thread count wherever it runs: CPU kernels' float sums depend on it
+        import torch
+
+        torch.set_num_threads(threads)
     tc = time.perf_counter()
     try:
         info = spec.compute(paths, out, params) or {}
@@ -435,18 +441,7 @@ class FlockLockManager:
         with self._mutex:
             if key in self._held:
                 return True
-        try:
-            fd = os.open(self._path(key), os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
+        return flock_holder(self._path(key)) is not None
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         with self._mutex:

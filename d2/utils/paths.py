@@ -33,13 +33,11 @@ def inside(folder: Path, path: Path) -> Path:
     return parent / path.name
 
 
-def run_folder_holder(run_dir: Path) -> str | None:
-    """Who holds ``run_dir`` (the lock file's text) when another live run writes into it, else None.
-
-    Only a check (the run itself takes the lock): lets a command refuse before anything starts.
-    """
+def flock_holder(path: Path) -> str | None:
+    """The text of lock file ``path`` when another open file holds its ``flock`` ('' if it says
+    nothing), else None (free, or no such file). A probe: it never keeps the lock."""
     try:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
@@ -47,6 +45,13 @@ def run_folder_holder(run_dir: Path) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     except BlockingIOError:
-        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip()
     finally:
         os.close(fd)
+
+
+def run_folder_holder(run_dir: Path) -> str | None:
+    """Who holds ``run_dir`` when another live run writes into it, else None. Only a check (the run
+    itself takes the lock): lets a command refuse before anything starts."""
+    holder = flock_holder(run_dir / LOCK_FILE)
+    return None if holder is None else holder or "unknown process"

@@ -95,6 +95,11 @@ def _print(text: str = "") -> None:
     print(text, flush=True)
 
 
+def _report_hint(result: dict[str, Any]) -> str:
+    page = result.get("report")
+    return f"report: {page} (open it in a browser; no server needed)" if page else "report: not written (see above)"
+
+
 def _mlflow_hint(result: dict[str, Any]) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not result.get("mlflow_run_id"):
@@ -175,6 +180,7 @@ def _print_benchmark(result: dict[str, Any]) -> None:
         _print("turntable videos:")
         for obj, path in videos.items():
             _print(f"  {obj}: {path}")
+    _print(_report_hint(result))
     _print(_mlflow_hint(result))
 
 
@@ -236,6 +242,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for stage, path in result["outputs"].items():
         _print(f"  {stage}: {path}")
     _print(f"turntable video: {Path(result['outputs']['fit']) / 'turntable.mp4'}")
+    _print(_report_hint(result))
     _print(_mlflow_hint(result))
     return 0
 
@@ -273,6 +280,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _print()
     _print(result["table"])
     _print(f"sweep folder: {result['run_dir']} ({_counts(result['manifest'])})")
+    _print(_report_hint(result))
     _print(_mlflow_hint(result))
     return 0
 
@@ -284,7 +292,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = build_report(Path(args.run), Path(args.out) if args.out else None,
                        Path(args.metrics) if args.metrics else None)
     _print(Path(out["table_path"]).read_text())
-    _print(f"report written to {out['out_dir']}")
+    from d2.reports.html import build_html_report
+
+    page = build_html_report(Path(args.run), Path(out["out_dir"]))
+    _print(f"report written to {out['out_dir']} (open {page} in a browser)")
     return 0
 
 

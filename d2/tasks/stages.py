@@ -115,12 +115,16 @@ def compute_sampling(inputs: dict[str, Path], out: Path, params: BaseModel) -> d
 
 
 def compute_fit(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
-    """matrix -> 4D Gaussians, PLY sequence, turntable video."""
+    """matrix -> 4D Gaussians, PLY sequence, turntable video; then how well they reproduce the
+    matrix at its own views and times (``matrix_psnr`` in fit.json)."""
+    from d2.stages.export import record_matrix_fit
     from d2.stages.fit import run_fit
 
     warm_imports()
     summary = run_fit(inputs["matrix"], out, _quiet(params.fit))
-    return json.loads(json.dumps(summary, default=str)) if isinstance(summary, dict) else {}
+    summary = json.loads(json.dumps(summary, default=str)) if isinstance(summary, dict) else {}
+    summary.update(record_matrix_fit(out, inputs["matrix"]))
+    return summary
 
 
 def eval_num_frames(params: BaseModel) -> int:
@@ -137,7 +141,7 @@ def compute_render_eval(inputs: dict[str, Path], out: Path, params: BaseModel) -
     kw = dict(num_frames=eval_num_frames(params), resolution=cfg.resolution or proto.resolution,
               elevation_deg=proto.elevation_deg, background=1.0 if proto.background == "white" else 0.0,
               backend=cfg.backend, device=cfg.device)
-    gaussians = inputs["gaussians"] / "gaussians.pt"
+    gaussians = inputs["gaussians"]  # the fit's folder (its safetensors, or an older gaussians.pt)
     paths = render_eval_views(gaussians, out, list(proto.eval_azimuths_deg), **kw)
     if proto.include_front_view:  # the input view, scored against the input frames
         paths += render_eval_views(gaussians, out / ".front", [proto.input_azimuth_deg], **kw)

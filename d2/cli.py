@@ -95,6 +95,15 @@ def _print(text: str = "") -> None:
     print(text, flush=True)
 
 
+def _input_reading(conditions_dir: str | None) -> str:
+    """How the conditions stage read the input (its conditions.json), '' when unknown."""
+    try:
+        meta = json.loads((Path(conditions_dir) / "conditions.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return ""
+    return str((meta.get("input_reading") or {}).get("summary", ""))
+
+
 def _report_hint(result: dict[str, Any]) -> str:
     page = result.get("report")
     return f"report: {page} (open it in a browser; no server needed)" if page else "report: not written (see above)"
@@ -239,6 +248,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with ProgressDisplay(total, f"generate {src.name}", p.run.progress):
         result = run_asset(src, args.out, p, gt_dir=args.gt, name=args.name)
     _print(f"asset written to {result['run_dir']} ({_counts(result['manifest'])})")
+    reading = _input_reading(result["outputs"].get("conditions"))
+    if reading:
+        _print(f"input read as: {reading}")
     for stage, path in result["outputs"].items():
         _print(f"  {stage}: {path}")
     _print(f"turntable video: {Path(result['outputs']['fit']) / 'turntable.mp4'}")

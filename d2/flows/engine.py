@@ -347,6 +347,7 @@ def end_job(job: Job) -> None:
     if "fit" in done:  # how well the fit reproduces its own matrix, and how much motion it kept
         metrics.update(flat_numbers({k: done["fit"].info.get(k) for k in ("matrix_psnr", "train_psnr", "motion_matrix",
                                                                          "motion_fit", "num_gaussians")}, "fit."))
+    files = []
     if "sampling" in done:
         files += [(done["sampling"].out_dir / n, "matrix") for n in ("grid.png", "grid.mp4")]
     if "fit" in done:

@@ -187,6 +187,9 @@ def object_section(run_dir: Path, manifest: dict[str, Any], params: dict[str, An
     parts = [f'<section class="object" id="obj-{esc(obj)}"><h2>{esc(obj)}</h2>']
     if scores:
         parts.append(table_html(list(scores), [list(scores.values())], "scores"))
+    reading = ((read_json(obj_dir / "conditions" / "conditions.json") or {}).get("input_reading") or {})
+    if reading.get("summary"):
+        parts.append(f'<p class="muted">input read as: {esc(reading["summary"])}</p>')
     figs = []
     inp = obj_dir / "conditions" / "input.png"
     if inp.is_file():
@@ -399,7 +402,7 @@ def build_html_report(run_dir: str | Path, out_dir: str | Path | None = None) ->
     title = f"{kind}: {run_dir.name}"
     status = manifest.get("status", "?")
     body = [f"<h1>{esc(title)}</h1>",
-            f'<p>status <b>{esc(status)}</b>; wall time {fmt(float(manifest.get("flow_wall_seconds") or 0.0))} s</p>',
+            f'<p>status <b>{esc(status)}</b>; wall time {float(manifest.get("flow_wall_seconds") or 0.0):.1f} s</p>',
             mlflow_html(manifest)]
     if manifest.get("errors"):
         body.append("<h3>Errors</h3><ul>" + "".join(

@@ -99,11 +99,12 @@ def labelled_tile(image: np.ndarray, label: str, side: int) -> np.ndarray:
 
 def labelled_grid(cells: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str],
                   row_title: str, col_title: str, min_width: int = MIN_PREVIEW, min_cell: int = 48) -> np.ndarray:
-    """A grid of equal-size cells (rows x columns of uint8 [h, w, 3]) upscaled by a whole factor,
+    """A grid of equal-size cells (rows x columns of uint8 [h, w, 3]) upscaled by a whole factor
+    (cells at least ``min_cell`` px, the cells together at least ``min_width`` px each way),
     with a caption per row and column and the two axis titles (e.g. 'views' down, 'frames' across)."""
     r, c = len(cells), len(cells[0])
     h, w = cells[0][0].shape[:2]
-    k = max(upscale_factor(h, w, min_cell), math.ceil(min_width / (c * w)))
+    k = max(upscale_factor(h, w, min_cell), math.ceil(min_width / (c * w)), math.ceil(min_width / (r * h)))
     ch, cw = h * k, w * k
     label_w = 84
     body = []

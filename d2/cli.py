@@ -22,6 +22,9 @@ EXPECTED_STAGES_PER_OBJECT = 5  # conditions, sampling, fit, render_eval, metric
 # Progress display
 
 
+STARTING = "starting Prefect (API server and flow run) ..."  # shown until the first stage starts
+
+
 class ProgressDisplay:
     """A rich progress bar over stage executions, fed by the run's Recorder (thread-safe)."""
 
@@ -46,7 +49,7 @@ class ProgressDisplay:
                                       TimeElapsedColumn(), TextColumn("{task.description}"),
                                       transient=False, refresh_per_second=4)
             self._progress.start()
-            self._task = self._progress.add_task("starting", total=self.total, title=self.title)
+            self._task = self._progress.add_task(STARTING, total=self.total, title=self.title)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -59,10 +62,17 @@ class ProgressDisplay:
             self._progress.stop()
 
     def _summary(self) -> str:
-        running = ", ".join(f"{s}[{o}]" for o, s in list(self.running)[:3])
-        more = f" +{len(self.running) - 3}" if len(self.running) > 3 else ""
+        by_stage: dict[str, list[str]] = {}
+        for o, s in list(self.running):
+            by_stage.setdefault(s, []).append(o.lstrip("_") or s)
+        now = time.perf_counter()
+        running = "; ".join(
+            f"{s} {', '.join(objs[:3])}{f' +{len(objs) - 3}' if len(objs) > 3 else ''}"
+            for s, objs in by_stage.items())
+        oldest = min(self.running.values(), default=None)
+        since = f" ({now - oldest:.0f} s)" if oldest is not None else ""
         c = self.counts
-        return f"computed {c['computed']} · cached {c['cached']}" + (f" · running {running}{more}" if running else "")
+        return f"computed {c['computed']} · cached {c['cached']}" + (f" · running {running}{since}" if running else "")
 
     def stage_started(self, obj: str, stage: str) -> None:
         with self._lock:
@@ -438,6 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def quiet_library_bars(no_progress: bool) -> None:
+    """The run shows one progress display: the Hugging Face libraries' own bars ("Loading weights")
+    are off, and with ``--no-progress`` every tqdm bar is (``TQDM_DISABLE``). Set before the
+    libraries are imported (they read it then)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if no_progress:
+        os.environ["TQDM_DISABLE"] = "1"
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -457,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from d2.env import setup_env
 
     setup_env()  # before Prefect or MLflow is imported
+    quiet_library_bars(getattr(args, "no_progress", False))
     import signal
 
     from d2.config import ParamsError

@@ -220,9 +220,16 @@ def object_section(run_dir: Path, manifest: dict[str, Any], params: dict[str, An
                      "(every evaluation view, input | prediction | ground truth)</p>")
     fit = read_json(obj_dir / "fit" / "fit.json")
     if isinstance(fit, dict):
-        keys = [k for k in ("V", "F", "resolution", "iterations", "num_gaussians", "train_psnr", "matrix_psnr")
-                if k in fit]
+        fit = {**fit, **{k: v for k, v in (fit.get("matrix_fit") or {}).items() if k.startswith("motion_")}}
+        keys = [k for k in ("V", "F", "resolution", "iterations", "num_gaussians", "train_psnr", "matrix_psnr",
+                            "motion_matrix", "motion_fit") if k in fit]
         parts.append("<h3>Fit</h3>" + table_html(keys, [[fit[k] for k in keys]], "fit"))
+        if "motion_fit" in fit:
+            parts.append('<p class="muted">matrix_psnr: the fitted Gaussians rendered at the matrix\'s own views and '
+                         "times against the matrix. motion_*: mean absolute change between consecutive frames "
+                         "(per view) of the matrix and of those renders; a fit that lost the motion has motion_fit "
+                         "far below motion_matrix (the matrix's value also counts its frame-to-frame sampling "
+                         "noise).</p>")
     viewer = viewer_html(obj_dir / "fit", media, out, obj)
     if viewer:
         parts.append(viewer)

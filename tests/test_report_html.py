@@ -153,8 +153,9 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
             pytest.fail("CI must run the browser test: install Debian's chromium (.ci/run does)")
         pytest.skip("no Chromium on PATH (CI installs Debian's chromium)")
     run = make_benchmark_run(tmp_path)
-    res = inspect_page(build_html_report(run), ARTIFACTS / "report_screenshot.png")
-    assert res["errors"] == []
+    page = build_html_report(run)
+    res = inspect_page(page, ARTIFACTS / "report_screenshot.png")
+    assert res["errors"] == [] and res["url"] == page.as_uri()
     assert len(res["imgs"]) == 2 and all(i["ok"] and i["width"] >= MIN_PREVIEW for i in res["imgs"]), res["imgs"]
     assert len(res["videos"]) == len(AZ_EVAL) + 1
     assert all(v["ok"] and v["width"] >= 256 for v in res["videos"]), res["videos"]
@@ -165,3 +166,5 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
     (run / "report" / "media" / "ball" / "eval_0.mp4").unlink()
     bad = inspect_page(run / "report" / "index.html", wait_s=3.0)
     assert bad["errors"] or not all(v["ok"] for v in bad["videos"])
+    with pytest.raises(FileNotFoundError):
+        inspect_page(run / "report" / "missing.html")

@@ -28,6 +28,7 @@ MEDIA_STATE_JS = """JSON.stringify({
       ok: v.readyState >= 2, readyState: v.readyState, error: v.error ? v.error.code : null,
       width: v.videoWidth, duration: v.duration})),
   canvases: document.querySelectorAll('canvas').length,
+  url: location.href,
   title: document.title
 })"""
 
@@ -107,6 +108,8 @@ def inspect_page(page: str | Path, screenshot: str | Path | None = None, browser
     exe = browser or find_browser()
     if exe is None:
         raise FileNotFoundError("no Chromium found on PATH (install Debian's `chromium`)")
+    if not Path(page).is_file():
+        raise FileNotFoundError(f"no page at {page}")
     url = Path(page).resolve().as_uri()
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="d2-chromium-") as profile:
@@ -136,7 +139,9 @@ def inspect_page(page: str | Path, screenshot: str | Path | None = None, browser
             session = _Session(ws_url)
             for domain in ("Runtime", "Log", "Page"):
                 session.call(f"{domain}.enable")
-            session.call("Page.navigate", url=url)
+            nav = session.call("Page.navigate", url=url)
+            if nav.get("errorText"):
+                raise RuntimeError(f"{exe} could not open {url}: {nav['errorText']}")
             end = time.monotonic() + wait_s
             state: dict[str, Any] = {}
             while True:
@@ -160,6 +165,7 @@ def inspect_page(page: str | Path, screenshot: str | Path | None = None, browser
                 shot.write_bytes(base64.b64decode(img["data"]))
             return {"errors": _problems(session.events), "imgs": state.get("imgs", []),
                     "videos": state.get("videos", []), "canvases": state.get("canvases", 0),
+                    "url": state.get("url"),
                     "screenshot": str(shot) if shot else None}
         finally:
             if session is not None:

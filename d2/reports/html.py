@@ -331,7 +331,7 @@ def svg_plot(xs: list[Any], ys: list[float], xlabel: str, ylabel: str, w: int = 
            f'<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{h - mb}" stroke="#444"/>']
     ticks = sorted(set(xv))
     for t in ticks[:12]:
-        label = fmt(t) if numeric else cats[int(t)]
+        label = f"{t:g}" if numeric else cats[int(t)]
         out.append(f'<text x="{sx(t):.1f}" y="{h - mb + 14}" font-size="10" text-anchor="middle">{esc(label)}</text>')
     for t in (y0, (y0 + y1) / 2, y1):
         out.append(f'<text x="{ml - 4}" y="{sy(t) + 3:.1f}" font-size="10" text-anchor="end">{esc(f"{t:.4g}")}</text>')

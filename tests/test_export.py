@@ -28,7 +28,6 @@ from d2.stages.export import (
     VIEWER_FROM_WORLD,
     find_gaussians,
     load_gaussians,
-    measure_matrix_fit,
     save_gaussians,
     sh_basis,
     to_viewer_axes,
@@ -189,6 +188,7 @@ def test_matrix_fit_measure_sees_lost_motion(tmp_path: Path) -> None:
     same Gaussians frozen at one time: the motion is gone and the PSNR drops."""
     from d2.stages.cameras import frame_times, orbit_cameras
     from d2.stages.fit import write_matrix
+    from d2.stages.fit_check import measure_matrix_fit
 
     g = procedural_gaussians(40, seed=4)
     with torch.no_grad():

@@ -117,8 +117,8 @@ def compute_sampling(inputs: dict[str, Path], out: Path, params: BaseModel) -> d
 def compute_fit(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
     """matrix -> 4D Gaussians, PLY sequence, turntable video; then how well they reproduce the
     matrix at its own views and times (``matrix_psnr`` in fit.json)."""
-    from d2.stages.export import record_matrix_fit
     from d2.stages.fit import run_fit
+    from d2.stages.fit_check import record_matrix_fit
 
     warm_imports()
     summary = run_fit(inputs["matrix"], out, _quiet(params.fit))
@@ -255,7 +255,7 @@ SPECS: dict[str, StageSpec] = {
     "conditions": StageSpec("conditions", compute_conditions, ("d2.stages.conditions",), ("conditions", "priors"),
                             prior_weights),
     "sampling": StageSpec("sampling", compute_sampling, ("d2.stages.sampling",), ("sampling", "priors"), prior_weights),
-    "fit": StageSpec("fit", compute_fit, ("d2.stages.fit",), ("fit",)),
+    "fit": StageSpec("fit", compute_fit, ("d2.stages.fit", "d2.stages.fit_check"), ("fit",)),
     "render_eval": StageSpec("render_eval", compute_render_eval, ("d2.stages.export",),
                              ("protocol", "render_eval", "conditions.num_frames")),
     "metrics": StageSpec("metrics", compute_metrics, ("d2.eval.benchmark",), ("protocol", "metrics")),

@@ -28,6 +28,13 @@ MEDIA_STATE_JS = """JSON.stringify({
       ok: v.readyState >= 2, readyState: v.readyState, error: v.error ? v.error.code : null,
       width: v.videoWidth, duration: v.duration})),
   canvases: document.querySelectorAll('canvas').length,
+  canvasInk: Array.from(document.querySelectorAll('canvas')).map(c => {
+    const t = document.createElement('canvas'); t.width = c.width; t.height = c.height;
+    const x = t.getContext('2d'); x.drawImage(c, 0, 0);
+    const d = x.getImageData(0, 0, c.width, c.height).data; let n = 0;
+    for (let i = 0; i < d.length; i += 4) if (d[i] < 200 || d[i + 1] < 200 || d[i + 2] < 200) n++;
+    return n;
+  }),
   url: location.href,
   title: document.title
 })"""
@@ -104,7 +111,7 @@ def inspect_page(page: str | Path, screenshot: str | Path | None = None, browser
                  wait_s: float = 20.0, width: int = 1280, max_height: int = 2400) -> dict[str, Any]:
     """Open ``page`` (a local HTML file) headless; wait until every image and video has loaded (or
     ``wait_s``). Returns ``{"errors": [...], "imgs": [...], "videos": [...], "canvases": n,
-    "screenshot": path or None}``; raises when no browser can be started."""
+    "canvas_ink": [pixels darker than light grey, per canvas], "url", "screenshot": path or None}``; raises when no browser can be started."""
     exe = browser or find_browser()
     if exe is None:
         raise FileNotFoundError("no Chromium found on PATH (install Debian's `chromium`)")
@@ -165,7 +172,7 @@ def inspect_page(page: str | Path, screenshot: str | Path | None = None, browser
                 shot.write_bytes(base64.b64decode(img["data"]))
             return {"errors": _problems(session.events), "imgs": state.get("imgs", []),
                     "videos": state.get("videos", []), "canvases": state.get("canvases", 0),
-                    "url": state.get("url"),
+                    "url": state.get("url"), "canvas_ink": state.get("canvasInk", []),
                     "screenshot": str(shot) if shot else None}
         finally:
             if session is not None:

@@ -256,8 +256,8 @@ def viewer_html(fit_dir: Path, media: Path, out: Path, obj: str) -> str:
             f'<canvas width="384" height="384"></canvas><div>time <input type="range" min="0" '
             f'max="{data["times"] - 1}" value="0" step="1" class="time"> <span class="tlabel"></span> '
             '<label><input type="checkbox" class="play" checked> play</label></div>'
-            '<p class="muted">Drag to orbit. Each Gaussian is drawn as one round sprite (its centre, colour, '
-            'opacity and largest axis at that time; no anisotropy, no view-dependent colour, no depth-sorted '
+            '<p class="muted">Drag to orbit. Each Gaussian is drawn as one round Gaussian sprite (its centre, colour, '
+            'opacity and largest axis at that time, out to 3 standard deviations; no anisotropy, no view-dependent colour, no depth-sorted '
             'blending): an approximation of the splat render.</p></div>'
             f'<script src="{esc(rel(media / "splats.js", out))}"></script>')
 

@@ -4,8 +4,8 @@
 (``splats.js``, loaded with a ``<script src>`` so the page works from ``file://``) that registers
 per time the centres, colours, opacities and sizes of at most :data:`MAX_POINTS` Gaussians (the
 most opaque). :data:`VIEWER_JS` draws them as round sprites with an orbit camera and a time
-slider. What it approximates: each Gaussian is an isotropic disc of its largest standard
-deviation, coloured by its view-independent (DC) colour at that time, alpha-blended without
+slider. What it approximates: each Gaussian is an isotropic Gaussian disc (drawn out to 3
+standard deviations) of its largest standard deviation, coloured by its view-independent (DC) colour at that time, alpha-blended without
 depth sorting; the real splat render is anisotropic, view-dependent and sorted.
 """
 
@@ -71,10 +71,10 @@ VIEWER_JS = r"""
   var VS = 'attribute vec3 p; attribute vec3 c; attribute float a; attribute float s;' +
     'uniform mat4 vp; uniform float focal; varying vec4 col;' +
     'void main(){ vec4 q = vp * vec4(p, 1.0); gl_Position = q;' +
-    ' gl_PointSize = clamp(2.0 * s * focal / max(q.w, 1e-3), 1.0, 64.0); col = vec4(c, a); }';
+    ' gl_PointSize = clamp(6.0 * s * focal / max(q.w, 1e-3), 1.0, 128.0); col = vec4(c, a); }';
   var FS = 'precision mediump float; varying vec4 col;' +
     'void main(){ vec2 d = gl_PointCoord - vec2(0.5); float r = dot(d, d) * 4.0;' +
-    ' if (r > 1.0) discard; gl_FragColor = vec4(col.rgb, col.a * exp(-2.0 * r)); }';
+    ' if (r > 1.0) discard; gl_FragColor = vec4(col.rgb, col.a * exp(-4.5 * r)); }';
   function shader(gl, type, src) {
     var sh = gl.createShader(type); gl.shaderSource(sh, src); gl.compileShader(sh); return sh;
   }
@@ -102,7 +102,7 @@ VIEWER_JS = r"""
     var data = (window.D2_SPLATS || {})[box.getAttribute('data-object')];
     var canvas = box.querySelector('canvas'), slider = box.querySelector('.time');
     var label = box.querySelector('.tlabel'), play = box.querySelector('.play');
-    var gl = data && (canvas.getContext('webgl') || canvas.getContext('experimental-webgl'));
+    var gl = data && (canvas.getContext('webgl', {alpha: false, preserveDrawingBuffer: true}) || canvas.getContext('experimental-webgl'));
     if (!gl) { box.insertAdjacentHTML('beforeend', '<p class="muted">WebGL is not available in this browser.</p>'); return; }
     var prog = gl.createProgram();
     gl.attachShader(prog, shader(gl, gl.VERTEX_SHADER, VS));

@@ -6,6 +6,7 @@ import json
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import imageio.v3 as iio
 import numpy as np
@@ -170,3 +171,21 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
     assert bad["errors"] or not all(v["ok"] for v in bad["videos"])
     with pytest.raises(FileNotFoundError):
         inspect_page(run / "report" / "missing.html")
+
+
+def test_report_previews_go_to_the_mlflow_run(tmp_path: Path) -> None:
+    from d2.reports.html import track_report
+
+    run = make_benchmark_run(tmp_path)
+    page = build_html_report(run)
+    calls: list = []
+    tracker = SimpleNamespace(run_id="r1", client=SimpleNamespace(set_tag=lambda *a: calls.append(("tag", a))),
+                              log_artifacts=lambda rid, files: calls.append(("files", rid, list(files))))
+    track_report(tracker, str(page))
+    assert calls[0] == ("tag", ("r1", "d2.report", str(page)))
+    files = {(p.name, folder) for p, folder in calls[1][2]}
+    assert files == {("index.html", "report"), ("input.png", "report/ball"), ("matrix.png", "report/ball"),
+                     ("compare.mp4", "report/ball")}
+    track_report(None, str(page))  # MLflow off: nothing to do
+    broken = SimpleNamespace(run_id="r1", client=None, log_artifacts=None)
+    track_report(broken, str(page))  # an MLflow failure is printed, not raised

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from d2.flows.engine import (StageThreadRunner, Graph, Job, Stage, closing, drive, failures, make_tracker, new_run, open_run_folder,
                              prefect_api_check, safe_name)
-from d2.reports.html import write_run_report
+from d2.reports.html import track_report, write_run_report
 from d2.tasks.stages import STAGES, StageSet
 
 
@@ -63,6 +63,7 @@ def asset_flow(input_path: str, out_dir: str, params: dict[str, Any], gt_dir: st
             if failures([job]):
                 raise RuntimeError(f"{obj} failed: {job.error}")
         report = write_run_report(run.run_dir)
+        track_report(run.tracker, report)
     return {"run_dir": str(run.run_dir), "manifest": str(run.run_dir / "manifest.json"), "object": obj,
             "report": report,
             "outputs": {s: str(r.out_dir) for s, r in job.results.items()},

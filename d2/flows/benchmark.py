@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from d2.flows.asset import object_graph
 from d2.flows.engine import (StageThreadRunner, Graph, Job, Run, Stage, closing, drive, failures, make_tracker, new_run,
                              open_run_folder, prefect_api_check, safe_name)
-from d2.reports.html import write_run_report
+from d2.reports.html import track_report, write_run_report
 from d2.tasks.stages import STAGES, StageSet
 from d2.tasks.tracking import flat_numbers
 from d2.utils.io import write_json
@@ -140,6 +140,7 @@ def benchmark_flow(data_dir: str, out_dir: str, params: dict[str, Any], stages: 
             raise_failures([tables])
             result = summarize(run, jobs, tables)
         result["report"] = write_run_report(run.run_dir)
+        track_report(run.tracker, result["report"])
     result["flow_wall_seconds"] = run.recorder.meta["flow_wall_seconds"]
     return result
 

@@ -467,3 +467,31 @@ def write_run_report(run_dir: str | Path) -> str | None:
     except Exception as e:  # noqa: BLE001  (the run's results are already written and recorded)
         print(f"d2: the HTML report of {run_dir} could not be built: {type(e).__name__}: {e}", flush=True)
         return None
+
+
+REPORT_ARTIFACTS = ("input.png", "matrix.png", "compare.mp4")  # per object, what MLflow gets of the report
+
+
+def report_artifacts(page: str | Path) -> list[tuple[Path, str]]:
+    """``(file, MLflow artifact folder)`` pairs of a report: each object's input, labelled matrix grid
+    and comparison video (``report/<object>/``), the sweep's figure grid, and the page itself."""
+    page = Path(page)
+    media = page.parent / "media"
+    files = [(page, "report")]
+    if (media / "figure.png").is_file():
+        files.append((media / "figure.png", "report"))
+    for obj in sorted(p for p in media.iterdir() if p.is_dir()) if media.is_dir() else []:
+        files += [(obj / n, f"report/{obj.name}") for n in REPORT_ARTIFACTS if (obj / n).is_file()]
+    return files
+
+
+def track_report(tracker: Any, page: str | None) -> None:
+    """Give the run's MLflow run (a :class:`d2.tasks.tracking.Tracker`, or None) the report's
+    path as tag ``d2.report`` and its previews as artifacts; a failure here is printed, never raised."""
+    if tracker is None or not page:
+        return
+    try:
+        tracker.client.set_tag(tracker.run_id, "d2.report", str(page))
+        tracker.log_artifacts(tracker.run_id, report_artifacts(page))
+    except Exception as e:  # noqa: BLE001  (the run and its report are complete without MLflow's copy)
+        print(f"d2: the report could not be logged to MLflow: {type(e).__name__}: {e}", flush=True)

@@ -166,7 +166,7 @@ def test_gaussians_safetensors_round_trip_and_legacy_pt(tmp_path: Path) -> None:
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / GAUSSIANS_FILE), framework="pt") as f:
-        assert set(f.keys()) == set(state["params"]) and f.metadata()["format"] == "d2.gaussians4d"
+        assert set(f.keys()) == set(state["params"]) and list(f.metadata()) == ["d2"]  # one key: a fixed order
     back, orbit = load_gaussians(tmp_path)  # a folder: the file in it
     assert orbit == state["orbit"] and back.sh_degree == g.sh_degree and back.time_basis == g.time_basis
     for k, v in back.export_state()["params"].items():

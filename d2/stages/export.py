@@ -238,17 +238,19 @@ LEGACY_GAUSSIANS_FILE = "gaussians.pt"  # what earlier fits wrote (a torch pickl
 def save_gaussians(path: str | Path, state: dict) -> None:
     """Write :meth:`Gaussians4D.export_state` (plus an ``orbit`` dict) as safetensors, atomically.
 
-    Tensors: the parameters by name; metadata (strings): ``format``, ``version``, ``sh_degree``,
-    ``time_basis`` and ``orbit`` (JSON).
+    Tensors: the parameters by name; metadata: one key, ``d2``, whose value is JSON (sorted keys)
+    with ``format``, ``version``, ``sh_degree``, ``time_basis`` and ``orbit`` (one key: safetensors
+    writes several in an order that varies between processes, and the same Gaussians must give the
+    same bytes).
     """
     import json
 
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state["params"].items()}
-    meta = {"format": "d2.gaussians4d", "version": str(state.get("version", 1)),
-            "sh_degree": str(int(state["sh_degree"])), "time_basis": str(int(state["time_basis"])),
-            "orbit": json.dumps(state.get("orbit", {}), sort_keys=True)}
+    meta = {"d2": json.dumps({"format": "d2.gaussians4d", "version": int(state.get("version", 1)),
+                              "sh_degree": int(state["sh_degree"]), "time_basis": int(state["time_basis"]),
+                              "orbit": state.get("orbit", {})}, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
@@ -263,12 +265,15 @@ def read_gaussians_state(path: str | Path) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+        try:
+            meta = json.loads((f.metadata() or {}).get("d2", "{}"))
+        except ValueError:
+            meta = {}
         if meta.get("format") != "d2.gaussians4d":
-            raise ValueError(f"{path}: not a d2 4D Gaussians file (metadata format {meta.get('format')!r})")
+            raise ValueError(f"{path}: not a d2 4D Gaussians file (no d2.gaussians4d metadata)")
         params = {k: f.get_tensor(k) for k in f.keys()}
     return {"version": int(meta.get("version", 1)), "sh_degree": int(meta["sh_degree"]),
-            "time_basis": int(meta["time_basis"]), "params": params, "orbit": json.loads(meta.get("orbit", "{}"))}
+            "time_basis": int(meta["time_basis"]), "params": params, "orbit": dict(meta.get("orbit", {}))}
 
 
 def find_gaussians(folder: str | Path) -> Path | None:

@@ -132,6 +132,10 @@ def test_benchmark_report_contents(tmp_path: Path) -> None:
     assert data["n"] == 24 and len(data["frames"]) == 4
     # the same folder gives the same page
     assert build_html_report(run).read_text() == text
+    # a damaged Gaussians file costs its viewer, not the page
+    (run / "objects" / "cube" / "fit" / GAUSSIANS_FILE).write_bytes(b"not safetensors")
+    damaged = build_html_report(run).read_text()
+    assert "4D Gaussians: not shown" in damaged and damaged.count("<canvas") == 1
 
 
 def test_sweep_report_plots_each_metric_against_each_knob(tmp_path: Path) -> None:

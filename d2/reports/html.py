@@ -249,7 +249,10 @@ def _video(src: str, label: str, width: int | None = None) -> str:
 
 def viewer_html(fit_dir: Path, media: Path, out: Path, obj: str) -> str:
     """The WebGL viewer block of one object ('' when its Gaussians cannot be read)."""
-    data = write_viewer_data(fit_dir, media / "splats.js", obj)
+    try:
+        data = write_viewer_data(fit_dir, media / "splats.js", obj)
+    except Exception as e:  # noqa: BLE001  (an unreadable file, whatever raised: said, not fatal)
+        return f'<p class="muted">4D Gaussians: not shown ({esc(type(e).__name__)}: {esc(e)})</p>'
     if data is None:
         return ""
     return (f'<h3>4D Gaussians (WebGL)</h3><div class="viewer" data-object="{esc(obj)}">'

@@ -22,6 +22,9 @@ EXPECTED_STAGES_PER_OBJECT = 5  # conditions, sampling, fit, render_eval, metric
 # Progress display
 
 
+STARTING = "starting Prefect (API server and flow run) ..."  # shown until the first stage starts
+
+
 class ProgressDisplay:
     """A rich progress bar over stage executions, fed by the run's Recorder (thread-safe)."""
 
@@ -46,7 +49,7 @@ class ProgressDisplay:
                                       TimeElapsedColumn(), TextColumn("{task.description}"),
                                       transient=False, refresh_per_second=4)
             self._progress.start()
-            self._task = self._progress.add_task("starting", total=self.total, title=self.title)
+            self._task = self._progress.add_task(STARTING, total=self.total, title=self.title)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -59,10 +62,17 @@ class ProgressDisplay:
             self._progress.stop()
 
     def _summary(self) -> str:
-        running = ", ".join(f"{s}[{o}]" for o, s in list(self.running)[:3])
-        more = f" +{len(self.running) - 3}" if len(self.running) > 3 else ""
+        by_stage: dict[str, list[str]] = {}
+        for o, s in list(self.running):
+            by_stage.setdefault(s, []).append(o.lstrip("_") or s)
+        now = time.perf_counter()
+        running = "; ".join(
+            f"{s} {', '.join(objs[:3])}{f' +{len(objs) - 3}' if len(objs) > 3 else ''}"
+            for s, objs in by_stage.items())
+        oldest = min(self.running.values(), default=None)
+        since = f" ({now - oldest:.0f} s)" if oldest is not None else ""
         c = self.counts
-        return f"computed {c['computed']} · cached {c['cached']}" + (f" · running {running}{more}" if running else "")
+        return f"computed {c['computed']} · cached {c['cached']}" + (f" · running {running}{since}" if running else "")
 
     def stage_started(self, obj: str, stage: str) -> None:
         with self._lock:
@@ -94,6 +104,20 @@ def _params(args: argparse.Namespace) -> Any:
 
 def _print(text: str = "") -> None:
     print(text, flush=True)
+
+
+def _input_reading(conditions_dir: str | None) -> str:
+    """How the conditions stage read the input (its conditions.json), '' when unknown."""
+    try:
+        meta = json.loads((Path(conditions_dir) / "conditions.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return ""
+    return str((meta.get("input_reading") or {}).get("summary", ""))
+
+
+def _report_hint(result: dict[str, Any]) -> str:
+    page = result.get("report")
+    return f"report: {page} (open it in a browser; no server needed)" if page else "report: not written (see above)"
 
 
 def _mlflow_hint(result: dict[str, Any]) -> str:
@@ -180,6 +204,7 @@ def _print_benchmark(result: dict[str, Any]) -> None:
         _print("turntable videos:")
         for obj, path in videos.items():
             _print(f"  {obj}: {path}")
+    _print(_report_hint(result))
     _print(_mlflow_hint(result))
 
 
@@ -238,9 +263,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with ProgressDisplay(total, f"generate {src.name}", p.run.progress):
         result = run_asset(src, args.out, p, gt_dir=args.gt, name=args.name)
     _print(f"asset written to {result['run_dir']} ({_counts(result['manifest'])})")
+    reading = _input_reading(result["outputs"].get("conditions"))
+    if reading:
+        _print(f"input read as: {reading}")
     for stage, path in result["outputs"].items():
         _print(f"  {stage}: {path}")
     _print(f"turntable video: {Path(result['outputs']['fit']) / 'turntable.mp4'}")
+    _print(_report_hint(result))
     _print(_mlflow_hint(result))
     return 0
 
@@ -278,6 +307,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _print()
     _print(result["table"])
     _print(f"sweep folder: {result['run_dir']} ({_counts(result['manifest'])})")
+    _print(_report_hint(result))
     _print(_mlflow_hint(result))
     return 0
 
@@ -289,7 +319,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = build_report(Path(args.run), Path(args.out) if args.out else None,
                        Path(args.metrics) if args.metrics else None)
     _print(Path(out["table_path"]).read_text())
-    _print(f"report written to {out['out_dir']}")
+    from d2.reports.html import build_html_report
+
+    page = build_html_report(Path(args.run), Path(out["out_dir"]))
+    _print(f"report written to {out['out_dir']} (open {page} in a browser)")
     return 0
 
 
@@ -423,6 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def quiet_library_bars(no_progress: bool) -> None:
+    """The run shows one progress display: the Hugging Face libraries' own bars ("Loading weights")
+    are off, and with ``--no-progress`` every tqdm bar is (``TQDM_DISABLE``). Set before the
+    libraries are imported (they read it then)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if no_progress:
+        os.environ["TQDM_DISABLE"] = "1"
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -442,6 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from d2.env import setup_env
 
     setup_env()  # before Prefect or MLflow is imported
+    quiet_library_bars(getattr(args, "no_progress", False))
     import signal
 
     from d2.config import ParamsError

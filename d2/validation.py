@@ -157,19 +157,20 @@ def check_input(path: str | os.PathLike, params: BaseModel, decode_all: bool = T
         elif kind == "video":
             if p.is_dir():
                 files = C._image_files(p)
-                need = (cfg.num_frames - 1) * cfg.frame_stride + 1
+                need = cfg.frame_start + (cfg.num_frames - 1) * cfg.frame_stride + 1
                 if len(files) < need:
                     raise InputError(f"{p}: {len(files)} frames, need {need} (conditions.num_frames "
-                                     f"{cfg.num_frames}, frame_stride {cfg.frame_stride}); add frames or lower "
-                                     "conditions.num_frames and sampling.num_frames")
+                                     f"{cfg.num_frames}, frame_stride {cfg.frame_stride}, frame_start "
+                                     f"{cfg.frame_start}); add frames or lower conditions.num_frames and "
+                                     "sampling.num_frames (or conditions.frame_start / frame_stride)")
                 warnings += check_frame_numbers(files[:need], str(p))
-                used = files[:need:cfg.frame_stride]
+                used = files[cfg.frame_start:need:cfg.frame_stride]
                 _same_size(p, used)
-                frames = (C.read_video_frames(p, cfg.num_frames, cfg.frame_stride) if decode_all
+                frames = (C.read_video_frames(p, cfg.num_frames, cfg.frame_stride, cfg.frame_start) if decode_all
                           else [C.read_image(used[0])])
             else:
                 try:
-                    frames = C.read_video_frames(p, cfg.num_frames, cfg.frame_stride)
+                    frames = C.read_video_frames(p, cfg.num_frames, cfg.frame_stride, cfg.frame_start)
                 except ValueError as e:
                     cause = str(e.__cause__ or e).strip().splitlines()
                     if e.__cause__ is None:
@@ -467,7 +468,7 @@ def _out_is_not_a_file(args: Mapping[str, Any]) -> None:
 
 def _data_key(p: BaseModel) -> tuple:
     c, prot = p.conditions, p.protocol
-    return (c.input_kind, c.num_frames, c.frame_stride, c.num_views, c.alpha_threshold, c.white_threshold,
+    return (c.input_kind, c.num_frames, c.frame_stride, c.frame_start, c.num_views, c.alpha_threshold, c.white_threshold,
             len(prot.eval_azimuths_deg), prot.num_frames, prot.include_front_view, tuple(p.run.objects))
 
 

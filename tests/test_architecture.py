@@ -16,7 +16,8 @@ ALLOWED = {
     "world": {"world", "stages", "eval"},
     "train": {"train", "stages", "eval", "world"},
     "tasks": {"tasks", "stages", "eval", "world"},
-    "flows": {"flows", "tasks", "stages", "eval", "world"},
+    "reports": {"reports", "stages"},  # pages over a run folder's files
+    "flows": {"flows", "tasks", "stages", "eval", "world", "reports"},
 }
 
 

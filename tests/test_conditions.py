@@ -136,3 +136,38 @@ def test_bad_inputs_fail_early_with_clear_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="resolution 64"):
         make_conditions(tmp_path / "ok.png", _cfg(resolution=64), tiny)
     assert not (tmp_path / "cond").exists()
+
+
+def test_frames_kept_from_a_24_frame_video(tiny, tmp_path):
+    """Which frames of a 24-frame MP4 become the reference video (start, stride), and what the stage
+    says about it in conditions.json."""
+    from d2.stages.conditions import count_video_frames, describe_reading
+
+    frames = torch.ones(24, 3, 48, 48)
+    for i in range(24):
+        frames[i, :, 6:42, 6:42] = 0.9 - 0.035 * i  # frame i is grey level 0.9 - 0.035 i
+    save_video(tmp_path / "clip.mp4", frames, fps=12)
+    assert count_video_frames(tmp_path / "clip.mp4") == (24, 12.0)
+
+    def kept(**kw) -> list[int]:
+        info: dict = {}
+        c = make_conditions(tmp_path / "clip.mp4", _cfg(**kw), tiny, info)
+        grey = c.video[:, :, R // 2, R // 2].mean(1)  # [F]
+        found = [int(round((0.9 - float(g)) / 0.035)) for g in grey]
+        assert found == info["frames_kept"], (found, info)
+        assert info["frames_total"] == 24 and info["fps"] == 12.0 and info["source_size"] == [48, 48]
+        return found
+
+    assert kept() == [0, 1, 2, 3]
+    assert kept(frame_stride=3) == [0, 3, 6, 9]
+    assert kept(frame_start=5, frame_stride=2) == [5, 7, 9, 11]
+    info: dict = {}
+    make_conditions(tmp_path / "clip.mp4", _cfg(frame_stride=3), tiny, info)
+    text = describe_reading(info)
+    assert "kept 4 of 24 frames (0, 3, 6, 9" in text and "12 fps, so 0.83 s" in text and "frames 10..23 unused" in text
+    assert "object box 36x36 px" in text and f"resized to {R}x{R} px" in text
+    with pytest.raises(ValueError, match="only 3 usable frames from frame 21"):
+        make_conditions(tmp_path / "clip.mp4", _cfg(frame_start=21), tiny)
+    out = run_conditions(tmp_path / "clip.mp4", tmp_path / "cond", _cfg(frame_start=2), tiny)
+    meta = json.loads((out / "conditions.json").read_text())
+    assert meta["input_reading"]["frames_kept"] == [2, 3, 4, 5] and "kept 4 of 24" in meta["input_reading"]["summary"]

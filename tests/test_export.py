@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from plyfile import PlyData
 
@@ -20,6 +21,16 @@ from d2.stages.export import (
     render_views,
     rotmat_to_quat,
     splat_arrays_at,
+)
+from d2.stages.export import (
+    GAUSSIANS_FILE,
+    TURNTABLE_MIN_SIZE,
+    VIEWER_FROM_WORLD,
+    find_gaussians,
+    load_gaussians,
+    save_gaussians,
+    sh_basis,
+    to_viewer_axes,
 )
 from d2.stages.gaussians import Gaussians4D, init_random, procedural_gaussians
 from d2.utils.io import load_image, save_tensor
@@ -51,7 +62,7 @@ def test_quaternion_conversions() -> None:
 
 def test_ply_round_trip_with_standard_names(tmp_path: Path) -> None:
     g = _tilted_model()
-    paths = export_ply_sequence(g, tmp_path / "ply", [0.0, 0.4, 1.0])
+    paths = export_ply_sequence(g, tmp_path / "ply", [0.0, 0.4, 1.0], convention="world")
     assert [p.name for p in paths] == ["t_00.ply", "t_01.ply", "t_02.ply"]
     ply = PlyData.read(str(paths[1]))
     assert [e.name for e in ply.elements] == ["vertex"]
@@ -82,7 +93,7 @@ def test_ply_round_trip_with_standard_names(tmp_path: Path) -> None:
     # an empty slice still writes a valid file
     with torch.no_grad():
         g.opacity_logits.fill_(-30.0)
-    export_ply_sequence(g, tmp_path / "empty", [0.5])
+    export_ply_sequence(g, tmp_path / "empty", [0.5], convention="world")
     assert read_ply(tmp_path / "empty" / "t_00.ply")["means"].shape == (0, 3)
 
 
@@ -109,7 +120,94 @@ def test_turntable_video(tmp_path: Path) -> None:
     import imageio.v3 as iio
 
     g = procedural_gaussians(10, seed=2)
-    render_turntable(g, tmp_path / "turntable.mp4", OrbitSpec(), 32, num_frames=6, fps=6, backend="torch")
+    info = render_turntable(g, tmp_path / "turntable.mp4", OrbitSpec(), 32, num_frames=6, fps=6, backend="torch")
     frames = iio.imread(tmp_path / "turntable.mp4")
-    assert frames.shape[0] == 6 and frames.shape[1:3] == (32, 32)
+    # rendered at 256 px whatever the matrix size, slowed to last 2 s (6 frames at 3 fps)
+    assert frames.shape[0] == 6 and frames.shape[1:3] == (TURNTABLE_MIN_SIZE, TURNTABLE_MIN_SIZE) == (256, 256)
+    assert info == {"size": 256, "frames": 6, "fps": 3}
+    assert iio.immeta(tmp_path / "turntable.mp4", plugin="FFMPEG")["fps"] == 3
     assert frames.min() < 200  # the object is visible on white
+
+
+def test_ply_viewer_convention_axes(tmp_path: Path) -> None:
+    """The default PLY axes are the 3DGS viewers' (y down, camera looking along +z): a Gaussian at
+    +z in our world (up) lands at -y (the viewers' up), one at +x (towards the input camera) at -z
+    (towards the viewers' default camera), one at +y (the input view's right) at +x (right)."""
+    g = Gaussians4D(3, sh_degree=1, time_basis=0)
+    with torch.no_grad():
+        g.means[:, :3] = torch.tensor([[0.0, 0.0, 0.5], [0.5, 0.0, 0.0], [0.0, 0.5, 0.0]])
+        g.means[:, 3] = 0.5
+        g.log_scales.copy_(torch.log(torch.tensor([[0.01, 0.02, 0.3, 1.0]] * 3)))  # long along world z
+        g.opacity_logits.fill_(4.0)
+        g.sh_rest.copy_(torch.randn(3, 3, 3, generator=torch.Generator().manual_seed(0)))
+    back = read_ply(export_ply_sequence(g, tmp_path / "ply", [0.5])[0])
+    np.testing.assert_allclose(back["means"], [[0, -0.5, 0], [0, 0, -0.5], [0.5, 0, 0]], atol=1e-6)
+    # the Gaussian long along world z is long along viewer y
+    cov = covariance_from_ply(back)[0]
+    assert np.argmax(np.diag(cov)) == 1 and abs(cov[1, 1] - 0.09) < 1e-5
+    # the view-dependent colour seen along a world direction d is the one seen along A d
+    world = splat_arrays_at(g, 0.5)
+    d = np.random.default_rng(1).normal(size=(20, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    for n in range(3):
+        c_world = sh_basis(d)[:, 1:] @ world["sh_rest"][n]
+        c_viewer = sh_basis(d @ VIEWER_FROM_WORLD.T)[:, 1:] @ back["sh_rest"][n]
+        np.testing.assert_allclose(c_viewer, c_world, atol=1e-5)
+    assert np.isclose(np.linalg.det(VIEWER_FROM_WORLD), 1.0)
+    rot = to_viewer_axes(world)
+    np.testing.assert_allclose(np.linalg.norm(rot["quats"], axis=1), 1.0, atol=1e-6)
+
+
+def test_gaussians_safetensors_round_trip_and_legacy_pt(tmp_path: Path) -> None:
+    g = _tilted_model()
+    state = g.export_state()
+    state["orbit"] = {"radius": 2.5, "fov_deg": 33.0, "elevation_deg": 5.0, "times": [0.0, 1.0]}
+    save_gaussians(tmp_path / GAUSSIANS_FILE, state)
+    assert (tmp_path / GAUSSIANS_FILE).read_bytes()[:8] != b"PK\x03\x04\x00\x00\x08\x08"  # not a torch zip
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / GAUSSIANS_FILE), framework="pt") as f:
+        assert set(f.keys()) == set(state["params"]) and list(f.metadata()) == ["d2"]  # one key: a fixed order
+    back, orbit = load_gaussians(tmp_path)  # a folder: the file in it
+    assert orbit == state["orbit"] and back.sh_degree == g.sh_degree and back.time_basis == g.time_basis
+    for k, v in back.export_state()["params"].items():
+        assert torch.equal(v, state["params"][k]), k
+    # an older fit's gaussians.pt is still read; the safetensors file wins when both exist
+    legacy = tmp_path / "old"
+    save_tensor(legacy / "gaussians.pt", state)
+    assert find_gaussians(legacy) == legacy / "gaussians.pt"
+    old, _ = load_gaussians(legacy / "gaussians.pt")
+    assert torch.equal(old.means, back.means)
+    assert find_gaussians(tmp_path) == tmp_path / GAUSSIANS_FILE
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no gaussians.safetensors"):
+        load_gaussians(tmp_path / "empty")
+
+
+def test_matrix_fit_measure_sees_lost_motion(tmp_path: Path) -> None:
+    """Renders of the Gaussians themselves as the matrix: PSNR at the cap and the motion kept; the
+    same Gaussians frozen at one time: the motion is gone and the PSNR drops."""
+    from d2.stages.cameras import frame_times, orbit_cameras
+    from d2.stages.fit import write_matrix
+    from d2.stages.fit_check import measure_matrix_fit
+
+    g = procedural_gaussians(40, seed=4)
+    with torch.no_grad():
+        g.quats_l[:, 1] = 0.4  # every Gaussian moves along x over time
+        g.quats_r[:, 1] = 0.4
+    spec = OrbitSpec()
+    az, times = [0.0, 90.0, 180.0], frame_times(4)
+    imgs = torch.stack([render_views(g, [a] * 4, times, spec, 24, backend="torch") for a in az])  # [V, F, 3, H, W]
+    write_matrix(tmp_path / "matrix", imgs, az, times, spec)
+    state = g.export_state()
+    save_gaussians(tmp_path / "fit" / GAUSSIANS_FILE, state)
+    m = measure_matrix_fit(tmp_path / "fit" / GAUSSIANS_FILE, tmp_path / "matrix", backend="torch")
+    assert m["matrix_psnr"] > 40 and len(m["matrix_psnr_per_view"]) == 3 and len(m["matrix_psnr_per_frame"]) == 4
+    assert m["motion_matrix"] > 0.005 and abs(m["motion_fit"] - m["motion_matrix"]) < 0.2 * m["motion_matrix"]
+    with torch.no_grad():  # frozen: no temporal tilt, no colour change
+        g.quats_l.copy_(torch.tensor([1.0, 0, 0, 0]).expand(40, 4))
+        g.quats_r.copy_(g.quats_l)
+        g.time_coefs.zero_()
+    save_gaussians(tmp_path / "frozen" / GAUSSIANS_FILE, g.export_state())
+    f = measure_matrix_fit(tmp_path / "frozen" / GAUSSIANS_FILE, tmp_path / "matrix", backend="torch")
+    assert f["motion_fit"] < 0.1 * m["motion_matrix"] and f["matrix_psnr"] < m["matrix_psnr"] - 10

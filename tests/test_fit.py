@@ -60,7 +60,7 @@ def test_fit_recovers_held_out_views_and_times(tmp_path: Path) -> None:
     t0 = time.perf_counter()
     summary = run_fit(tmp_path / "matrix", tmp_path / "fit", cfg)
     took = time.perf_counter() - t0
-    g, orbit = load_gaussians(tmp_path / "fit" / "gaussians.pt")
+    g, orbit = load_gaussians(tmp_path / "fit" / "gaussians.safetensors")
     held_az = [a + 22.5 for a in az]
     held_t = [0.1, 0.3, 0.5, 0.7, 0.9]
     pa = [a for a in held_az for _ in held_t]
@@ -260,12 +260,12 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path: Path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         run_fit(tmp_path / "matrix", tmp_path / "resumed", cfg)
     assert (tmp_path / "resumed" / "checkpoint.pt").is_file()
-    assert not (tmp_path / "resumed" / "gaussians.pt").exists()
+    assert not (tmp_path / "resumed" / "gaussians.safetensors").exists()
     monkeypatch.setattr(fit_mod, "fit_loss", real)
     summary = run_fit(tmp_path / "matrix", tmp_path / "resumed", cfg)
     assert summary["resumed_from"] == 2
-    a, _ = load_gaussians(tmp_path / "full" / "gaussians.pt")
-    b, _ = load_gaussians(tmp_path / "resumed" / "gaussians.pt")
+    a, _ = load_gaussians(tmp_path / "full" / "gaussians.safetensors")
+    b, _ = load_gaussians(tmp_path / "resumed" / "gaussians.safetensors")
     for k, v in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[k], v)
     # a changed config does not resume a stale checkpoint

@@ -237,7 +237,7 @@ def test_a_garbage_checkpoint_is_a_fresh_start(tmp_path):
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"garbage, not a torch archive")
     run_fit(tmp_path / "matrix", out, cfg)
-    assert (out / "gaussians.pt").is_file()
+    assert (out / "gaussians.safetensors").is_file()
 
 
 def test_a_read_only_cache_serves_its_hits(toy, tmp_path, monkeypatch):

@@ -315,3 +315,13 @@ def test_rollback_takes_the_first_steps_twice_with_renoising(mode):
             else:
                 x = x_next
     torch.testing.assert_close(out, x)
+
+
+def test_grid_thumbnails_enlarge_small_matrices_by_whole_factors():
+    from d2.stages.sampling import _thumbs
+
+    x = torch.rand(2, 3, 3, 16, 16)
+    y = _thumbs(x, 32)  # a 16 px matrix is shown at 32 px, each pixel a 2 x 2 block
+    assert y.shape == (2, 3, 3, 32, 32) and torch.equal(y[..., ::2, ::2], x) and torch.equal(y[..., 1::2, 1::2], x)
+    assert _thumbs(torch.rand(1, 3, 64, 64), 32).shape == (1, 3, 32, 32)  # larger: shrunk
+    assert _thumbs(torch.rand(1, 3, 20, 20), 32).shape == (1, 3, 20, 20)  # no whole factor fits

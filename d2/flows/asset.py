@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from d2.flows.runners import task_runner
 from d2.flows.engine import (Graph, Job, Stage, closing, drive, failures, make_tracker, new_run, open_run_folder,
                              prefect_api_check, safe_name)
+from d2.reports.html import track_report, write_run_report
 from d2.tasks.stages import STAGES, StageSet
 
 
@@ -62,7 +63,10 @@ def asset_flow(input_path: str, out_dir: str, params: dict[str, Any], gt_dir: st
             drive([job], p.run.max_parallel, prefect_api_check())
             if failures([job]):
                 raise RuntimeError(f"{obj} failed: {job.error}")
+        report = write_run_report(run.run_dir)
+        track_report(run.tracker, report)
     return {"run_dir": str(run.run_dir), "manifest": str(run.run_dir / "manifest.json"), "object": obj,
+            "report": report,
             "outputs": {s: str(r.out_dir) for s, r in job.results.items()},
             "mlflow_run_id": run.tracker.run_id if run.tracker else None}
 

@@ -19,6 +19,7 @@ from d2.flows.asset import object_graph
 from d2.flows.runners import task_runner
 from d2.flows.engine import (Graph, Job, Run, Stage, closing, drive, failures, make_tracker, new_run,
                              open_run_folder, prefect_api_check, safe_name)
+from d2.reports.html import track_report, write_run_report
 from d2.tasks.stages import STAGES, StageSet
 from d2.tasks.tracking import flat_numbers
 from d2.utils.io import write_json
@@ -81,7 +82,7 @@ def summarize(run: Run, jobs: list[Job], tables: Job) -> dict[str, Any]:
     summary = res.info.get("summary", {})
     write_json(run.run_dir / "metrics.json", summary)
     if run.tracker is not None:
-        run.tracker.log_metrics(run.tracker.run_id, flat_numbers(summary))
+        run.tracker.log_metrics(run.tracker.run_id, {**flat_numbers(summary), **fit_headline(jobs)})
         run.tracker.log_artifacts(run.tracker.run_id, [(p, "results") for p in sorted(res.out_dir.glob("*"))
                                                        if p.is_file()])
     return {"run_dir": str(run.run_dir), "manifest": str(run.run_dir / "manifest.json"),
@@ -90,6 +91,17 @@ def summarize(run: Run, jobs: list[Job], tables: Job) -> dict[str, Any]:
             "per_object": {j.obj: flat_numbers(j.results["metrics"].info.get("metrics", {})) for j in jobs},
             "videos": {j.obj: str(j.results["fit"].out_dir / "turntable.mp4") for j in jobs},
             "mlflow_run_id": run.tracker.run_id if run.tracker else None}
+
+
+def fit_headline(jobs: list[Job]) -> dict[str, float]:
+    """Mean over objects of the fit's numbers (``fit.matrix_psnr``, ``fit.train_psnr``) for MLflow."""
+    out: dict[str, float] = {}
+    for key in ("matrix_psnr", "train_psnr"):
+        vals = [float(j.results["fit"].info[key]) for j in jobs
+                if "fit" in j.results and isinstance(j.results["fit"].info.get(key), (int, float))]
+        if vals:
+            out[f"fit.{key}"] = sum(vals) / len(vals)
+    return out
 
 
 def raise_failures(jobs: list[Job]) -> None:
@@ -121,6 +133,8 @@ def benchmark_flow(data_dir: str, out_dir: str, params: dict[str, Any], stages: 
             drive([tables], 1, prefect_api_check())
             raise_failures([tables])
             result = summarize(run, jobs, tables)
+        result["report"] = write_run_report(run.run_dir)
+        track_report(run.tracker, result["report"])
     result["flow_wall_seconds"] = run.recorder.meta["flow_wall_seconds"]
     return result
 

@@ -163,6 +163,7 @@ def new_run(run_dir: Path, kind: str, params: BaseModel, stages: StageSet, meta:
     run = Run(run_dir, params, stages, recorder, tracker, label)
     recorder.meta.update({"mlflow_run_id": tracker.run_id if tracker else None,
                           "mlflow_tracking_uri": tracker.tracking_uri if tracker else None,
+                          "mlflow_experiment_id": tracker.experiment_id if tracker else None,
                           "prefect_flow_run_id": prefect_flow_run_id()})
     if tracker is not None:
         run.note_mlflow(tracker.run_id)
@@ -332,6 +333,9 @@ def end_job(job: Job) -> None:
     metrics.update({f"cached.{s}": float(r.status == "cached") for s, r in done.items()})
     if "metrics" in done:
         metrics.update(flat_numbers(done["metrics"].info.get("metrics", {})))
+    if "fit" in done:  # how well the fit reproduces its own matrix, and how much motion it kept
+        metrics.update(flat_numbers({k: done["fit"].info.get(k) for k in ("matrix_psnr", "train_psnr", "motion_matrix",
+                                                                         "motion_fit", "num_gaussians")}, "fit."))
     files = []
     if "sampling" in done:
         files += [(done["sampling"].out_dir / n, "matrix") for n in ("grid.png", "grid.mp4")]

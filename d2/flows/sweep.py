@@ -21,6 +21,7 @@ from d2.config import ParamsError, parse_override, with_overrides
 from d2.flows.benchmark import list_objects, object_jobs, raise_failures, summarize, tables_graph
 from d2.flows.runners import task_runner
 from d2.flows.engine import Job, closing, drive, finish, make_tracker, new_run, open_run_folder, prefect_api_check
+from d2.reports.html import track_report, write_run_report
 from d2.tasks.stages import STAGES, StageSet
 from d2.tasks.tracking import flat_numbers
 from d2.utils.io import write_json, write_text
@@ -113,7 +114,10 @@ def sweep_flow(data_dir: str, out_dir: str, params: dict[str, Any], grid: dict[s
                 files = [(run_dir / "sweep.md", "results"), (run_dir / "sweep.json", "results")]
                 files += [(p, "results") for p in sorted((run_dir / "results").glob("*")) if p.is_file()]
                 tracker.log_artifacts(tracker.run_id, files)
+        report = write_run_report(sweep.run_dir)
+        track_report(tracker, report)
     return {"run_dir": str(sweep.run_dir), "manifest": str(sweep.run_dir / "manifest.json"), "rows": rows,
+            "report": report,
             "table": ablation or _markdown(rows), "mlflow_run_id": tracker.run_id if tracker else None,
             "flow_wall_seconds": sweep.recorder.meta["flow_wall_seconds"]}
 

@@ -6,9 +6,9 @@ Three input kinds (``ConditionsConfig.input_kind``, "auto" guesses from the path
             multi-view prior on the image (its input-view entry then replaced by the image), the
             reference video from the video prior on the image.
     video   a video file (.mp4/.gif/.mov/.avi/.webm/.mkv) or a folder of frames (sorted by the
-            number in their names): the first ``num_frames`` frames (every ``frame_stride``-th)
-            are the reference video; the orbit is sampled from frame 0 or, with
-            ``video_orbit_frame: last`` (the paper and the authors' code), from the last frame.
+            number in their names): ``num_frames`` frames from frame ``frame_start`` on (every
+            ``frame_stride``-th) are the reference video; the orbit is sampled from the first of
+            them or, with ``video_orbit_frame: last`` (the paper and the authors' code), the last.
     orbit   a folder holding ``orbit.json`` ({"elevation_deg": e, optional "azimuths_deg"}) and
             ``num_views`` images in SV3D_p order (view v at (v+1)*360/V degrees from the front, the
             last = the front view): the orbit is given; the video is sampled from its front view.
@@ -74,6 +74,7 @@ class ConditionsConfig(BaseModel):
     video_orbit_frame: Literal["first", "last"] = "first"  # video input: the frame the reference orbit is sampled from (paper, authors: last); first matches the front-view row, whose video prior starts at its conditioning image
     orbit_decoder: Literal["image", "temporal"] = "image"  # reference orbit decoded by the multi-view prior's own per-frame decoder (authors: SV3D_p's image decoder) or the temporal video decoder across the views
     store_dtype: Literal["uint8", "float32"] = "uint8"  # images in conditions.pt (authors keep floats: float32); uint8 is 4x smaller and equals the PNG previews
+    frame_start: int = Field(0, ge=0)  # first frame of a video input that is used (0: its first frame)
     replace_input_view: bool = True  # put the input image into the sampled orbit's input view
     num_steps: int = Field(50, ge=1)  # denoising steps of the reference samples
     sigma_min: float = Field(0.002, gt=0)  # Karras sigma_min
@@ -213,8 +214,11 @@ def recentre(rgb: np.ndarray, box: tuple[int, int, int, int] | None, cfg: Condit
 
 
 def preprocess_frames(frames: list[tuple[np.ndarray, bool]], cfg: ConditionsConfig, name: str,
-                      framing: Literal["fraction", "own_scale", "keep"] | None = None) -> Tensor:
-    """RGBA frames -> [N, 3, R, R]; one bounding box (the union) for all frames; ``framing`` default cfg.framing."""
+                      info: dict | None = None, framing: Literal["fraction", "own_scale", "keep"] | None = None
+                      ) -> Tensor:
+    """RGBA frames -> [N, 3, R, R]; one bounding box (the union) for all frames; ``framing`` default
+    cfg.framing. ``info`` (optional) gets ``source_size`` [w, h], ``object_box`` (y0, y1, x0, x1;
+    None when the framing is kept), ``object_fraction`` and ``resolution``."""
     if not frames:
         raise ValueError(f"{name}: no frames")
     shapes = {f[0].shape[:2] for f in frames}
@@ -223,6 +227,12 @@ def preprocess_frames(frames: list[tuple[np.ndarray, bool]], cfg: ConditionsConf
     boxes = [bbox(object_mask(a, al, cfg), f"{name} frame {i}") for i, (a, al) in enumerate(frames)]
     union = (min(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes), max(b[3] for b in boxes))
     framing = cfg.framing if framing is None else framing
+    if info is not None:
+        h, w = frames[0][0].shape[:2]
+        kept = framing == "keep" or cfg.object_fraction is None
+        info.update({"source_size": [int(w), int(h)], "resolution": cfg.resolution, "framing": framing,
+                     "object_box": None if kept else list(union),
+                     "object_fraction": cfg.object_fraction if framing == "fraction" else None})
     return torch.stack([recentre(composite_white(a), union, cfg, framing) for a, _ in frames])
 
 
@@ -238,14 +248,15 @@ def _image_files(folder: Path) -> list[Path]:
     return _numbered([p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS])
 
 
-def read_video_frames(path: Path, count: int, stride: int) -> list[tuple[np.ndarray, bool]]:
-    """The first ``count`` frames (every ``stride``-th) of a video file or a folder of frames."""
-    need = (count - 1) * stride + 1
+def read_video_frames(path: Path, count: int, stride: int, start: int = 0) -> list[tuple[np.ndarray, bool]]:
+    """``count`` frames from frame ``start`` on (every ``stride``-th) of a video file or a folder of frames."""
+    need = start + (count - 1) * stride + 1
     if path.is_dir():
         files = _image_files(path)
         if len(files) < need:
-            raise ValueError(f"{path}: {len(files)} frames, need {need} (num_frames {count}, stride {stride})")
-        return [read_image(p) for p in files[:need:stride]]
+            raise ValueError(f"{path}: {len(files)} frames, need {need} (num_frames {count}, stride {stride}, "
+                             f"start {start})")
+        return [read_image(p) for p in files[start:need:stride]]
     import imageio.v3 as iio
 
     frames = []
@@ -253,13 +264,65 @@ def read_video_frames(path: Path, count: int, stride: int) -> list[tuple[np.ndar
         for i, fr in enumerate(iio.imiter(path)):
             if i >= need:
                 break
-            if i % stride == 0:
+            if i >= start and (i - start) % stride == 0:
                 frames.append(_to_rgba(Image.fromarray(np.asarray(fr))))
     except Exception as e:  # imageio raises many types for unreadable files
         raise ValueError(f"cannot read {path} as a video: {e}") from e
     if len(frames) < count:
-        raise ValueError(f"{path}: only {len(frames)} usable frames, need {count} (stride {stride})")
+        raise ValueError(f"{path}: only {len(frames)} usable frames from frame {start}, need {count} (stride {stride})")
     return frames
+
+
+def count_video_frames(path: Path) -> tuple[int | None, float | None]:
+    """(frames, fps) of a video file or a folder of frames (fps None for a folder; frames None
+    when the container does not say). Reads the header only."""
+    if path.is_dir():
+        return len(_image_files(path)), None
+    import imageio.v3 as iio
+
+    try:
+        meta = iio.immeta(path, plugin="FFMPEG")
+    except Exception:  # noqa: BLE001  (a container without the fields: unknown)
+        return None, None
+    fps = float(meta["fps"]) if isinstance(meta.get("fps"), (int, float)) and meta["fps"] > 0 else None
+    n = meta.get("nframes")
+    if not isinstance(n, (int, float)) or not math.isfinite(n):
+        n = round(meta["duration"] * fps) if fps and isinstance(meta.get("duration"), (int, float)) else None
+    return (int(n) if n is not None else None), fps
+
+
+def describe_reading(info: dict) -> str:
+    """One sentence on how an input was read (``conditions.json``'s ``input_reading``)."""
+    parts = [f"{info.get('kind', '?')} input"]
+    if info.get("kind") == "video":
+        total = info.get("frames_total")
+        kept = info.get("frames_kept", [])
+        of = f" of {total}" if total is not None else ""
+        parts.append(f"kept {len(kept)}{of} frames ({', '.join(map(str, kept[:12]))}{', ...' if len(kept) > 12 else ''}; "
+                     f"conditions.frame_start {info.get('frame_start')}, frame_stride {info.get('frame_stride')}, "
+                     f"num_frames {len(kept)})")
+        if info.get("fps"):
+            dur = (kept[-1] - kept[0] + 1) / info["fps"] if kept else 0.0
+            parts.append(f"source {info['fps']:g} fps, so {dur:.2f} s of the video")
+        if total is not None and kept and kept[-1] + 1 < total:
+            parts.append(f"frames {kept[-1] + 1}..{total - 1} unused")
+        if "orbit_from_frame" in info:
+            parts.append(f"reference orbit from frame {info['orbit_from_frame']}")
+    if info.get("source_size"):
+        w, h = info["source_size"]
+        parts.append(f"frames {w}x{h} px")
+    box = info.get("object_box")
+    if box:
+        y0, y1, x0, x1 = box
+        where = f"object box {x1 - x0}x{y1 - y0} px at x {x0}, y {y0} (one box for all frames), recentred"
+        if info.get("object_fraction"):
+            parts.append(f"{where} so its longer side is {info['object_fraction'] * 100:.0f}% of the image")
+        else:
+            parts.append(f"{where} at its own scale")
+    else:
+        parts.append("framing kept (padded to a square)")
+    parts.append(f"resized to {info.get('resolution')}x{info.get('resolution')} px")
+    return "; ".join(parts)
 
 
 def detect_kind(path: Path) -> Literal["image", "video", "orbit"]:
@@ -313,8 +376,11 @@ def sample_reference_video(video_prior: Prior, image: Tensor, cfg: ConditionsCon
         return video_prior.decode(lat[0], chunk=cfg.decode_chunk).cpu()
 
 
-def make_conditions(input_path: str | Path, cfg: ConditionsConfig, priors: tuple[Prior, Prior]) -> Conditions:
-    """Read, preprocess and complete the conditions of one input (no files written)."""
+def make_conditions(input_path: str | Path, cfg: ConditionsConfig, priors: tuple[Prior, Prior],
+                    info: dict | None = None) -> Conditions:
+    """Read, preprocess and complete the conditions of one input (no files written). ``info``
+    (optional) gets how the input was read (see :func:`describe_reading`)."""
+    info = {} if info is None else info
     video_prior, multiview_prior = priors
     path = Path(input_path).expanduser()
     kind = detect_kind(path) if cfg.input_kind == "auto" else cfg.input_kind
@@ -332,15 +398,21 @@ def make_conditions(input_path: str | Path, cfg: ConditionsConfig, priors: tuple
     if kind == "image":
         if not path.is_file():
             raise ValueError(f"input kind 'image' needs an image file, got {path}")
-        image = preprocess_frames([read_image(path)], cfg, str(path))[0]
+        info["kind"] = "image"
+        image = preprocess_frames([read_image(path)], cfg, str(path), info)[0]
         orbit = sample_reference_orbit(multiview_prior, image, azimuths, elevation, cfg)
         if cfg.replace_input_view:
             orbit[v_in] = image
         video = sample_reference_video(video_prior, image, cfg)
     elif kind == "video":
-        frames = read_video_frames(path, cfg.num_frames, cfg.frame_stride)
-        video = preprocess_frames(frames, cfg, str(path), cfg.video_framing)
+        frames = read_video_frames(path, cfg.num_frames, cfg.frame_stride, cfg.frame_start)
+        total, fps = count_video_frames(path)
+        info.update({"kind": "video", "frames_total": total, "fps": fps, "frame_start": cfg.frame_start,
+                     "frame_stride": cfg.frame_stride,
+                     "frames_kept": [cfg.frame_start + i * cfg.frame_stride for i in range(cfg.num_frames)]})
+        video = preprocess_frames(frames, cfg, str(path), info, cfg.video_framing)
         ref_frame = video.shape[0] - 1 if cfg.video_orbit_frame == "last" else 0
+        info["orbit_from_frame"] = info["frames_kept"][ref_frame]
         image = video[ref_frame]
         orbit = sample_reference_orbit(multiview_prior, image, azimuths, elevation, cfg)
         if cfg.replace_input_view:
@@ -360,7 +432,8 @@ def make_conditions(input_path: str | Path, cfg: ConditionsConfig, priors: tuple
         files = _image_files(path)
         if len(files) != cfg.num_views:
             raise ValueError(f"{path}: {len(files)} orbit images, num_views is {cfg.num_views}")
-        orbit = preprocess_frames([read_image(p) for p in files], cfg, str(path))
+        info["kind"] = "orbit"
+        orbit = preprocess_frames([read_image(p) for p in files], cfg, str(path), info)
         image = orbit[v_in]
         video = sample_reference_video(video_prior, image, cfg)
     else:
@@ -393,6 +466,9 @@ def write_conditions(conditions: Conditions, out_dir: str | Path, extra: dict | 
 def run_conditions(input_path: str | Path, out_dir: str | Path, cfg: ConditionsConfig,
                    priors: tuple[Prior, Prior]) -> Path:
     """Stage: input (image / video / orbit) -> conditions folder (``conditions.pt`` and previews)."""
-    conditions = make_conditions(input_path, cfg, priors)
-    return write_conditions(conditions, out_dir, {"input_path": str(input_path), "config": cfg.model_dump()},
-                            cfg.store_dtype)
+    info: dict = {}
+    conditions = make_conditions(input_path, cfg, priors, info)
+    info["summary"] = describe_reading(info)
+    # the input's name, not its path: the same input elsewhere gives the same bytes (and keys downstream)
+    return write_conditions(conditions, out_dir, {"input_name": Path(input_path).name, "config": cfg.model_dump(),
+                                                  "input_reading": info}, cfg.store_dtype)

@@ -5,8 +5,17 @@ scale_0..2, rot_0..3``; scales are logs, opacity a logit, ``rot`` a unit quatern
 w, x, y, z; ``f_rest_i`` = channel ``i // 15``, SH coefficient ``1 + i % 15``), so common
 splat viewers open it. Each file is the 4D set sliced at one time: means ``mu(t)``,
 covariances ``S3(t)`` factored as ``R diag(s^2) R^T``, opacity ``alpha(t)`` and the DC colour
-at ``t``; higher SH bands are padded with zeros up to degree 3. World frame: the project's
-(z up, :mod:`d2.stages.cameras`).
+at ``t``; higher SH bands are padded with zeros up to degree 3.
+
+Axes: the files written by :func:`export_ply_sequence` (and so the fit's ``ply/t_XX.ply``) use
+the convention of the original 3D Gaussian Splatting code and of the splat viewers built
+around its PLY files (SuperSplat, antimatter15/splat, gsplat.js): COLMAP / OpenCV axes,
++x right, +y down, +z away from the default camera, so "up" is -y. The project's world
+(:mod:`d2.stages.cameras`) is z up with the input view's camera on +x; the change of axes is the
+rotation :data:`VIEWER_FROM_WORLD`: viewer (x, y, z) = world (y, -z, -x). Our up (+z) becomes
+the viewers' up (-y), our front (+x, towards the input camera) faces the viewers' default camera
+(-z), and the input view's right (+y) is the viewers' right (+x). Centres, rotations and the
+view-dependent SH bands are rotated; ``convention="world"`` keeps the project's axes.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from d2.stages.render import Backend
 from d2.utils.io import atomic_path, load_tensor, save_image, save_video
 
 PLY_SH_REST = 15  # SH coefficients past the DC term at degree 3 (per channel)
+VIEWER_FROM_WORLD = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [-1.0, 0.0, 0.0]])  # viewer = A @ world
 
 
 def ply_property_names(sh_rest: int = PLY_SH_REST) -> list[str]:
@@ -96,6 +106,36 @@ def splat_arrays_at(g: Gaussians4D, t: float, min_opacity: float = 1e-4) -> dict
     }
 
 
+def sh_basis(dirs: np.ndarray, degree: int = 3) -> np.ndarray:
+    """Real SH basis values (the renderer's :func:`eval_sh` convention) at unit dirs [N, 3] -> [N, K]."""
+    from d2.stages.gaussians import eval_sh
+
+    k = (degree + 1) ** 2
+    d = torch.from_numpy(np.asarray(dirs, dtype=np.float64))[:, None, :]  # [N, 1, 3]
+    coeffs = torch.eye(k, dtype=torch.float64)[None, :, :, None]  # [1, K (which basis), K, 1]
+    return eval_sh(degree, coeffs, d)[..., 0].numpy()  # [N, K]
+
+
+def sh_rotation(A: np.ndarray, degree: int = 3) -> np.ndarray:
+    """[K, K] matrix M with ``f_new(d) = f(A^T d)`` for ``coeffs_new = M @ coeffs``: the SH colour
+    seen along a direction is the same after the axes change by the rotation ``A``."""
+    gen = np.random.default_rng(0)
+    d = gen.normal(size=(256, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    B, BA = sh_basis(d, degree), sh_basis(d @ A, degree)  # rows of d @ A are A^T d
+    M, *_ = np.linalg.lstsq(B, BA, rcond=None)
+    return M
+
+
+def to_viewer_axes(arrays: dict[str, np.ndarray], A: np.ndarray = VIEWER_FROM_WORLD) -> dict[str, np.ndarray]:
+    """Splat arrays (as :func:`splat_arrays_at`) in axes rotated by ``A`` (viewer = A @ world)."""
+    R = quat_to_rotmat(torch.from_numpy(np.asarray(arrays["quats"], dtype=np.float64)))
+    R = torch.from_numpy(A) @ R
+    M = sh_rotation(A)[1:, 1:]  # the rest bands (DC is invariant)
+    return {**arrays, "means": arrays["means"] @ A.T, "quats": rotmat_to_quat(R).numpy(),
+            "sh_rest": np.einsum("ij,njc->nic", M, arrays["sh_rest"])}
+
+
 def write_ply(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     """Write one standard 3DGS PLY (binary little-endian) atomically."""
     from plyfile import PlyData, PlyElement
@@ -137,13 +177,18 @@ def read_ply(path: str | Path) -> dict[str, np.ndarray]:
     }
 
 
-def export_ply_sequence(g: Gaussians4D, out_dir: str | Path, times: list[float]) -> list[Path]:
-    """One PLY per time: ``out_dir/t_XX.ply`` (XX = index into ``times``)."""
+def export_ply_sequence(g: Gaussians4D, out_dir: str | Path, times: list[float],
+                        convention: str = "viewer") -> list[Path]:
+    """One PLY per time: ``out_dir/t_XX.ply`` (XX = index into ``times``), in the splat viewers'
+    axes (``convention="viewer"``, see the module docstring) or the project's (``"world"``)."""
+    if convention not in ("viewer", "world"):
+        raise ValueError(f"PLY convention must be 'viewer' or 'world', got {convention!r}")
     out_dir = Path(out_dir)
     paths = []
     for i, t in enumerate(times):
         p = out_dir / f"t_{i:02d}.ply"
-        write_ply(p, splat_arrays_at(g, float(t)))
+        arrays = splat_arrays_at(g, float(t))
+        write_ply(p, to_viewer_axes(arrays) if convention == "viewer" else arrays)
         paths.append(p)
     return paths
 
@@ -168,18 +213,87 @@ def render_views(g: Gaussians4D, azimuths_deg: list[float], times: list[float], 
     return torch.cat(out)
 
 
+TURNTABLE_MIN_SIZE = 256  # turntables are rendered at least this large (px), whatever the matrix size
+TURNTABLE_MIN_SECONDS = 2.0  # the frame rate drops (never the frame count) so a turntable lasts this long
+
+
 def render_turntable(g: Gaussians4D, path: str | Path, spec: OrbitSpec, resolution: int, num_frames: int = 48,
-                     fps: int = 12, background: float = 1.0, backend: Backend = "auto") -> None:
-    """One orbit from azimuth 0 (the input view) while time runs 0 -> 1, as an MP4."""
+                     fps: int = 12, background: float = 1.0, backend: Backend = "auto") -> dict:
+    """One orbit from azimuth 0 (the input view) while time runs 0 -> 1, as an H.264 MP4 rendered
+    from the Gaussians at ``max(resolution, TURNTABLE_MIN_SIZE)`` px, at ``fps`` or less so that it
+    lasts at least :data:`TURNTABLE_MIN_SECONDS`. Returns ``{"size", "frames", "fps"}``."""
+    size = max(int(resolution), TURNTABLE_MIN_SIZE)
+    fps = max(1, min(int(fps), int(num_frames / TURNTABLE_MIN_SECONDS)))
     az = [360.0 * i / num_frames for i in range(num_frames)]
     tt = frame_times(num_frames)
-    frames = render_views(g, az, tt, spec, resolution, background=background, backend=backend)
+    frames = render_views(g, az, tt, spec, size, background=background, backend=backend)
     save_video(path, frames, fps=fps)
+    return {"size": size, "frames": num_frames, "fps": fps}
+
+
+GAUSSIANS_FILE = "gaussians.safetensors"  # what the fit writes
+LEGACY_GAUSSIANS_FILE = "gaussians.pt"  # what earlier fits wrote (a torch pickle), still read
+
+
+def save_gaussians(path: str | Path, state: dict) -> None:
+    """Write :meth:`Gaussians4D.export_state` (plus an ``orbit`` dict) as safetensors, atomically.
+
+    Tensors: the parameters by name; metadata: one key, ``d2``, whose value is JSON (sorted keys)
+    with ``format``, ``version``, ``sh_degree``, ``time_basis`` and ``orbit`` (one key: safetensors
+    writes several in an order that varies between processes, and the same Gaussians must give the
+    same bytes).
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state["params"].items()}
+    meta = {"d2": json.dumps({"format": "d2.gaussians4d", "version": int(state.get("version", 1)),
+                              "sh_degree": int(state["sh_degree"]), "time_basis": int(state["time_basis"]),
+                              "orbit": state.get("orbit", {})}, sort_keys=True)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def read_gaussians_state(path: str | Path) -> dict:
+    """The state dict of a ``gaussians.safetensors`` (or a legacy ``gaussians.pt``)."""
+    import json
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return load_tensor(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        try:
+            meta = json.loads((f.metadata() or {}).get("d2", "{}"))
+        except ValueError:
+            meta = {}
+        if meta.get("format") != "d2.gaussians4d":
+            raise ValueError(f"{path}: not a d2 4D Gaussians file (no d2.gaussians4d metadata)")
+        params = {k: f.get_tensor(k) for k in f.keys()}
+    return {"version": int(meta.get("version", 1)), "sh_degree": int(meta["sh_degree"]),
+            "time_basis": int(meta["time_basis"]), "params": params, "orbit": dict(meta.get("orbit", {}))}
+
+
+def find_gaussians(folder: str | Path) -> Path | None:
+    """The fit's Gaussians in ``folder``: ``gaussians.safetensors``, else a legacy ``gaussians.pt``."""
+    for name in (GAUSSIANS_FILE, LEGACY_GAUSSIANS_FILE):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
 
 
 def load_gaussians(path: str | Path, device: str | torch.device = "cpu") -> tuple[Gaussians4D, dict]:
-    """Load ``gaussians.pt`` written by the fit: (Gaussians4D, orbit dict or {})."""
-    state = load_tensor(path)
+    """Load the fit's Gaussians (safetensors, or a legacy ``gaussians.pt``; a folder: the one in it):
+    (Gaussians4D, orbit dict or {})."""
+    path = Path(path)
+    if path.is_dir():
+        found = find_gaussians(path)
+        if found is None:
+            raise FileNotFoundError(f"no {GAUSSIANS_FILE} (or {LEGACY_GAUSSIANS_FILE}) in {path}")
+        path = found
+    state = read_gaussians_state(path)
     return Gaussians4D.from_state(state).to(device), dict(state.get("orbit", {}))
 
 
@@ -199,7 +313,7 @@ def render_eval_views(
     """Render every frame at each azimuth: ``out_dir/eval_{k}/{i}.png`` (k: azimuth index, i: frame from 0).
 
     Frame i is at t = i / (num_frames - 1). The orbit (radius, field of view, elevation)
-    defaults to the one the Gaussians were fitted on (stored in gaussians.pt), else the
+    defaults to the one the Gaussians were fitted on (stored with the Gaussians), else the
     project default :class:`OrbitSpec`.
     """
     if num_frames < 1 or resolution < 1 or not azimuths_deg:
@@ -234,7 +348,8 @@ def covariance_from_ply(arrays: dict[str, np.ndarray]) -> np.ndarray:
 
 
 __all__ = [
-    "ply_property_names", "splat_arrays_at", "write_ply", "read_ply", "export_ply_sequence", "render_views",
-    "render_turntable", "render_eval_views", "load_gaussians", "covariance_from_ply", "rotmat_to_quat",
+    "ply_property_names", "splat_arrays_at", "to_viewer_axes", "sh_rotation", "VIEWER_FROM_WORLD", "write_ply", "read_ply", "export_ply_sequence", "render_views",
+    "render_turntable", "render_eval_views",  "load_gaussians", "save_gaussians", "read_gaussians_state",
+    "find_gaussians", "covariance_from_ply", "rotmat_to_quat",
     "quat_to_rotmat",
 ]

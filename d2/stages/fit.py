@@ -18,7 +18,7 @@ Matrix layout read here (written by the sampling stage): ``view_XX/frame_YY.png`
 digits, from 00) and ``matrix.json`` with ``V, F, resolution, azimuths_deg, elevation_deg,
 fov_deg, radius, times``. Cameras: :mod:`d2.stages.cameras` (``orbit_cameras``).
 
-Writes ``gaussians.pt`` (:meth:`Gaussians4D.export_state` plus the orbit), ``fit.json``,
+Writes ``gaussians.safetensors`` (:meth:`Gaussians4D.export_state` plus the orbit), ``fit.json``,
 ``ply/t_XX.ply`` (one standard 3DGS PLY per frame time) and ``turntable.mp4``; while
 running, ``checkpoint.pt`` (resumed automatically when the config matches).
 """
@@ -580,8 +580,9 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig) -> dict
     state = g.export_state()
     state["orbit"] = {"radius": spec.radius, "fov_deg": spec.fov_deg, "elevation_deg": spec.elevation_deg,
                       "azimuths_deg": data.azimuths_deg, "times": data.times, "resolution": h}
-    save_tensor(out_dir / "gaussians.pt", state)
-    from d2.stages.export import export_ply_sequence, render_turntable
+    from d2.stages.export import GAUSSIANS_FILE, export_ply_sequence, render_turntable, save_gaussians
+
+    save_gaussians(out_dir / GAUSSIANS_FILE, state)
 
     if cfg.export_ply:
         export_ply_sequence(g, out_dir / "ply", data.times)

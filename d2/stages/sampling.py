@@ -74,7 +74,7 @@ class SamplingConfig(BaseModel):
     multiview_cond_aug: float = Field(1e-5, ge=0)  # noise added to the multi-view prior's conditioning image (SV3D)
     decode_chunk: int = Field(10, ge=1)  # frames per temporal-decoder call (authors' decoding_t 10; frames mix within a call)
     devices: list[str] = []  # spread each step's rows and columns over these devices (a prior replica on each, e.g. [cuda:0, cuda:1]); [] = priors.device
-    grid_thumb: int = Field(128, ge=8)  # thumbnail side in grid.png / grid.mp4
+    grid_thumb: int = Field(128, ge=8)  # cell side in grid.png / grid.mp4 (a smaller matrix is enlarged by a whole factor)
     video_fps: int = Field(8, ge=1)  # fps of grid.mp4
     progress: bool = True  # show tqdm bars
 
@@ -253,10 +253,12 @@ def decode_matrix(video_prior: Prior, latents: Tensor, chunk: int = 14, progress
 
 
 def _thumbs(images: Tensor, size: int) -> Tensor:
-    """[..., 3, H, W] -> [..., 3, s, s] with s = min(size, H)."""
+    """[..., 3, H, W] -> [..., 3, s, s]: shrunk to ``size`` (antialiased), or enlarged by the whole
+    factor ``size // H`` (nearest, pixels stay pixels) when the matrix is smaller."""
     h = images.shape[-1]
     if h <= size:
-        return images
+        k = size // h
+        return images if k == 1 else images.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
     flat = images.reshape(-1, *images.shape[-3:])
     out = torch.nn.functional.interpolate(flat, size=(size, size), mode="bilinear", antialias=True,
                                           align_corners=False).clamp(0, 1)

@@ -118,12 +118,16 @@ def compute_sampling(inputs: dict[str, Path], out: Path, params: BaseModel) -> d
 
 
 def compute_fit(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
-    """matrix -> 4D Gaussians, PLY sequence, turntable video."""
+    """matrix -> 4D Gaussians, PLY sequence, turntable video; then how well they reproduce the
+    matrix at its own views and times (``matrix_psnr`` in fit.json)."""
     from d2.stages.fit import run_fit
+    from d2.stages.fit_check import record_matrix_fit
 
     warm_imports()
     summary = run_fit(inputs["matrix"], out, _quiet(params.fit))
-    return json.loads(json.dumps(summary, default=str)) if isinstance(summary, dict) else {}
+    summary = json.loads(json.dumps(summary, default=str)) if isinstance(summary, dict) else {}
+    summary.update(record_matrix_fit(out, inputs["matrix"]))
+    return summary
 
 
 def eval_num_frames(params: BaseModel) -> int:
@@ -140,7 +144,7 @@ def compute_render_eval(inputs: dict[str, Path], out: Path, params: BaseModel) -
     kw = dict(num_frames=eval_num_frames(params), resolution=cfg.resolution or proto.resolution,
               elevation_deg=proto.elevation_deg, background=1.0 if proto.background == "white" else 0.0,
               backend=cfg.backend, device=cfg.device)
-    gaussians = inputs["gaussians"] / "gaussians.pt"
+    gaussians = inputs["gaussians"]  # the fit's folder (its safetensors, or an older gaussians.pt)
     paths = render_eval_views(gaussians, out, list(proto.eval_azimuths_deg), **kw)
     if proto.include_front_view:  # the input view, scored against the input frames
         paths += render_eval_views(gaussians, out / ".front", [proto.input_azimuth_deg], **kw)
@@ -224,7 +228,7 @@ SPECS: dict[str, StageSpec] = {
                             prior_weights, "priors.device"),
     "sampling": StageSpec("sampling", compute_sampling, ("d2.stages.sampling",), ("sampling", "priors"), prior_weights,
                           "priors.device"),
-    "fit": StageSpec("fit", compute_fit, ("d2.stages.fit",), ("fit",), device_key="fit.device"),
+    "fit": StageSpec("fit", compute_fit, ("d2.stages.fit", "d2.stages.fit_check"), ("fit",), device_key="fit.device"),
     "render_eval": StageSpec("render_eval", compute_render_eval, ("d2.stages.export",),
                              ("protocol", "render_eval", "conditions.num_frames"), device_key="render_eval.device"),
     "metrics": StageSpec("metrics", compute_metrics, ("d2.eval.benchmark",), ("protocol", "metrics"),

@@ -183,7 +183,7 @@ def fit_and_score(mat: Tensor, scene: Any, work: Path, cfg: ExperimentConfig) ->
     fcfg = FitConfig(iterations=cfg.fit_iterations, lambda_lpips=0.0, lambda_l1=cfg.fit_l1, backend="torch",
                      device=cfg.device, progress=False, export_ply=False, turntable_frames=0, checkpoint_every=0)
     run_fit(work / "matrix", work / "fit", fcfg)
-    render_eval_views(work / "fit" / "gaussians.pt", work / "eval", cfg.eval_azimuths_deg, f, res,
+    render_eval_views(work / "fit", work / "eval", cfg.eval_azimuths_deg, f, res,
                       backend="torch", device=cfg.device)
     pred = torch.stack([torch.stack([load_image(work / "eval" / f"eval_{k}" / f"{i}.png") for i in range(f)])
                         for k in range(len(cfg.eval_azimuths_deg))])  # [E, F, 3, R, R]

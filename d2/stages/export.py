@@ -239,7 +239,8 @@ def save_gaussians(path: str | Path, state: dict) -> None:
     """Write :meth:`Gaussians4D.export_state` (plus an ``orbit`` dict) as safetensors, atomically.
 
     Tensors: the parameters by name; metadata: one key, ``d2``, whose value is JSON (sorted keys)
-    with ``format``, ``version``, ``sh_degree``, ``time_basis`` and ``orbit`` (one key: safetensors
+    with ``format``, the state's scalars (``version``, ``sh_degree``, ``time_basis``, ``time_period``,
+    ``temporal_cutoff``) and ``orbit`` (one key: safetensors
     writes several in an order that varies between processes, and the same Gaussians must give the
     same bytes).
     """
@@ -248,9 +249,9 @@ def save_gaussians(path: str | Path, state: dict) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state["params"].items()}
-    meta = {"d2": json.dumps({"format": "d2.gaussians4d", "version": int(state.get("version", 1)),
-                              "sh_degree": int(state["sh_degree"]), "time_basis": int(state["time_basis"]),
-                              "orbit": state.get("orbit", {})}, sort_keys=True)}
+    scalars = {k: v for k, v in state.items() if k not in ("params", "orbit")}  # version, sh_degree, time_basis, ...
+    meta = {"d2": json.dumps({"format": "d2.gaussians4d", **scalars, "orbit": state.get("orbit", {})},
+                             sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
@@ -272,8 +273,8 @@ def read_gaussians_state(path: str | Path) -> dict:
         if meta.get("format") != "d2.gaussians4d":
             raise ValueError(f"{path}: not a d2 4D Gaussians file (no d2.gaussians4d metadata)")
         params = {k: f.get_tensor(k) for k in f.keys()}
-    return {"version": int(meta.get("version", 1)), "sh_degree": int(meta["sh_degree"]),
-            "time_basis": int(meta["time_basis"]), "params": params, "orbit": dict(meta.get("orbit", {}))}
+    scalars = {k: v for k, v in meta.items() if k not in ("format", "orbit")}
+    return {**scalars, "params": params, "orbit": dict(meta.get("orbit", {}))}
 
 
 def find_gaussians(folder: str | Path) -> Path | None:

@@ -142,9 +142,11 @@ def _frames_at(frames: list[np.ndarray], n: int) -> list[np.ndarray]:
     return [frames[min(len(frames) - 1, (i * len(frames)) // n)] for i in range(n)]
 
 
-def comparison_videos(obj_dir: Path, gt_dir: Path | None, azimuths: list[float], media: Path) -> list[dict[str, Any]]:
+def comparison_videos(obj_dir: Path, gt_dir: Path | None, azimuths: list[float], media: Path,
+                      memo: Path | None = None) -> list[dict[str, Any]]:
     """One MP4 per evaluation view (input | prediction | ground truth, each >= 256 px) and
-    ``compare.mp4`` with every view stacked. Returns ``[{"view", "azimuth", "path"}]``."""
+    ``compare.mp4`` with every view stacked (encoded videos reused from ``memo``, by content).
+    Returns ``[{"view", "azimuth", "path"}]``."""
     render = obj_dir / "render_eval"
     views = sorted((p for p in render.glob("eval_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
     inputs = [read_rgb8(p) for p in numbered_pngs(obj_dir / "conditions" / "video")]
@@ -169,13 +171,13 @@ def comparison_videos(obj_dir: Path, gt_dir: Path | None, azimuths: list[float],
             if i < len(gt):
                 tiles.append(labelled_tile(gt[i], "ground truth", side))
             frames.append(hstack(tiles))
-        path = save_mp4(media / f"eval_{k}.mp4", frames, VIDEO_FPS)
+        path = save_mp4(media / f"eval_{k}.mp4", frames, VIDEO_FPS, memo)
         out.append({"view": k, "azimuth": azimuths[k] if k < len(azimuths) else None, "path": path,
                     "has_gt": bool(gt)})
         stacked.append(frames)
     if stacked:
         n = min(len(s) for s in stacked)
-        save_mp4(media / "compare.mp4", [vstack([s[i] for s in stacked]) for i in range(n)], VIDEO_FPS)
+        save_mp4(media / "compare.mp4", [vstack([s[i] for s in stacked]) for i in range(n)], VIDEO_FPS, memo)
     return out
 
 
@@ -208,7 +210,8 @@ def object_section(run_dir: Path, manifest: dict[str, Any], params: dict[str, An
                             "turntable rendered from the fitted 4D Gaussians (one orbit while time runs 0 \u2192 1)"))
     parts.append('<div class="row">' + "".join(figs) + "</div>")
     azimuths = list(((params.get("protocol") or {}).get("eval_azimuths_deg")) or [])
-    vids = comparison_videos(obj_dir, ground_truth_dir(run_dir, manifest, obj), azimuths, media)
+    memo = Path(params.get("run", {}).get("cache_dir", ".d2cache")) / ".media"  # the stage cache's folder
+    vids = comparison_videos(obj_dir, ground_truth_dir(run_dir, manifest, obj), azimuths, media, memo)
     if vids:
         parts.append("<h3>Evaluation views: input | prediction | ground truth</h3><div class=\"row\">")
         for v in vids:

@@ -135,11 +135,43 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     return path
 
 
-def save_mp4(path: str | Path, frames: list[np.ndarray], fps: int) -> Path:
-    """Write uint8 frames as an H.264 MP4 in yuv420p (what browsers play), sizes padded to even."""
-    from d2.utils.io import save_video
+def save_mp4(path: str | Path, frames: list[np.ndarray], fps: int, memo: Path | None = None) -> Path:
+    """Write uint8 frames as an H.264 MP4 in yuv420p (what browsers play), sizes padded to even.
+
+    Encoding is the report's main cost, so videos are content-addressed: one whose frames and fps
+    equal those it was last written from (a digest kept beside it, ``.<name>.sha256``) is not
+    written again, and with ``memo`` (a folder, e.g. in the stage cache) a video encoded for any
+    earlier report is copied from ``memo/<digest>.mp4``.
+    """
+    import hashlib
+    import shutil
+
+    from d2.utils.io import atomic_path, save_video, write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256(f"{fps}|{len(frames)}".encode())
+    for f in frames:
+        h.update(str(f.shape).encode() + np.ascontiguousarray(f).tobytes())
+    digest = h.hexdigest()
+    stamp = path.with_name(f".{path.name}.sha256")
+    if path.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+        return path
+    known = memo / f"{digest}.mp4" if memo is not None else None
+    if known is not None and known.is_file():
+        with atomic_path(path) as tmp:
+            shutil.copyfile(known, tmp)
+    else:
+        save_video(path, [f.astype(np.float32) / 255.0 for f in frames], fps=fps)
+        if known is not None:
+            try:
+                known.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(known) as tmp:
+                    shutil.copyfile(path, tmp)
+            except OSError:  # a read-only cache: nothing remembered
+                pass
+    write_text(stamp, digest + "\n")
+    return path
     save_video(path, [f.astype(np.float32) / 255.0 for f in frames], fps=fps)
+    write_text(stamp, h.hexdigest() + "\n")
     return path

@@ -94,6 +94,10 @@ def test_benchmark_cached_rerun_s0_change_mlflow_report(env, capsys):
         assert k.data.tags["git_commit"] and k.data.tags["params_hash"] and k.data.tags["prefect_flow_run_id"]
         arts = {a.path for d in ("matrix", "fit") for a in client.list_artifacts(k.info.run_id, d)}
         assert {"matrix/grid.png", "fit/turntable.mp4"} <= arts
+        # per-iteration curves: the fit's loss at each of its 4 iterations, the sampler's sigma at each of 2 steps
+        assert [m.step for m in client.get_metric_history(k.info.run_id, "fit.curve.loss")] == [1, 2, 3, 4]
+        sigmas = client.get_metric_history(k.info.run_id, "sampling.curve.sigma")
+        assert [m.step for m in sigmas] == [1, 2] and sigmas[-1].value == 0.0
 
     # a second identical run computes nothing
     assert main(["benchmark", "--params", params, "--out", str(root / "b2")]) == 0

@@ -40,3 +40,52 @@ def _bar_output(no_progress: bool) -> str:
 def test_no_progress_silences_every_tqdm_bar() -> None:
     assert "somebar" in _bar_output(False)
     assert "somebar" not in _bar_output(True)
+
+
+def test_step_counters_with_eta_and_loss() -> None:
+    d = ProgressDisplay(6, "demo", enabled=False)
+    with d:
+        d.stage_started("ball", "fit")
+        d.stage_progress("ball", "fit", {"step": 100, "steps": 500, "started": 0.0, "time": 20.0, "loss": 0.0512,
+                                         "psnr": 24.1})
+        text = d._summary()
+        assert "fit ball 100/500 ETA 80 s loss 0.0512 psnr 24.1" in text
+        d.stage_finished(SimpleNamespace(object="ball", stage="fit", status="computed"))
+        assert "100/500" not in d._summary()
+
+
+def test_a_computing_stage_reports_its_steps_to_its_progress_file(tmp_path) -> None:
+    """The fit and the sampler report through the task's progress file; their curves go to fit.json
+    and matrix.json (what MLflow plots)."""
+    import json
+
+    import torch
+
+    from d2.stages.cameras import OrbitSpec
+    from d2.stages.fit import FitConfig, write_matrix
+    from d2.tasks.cache import StageSpec, execute_stage
+    from d2.tasks.progress import read_progress
+    from d2.tasks.stages import compute_fit
+
+    from d2_toy import toy_params
+
+    write_matrix(tmp_path / "matrix", torch.rand(2, 2, 3, 16, 16), azimuths_deg=[0.0, 180.0], times=[0.0, 1.0],
+                 spec=OrbitSpec())
+    cfg = FitConfig(iterations=30, num_gaussians=50, lambda_lpips=0, turntable_frames=0, export_ply=False,
+                    progress=False, device="cpu")
+    params = SimpleNamespace(fit=cfg, run=toy_params(tmp_path).run)
+    spec = StageSpec("fit", lambda inputs, out, p: compute_fit(inputs, out, p), ("d2.stages.fit",), ())
+    progress = tmp_path / "run" / ".fit.progress.json"
+    from d2.tasks import cache as cache_mod
+
+    key_of = cache_mod.stage_key
+    cache_mod.stage_key = lambda spec, inputs, p: ("k" * 64, {})  # params here are not a pydantic root model
+    try:
+        res = execute_stage(spec, "obj", {"matrix": str(tmp_path / "matrix")}, params, tmp_path / "cache",
+                            progress_path=progress)
+    finally:
+        cache_mod.stage_key = key_of
+    info = read_progress(progress)
+    assert info["step"] == info["steps"] == 30 and info["loss"] > 0 and "psnr" in info
+    curve = json.loads((Path(res["store_dir"]) / "fit.json").read_text())["curve"]
+    assert [c["iteration"] for c in curve] == list(range(1, 31)) and all(c["loss"] > 0 for c in curve)

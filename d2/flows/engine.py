@@ -32,6 +32,7 @@ from pydantic import BaseModel
 from d2.config import flatten_params, get_param, params_hash
 from d2.flows.runners import gpu_request, wants_gpu
 from d2.tasks.manifest import LISTENERS, Recorder, StageResult
+from d2.tasks.progress import read_progress
 from d2.tasks.stage_task import configured_task, task_arguments
 from d2.tasks.stages import StageSet
 from d2.tasks.tracking import Tracker, fail_stale_runs, flat_numbers, git_commit
@@ -144,6 +145,11 @@ class Run:
     def out_dir(self, obj: str, stage: str) -> Path:
         """Where the run keeps its copy of ``stage``'s outputs for ``obj``."""
         return self.run_dir / "objects" / safe_name(obj) / stage
+
+    def progress_file(self, obj: str, stage: str) -> Path:
+        """Where the task computing ``stage`` of ``obj`` reports its progress (hidden, in the run folder)."""
+        return self.run_dir / "objects" / safe_name(obj) / f".{stage}.progress.json" if not obj.startswith("_") \
+            else self.run_dir / f".{stage}.progress.json"
 
     def note_mlflow(self, run_id: str) -> None:
         """Remember an MLflow run id in the manifest (a dead run's runs are failed by the next one)."""
@@ -278,9 +284,12 @@ def drive(jobs: list[Job], max_parallel: int, api_alive: Any = None) -> None:
             t = configured_task(stage.name, job.obj, job.run.cache_dir, p, job.run.label)
             spec = job.run.stages.specs[stage.name]
             device = str(get_param(p, spec.device_key)) if spec.device_key else None
+            progress = job.run.progress_file(job.obj, stage.name)
+            with contextlib.suppress(OSError):
+                progress.unlink()
             with gpu_request(p) if wants_gpu(p, device) else contextlib.nullcontext():
                 fut = t.submit(**task_arguments(job.run.stages, stage.name, job.obj, stage.inputs, p,
-                                                job.run.cache_dir))
+                                                job.run.cache_dir, progress))
             in_flight[fut] = (job, stage, time.perf_counter())
             fut.add_done_callback(done.put)
         try:
@@ -289,6 +298,10 @@ def drive(jobs: list[Job], max_parallel: int, api_alive: Any = None) -> None:
             problem = api_alive() if api_alive is not None else None
             if problem:
                 raise RuntimeError(problem)
+            for job, stage, _ in list(in_flight.values()):  # live step counters of the computing stages
+                info = read_progress(job.run.progress_file(job.obj, stage.name))
+                if info is not None:
+                    job.run.recorder.stage_progress(job.obj, stage.name, info)
             continue
         job, stage, t_submit = in_flight.pop(fut)
         try:
@@ -344,8 +357,26 @@ def end_job(job: Job) -> None:
     if "metrics" in done:
         files.append((done["metrics"].out_dir / "metrics.json", "metrics"))
     tracker.log_metrics(job.mlflow_run_id, metrics)
+    tracker.log_curves(job.mlflow_run_id, stage_curves(done))
     tracker.log_artifacts(job.mlflow_run_id, files)
     tracker.end(job.mlflow_run_id, job.error is None)
+
+
+def stage_curves(done: dict[str, StageResult]) -> dict[str, list[tuple[int, float]]]:
+    """Per-iteration curves of a job: the fit's loss, PSNR and Gaussian count (``fit.json`` ``curve``),
+    the sampler's noise level and latent spread per step (``matrix.json`` ``steps``)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for stage, file, rows, x, names in (("fit", "fit.json", "curve", "iteration", ("loss", "psnr", "num")),
+                                        ("sampling", "matrix.json", "steps", "step", ("sigma", "x_std"))):
+        if stage not in done:
+            continue
+        try:
+            data = json.loads((done[stage].out_dir / file).read_text()).get(rows, [])
+        except (OSError, ValueError):
+            continue
+        for name in names:
+            curves[f"{stage}.curve.{name}"] = [(int(r[x]), float(r[name])) for r in data if name in r]
+    return curves
 
 
 def failures(jobs: list[Job]) -> list[str]:

@@ -43,13 +43,14 @@ def edm_sample(
     generator: torch.Generator | None = None,
     progress: bool = False,
     desc: str = "sampling",
+    on_step: Callable[[int, int, Tensor, float], None] | None = None,
 ) -> Tensor:
     """Deterministic EDM sampling from unit ``noise`` (any shape, fp32) with ``denoiser(x, sigma, i)``.
 
     x starts at ``noise * sqrt(1 + sigma_0^2)``; step i goes from sigmas[i] to sigmas[i+1]. The
     first ``rollback_steps`` steps are each taken twice: step, add N(0, std^2) noise (std =
     |dt| for "linear", sqrt(sigma_i^2 - sigma_{i+1}^2) for "vp"; drawn from ``generator`` on the
-    CPU), step again from sigmas[i].
+    CPU), step again from sigmas[i]. ``on_step(i + 1, n, x, sigma)`` (optional) sees every step.
     """
     x = noise.float() * math.sqrt(1.0 + float(sigmas[0]) ** 2)
     n = len(sigmas) - 1
@@ -68,6 +69,8 @@ def edm_sample(
                 x = x_next + std * eps
             else:
                 x = x_next
+        if on_step is not None:  # (step done, steps, the new x, its sigma)
+            on_step(i + 1, n, x, s_next)
     return x
 
 

@@ -30,7 +30,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -458,8 +458,13 @@ def _input_hash(matrix_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig) -> dict:
+def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig,
+            on_step: Callable[[int, int, dict[str, float]], None] | None = None) -> dict:
     """Fit 4D Gaussians to the matrix in ``matrix_dir``; write the stage outputs into ``out_dir``.
+
+    ``on_step(iteration, iterations, {"loss", "psnr", "num"})`` (optional) hears about progress every
+    10 iterations and at the end; ``fit.json``'s ``curve`` keeps loss / PSNR / count at about 100
+    evenly spaced iterations (MLflow curves).
 
     Returns the summary also written to ``fit.json``.
     """
@@ -522,6 +527,8 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig) -> dict
 
     lr_time = (cfg.lr_time if cfg.lr_time is not None else cfg.lr_means) * extent
     logs: dict[str, Tensor] = {}
+    curve: list[dict] = []
+    curve_every = max(1, cfg.iterations // 100)
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, disable=not cfg.progress,
                desc="fit", dynamic_ncols=True)
@@ -557,8 +564,14 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig) -> dict
                          or (cfg.opacity_reset_at_densify_from and step == cfg.densify_from)):
             reset_opacity(g, opt, cfg.opacity_reset_value)
             history.append({"iteration": step, "opacity_reset": cfg.opacity_reset_value, "num": g.num})
-        if cfg.progress and (step % 10 == 0 or step == cfg.iterations):
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", psnr=f"{logs['psnr']:.2f}", n=g.num)
+        if step % curve_every == 0 or step == cfg.iterations:
+            curve.append({"iteration": step, "loss": float(logs["loss"]), "psnr": float(logs["psnr"]), "num": g.num})
+        if (cfg.progress or on_step is not None) and (step % 10 == 0 or step == cfg.iterations):
+            now = {"loss": float(logs["loss"]), "psnr": float(logs["psnr"]), "num": g.num}
+            if cfg.progress:
+                bar.set_postfix(loss=f"{now['loss']:.4f}", psnr=f"{now['psnr']:.2f}", n=g.num)
+            if on_step is not None:
+                on_step(step, cfg.iterations, now)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.iterations:
             save_tensor(ckpt_path, {"gaussians": g.export_state(), "optimizer": opt.state_dict(),
                                     "iteration": step, "generator": gen.get_state(), "config_hash": cfg_hash,
@@ -596,7 +609,7 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig) -> dict
         "final": {k: float(v) for k, v in logs.items()}, "train_psnr": train_psnr,
         "objective": objective_description(cfg, lpips_net is not None),
         "lpips_in_loss": lpips_net is not None, "lpips_left_out_because": lpips_off_reason,
-        "scene_extent": extent, "densification": history,
+        "scene_extent": extent, "densification": history, "curve": curve,
         "config": cfg.model_dump(mode="json"),
         "config_hash": cfg_hash, "input_hash": in_hash,
     }

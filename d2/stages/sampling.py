@@ -217,12 +217,14 @@ def check_compatible(video_prior: Prior, multiview_prior: Prior, conditions: "Co
 
 def sample_matrix(video_prior: Prior, multiview_prior: Prior, conditions: "Conditions", cfg: SamplingConfig,
                   noise: Tensor | None = None, denoiser_hook: Callable[[ComposedDenoiser], None] | None = None,
-                  replicas: list[tuple[Prior, Prior]] | None = None) -> Tensor:
+                  replicas: list[tuple[Prior, Prior]] | None = None,
+                  on_step: Callable[[int, int, Tensor, float], None] | None = None) -> Tensor:
     """The composed latent matrix [V, F, C, h, w] fp32 (on the CPU).
 
     ``noise`` (unit Gaussian [V, F, C, h, w]) replaces the seeded initial noise when given.
     ``denoiser_hook`` sees the :class:`ComposedDenoiser` before sampling (benchmarks).
-    ``replicas`` (one prior pair per device) spreads each step over the devices.
+    ``replicas`` (one prior pair per device) spreads each step over the devices. ``on_step`` (optional)
+    sees every step: ``(step, steps, x, sigma)``.
     """
     check_compatible(video_prior, multiview_prior, conditions, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -239,7 +241,7 @@ def sample_matrix(video_prior: Prior, multiview_prior: Prior, conditions: "Condi
     sigmas = karras_sigmas(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
     with torch.no_grad():
         x = edm_sample(denoiser, noise.to(video_prior.device), sigmas, cfg.solver, cfg.rollback_steps,
-                       cfg.rollback_noise, gen, cfg.progress, desc=f"matrix {v}x{f}")
+                       cfg.rollback_noise, gen, cfg.progress, desc=f"matrix {v}x{f}", on_step=on_step)
     return x.float().cpu()
 
 
@@ -266,7 +268,8 @@ def _thumbs(images: Tensor, size: int) -> Tensor:
 
 
 def run_sampling(conditions_dir: str | Path, out_dir: str | Path, cfg: SamplingConfig,
-                 priors: tuple[Prior, Prior], replicas: list[tuple[Prior, Prior]] | None = None) -> Path:
+                 priors: tuple[Prior, Prior], replicas: list[tuple[Prior, Prior]] | None = None,
+                 on_step: Callable[[int, int, dict[str, float]], None] | None = None) -> Path:
     """Stage: conditions folder -> matrix folder.
 
     Writes (atomically, the folder appears whole) ``latents.pt`` ({"latents": [V, F, C, h, w]}),
@@ -282,7 +285,15 @@ def run_sampling(conditions_dir: str | Path, out_dir: str | Path, cfg: SamplingC
     video_prior, multiview_prior = priors
     conditions = load_conditions(conditions_dir)
     check_compatible(video_prior, multiview_prior, conditions, cfg)
-    latents = sample_matrix(video_prior, multiview_prior, conditions, cfg, replicas=replicas)  # [V, F, C, h, w]
+    steps: list[dict] = []  # per step: the noise level reached and the latents' spread (matrix.json, MLflow curves)
+
+    def step_done(i: int, n: int, x: Tensor, sigma: float) -> None:
+        steps.append({"step": i, "sigma": float(sigma), "x_std": float(x.std())})
+        if on_step is not None:
+            on_step(i, n, steps[-1])
+
+    latents = sample_matrix(video_prior, multiview_prior, conditions, cfg, replicas=replicas,
+                            on_step=step_done)  # [V, F, C, h, w]
     images = decode_matrix(video_prior, latents, cfg.decode_chunk, cfg.progress)  # [V, F, 3, H, W]
     v, f = latents.shape[:2]
     with atomic_dir(out_dir) as tmp:
@@ -309,6 +320,6 @@ def run_sampling(conditions_dir: str | Path, out_dir: str | Path, cfg: SamplingC
             "azimuths_deg": list(conditions.azimuths_deg), "elevation_deg": conditions.elevation_deg,
             "fov_deg": conditions.fov_deg, "radius": conditions.radius, "times": frame_times(f),
             "input_view_index": conditions.input_view_index, "seed": cfg.seed, "input_kind": conditions.kind,
-            "sampling": cfg.model_dump(),
+            "sampling": cfg.model_dump(), "steps": steps,
         })
     return Path(out_dir)

@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterator, Mapping
 from pydantic import BaseModel
 
 from d2.config import NO_EFFECT, params_subset_hash
+from d2.tasks.progress import set_progress_file
 from d2.utils.io import write_json
 from d2.utils.paths import flock_holder
 
@@ -313,8 +314,10 @@ def _remove_if_empty(*folders: Path) -> None:
 
 
 def execute_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str], params: BaseModel, cache_dir: Path,
-                  use_cache: bool = True, verify_full: bool = False) -> dict[str, Any]:
+                  use_cache: bool = True, verify_full: bool = False, progress_path: Path | None = None
+                  ) -> dict[str, Any]:
     """Serve ``spec``'s verified entry, or compute it into the cache. The caller holds the key's lock.
+    A computing stage reports its progress to ``progress_path`` (:mod:`d2.tasks.progress`).
 
     Returns :func:`result_from_record`'s dict (status ``computed`` or ``cached``).
     """
@@ -341,6 +344,7 @@ def execute_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str], params: 
 
         torch.set_num_threads(threads)
     tc = time.perf_counter()
+    set_progress_file(progress_path)
     try:
         info = spec.compute(paths, out, params) or {}
     except Exception as e:  # remembered for the manifest of the attempt that succeeds (retries)
@@ -352,6 +356,8 @@ def execute_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str], params: 
     except BaseException:
         _remove_if_empty(out, entry)
         raise
+    finally:
+        set_progress_file(None)
     failed: list[str] = []
     with contextlib.suppress(OSError, ValueError):
         failed = json.loads(attempts_log.read_text())

@@ -89,6 +89,14 @@ class Recorder:
         if self.forward_to is not None:
             self.forward_to.started_stage(self.prefix + obj, stage)
 
+    def stage_progress(self, obj: str, stage: str, info: dict[str, Any]) -> None:
+        """Tell the listeners how far a computing stage is (``step``, ``steps``, ``started``, numbers)."""
+        for lst in self.listeners:
+            if hasattr(lst, "stage_progress"):
+                lst.stage_progress(obj, stage, info)
+        if self.forward_to is not None:
+            self.forward_to.stage_progress(self.prefix + obj, stage, info)
+
     def add(self, result: StageResult) -> None:
         """Record one stage execution and rewrite the manifest."""
         with self._lock:

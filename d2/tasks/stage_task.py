@@ -68,11 +68,13 @@ class StageCachePolicy(CachePolicy):
 
 
 def _run_stage(stages: StageSet, stage: str, obj: str, inputs: dict[str, str], params: dict[str, Any],
-               cache_dir: str) -> dict[str, Any]:
-    """Serve or compute one stage of one object in the cache (the key's lock is held by Prefect)."""
+               cache_dir: str, progress_path: str | None = None) -> dict[str, Any]:
+    """Serve or compute one stage of one object in the cache (the key's lock is held by Prefect);
+    a computing stage writes its progress to ``progress_path`` (not part of the key)."""
     spec, p, _ = _resolve(stages, stage, inputs, params)
     return execute_stage(spec, obj, inputs, p, Path(cache_dir), use_cache=p.run.use_cache,
-                         verify_full=p.run.verify_cache == "full")
+                         verify_full=p.run.verify_cache == "full",
+                         progress_path=Path(progress_path) if progress_path else None)
 
 
 stage_task = task(_run_stage, name="stage", persist_result=True, result_serializer="json", log_prints=False)
@@ -98,7 +100,8 @@ def configured_task(stage: str, obj: str, cache_dir: Path, params: Any, label: s
 
 
 def task_arguments(stages: StageSet, stage: str, obj: str, inputs: dict[str, str | os.PathLike], params: Any,
-                   cache_dir: Path) -> dict[str, Any]:
+                   cache_dir: Path, progress_path: Path | None = None) -> dict[str, Any]:
     """The task's keyword arguments: everything serializable (paths as strings, params as a dict)."""
     return {"stages": stages, "stage": stage, "obj": obj, "inputs": {k: str(v) for k, v in inputs.items()},
-            "params": params.model_dump(mode="json"), "cache_dir": str(cache_dir)}
+            "params": params.model_dump(mode="json"), "cache_dir": str(cache_dir),
+            "progress_path": str(progress_path) if progress_path else None}

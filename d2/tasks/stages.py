@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from d2.config import Params
 from d2.tasks.cache import StageSpec
+from d2.tasks.progress import reporter
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def compute_sampling(inputs: dict[str, Path], out: Path, params: BaseModel) -> d
 
     replicas = [get_priors(params, d) for d in params.sampling.devices] or None  # one prior pair per device
     priors = replicas[0] if replicas else get_priors(params)
-    run_sampling(inputs["conditions"], out, _quiet(params.sampling), priors, replicas)
+    run_sampling(inputs["conditions"], out, _quiet(params.sampling), priors, replicas, on_step=reporter())
     return _read_json(out / "matrix.json", keep=("V", "F", "resolution"))
 
 
@@ -124,7 +125,7 @@ def compute_fit(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
     from d2.stages.fit_check import record_matrix_fit
 
     warm_imports()
-    summary = run_fit(inputs["matrix"], out, _quiet(params.fit))
+    summary = run_fit(inputs["matrix"], out, _quiet(params.fit), on_step=reporter())
     summary = json.loads(json.dumps(summary, default=str)) if isinstance(summary, dict) else {}
     summary.update(record_matrix_fit(out, inputs["matrix"]))
     return summary

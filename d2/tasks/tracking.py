@@ -104,6 +104,17 @@ class Tracker:
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i: i + 500])
 
+    def log_curves(self, run_id: str, curves: dict[str, list[tuple[int, float]]]) -> None:
+        """Log metric histories: ``name -> [(step, value), ...]`` (MLflow plots them against the step)."""
+        from mlflow.entities import Metric
+        import time
+
+        ts = int(time.time() * 1000)
+        items = [Metric(_clean_key(k), float(v), ts, int(step)) for k, pts in curves.items() for step, v in pts
+                 if math.isfinite(float(v))]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i: i + 500])
+
     def child(self, name: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> str:
         """Start a child run of the parent; returns its run id."""
         all_tags = {**self.tags, **(tags or {}), "mlflow.parentRunId": self.run_id}

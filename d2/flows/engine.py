@@ -304,6 +304,8 @@ def drive(jobs: list[Job], max_parallel: int, api_alive: Any = None) -> None:
                     job.run.recorder.stage_progress(job.obj, stage.name, info)
             continue
         job, stage, t_submit = in_flight.pop(fut)
+        with contextlib.suppress(OSError):  # progress files live while their stage runs
+            job.run.progress_file(job.obj, stage.name).unlink()
         try:
             result = fut.result()
         except Exception as e:  # noqa: BLE001  (recorded; the run fails after the other jobs end)

@@ -393,6 +393,13 @@ _DEC_ATTN_LEAF = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("
                   ("proj_out.", "to_out.0.")]
 
 
+def _resnet_leaf(rest: str) -> str:
+    """An sgm decoder ResNet leaf name (``norm1.weight``, ``nin_shortcut.bias``, ...) in diffusers' spelling."""
+    for old, new in _DEC_RESNET_LEAF:
+        rest = new + rest[len(old):] if rest.startswith(old) else rest
+    return rest
+
+
 def sgm_decoder_key_to_diffusers(key: str, num_levels: int) -> str:
     """One sgm ``Decoder`` key (without prefix) -> diffusers ``Decoder`` key (without ``decoder.``)."""
     if key.startswith("norm_out."):
@@ -401,10 +408,7 @@ def sgm_decoder_key_to_diffusers(key: str, num_levels: int) -> str:
         return key
     m = re.match(r"^mid\.block_([12])\.(.*)$", key)
     if m:
-        rest = m.group(2)
-        for old, new in _DEC_RESNET_LEAF:
-            rest = new + rest[len(old):] if rest.startswith(old) else rest
-        return f"mid_block.resnets.{int(m.group(1)) - 1}.{rest}"
+        return f"mid_block.resnets.{int(m.group(1)) - 1}.{_resnet_leaf(m.group(2))}"
     m = re.match(r"^mid\.attn_1\.(.*)$", key)
     if m:
         for old, new in _DEC_ATTN_LEAF:
@@ -412,10 +416,7 @@ def sgm_decoder_key_to_diffusers(key: str, num_levels: int) -> str:
                 return "mid_block.attentions.0." + new + m.group(1)[len(old):]
     m = re.match(r"^up\.(\d+)\.block\.(\d+)\.(.*)$", key)
     if m:
-        rest = m.group(3)
-        for old, new in _DEC_RESNET_LEAF:
-            rest = new + rest[len(old):] if rest.startswith(old) else rest
-        return f"up_blocks.{num_levels - 1 - int(m.group(1))}.resnets.{m.group(2)}.{rest}"
+        return f"up_blocks.{num_levels - 1 - int(m.group(1))}.resnets.{m.group(2)}.{_resnet_leaf(m.group(3))}"
     m = re.match(r"^up\.(\d+)\.upsample\.conv\.(.*)$", key)
     if m:
         return f"up_blocks.{num_levels - 1 - int(m.group(1))}.upsamplers.0.conv.{m.group(2)}"

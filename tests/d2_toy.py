@@ -241,3 +241,14 @@ def write_tiny_params(path: Path, *extra: str) -> Path:
     p = load_params(repo / "params.yaml", TINY_REAL_OVERRIDES + list(extra))
     path.write_text(render_params_yaml(p))
     return path
+
+
+def prepare_tiny(root: Path) -> tuple[Path, Path]:
+    """Tiny real params (2 objects, MLflow off, cache and data under ``root``) and their prepared
+    dataset: ``(params file, data folder)``."""
+    from d2.cli import main
+
+    params = write_tiny_params(root / "params.yaml", f"run.cache_dir={root / 'cache'}", "run.progress=false",
+                               f"run.data_dir={root / 'data'}", "run.mlflow=false")
+    assert main(["prepare", "--params", str(params)]) == 0
+    return params, root / "data"

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from d2.cli import main
 from d2.config import load_params, with_overrides
 from d2.flows import run_benchmark
 from d2.flows.runners import gpu_cluster_spec, wants_gpu
 
-from d2_toy import make_toy, toy_params, write_tiny_params
+from d2_toy import make_toy, prepare_tiny, toy_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,9 +26,7 @@ def load(path: str | Path) -> dict:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    params = write_tiny_params(root / "params.yaml", f"run.cache_dir={root / 'cache'}", "run.progress=false",
-                               f"run.data_dir={root / 'data'}", "run.mlflow=false")
-    assert main(["prepare", "--params", str(params)]) == 0
+    params, _ = prepare_tiny(root)
     threads = run_benchmark(root / "data", root / "threads", load_params(params, [f"run.cache_dir={root / 'c0'}"]))
     return {"root": root, "params": params, "data": root / "data", "threads": threads}
 

@@ -23,7 +23,7 @@ from d2.flows.engine import RunFolderBusy, open_run_folder
 from d2.tasks.cache import run_stage_locally, verify_entry
 from d2.tasks.stages import STAGES
 
-from d2_toy import make_toy, toy_params, write_tiny_params
+from d2_toy import make_toy, prepare_tiny, toy_params
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,10 +47,8 @@ def sub_env(**extra: str) -> dict[str, str]:
 def tiny(tmp_path_factory):
     """Tiny real params (2 objects, MLflow off) and their prepared dataset."""
     root = tmp_path_factory.mktemp("orch")
-    params = write_tiny_params(root / "params.yaml", f"run.cache_dir={root / 'cache'}", "run.progress=false",
-                               f"run.data_dir={root / 'data'}", "run.mlflow=false")
-    assert main(["prepare", "--params", str(params)]) == 0
-    return {"root": root, "params": params, "data": root / "data"}
+    params, data = prepare_tiny(root)
+    return {"root": root, "params": params, "data": data}
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,6 +219,17 @@ def test_garbage_done_json_is_a_miss(toy, tmp_path, garbage):
     m2 = load(run_benchmark(toy.data, tmp_path / "b", toy_params(tmp_path), stages=toy.stages)["manifest"])
     assert m2["status"] == "completed"
     assert m2["objects"]["apple"]["fit"]["status"] == "computed" and m2["objects"]["bird"]["fit"]["status"] == "cached"
+
+
+def test_garbage_prefect_records_are_misses_served_from_verified_entries(toy, tmp_path):
+    run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stages=toy.stages)
+    records = sorted((tmp_path / "cache" / ".records").iterdir())
+    assert len(records) == 11
+    for r in records:
+        r.write_bytes(b"\x00garbage{")
+    m = load(run_benchmark(toy.data, tmp_path / "b", toy_params(tmp_path), stages=toy.stages)["manifest"])
+    assert m["status"] == "completed" and m["totals"]["computed"] == 0 and m["totals"]["cached"] == 11
+    assert all(r.read_bytes() != b"\x00garbage{" for r in records)  # rewritten from the entries
 
 
 def test_a_garbage_checkpoint_is_a_fresh_start(tmp_path):

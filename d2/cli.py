@@ -113,9 +113,9 @@ class ProgressDisplay:
 
 
 def _params(args: argparse.Namespace) -> Any:
-    from d2.config import load_params, preset_path
+    from d2.config import load_params, overlay_overrides, preset_path
 
-    overrides = list(args.set or [])
+    overrides = (overlay_overrides() if getattr(args, "rehearse", False) else []) + list(args.set or [])
     if getattr(args, "no_progress", False):
         overrides.append("run.progress=false")
     path = preset_path(args.preset) if getattr(args, "preset", None) else args.params
@@ -250,6 +250,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     """Write the procedural mini-benchmark."""
     p = _params(args)
     out = Path(args.out or p.run.data_dir)
+    if args.like == "consistent4d":
+        from d2.world.benchmark import generate_consistent4d_shape
+
+        generate_consistent4d_shape(out, progress=p.run.progress)
+        _print(f"a dataset shaped as Consistent4D's test set (7 objects, 32 RGBA frames, 4 views, 512 px) written "
+               f"to {out}")
+        return 0
     prepare_dataset(p, out)
     _print(f"mini-benchmark written to {out}")
     return 0
@@ -404,6 +411,10 @@ def _common(sp: argparse.ArgumentParser) -> None:
                        help="a named params file of params/: authors, paper, demo, fast (docs/presets.md)")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                     help="override a param (dotted key, YAML value), e.g. --set sampling.num_steps=10; repeatable")
+    sp.add_argument("--rehearse", action="store_true",
+                    help="apply params/overlays/rehearsal.yaml after the params: the same run at tiny sizes on the CPU "
+                         "(tiny random priors, 8 px, 2 steps, 50 fit iterations), every count, camera and protocol "
+                         "knob kept; with `d2 prepare --like consistent4d` it rehearses a preset before GPU hours")
     sp.add_argument("--no-progress", action="store_true", help="no progress display (same as --set run.progress=false)")
 
 
@@ -415,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("prepare", help="write the procedural mini-benchmark (Consistent4D layout)")
     sp.add_argument("--out", help="dataset folder (default: run.data_dir)")
+    sp.add_argument("--like", choices=["mini", "consistent4d"], default="mini",
+                    help="mini: the procedural mini-benchmark (section prepare); consistent4d: the file layout of "
+                         "Consistent4D's released test set (its 7 object names, 32-frame RGBA inputs, 4 x 32 "
+                         "ground-truth frames, 512 px) with procedural content, for `--rehearse`")
     _common(sp)
     sp.set_defaults(fn=cmd_prepare)
 

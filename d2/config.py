@@ -27,6 +27,7 @@ SHIPPED_PARAMS = Path(__file__).with_name("params_default.yaml")
 missing keys of any params file, and a missing ./params.yaml, are completed from it."""
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "params"  # named, complete params files (docs/presets.md)
+REHEARSAL_OVERLAY = PRESETS_DIR / "overlays" / "rehearsal.yaml"  # the size-only shrink of `--rehearse`
 
 
 class ParamsError(ValueError):
@@ -457,6 +458,25 @@ def preset_path(name: str) -> Path:
         known = ", ".join(available_presets()) or "none"
         raise ParamsError(f"unknown preset {name!r}; known presets: {known} (files in {PRESETS_DIR.name}/)")
     return path
+
+
+def overlay_overrides(path: str | os.PathLike = REHEARSAL_OVERLAY) -> list[str]:
+    """A partial params file (an overlay such as ``params/overlays/rehearsal.yaml``) as ``key=value``
+    overrides, applied after a params file like ``--set``."""
+    import json
+
+    data = _read_yaml_mapping(Path(path))
+
+    def flat(d: dict, prefix: str = "") -> list[str]:
+        out: list[str] = []
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out += flat(v, f"{prefix}{k}.")
+            else:
+                out.append(f"{prefix}{k}={json.dumps(v)}")
+        return out
+
+    return flat(data)
 
 
 def check_consistency(params: BaseModel) -> None:

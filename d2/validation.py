@@ -246,20 +246,30 @@ def _numbered_frames(folder: Path) -> dict[int, Path]:
     return out
 
 
-def eval_frames(params: BaseModel) -> int:
-    """Frames the protocol scores: ``protocol.num_frames``, else the frames the asset is made of."""
-    return params.protocol.num_frames or params.conditions.num_frames
+def scored_frames(params: BaseModel, kind: str) -> list[int]:
+    """The ground-truth frames scored for an input of ``kind``: the frames the asset will cover
+    (its source frames, :func:`d2.stages.conditions.source_frames`), or the protocol's first
+    ``num_frames``; refused when the two cannot be paired."""
+    from d2.eval.protocol import FramePairingError, frames_to_score
+    from d2.stages.conditions import source_frames
+
+    try:
+        return list(frames_to_score(source_frames(params.conditions, kind), params.protocol.num_frames))
+    except FramePairingError as e:
+        raise InputError(str(e)) from None
 
 
-def check_gt(gt_dir: str | os.PathLike, params: BaseModel, input_dir: str | os.PathLike | None = None) -> None:
-    """One object's ground truth holds every view (``eval_k``) and frame the protocol scores.
+def check_gt(gt_dir: str | os.PathLike, params: BaseModel, input_dir: str | os.PathLike | None = None,
+             kind: str = "video") -> None:
+    """One object's ground truth holds every view (``eval_k``) and every frame scored
+    (:func:`scored_frames` for an input of ``kind``).
 
     ``input_dir`` (the object's input frames) is checked too when the protocol scores the
     front view. Images are header-checked (readable, supported mode, not degenerate).
     """
     gt = Path(gt_dir).expanduser()
     prot = params.protocol
-    n = eval_frames(params)
+    frames = scored_frames(params, kind)
     views = len(prot.eval_azimuths_deg)
     if not gt.is_dir():
         raise InputError(f"{gt}: ground-truth folder not found (expected eval_0..eval_{views - 1}/<i>.png)")
@@ -273,12 +283,16 @@ def check_gt(gt_dir: str | os.PathLike, params: BaseModel, input_dir: str | os.P
         if not folder.is_dir():
             raise InputError(f"{folder}: missing ({why}); add it or change the protocol")
         have = _numbered_frames(folder)
-        missing = [i for i in range(n) if i not in have]
+        missing = [i for i in frames if i not in have]
         if missing:
+            from d2.eval.protocol import span_label
+
             shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
-            raise InputError(f"{folder}: missing frame(s) {shown} of the {n} the protocol scores "
-                             f"(protocol.num_frames); add them or lower protocol.num_frames")
-        for i in range(n):
+            how = "the frames the asset covers" if prot.num_frames is None else "protocol.num_frames"
+            raise InputError(f"{folder}: missing frame(s) {shown} of the {len(frames)} scored ({span_label(frames)}: "
+                             f"{how}); it has {len(have)}; add them, or lower conditions.num_frames / "
+                             f"protocol.num_frames")
+        for i in frames:
             check_image(have[i], decode=False)
 
 
@@ -318,8 +332,8 @@ def check_dataset(data_dir: str | os.PathLike, params: BaseModel, objects: list[
     problems: list[str] = []
     for o in names:
         try:
-            check_input(data / "input" / o, params, decode_all=False)
-            check_gt(data / "gt" / o, params, data / "input" / o)
+            report = check_input(data / "input" / o, params, decode_all=False)
+            check_gt(data / "gt" / o, params, data / "input" / o, report.kind)
         except InputError as e:
             problems.append(str(e))
     if problems:
@@ -493,10 +507,11 @@ def preflight(command: str, args: Mapping[str, Any], params: BaseModel) -> list[
                 raise InputError(f"--{flag} {folder}: folder not found")
         warnings += check_runtime(params, _SCORING_DEVICES, fits=False, scores=True)
     if command == "generate":
-        warnings += list(check_input(args["input"], params).warnings)
+        report = check_input(args["input"], params)
+        warnings += list(report.warnings)
         if args.get("gt"):
             src = Path(args["input"]).expanduser()
-            check_gt(args["gt"], params, src if src.is_dir() else None)  # a frames folder is the front view
+            check_gt(args["gt"], params, src if src.is_dir() else None, report.kind)  # a frames folder is the front view
     if command in ("benchmark", "sweep", "demo", "schedule"):
         data = Path(args.get("data") or params.run.data_dir).expanduser()
         if command == "demo" and not (data / "meta.json").exists():

@@ -153,13 +153,37 @@ def test_fvd_with_pluggable_extractor(bench: Path, tmp_path: Path):
     assert "fvd" not in res.per_object["waving_robot"]
 
 
+def test_frames_scored_are_the_predictions_frames_paired_by_number(bench: Path, tmp_path: Path):
+    """protocol.num_frames None scores render i against ground-truth frame i over the rendered
+    frames (Consistent4D's script pairs over the predictions), and the results say which."""
+    pred = _copy_as_prediction(bench, tmp_path / "pred")
+    for view in (pred / "bouncing_ball").iterdir():  # this object was rendered for frames 0-1 only
+        (view / f"{FRAMES - 1}.png").unlink()
+    cfg = M.MetricsConfig(metrics=["psnr"])
+    res = evaluate(pred, bench, _protocol(num_frames=None), metrics_cfg=cfg, progress=False,
+                   out_dir=tmp_path / "out")
+    scored = {(s.object, s.view): [] for s in res.per_frame}
+    for s in res.per_frame:
+        scored[(s.object, s.view)].append(s.frame)
+    assert scored[("bouncing_ball", "eval_0")] == list(range(FRAMES - 1))
+    assert scored[("waving_robot", "eval_0")] == list(range(FRAMES))
+    assert res.frames == {"scored": f"0-{FRAMES - 2}; 0-{FRAMES - 1}", "per_view": [FRAMES - 1, FRAMES],
+                          "ground_truth": FRAMES}
+    assert "Frames scored: 0-1; 0-2" in (tmp_path / "out" / "results.md").read_text()
+    # a rendered frame the ground truth lacks cannot be paired
+    shutil.copy(pred / "waving_robot" / "eval_1" / "0.png", pred / "waving_robot" / "eval_1" / f"{FRAMES + 4}.png")
+    with pytest.raises(BenchmarkError, match=rf"waving_robot/eval_1 has {FRAMES} frame\(s\) but {FRAMES + 1} are "
+                                             rf"scored .*lacks \[{FRAMES + 4}\]"):
+        evaluate(pred, bench, _protocol(num_frames=None), metrics_cfg=cfg, progress=False)
+
+
 def test_layout_errors_name_the_problem(bench: Path, tmp_path: Path):
     pred = _copy_as_prediction(bench, tmp_path / "pred")
     (pred / "bouncing_ball" / "eval_2" / "1.png").unlink()
     cfg = M.MetricsConfig(metrics=["ssim"])
     with pytest.raises(BenchmarkError, match=r"eval_2: missing frame\(s\) \[1\]"):
         evaluate(pred, bench, _protocol(), metrics_cfg=cfg, progress=False)
-    with pytest.raises(BenchmarkError, match="lacks frame"):
+    with pytest.raises(BenchmarkError, match=rf"has {FRAMES} frame\(s\) but {FRAMES + 2} are scored .*lacks \[3, 4\]"):
         evaluate(pred, bench, _protocol(num_frames=FRAMES + 2), metrics_cfg=cfg, progress=False)
     with pytest.raises(BenchmarkError, match="front"):
         evaluate(pred, bench, _protocol(include_front_view=True), metrics_cfg=cfg, progress=False)

@@ -103,7 +103,7 @@ def test_render_eval_views_layout(tmp_path: Path) -> None:
     state["orbit"] = {"radius": 2.0, "fov_deg": 33.8, "elevation_deg": 0.0}
     save_tensor(tmp_path / "gaussians.pt", state)
     azimuths = [-75.0, 15.0, 105.0, 195.0]
-    written = render_eval_views(tmp_path / "gaussians.pt", tmp_path / "eval", azimuths, num_frames=3,
+    written = render_eval_views(tmp_path / "gaussians.pt", tmp_path / "eval", azimuths, frames=3,
                                 resolution=24, backend="torch")
     assert len(written) == 12
     for k in range(4):

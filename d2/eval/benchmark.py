@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from d2.eval.metrics import (ALL_METRICS, MetricsConfig, MetricSuite, build_metric_suite, fvd_pooled,
                              parse_metric_list)
-from d2.eval.protocol import FRONT_VIEW, Protocol
-from d2.eval.results import FrameScore, Results, aggregate  # noqa: F401  (part of this module's API)
+from d2.eval.protocol import FRONT_VIEW, Protocol, span_label
+from d2.eval.results import FrameScore, Results, aggregate, frames_record  # noqa: F401  (part of this module's API)
 from d2.utils.io import load_image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -263,20 +263,28 @@ def evaluate_dirs(pred_dirs: dict[str, Path], data: BenchmarkData, protocol: Pro
     objs = list(pred_dirs)
     views = protocol.view_names()
 
-    # which frames: the first num_frames (all must exist), or every ground-truth frame
+    # which frames: render i against ground-truth frame i over the prediction's frames (as
+    # Consistent4D's script pairs them), or the protocol's frames 0..num_frames-1
     frames_of: dict[tuple[str, str], list[int]] = {}
+    gt_counts: dict[tuple[str, str], int] = {}
     for o in objs:
         for v in views:
             gt_frames = data.frame_paths(o, v)
+            gt_counts[(o, v)] = len(gt_frames)
+            folder = pred_dirs[o] / v
             if protocol.num_frames is None:
-                frames_of[(o, v)] = list(gt_frames)
+                want = sorted(list_frames(folder)) if folder.is_dir() else []
+                if not want and folder.is_dir():
+                    raise BenchmarkError(f"prediction {folder} holds no frames (<i>.png)")
             else:
                 want = list(range(protocol.num_frames))
-                missing = [f for f in want if f not in gt_frames]
-                if missing:
-                    raise BenchmarkError(f"ground truth {o}/{v} lacks frame(s) {missing[:5]} required by the "
-                                         f"protocol ({protocol.num_frames} frames)")
-                frames_of[(o, v)] = want
+            missing = [f for f in want if f not in gt_frames]
+            if missing:
+                raise BenchmarkError(
+                    f"ground truth {o}/{v} has {len(gt_frames)} frame(s) but {len(want)} are scored "
+                    f"({span_label(want)}: {'protocol.num_frames' if protocol.num_frames else f'the frames of {folder}'}"
+                    f"); it lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            frames_of[(o, v)] = want
     pred_paths = _check_prediction(pred_dirs, data, objs, views, frames_of)
 
     cfg = metrics_cfg.model_copy(update={"resolution": protocol.resolution})
@@ -324,7 +332,7 @@ def evaluate_dirs(pred_dirs: dict[str, Path], data: BenchmarkData, protocol: Pro
         protocol=protocol, metrics=[m for m in ALL_METRICS if m in suite.requested], unavailable=unavailable,
         per_frame=per_frame, per_view=per_view, per_object=per_object, mean=mean,
         psnr_capped_frames=sum(s.psnr_capped for s in per_frame), num_scored_frames=len(per_frame),
-        generation_time_s=generation_time_s, seconds=round(time.perf_counter() - t0, 3),
+        frames=frames_record(frames_of, gt_counts), generation_time_s=generation_time_s, seconds=round(time.perf_counter() - t0, 3),
         created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 

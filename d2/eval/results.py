@@ -6,6 +6,8 @@ protocol and the metric definitions; and the merge of several objects' results i
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from d2.eval.metrics import ALL_METRICS, metric_definitions
@@ -43,6 +45,7 @@ class Results(BaseModel):
     mean: dict[str, float] = Field(default_factory=dict)  # metric -> mean over objects (fvd: pooled)
     psnr_capped_frames: int = 0  # frames whose PSNR was capped
     num_scored_frames: int = 0  # (object, view, frame) triples scored
+    frames: dict[str, Any] = Field(default_factory=dict)  # which frames were scored (:func:`frames_record`)
     generation_time_s: float | None = None  # mean generation time per object, when the caller knows it
     seconds: float = 0.0  # time the evaluation took
     created_utc: str = ""
@@ -57,6 +60,40 @@ class Results(BaseModel):
     def objects(self) -> list[str]:
         """Objects in result order."""
         return list(self.per_object)
+
+def frames_record(scored: dict[tuple[str, str], list[int]], gt_counts: dict[tuple[str, str], int]) -> dict[str, Any]:
+    """Which frames were scored, for tables and ``metrics.json``: ``{"scored": "0-24", "per_view": 25,
+    "ground_truth": 32}`` (frame indices, frames scored per view, ground-truth frames per view);
+    where views differ, each field lists the distinct values."""
+    from d2.eval.protocol import span_label
+
+    spans = sorted({span_label(f) for f in scored.values()})
+    counts = sorted({len(f) for f in scored.values()})
+    gts = sorted(set(gt_counts.values()))
+    one = lambda xs: xs[0] if len(xs) == 1 else xs  # noqa: E731
+    return {"scored": "; ".join(spans), "per_view": one(counts), "ground_truth": one(gts)}
+
+
+def merge_frames(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`frames_record` of several evaluations as one."""
+    records = [r for r in records if r]
+    if not records or all(r == records[0] for r in records):
+        return records[0] if records else {}
+    flat = lambda key: sorted({x for r in records for x in (r[key] if isinstance(r[key], list) else [r[key]])})  # noqa: E731
+    spans = sorted({s for r in records for s in r["scored"].split("; ")})
+    counts, gts = flat("per_view"), flat("ground_truth")
+    return {"scored": "; ".join(spans), "per_view": counts[0] if len(counts) == 1 else counts,
+            "ground_truth": gts[0] if len(gts) == 1 else gts}
+
+
+def frames_line(frames: dict[str, Any]) -> str:
+    """The frames sentence of a table footer."""
+    if not frames:
+        return ""
+    per, gt = frames["per_view"], frames["ground_truth"]
+    return (f"Frames scored: {frames['scored']} ({per} per view, of {gt} ground-truth frames per view), "
+            f"each render drawn at the time of the ground-truth frame it is scored against.")
+
 
 def aggregate(per_frame: list[FrameScore], metrics: list[str]) -> tuple[
         dict[str, dict[str, dict[str, float]]], dict[str, dict[str, float]], dict[str, float]]:
@@ -104,6 +141,7 @@ def merge_results(parts: dict[str, Results], protocol: Protocol, requested: list
         per_frame += [s.model_copy(update={"object": obj}) for s in r.per_frame]
         missing.update(r.unavailable)
     missing.update(unavailable or {})
+    frames = merge_frames([r.frames for r in parts.values()])
     per_view, per_object, mean = aggregate(per_frame, [m for m in requested if m != "fvd"])
     if fvd is not None:
         mean["fvd"] = fvd
@@ -112,4 +150,4 @@ def merge_results(parts: dict[str, Results], protocol: Protocol, requested: list
     return Results(method=method, dataset=dataset, protocol=protocol, metrics=metrics, unavailable=missing,
                    per_frame=per_frame, per_view=per_view, per_object=per_object, mean=mean,
                    psnr_capped_frames=sum(s.psnr_capped for s in per_frame), num_scored_frames=len(per_frame),
-                   generation_time_s=generation_time_s)
+                   frames=frames, generation_time_s=generation_time_s)

@@ -35,6 +35,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from d2.eval.metrics import HIGHER_IS_BETTER
+from d2.eval.results import frames_line
 from d2.utils.io import image_grid, save_image, write_json, write_text
 
 if TYPE_CHECKING:
@@ -129,6 +130,8 @@ def footer_lines(results: "Results") -> list[str]:
     lines = [results.protocol.describe()]
     lines.append(f"Method: {results.method}; ground truth: {results.dataset or results.gt_dir}; "
                  f"{results.num_scored_frames} (object, view, frame) images scored.")
+    if results.frames:
+        lines.append(frames_line(results.frames))
     for m in results.metrics:
         lines.append(f"{METRIC_LABELS[m]}: {results.definitions.get(m, '')}")
     for m, why in results.unavailable.items():
@@ -246,7 +249,7 @@ def table2_notes(results: "Results") -> list[str]:
                else f"images were resized to {p.resolution}x{p.resolution}, not the script's 512x512")
         first = (f"Published rows omitted: they were scored with Consistent4D's evaluation script; this run's "
                  f"{why}, so its numbers do not compare with them (protocol 'consistent4d' does).")
-    return [first, p.describe()]
+    return [first, p.describe()] + ([frames_line(results.frames)] if results.frames else [])
 
 
 def table2_markdown(results: "Results") -> str:

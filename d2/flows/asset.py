@@ -28,7 +28,7 @@ def asset_graph(input_path: str | Path, gt_dir: str | Path | None = None, score_
     conditions = yield Stage("conditions", {"input": input_path})
     matrix = yield Stage("sampling", {"conditions": conditions})
     gaussians = yield Stage("fit", {"matrix": matrix})
-    renders = yield Stage("render_eval", {"gaussians": gaussians})
+    renders = yield Stage("render_eval", {"gaussians": gaussians, "conditions": conditions})
     if gt_dir is not None:
         scored = {"pred": renders, "gt": gt_dir}
         if score_front_view:  # the input view is scored against the input frames

@@ -62,7 +62,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None, metrics_path: Path 
 
         results = load_results(run_dir / "results")
         files = write_results(results, out_dir)
-        metrics = {"mean": results.mean, "per_object": results.per_object,
+        metrics = {"mean": results.mean, "per_object": results.per_object, "frames": results.frames,
                    "generation_time_s": results.generation_time_s}
         table = files["md"]
     write_json(metrics_path or out_dir / "metrics.json", metrics)

@@ -248,6 +248,16 @@ def _image_files(folder: Path) -> list[Path]:
     return _numbered([p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS])
 
 
+def source_frames(cfg: "ConditionsConfig", kind: str) -> list[int]:
+    """The input frames the asset is made of, one per reference-video frame: a video input's
+    ``frame_start + j * frame_stride`` (j < ``num_frames``); an image or an orbit: 0..num_frames-1,
+    the frames of the reference video generated from it. Ground-truth frame i is the time of input
+    frame i (:func:`d2.eval.protocol.frames_to_score`)."""
+    if kind == "video":
+        return [cfg.frame_start + j * cfg.frame_stride for j in range(cfg.num_frames)]
+    return list(range(cfg.num_frames))
+
+
 def read_video_frames(path: Path, count: int, stride: int, start: int = 0) -> list[tuple[np.ndarray, bool]]:
     """``count`` frames from frame ``start`` on (every ``stride``-th) of a video file or a folder of frames."""
     need = start + (count - 1) * stride + 1
@@ -409,7 +419,7 @@ def make_conditions(input_path: str | Path, cfg: ConditionsConfig, priors: tuple
         total, fps = count_video_frames(path)
         info.update({"kind": "video", "frames_total": total, "fps": fps, "frame_start": cfg.frame_start,
                      "frame_stride": cfg.frame_stride,
-                     "frames_kept": [cfg.frame_start + i * cfg.frame_stride for i in range(cfg.num_frames)]})
+                     "frames_kept": source_frames(cfg, "video")})
         video = preprocess_frames(frames, cfg, str(path), info, cfg.video_framing)
         ref_frame = video.shape[0] - 1 if cfg.video_orbit_frame == "last" else 0
         info["orbit_from_frame"] = info["frames_kept"][ref_frame]
@@ -471,4 +481,5 @@ def run_conditions(input_path: str | Path, out_dir: str | Path, cfg: ConditionsC
     info["summary"] = describe_reading(info)
     # the input's name, not its path: the same input elsewhere gives the same bytes (and keys downstream)
     return write_conditions(conditions, out_dir, {"input_name": Path(input_path).name, "config": cfg.model_dump(),
+                                                  "source_frames": source_frames(cfg, conditions.kind),
                                                   "input_reading": info}, cfg.store_dtype)

@@ -20,6 +20,7 @@ view-dependent SH bands are rotated; ``convention="world"`` keeps the project's 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -302,7 +303,7 @@ def render_eval_views(
     gaussians_path: str | Path,
     out_dir: str | Path,
     azimuths_deg: list[float],
-    num_frames: int,
+    frames: int | Mapping[int, float],
     resolution: int,
     elevation_deg: float | None = None,
     radius: float | None = None,
@@ -311,14 +312,18 @@ def render_eval_views(
     backend: Backend = "auto",
     device: str = "cpu",
 ) -> list[Path]:
-    """Render every frame at each azimuth: ``out_dir/eval_{k}/{i}.png`` (k: azimuth index, i: frame from 0).
+    """Render every frame at each azimuth: ``out_dir/eval_{k}/{i}.png`` (k: azimuth index).
 
-    Frame i is at t = i / (num_frames - 1). The orbit (radius, field of view, elevation)
+    ``frames``: frame index i -> the time t in [0, 1] it is rendered at (the protocol's ground-truth
+    frames, :func:`d2.eval.protocol.frames_to_score`); an int n means frames 0..n-1 at
+    t = i / (n - 1). The orbit (radius, field of view, elevation)
     defaults to the one the Gaussians were fitted on (stored with the Gaussians), else the
     project default :class:`OrbitSpec`.
     """
-    if num_frames < 1 or resolution < 1 or not azimuths_deg:
-        raise ValueError("render_eval_views: need num_frames >= 1, resolution >= 1 and at least one azimuth")
+    if isinstance(frames, int):
+        frames = dict(enumerate(frame_times(frames))) if frames >= 1 else {}
+    if not frames or resolution < 1 or not azimuths_deg:
+        raise ValueError("render_eval_views: need at least one frame, resolution >= 1 and at least one azimuth")
     g, orbit = load_gaussians(gaussians_path, device)
     base = OrbitSpec()
     spec = OrbitSpec(
@@ -327,15 +332,16 @@ def render_eval_views(
         elevation_deg=elevation_deg if elevation_deg is not None else float(orbit.get("elevation_deg",
                                                                                       base.elevation_deg)),
     )
-    times = frame_times(num_frames)
+    index = list(frames)
+    times = [float(frames[i]) for i in index]
     out_dir = Path(out_dir)
     written = []
     for k, az in enumerate(azimuths_deg):
-        imgs = render_views(g, [float(az)] * num_frames, times, spec, resolution, background=background,
+        imgs = render_views(g, [float(az)] * len(index), times, spec, resolution, background=background,
                             backend=backend)
-        for i in range(num_frames):
+        for j, i in enumerate(index):
             p = out_dir / f"eval_{k}" / f"{i}.png"
-            save_image(p, imgs[i])
+            save_image(p, imgs[j])
             written.append(p)
     return written
 

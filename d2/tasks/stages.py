@@ -131,18 +131,25 @@ def compute_fit(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
     return summary
 
 
-def eval_num_frames(params: BaseModel) -> int:
-    """Frames rendered and scored: the protocol's count, else the frames the asset was made of."""
-    return params.protocol.num_frames or params.conditions.num_frames
+def asset_frames(conditions_dir: Path, params: BaseModel) -> dict[int, float]:
+    """Ground-truth frame -> the asset time it is rendered at: the frames the asset covers (its
+    source frames, recorded by the conditions stage), or the protocol's first ``num_frames``."""
+    from d2.eval.protocol import frames_to_score
+
+    meta = json.loads((Path(conditions_dir) / "conditions.json").read_text())
+    source = meta.get("source_frames") or list(range(int(meta["num_frames"])))
+    return frames_to_score(source, params.protocol.num_frames)
 
 
 def compute_render_eval(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
-    """4D Gaussians -> renders at the protocol's evaluation azimuths, ``eval_{k}/{i}.png``."""
+    """4D Gaussians -> renders at the protocol's evaluation azimuths, ``eval_{k}/{i}.png``: ground-truth
+    frame i rendered at its time (:func:`asset_frames`)."""
     from d2.stages.export import render_eval_views
 
     proto = params.protocol
     cfg = params.render_eval
-    kw = dict(num_frames=eval_num_frames(params), resolution=cfg.resolution or proto.resolution,
+    frames = asset_frames(inputs["conditions"], params)
+    kw = dict(frames=frames, resolution=cfg.resolution or proto.resolution,
               elevation_deg=proto.elevation_deg, background=1.0 if proto.background == "white" else 0.0,
               backend=cfg.backend, device=cfg.device)
     gaussians = inputs["gaussians"]  # the fit's folder (its safetensors, or an older gaussians.pt)
@@ -151,7 +158,7 @@ def compute_render_eval(inputs: dict[str, Path], out: Path, params: BaseModel) -
         paths += render_eval_views(gaussians, out / ".front", [proto.input_azimuth_deg], **kw)
         (out / ".front" / "eval_0").rename(out / "front")
         (out / ".front").rmdir()
-    return {"images": len(paths)}
+    return {"images": len(paths), "frames": sorted(frames)}
 
 
 _suite_memo: dict[str, Any] = {}
@@ -214,7 +221,8 @@ def compute_tables(inputs: dict[str, Path], out: Path, params: BaseModel) -> dic
     results = merge_results(parts, params.protocol, requested, dataset=params.run.data_dir, fvd=fvd,
                             unavailable=unavailable, generation_time_s=generation_s)
     write_results(results, out)
-    return {"summary": results.mean, "unavailable": results.unavailable, "table": results_markdown(results)}
+    return {"summary": {**results.mean, "frames": results.frames}, "unavailable": results.unavailable,
+            "table": results_markdown(results)}
 
 
 def _read_json(path: Path, keep: tuple[str, ...]) -> dict:
@@ -231,7 +239,7 @@ SPECS: dict[str, StageSpec] = {
                           "priors.device"),
     "fit": StageSpec("fit", compute_fit, ("d2.stages.fit", "d2.stages.fit_check"), ("fit",), device_key="fit.device"),
     "render_eval": StageSpec("render_eval", compute_render_eval, ("d2.stages.export",),
-                             ("protocol", "render_eval", "conditions.num_frames"), device_key="render_eval.device"),
+                             ("protocol", "render_eval"), device_key="render_eval.device"),
     "metrics": StageSpec("metrics", compute_metrics, ("d2.eval.benchmark",), ("protocol", "metrics"),
                          device_key="metrics.device"),
     "tables": StageSpec("tables", compute_tables, ("d2.eval.benchmark", "d2.eval.tables"),
@@ -242,9 +250,9 @@ def check_asset_input(input_path: Path, params: BaseModel, gt_dir: str | Path | 
     """One input (and its ground truth, when given) checked before the first stage."""
     from d2.validation import check_gt, check_input
 
-    check_input(input_path, params)
+    report = check_input(input_path, params)
     if gt_dir is not None:
-        check_gt(gt_dir, params, input_path if Path(input_path).is_dir() else None)
+        check_gt(gt_dir, params, input_path if Path(input_path).is_dir() else None, report.kind)
 
 
 def check_benchmark_dataset(data_dir: Path, params: BaseModel, objects: list[str] | None) -> list[str]:

@@ -210,3 +210,60 @@ def generate_benchmark(out_dir: str | Path, cfg: PrepareConfig | None = None) ->
             "seconds": round(time.perf_counter() - t0, 3),
         })
     return out_dir
+
+
+# --------------------------------------------------------------------------- Consistent4D's shape
+
+CONSISTENT4D_OBJECTS = ("aurorus", "crocodile", "guppie", "monster", "pistol", "skull", "trump")
+"""The object folders of Consistent4D's released test set (7 objects)."""
+CONSISTENT4D_FRAMES = 32  # frames of every input video and ground-truth view
+CONSISTENT4D_RESOLUTION = 512  # side of every image file
+
+
+def generate_consistent4d_shape(out_dir: str | Path, render_resolution: int = 32, num_gaussians: int = 300,
+                                progress: bool = True) -> Path:
+    """A stand-in with the exact file layout of Consistent4D's released test set, for rehearsing a run
+    at the benchmark's real shape before spending GPU hours (README, "Rehearse a preset").
+
+    ``input/<object>/<i>.png`` (RGBA, the object on transparency) and ``gt/<object>/eval_{0..3}/<i>.png``
+    (RGBA, azimuths -75, 15, 105, 195 at elevation 0), i = 0..31, every file 512 x 512, for the seven
+    object names of the released set; ``meta.json`` says what it is. The content is the procedural
+    world's seven objects (one per name, in order), rendered at ``render_resolution`` and enlarged
+    (bilinear) to 512 px: only the pixels are small, not the layout.
+    """
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from d2.utils.io import atomic_path
+
+    names = benchmark_objects()
+    spec = OrbitSpec()
+    times = frame_times(CONSISTENT4D_FRAMES)
+    azimuths = [0.0] + list(DEFAULT_EVAL_AZIMUTHS)
+    size = CONSISTENT4D_RESOLUTION
+
+    def save_rgba(path: Path, rgba) -> None:  # [4, h, w] in [0, 1] -> 512 px PNG
+        big = F.interpolate(rgba[None], size=(size, size), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+        arr = (big.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+        with atomic_path(path) as tmp:
+            Image.fromarray(arr, "RGBA").save(tmp, format="PNG", compress_level=1)
+
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        for src, name in tqdm(list(zip(names, CONSISTENT4D_OBJECTS)), desc="prepare", disable=not progress):
+            imgs = make_scene(src, num_gaussians).render(azimuths, times, render_resolution, spec, backend="torch",
+                                                         alpha=True)  # [5, 32, 4, h, w]
+            for f in range(CONSISTENT4D_FRAMES):
+                save_rgba(tmp / "input" / name / f"{f}.png", imgs[0, f])
+                for k in range(len(DEFAULT_EVAL_AZIMUTHS)):
+                    save_rgba(tmp / "gt" / name / f"eval_{k}" / f"{f}.png", imgs[k + 1, f])
+        write_json(tmp / "meta.json", {
+            "objects": list(CONSISTENT4D_OBJECTS), "num_frames": CONSISTENT4D_FRAMES, "resolution": size,
+            "layout": "consistent4d", "content": dict(zip(CONSISTENT4D_OBJECTS, names)),
+            "render_resolution": render_resolution, "generator": "d2.world.benchmark",
+            "generator_version": GENERATOR_VERSION,
+            "camera": {"radius": spec.radius, "fov_deg": spec.fov_deg, "elevation_deg": spec.elevation_deg,
+                       "input_azimuth_deg": 0.0, "eval_azimuths_deg": list(DEFAULT_EVAL_AZIMUTHS)},
+            "background": "transparent (RGBA)"})
+    return out_dir

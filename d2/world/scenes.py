@@ -408,11 +408,14 @@ class Scene:
         backend: str = "auto",
         time_chunk: int = 8,
         device: str | torch.device = "cpu",
+        alpha: bool = False,
     ) -> Tensor:
         """Render every (azimuth, time) on white (on ``device``; ``backend="auto"`` uses gsplat on CUDA).
 
         Returns:
-            [A, T, 3, H, W] float32 in [0, 1] (H = W = ``resolution``).
+            [A, T, 3, H, W] float32 in [0, 1] (H = W = ``resolution``); with ``alpha``, [A, T, 4, H, W]:
+            straight (not premultiplied) RGB and the accumulated opacity, RGBA frames as
+            Consistent4D's data holds them (composited on white they equal the plain render).
         """
         from d2.stages.render import rasterize
 
@@ -429,10 +432,12 @@ class Scene:
             g = self.gaussians(ts)
             n_t = len(ts)
             g = {k: v.to(device) for k, v in g.items()}
-            col, _ = rasterize(g["means"], g["covars"], g["opacities"], g["colors"],
-                               viewmats.to(device).expand(n_t, a, 4, 4), ks.to(device).expand(n_t, a, 3, 3),
-                               resolution, resolution, background=torch.ones(3, device=device),
-                               backend=backend)  # [t, A, H, W, 3]
+            col, acc = rasterize(g["means"], g["covars"], g["opacities"], g["colors"],
+                                 viewmats.to(device).expand(n_t, a, 4, 4), ks.to(device).expand(n_t, a, 3, 3),
+                                 resolution, resolution, background=None if alpha else torch.ones(3, device=device),
+                                 backend=backend)  # [t, A, H, W, 3] (premultiplied on black with alpha)
+            if alpha:
+                col = torch.cat([col / acc.clamp_min(1e-6), acc], dim=-1)  # straight RGB + alpha
             out.append(col.detach().float().cpu())
         imgs = torch.cat(out, dim=0)  # [T, A, H, W, 3]
         return imgs.permute(1, 0, 4, 2, 3).clamp(0, 1).contiguous()  # [A, T, 3, H, W]

@@ -441,6 +441,14 @@ def knob_problems(params: BaseModel) -> list[str]:
     if fit is not None and fit.lambda_ssim == 0 and fit.lambda_lpips == 0 and fit.lambda_l1 == 0:
         problems.append("fit.lambda_ssim, fit.lambda_lpips and fit.lambda_l1 are all 0: the fit has no loss to "
                         "minimise; set fit.lambda_ssim=1 (the default)")
+    views = getattr(samp, "num_views", None) if (samp := getattr(params, "sampling", None)) is not None else None
+    if fit is not None and getattr(fit, "exclude_views", None) and views is not None:
+        from d2.stages.fit import fitted_views
+
+        try:  # the matrix has sampling.num_views views
+            fitted_views(fit, views)
+        except ValueError as e:
+            problems.append(str(e))
     return problems
 
 

@@ -220,23 +220,36 @@ def test_densification_decision_and_split_children_follow_4dgs() -> None:
     opt.step()  # another step runs with the remapped state
 
 
-def test_size_pruning_opacity_reset_and_band_schedule() -> None:
-    extent = 2.0
+def _size_prune_case(cfg: FitConfig, extent: float, densify: bool = True) -> dict[str, int]:
+    """Four Gaussians: 1 too large in world space, 2 too large on screen (21 px > 20), 3 at 20 px."""
     g = init_random(4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         g.log_scales[:, :3] = math.log(0.05)
-        g.log_scales[1, 2] = math.log(0.1 * extent * 1.01)  # too large in world space
+        g.log_scales[1, 2] = math.log(0.1 * extent * 1.01)
         g.opacity_logits.fill_(2.0)
-    cfg = _small_cfg()
     opt = make_optimizer(g, cfg, extent)
     stats = DensifyStats(4, torch.device("cpu"))
-    stats.max_radii = torch.tensor([3.0, 3.0, 21.0, 20.0])  # Gaussian 2 too large on screen
-    rec = densify_and_prune(g, opt, stats, cfg, extent, torch.Generator(), size_prune=False)
-    assert rec["pruned"] == 0 and g.num == 4
-    rec = densify_and_prune(g, opt, stats, cfg, extent, torch.Generator(), size_prune=True)
-    assert rec["pruned"] == 2 and g.num == 2
+    stats.max_radii = torch.tensor([3.0, 3.0, 21.0, 20.0])
+    assert densify_and_prune(g, opt, stats, cfg, extent, torch.Generator(), densify=densify)["pruned"] == 0
+    return densify_and_prune(g, opt, stats, cfg, extent, torch.Generator(), densify=densify, size_prune=True)
+
+
+def test_size_pruning_opacity_reset_and_band_schedule() -> None:
+    """4DGS's densification_postfix zeroes max_radii2D before densify_and_prune prunes: only the
+    world-size rule acts after densifying; the screen-size rule acts with screen_size_prune_fires,
+    or when a step only prunes (4DGS's prune_only keeps the radii)."""
+    extent = 2.0
+    assert _size_prune_case(_small_cfg(), extent)["pruned"] == 1  # 4DGS: the 21 px Gaussian stays
+    assert _size_prune_case(_small_cfg(screen_size_prune_fires=True), extent)["pruned"] == 2
+    assert _size_prune_case(_small_cfg(), extent, densify=False)["pruned"] == 2
+    g = init_random(2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        g.opacity_logits.fill_(2.0)
+    opt = make_optimizer(g, _small_cfg(), extent)
+    g.opacity_logits.sum().backward()
     reset_opacity(g, opt, 0.01)
     torch.testing.assert_close(torch.sigmoid(g.opacity_logits.detach()), torch.full((2,), 0.01))
+    assert g.opacity_logits.grad is None  # as 4DGS's fresh tensor: no opacity step on the reset's iteration
     c = FitConfig(sh_degree=3, time_basis=2, sh_increase_every=1000)
     assert [active_degrees(c, s) for s in (0, 999, 1000, 3000, 4000, 5000, 9000)] == [
         (0, 0), (0, 0), (1, 0), (3, 0), (3, 1), (3, 2), (3, 2)]
@@ -268,8 +281,12 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path: Path, monkeypa
     b, _ = load_gaussians(tmp_path / "resumed" / "gaussians.safetensors")
     for k, v in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[k], v)
-    # a changed config does not resume a stale checkpoint
-    assert json.loads((tmp_path / "resumed" / "fit.json").read_text())["iterations"] == 6
+    full = json.loads((tmp_path / "full" / "fit.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "fit.json").read_text())
+    assert resumed["iterations"] == 6
+    # the curve and the densification record cover the whole run, iterations before the checkpoint too
+    assert [c["iteration"] for c in resumed["curve"]] == [1, 2, 3, 4, 5, 6]
+    assert resumed["curve"] == full["curve"] and resumed["densification"] == full["densification"]
 
 
 def test_missing_video_writer_fails_before_fitting(tmp_path: Path, monkeypatch) -> None:
@@ -344,3 +361,89 @@ def test_time_component_of_the_means_keeps_its_own_constant_rate() -> None:
     step = (before - g.means.detach()).abs()
     torch.testing.assert_close(step[:, :3], torch.full((5, 3), 2e-4), rtol=0, atol=2e-7)
     torch.testing.assert_close(step[:, 3], torch.full((5,), 8e-3), rtol=0, atol=2e-6)  # float32 rounding
+
+
+def test_densification_comes_before_the_optimiser_step(tmp_path: Path) -> None:
+    """4DGS densifies before optimizer.step(): the densified tensors are new and carry no
+    gradient, so that iteration's step changes nothing. Here densification at iteration 2
+    copies every Gaussian unchanged (no clone, split or prune), so after 2 iterations the
+    Gaussians are those after 1; stepping first (densify_before_step=false) moves them."""
+    _make_matrix(tmp_path / "matrix", 3, 2, 16, n=10)
+    cfg = _small_cfg(iterations=1, densify_from=1, densify_every=2, densify_grad_threshold=1e9, prune_opacity=0.0)
+    run_fit(tmp_path / "matrix", tmp_path / "one", cfg)
+    g1, _ = load_gaussians(tmp_path / "one" / "gaussians.safetensors")
+    two = {}
+    for before in (True, False):
+        out = tmp_path / f"two_{before}"
+        summary = run_fit(tmp_path / "matrix", out, cfg.model_copy(update={"iterations": 2,
+                                                                           "densify_before_step": before}))
+        assert [d["iteration"] for d in summary["densification"]] == [2] and summary["num_gaussians"] == g1.num
+        two[before], _ = load_gaussians(out / "gaussians.safetensors")
+    for k, v in g1.state_dict().items():
+        torch.testing.assert_close(two[True].state_dict()[k], v, rtol=0, atol=0)
+    assert (two[False].means - g1.means).abs().max() > 1e-6
+
+
+def _targets_seen(monkeypatch) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    real = fit_mod.fit_loss
+
+    def recording(render, target, *a, **k):
+        seen.append(target.detach().clone())
+        return real(render, target, *a, **k)
+
+    monkeypatch.setattr(fit_mod, "fit_loss", recording)
+    return seen
+
+
+def test_excluded_views_never_reach_the_loss(tmp_path: Path, monkeypatch) -> None:
+    """fit.exclude_views: those views are not sampled, not carved for the initialisation and not in
+    the training PSNR; fit.json names them and scores them apart."""
+    _make_matrix(tmp_path / "matrix", 4, 2, 16, n=10)
+    images = load_matrix(tmp_path / "matrix").images  # [V, F, 3, H, W]
+    carved = []
+    real_init = fit_mod.init_from_images
+    monkeypatch.setattr(fit_mod, "init_from_images", lambda im, *a, **k: carved.append(im.shape[0]) or
+                        real_init(im, *a, **k))
+    seen = _targets_seen(monkeypatch)
+    summary = run_fit(tmp_path / "matrix", tmp_path / "fit", _small_cfg(iterations=12, batch_size=4,
+                                                                         exclude_views=[2, 1]))
+    assert carved == [2]
+    targets = torch.cat(seen)  # [12 x 4, 3, H, W]
+    assert targets.shape[0] == 48
+
+    def views_of(t: torch.Tensor) -> set[int]:
+        return {v for v in range(4) for f in range(2) if torch.equal(images[v, f], t)}
+
+    hit = [views_of(t) for t in targets]
+    assert all(h and h <= {0, 3} for h in hit)  # every target is an image of a kept view
+    assert {v for h in hit for v in h} == {0, 3}
+    assert summary["fitted_views"] == [0, 3] and summary["excluded_views"] == [1, 2]
+    assert isinstance(summary["excluded_views_psnr"], float)
+    assert summary["excluded_views_psnr"] != summary["train_psnr"]
+    # without exclusions every view is sampled
+    seen.clear()
+    full = run_fit(tmp_path / "matrix", tmp_path / "all", _small_cfg(iterations=12, batch_size=4))
+    assert {v for t in torch.cat(seen) for v in views_of(t)} == {0, 1, 2, 3}
+    assert full["excluded_views_psnr"] is None and full["fitted_views"] == [0, 1, 2, 3]
+
+
+def test_bad_view_exclusions_fail_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    from d2.config import ParamsError, load_params
+
+    _make_matrix(tmp_path / "matrix", 3, 2, 16, n=8)
+    calls = []
+    monkeypatch.setattr(fit_mod, "load_matrix", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match=r"view\(s\) \[3\] are not in the matrix of 3 views"):
+        run_fit(tmp_path / "matrix", tmp_path / "fit", _small_cfg(iterations=1, exclude_views=[3]))
+    with pytest.raises(ValueError, match="leaves none of the 3 views"):
+        run_fit(tmp_path / "matrix", tmp_path / "fit", _small_cfg(iterations=1, exclude_views=[0, 1, 2]))
+    assert not calls and not (tmp_path / "fit").exists()
+    with pytest.raises(ValueError, match="distinct view indices >= 0"):
+        _small_cfg(exclude_views=[-1])
+    with pytest.raises(ValueError, match="distinct view indices >= 0"):
+        _small_cfg(exclude_views=[1, 1])
+    # a run's params are checked against the orbit it samples, before any stage runs
+    with pytest.raises(ParamsError, match=r"view\(s\) \[21\] are not in the matrix of 21 views"):
+        load_params(None, ["fit.exclude_views=[21]"])
+    assert load_params(None, ["fit.exclude_views=[20, 0]"]).fit.exclude_views == [0, 20]

@@ -268,3 +268,64 @@ def test_init_from_images_carves_the_object() -> None:
     assert g.means[:, :3].abs().max() < 0.2  # the square spans about +-0.16 world units at the origin
     rgb = g.sh_dc * 0.28209479177387814 + 0.5
     torch.testing.assert_close(rgb.mean(0), torch.tensor([0.2, 0.4, 0.6]), atol=0.02, rtol=0)
+
+
+def _moving_gaussians(n: int = 5) -> Gaussians4D:
+    """Degree-1 colours on Gaussians tilted in space-time (their slice moves with t)."""
+    gen = torch.Generator().manual_seed(4)
+    g = init_random(n, sh_degree=1, time_basis=1, generator=gen)
+    with torch.no_grad():
+        g.double()
+        g.log_scales.copy_(torch.log(torch.tensor([0.1, 0.1, 0.1, 0.6], dtype=torch.float64)).expand(n, 4))
+        g.quats_l.copy_(torch.randn(n, 4, generator=gen, dtype=torch.float64))
+        g.quats_r.copy_(torch.randn(n, 4, generator=gen, dtype=torch.float64))
+        g.sh_rest.copy_(torch.randn(n, 3, 3, generator=gen, dtype=torch.float64))
+        g.time_coefs.copy_(torch.randn(n, 1, 4, 3, generator=gen, dtype=torch.float64) * 0.2)
+    return g
+
+
+def test_view_direction_of_the_colour_starts_from_the_unsliced_mean() -> None:
+    """4DGS's CUDA rasterizer (computeColorFromSH_4D) takes the view direction from the 4D mean's
+    xyz, not from the sliced mean, and its backward sends the direction's gradient on through the
+    slice (it is added to the sliced mean's gradient). sh_direction='sliced' keeps mu(t)."""
+    g = _moving_gaussians()
+    cam = torch.tensor([[[0.9, 0.4, -0.5]]], dtype=torch.float64)  # close: directions differ visibly
+    t = torch.tensor([0.9], dtype=torch.float64)
+    means_t, _, _ = g.slice(t)
+    assert (means_t[0] - g.means[:, :3]).norm(dim=-1).min() > 0.02  # every Gaussian moved
+
+    def formula(pos: torch.Tensor) -> torch.Tensor:
+        coeffs = g.sh_at(t)[0]  # [N, 4, 3]
+        d = torch.nn.functional.normalize(pos - cam[0, 0], dim=-1)
+        return torch.clamp(eval_sh(1, coeffs, d) + 0.5, min=0.0)
+
+    assert g.sh_direction == "unsliced"
+    unsliced = g.colors(t, means_t, cam)[0, 0]
+    torch.testing.assert_close(unsliced, formula(g.means[:, :3]))
+    g.sh_direction = "sliced"
+    sliced = g.colors(t, means_t, cam)[0, 0]
+    torch.testing.assert_close(sliced, formula(means_t[0]))
+    assert (unsliced - sliced).abs().max() > 0.05
+    # gradient: J (the colour's derivative in the position, at xyz) times d mu(t) / d parameters
+    g.sh_direction = "unsliced"
+    w = torch.randn(unsliced.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    params = [g.means, g.quats_l, g.log_scales]
+    got = torch.autograd.grad((g.colors(t, g.slice(t)[0], cam)[0, 0] * w).sum(), params)
+    pos = g.means[:, :3].detach().clone().requires_grad_(True)
+    (jac,) = torch.autograd.grad((formula(pos) * w).sum(), [pos])
+    via_slice = torch.autograd.grad(g.slice(t)[0][0], params, grad_outputs=jac)
+    for a, b in zip(got, via_slice):
+        torch.testing.assert_close(a, b)
+    assert via_slice[1].abs().max() > 1e-6  # it reaches the space-time rotation
+
+
+def test_view_direction_setting_travels_with_the_state() -> None:
+    g = _moving_gaussians(3)
+    assert Gaussians4D.from_state(g.export_state()).sh_direction == "unsliced"
+    g.sh_direction = "sliced"
+    assert Gaussians4D.from_state(g.export_state()).sh_direction == "sliced"
+    old = g.export_state()
+    del old["sh_direction"]  # states without the key were fitted with the direction from mu(t)
+    assert Gaussians4D.from_state(old).sh_direction == "sliced"
+    with pytest.raises(ValueError, match="sh_direction"):
+        Gaussians4D(2, sh_direction="sideways")

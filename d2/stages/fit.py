@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -72,6 +72,7 @@ class FitConfig(BaseModel):
     time_period: float = Field(1.0, gt=0)  # T of the colour's time basis (4DGS: the time span, 1 here)
     sh_increase_every: int = Field(1000, ge=0)  # +1 SH band per this many steps, then +1 time term (0: all at once)
     temporal_cutoff: float = Field(0.05, ge=0, lt=1)  # skip Gaussians whose temporal marginal is <= this (4DGS: 0.05)
+    sh_direction: Literal["unsliced", "sliced"] = "unsliced"  # colour's view direction from the 4D mean's xyz (4DGS's CUDA rasterizer); sliced: from the mean at the rendered time (its Python path; exact for moving Gaussians)
     scene_extent: float | None = Field(None, gt=0)  # for rates/thresholds; None: 1.1 x max camera-centroid distance
     lr_means: float = Field(1.6e-4, ge=0)  # Adam rate of the spatial means, times scene_extent (4DGS: 1.6e-4)
     lr_means_final: float = Field(0.01, gt=0, le=1)  # the spatial rate decays exponentially to lr_means x this (4DGS)
@@ -94,13 +95,16 @@ class FitConfig(BaseModel):
     densify_grad_threshold: float = Field(2e-4, ge=0)  # mean NDC gradient over seeing views to densify (4DGS: 2e-4)
     dense_fraction: float = Field(0.01, gt=0)  # clone if max spatial scale <= this x scene_extent, else split (4DGS)
     split_scale_divisor: float = Field(1.6, gt=1)  # split children divide all 4 scales by this (4DGS: 0.8 x 2)
+    densify_before_step: bool = True  # 4DGS's order: densify/prune/reset before Adam's step, which skips the replaced tensors (no step at a densification, none of the opacities at a reset); false: step first, so no gradient is lost
     opacity_reset_every: int = Field(3000, ge=0)  # clamp opacities to opacity_reset_value this often (0: never)
     opacity_reset_value: float = Field(0.01, gt=0, lt=1)  # the clamp of an opacity reset (4DGS: 0.01)
     opacity_reset_at_densify_from: bool = True  # also reset at iteration densify_from (4DGS does on white backgrounds)
     prune_opacity: float = Field(0.005, ge=0, lt=1)  # prune at densification when opacity is below this (4DGS: 0.005)
     prune_screen_size: float = Field(20.0, ge=0)  # after the first periodic reset, prune radii above this (px; 0: off)
+    screen_size_prune_fires: bool = False  # false, as 4DGS: densifying zeroes the tracked radii before its prune, so prune_screen_size never acts; true: prune on the radii tracked since the last densification, as the rule reads
     prune_world_size: float = Field(0.1, ge=0)  # ... and max spatial scales above this x scene_extent (0: off)
     background: float = Field(1.0, ge=0, le=1)  # grey level behind the Gaussians (the matrices are on white)
+    exclude_views: list[int] = Field(default_factory=list)  # matrix views (from 0) left out of the fit; []: none
     backend: Literal["auto", "torch", "gsplat"] = "auto"  # rasterizer: auto = gsplat on CUDA, torch otherwise
     device: str = "auto"  # torch device; auto = cuda when available, else cpu
     progress: bool = True  # show a progress bar
@@ -109,6 +113,30 @@ class FitConfig(BaseModel):
     export_ply: bool = True  # write ply/t_XX.ply (one standard 3DGS PLY per frame time)
     turntable_frames: int = Field(48, ge=0)  # frames of turntable.mp4 (one orbit while time runs 0 -> 1); 0: none
     turntable_fps: int = Field(12, ge=1)  # frame rate of turntable.mp4
+
+    @field_validator("exclude_views")
+    @classmethod
+    def _views_distinct(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v) or len(set(v)) != len(v):
+            raise ValueError(f"exclude_views = {v}: give distinct view indices >= 0 (view 0 is the first of the matrix)")
+        return sorted(v)
+
+
+def fitted_views(cfg: FitConfig, num_views: int) -> list[int]:
+    """The matrix views the fit uses: every view but ``cfg.exclude_views``.
+
+    Raises:
+        ValueError: an excluded index is not a view of a ``num_views``-view matrix, or none is left.
+    """
+    bad = [i for i in cfg.exclude_views if i >= num_views]
+    if bad:
+        raise ValueError(f"fit.exclude_views = {cfg.exclude_views}: view(s) {bad} are not in the matrix of "
+                         f"{num_views} views (indices 0..{num_views - 1}); drop them from fit.exclude_views")
+    kept = [i for i in range(num_views) if i not in cfg.exclude_views]
+    if not kept:
+        raise ValueError(f"fit.exclude_views = {cfg.exclude_views} leaves none of the {num_views} views to fit; "
+                         "keep at least one view")
+    return kept
 
 
 # fit knobs that do not change the fitted Gaussians (excluded from the resume check; importable by
@@ -135,13 +163,19 @@ def matrix_image_path(matrix_dir: str | Path, v: int, f: int) -> Path:
     return Path(matrix_dir) / f"view_{v:02d}" / f"frame_{f:02d}.png"
 
 
+def read_matrix_meta(matrix_dir: str | Path) -> dict:
+    """The contents of ``matrix_dir/matrix.json`` (FileNotFoundError naming the layout when absent)."""
+    meta_path = Path(matrix_dir) / "matrix.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no matrix.json in {matrix_dir} (expected the sampling stage's matrix layout)")
+    return json.loads(meta_path.read_text())
+
+
 def load_matrix(matrix_dir: str | Path, resolution: int | None = None) -> MatrixData:
     """Read ``matrix.json`` and every ``view_XX/frame_YY.png`` (checked before any image is decoded)."""
     matrix_dir = Path(matrix_dir)
     meta_path = matrix_dir / "matrix.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"no matrix.json in {matrix_dir} (expected the sampling stage's matrix layout)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_matrix_meta(matrix_dir)
     need = ["V", "F", "azimuths_deg", "elevation_deg", "fov_deg", "radius", "times"]
     missing = [k for k in need if k not in meta]
     if missing:
@@ -373,8 +407,10 @@ def densify_and_prune(g: Gaussians4D, opt: torch.optim.Adam, stats: DensifyStats
     While the set holds ``max_gaussians`` or more nothing is added (the largest gradients go
     first when only some fit). Then Gaussians with opacity below ``prune_opacity`` are removed
     and, with ``size_prune``, those with a screen radius above ``prune_screen_size`` or a
-    largest spatial scale above ``prune_world_size * extent``. New rows start with zero Adam
-    moments; the set never becomes empty.
+    largest spatial scale above ``prune_world_size * extent``. As in 4DGS (whose
+    ``densification_postfix`` zeroes ``max_radii2D`` before ``densify_and_prune`` prunes), the
+    screen radii a densifying step prunes on are zero, so the screen-size rule never fires unless
+    ``screen_size_prune_fires``. New rows start with zero Adam moments; the set never becomes empty.
     """
     n = g.num
     dev = g.means.device
@@ -412,6 +448,8 @@ def densify_and_prune(g: Gaussians4D, opt: torch.optim.Adam, stats: DensifyStats
     n_old = n - s
     fresh = torch.arange(index_t.shape[0], device=dev) >= n_old  # clones and children restart Adam
     radii = torch.cat([stats.max_radii[~split], torch.zeros(index_t.shape[0] - n_old, device=dev)])
+    if densify and not cfg.screen_size_prune_fires:
+        radii = torch.zeros_like(radii)
     prune = torch.sigmoid(cat["opacity_logits"]) < cfg.prune_opacity
     if size_prune:
         if cfg.prune_screen_size > 0:
@@ -427,8 +465,10 @@ def densify_and_prune(g: Gaussians4D, opt: torch.optim.Adam, stats: DensifyStats
 
 @torch.no_grad()
 def reset_opacity(g: Gaussians4D, opt: torch.optim.Adam, value: float) -> None:
-    """Clamp every opacity to at most ``value`` and zero the opacities' Adam moments (3DGS)."""
+    """Clamp every opacity to at most ``value``, zero the opacities' Adam moments and drop their
+    gradient (3DGS / 4DGS swap in a fresh tensor: no step of the opacities on this iteration)."""
     g.opacity_logits.clamp_(max=math.log(value / (1 - value)))
+    g.opacity_logits.grad = None
     st = opt.state.get(g.opacity_logits)
     if st:
         for key in ("exp_avg", "exp_avg_sq"):
@@ -444,6 +484,22 @@ def active_degrees(cfg: FitConfig, step: int) -> tuple[int, int]:
     ups = step // cfg.sh_increase_every
     deg = min(cfg.sh_degree, ups)
     return deg, min(cfg.time_basis, max(0, ups - cfg.sh_degree))
+
+
+def _densify_phase(g: Gaussians4D, opt: torch.optim.Adam, stats: DensifyStats, cfg: FitConfig, extent: float,
+                   gen: torch.Generator, step: int, history: list[dict]) -> DensifyStats:
+    """The densification and opacity-reset rules of iteration ``step`` (while statistics are
+    tracked); appends what happened to ``history`` and returns the statistics to go on with."""
+    if step > cfg.densify_from and step % cfg.densify_every == 0:
+        size_prune = cfg.opacity_reset_every > 0 and step > cfg.opacity_reset_every
+        record = densify_and_prune(g, opt, stats, cfg, extent, gen, size_prune=size_prune)
+        history.append({"iteration": step, **record})
+        stats = DensifyStats(g.num, stats.count.device)
+    if ((cfg.opacity_reset_every > 0 and step % cfg.opacity_reset_every == 0)
+            or (cfg.opacity_reset_at_densify_from and step == cfg.densify_from)):
+        reset_opacity(g, opt, cfg.opacity_reset_value)
+        history.append({"iteration": step, "opacity_reset": cfg.opacity_reset_value, "num": g.num})
+    return stats
 
 
 def _config_hash(cfg: FitConfig) -> str:
@@ -469,6 +525,9 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig,
     Returns the summary also written to ``fit.json``.
     """
     matrix_dir, out_dir = Path(matrix_dir), Path(out_dir)
+    meta = read_matrix_meta(matrix_dir)
+    if cfg.exclude_views and "V" in meta:  # bad exclusions fail before any work
+        fitted_views(cfg, int(meta["V"]))
     device = resolve_device(cfg.device)
     backend = resolve_backend(cfg.backend, device)
     # fails fast when LPIPS is required but unavailable
@@ -481,15 +540,18 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig,
     data = load_matrix(matrix_dir, cfg.resolution)
     images = data.images.to(device)  # [V, F, 3, H, W]
     v, f, _, h, w = images.shape
+    kept = fitted_views(cfg, v)  # the views the fit samples (every view but fit.exclude_views)
     if min(h, w) < 11 and cfg.lambda_ssim > 0:
         raise ValueError(f"fit: images {h}x{w} are smaller than SSIM's 11px window")
     spec = OrbitSpec(radius=data.radius, fov_deg=data.fov_deg, elevation_deg=data.elevation_deg)
     viewmats, Ks = orbit_cameras(data.azimuths_deg, spec, w, h)  # [V, 4, 4], [V, 3, 3]
-    extent = cfg.scene_extent if cfg.scene_extent is not None else scene_extent(viewmats)
+    # the fit's cameras are the kept views (3DGS's extent is that of its training cameras)
+    extent = cfg.scene_extent if cfg.scene_extent is not None else scene_extent(viewmats[kept])
     viewmats, Ks = viewmats.to(device), Ks.to(device)
     times = torch.tensor(data.times, dtype=torch.float32, device=device)  # [F]
     bg = torch.full((3,), cfg.background, device=device)
 
+    kept_t = torch.tensor(kept)
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpt_path = out_dir / "checkpoint.pt"
     cfg_hash = _config_hash(cfg)
@@ -498,6 +560,7 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig,
     g: Gaussians4D | None = None
     stats: DensifyStats | None = None
     history: list[dict] = []
+    curve: list[dict] = []  # kept in the checkpoint: a resumed fit reports the whole run
     ck = _read_checkpoint(ckpt_path)
     if ck is not None:
         if ck.get("config_hash") == cfg_hash and ck.get("input_hash") == in_hash:
@@ -508,11 +571,13 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig,
             gen.set_state(ck["generator"])
             stats = DensifyStats.from_state(ck["densify_stats"], device)
             history = list(ck["densify_history"])
+            curve = list(ck.get("curve", []))
     if g is None:
         common = dict(sh_degree=cfg.sh_degree, time_basis=cfg.time_basis, time_scale=cfg.init_time_scale,
                       generator=gen, time_margin=cfg.init_time_margin, opacity=cfg.init_opacity)
         if cfg.init == "carve":
-            g = init_from_images(data.images, viewmats.cpu(), Ks.cpu(), times.cpu(), cfg.num_gaussians,
+            g = init_from_images(data.images[kept], viewmats[kept].cpu(), Ks[kept].cpu(), times.cpu(),
+                                 cfg.num_gaussians,
                                  extent=cfg.init_extent, background=cfg.background, scale_init=cfg.init_scales,
                                  **common)
         else:
@@ -520,14 +585,13 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig,
             if cfg.init_scales == "knn":
                 with torch.no_grad():
                     g.log_scales[:, :3] = torch.log(knn_scales(g.means[:, :3]))[:, None]
-        g.time_period, g.temporal_cutoff = cfg.time_period, cfg.temporal_cutoff
+        g.time_period, g.temporal_cutoff, g.sh_direction = cfg.time_period, cfg.temporal_cutoff, cfg.sh_direction
         g = g.to(device)
         opt = make_optimizer(g, cfg, extent)
         stats = DensifyStats(g.num, device)
 
     lr_time = (cfg.lr_time if cfg.lr_time is not None else cfg.lr_means) * extent
     logs: dict[str, Tensor] = {}
-    curve: list[dict] = []
     curve_every = max(1, cfg.iterations // 100)
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, disable=not cfg.progress,
@@ -538,8 +602,8 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig,
             if group["name"] == "means":
                 group["lr"] = lr_xyz
         g.active_sh_degree, g.active_time_basis = active_degrees(cfg, it)
-        pairs = torch.randint(0, v * f, (cfg.batch_size,), generator=gen)
-        vi, fi = (pairs // f).to(device), (pairs % f).to(device)
+        pairs = torch.randint(0, len(kept) * f, (cfg.batch_size,), generator=gen)
+        vi, fi = kept_t[pairs // f].to(device), (pairs % f).to(device)
         target = images[vi, fi]  # [B, 3, H, W]
         info: dict = {}
         out, _ = g.render(times[fi], viewmats[vi][:, None], Ks[vi][:, None], w, h, background=bg,
@@ -552,18 +616,13 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig,
         tracking = step < cfg.densify_until
         if tracking and info["means2d"].grad is not None:
             stats.add(info["means2d"].grad[:, 0], info["visible"][:, 0], info["radii"][:, 0], w, h)
+        if tracking and cfg.densify_before_step:  # 4DGS: the step then skips every replaced tensor
+            stats = _densify_phase(g, opt, stats, cfg, extent, gen, step, history)
         t_before = g.means[:, 3].detach().clone()
         opt.step()
         _rescale_time_step(g, t_before, lr_xyz, lr_time)
-        if tracking and step > cfg.densify_from and step % cfg.densify_every == 0:
-            size_prune = cfg.opacity_reset_every > 0 and step > cfg.opacity_reset_every
-            record = densify_and_prune(g, opt, stats, cfg, extent, gen, size_prune=size_prune)
-            history.append({"iteration": step, **record})
-            stats = DensifyStats(g.num, device)
-        if tracking and ((cfg.opacity_reset_every > 0 and step % cfg.opacity_reset_every == 0)
-                         or (cfg.opacity_reset_at_densify_from and step == cfg.densify_from)):
-            reset_opacity(g, opt, cfg.opacity_reset_value)
-            history.append({"iteration": step, "opacity_reset": cfg.opacity_reset_value, "num": g.num})
+        if tracking and not cfg.densify_before_step:
+            stats = _densify_phase(g, opt, stats, cfg, extent, gen, step, history)
         if step % curve_every == 0 or step == cfg.iterations:
             curve.append({"iteration": step, "loss": float(logs["loss"]), "psnr": float(logs["psnr"]), "num": g.num})
         if (cfg.progress or on_step is not None) and (step % 10 == 0 or step == cfg.iterations):
@@ -576,19 +635,24 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig,
             save_tensor(ckpt_path, {"gaussians": g.export_state(), "optimizer": opt.state_dict(),
                                     "iteration": step, "generator": gen.get_state(), "config_hash": cfg_hash,
                                     "input_hash": in_hash, "densify_stats": stats.state(),
-                                    "densify_history": history})
+                                    "densify_history": history, "curve": curve})
     bar.close()
     fit_seconds = time.perf_counter() - t0
     g.active_sh_degree, g.active_time_basis = g.sh_degree, g.time_basis  # inactive bands are still zero
 
-    # training-set PSNR over the whole matrix (no gradients)
+    # PSNR over the fitted views (training set) and over the views left out, if any (no gradients)
     with torch.no_grad():
-        se, count = 0.0, 0
+        se, count = torch.zeros(v, dtype=torch.float64), 0
         for fj in range(f):
             out, _ = g.render(times[fj:fj + 1], viewmats[None], Ks[None], w, h, background=bg, backend=backend)
-            se += float(((out[0].permute(0, 3, 1, 2) - images[:, fj]) ** 2).sum())
-            count += images[:, fj].numel()
-        train_psnr = -10 * math.log10(max(se / count, 1e-10))
+            se += ((out[0].permute(0, 3, 1, 2) - images[:, fj]) ** 2).double().sum(dim=(1, 2, 3)).cpu()
+            count += images[0, fj].numel()
+
+        def psnr_of(views: list[int]) -> float:
+            return -10 * math.log10(max(float(se[views].sum()) / (count * len(views)), 1e-10))
+
+        train_psnr = psnr_of(kept)
+        excluded_psnr = psnr_of(list(cfg.exclude_views)) if cfg.exclude_views else None
 
     state = g.export_state()
     state["orbit"] = {"radius": spec.radius, "fov_deg": spec.fov_deg, "elevation_deg": spec.elevation_deg,
@@ -607,6 +671,7 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig,
         "V": v, "F": f, "resolution": h, "iterations": cfg.iterations,
         "resumed_from": start, "num_gaussians": g.num, "backend": backend, "device": str(device),
         "final": {k: float(v) for k, v in logs.items()}, "train_psnr": train_psnr,
+        "fitted_views": kept, "excluded_views": list(cfg.exclude_views), "excluded_views_psnr": excluded_psnr,
         "objective": objective_description(cfg, lpips_net is not None),
         "lpips_in_loss": lpips_net is not None, "lpips_left_out_because": lpips_off_reason,
         "scene_extent": extent, "densification": history, "curve": curve,

@@ -16,12 +16,17 @@ Colour: 4D spherindrical harmonics as 4DGS evaluates them. Every real spherical-
 band of the viewing direction (degree ``sh_degree``) carries ``time_basis`` extra
 coefficient sets multiplying ``cos(2 pi k (mu_t - t) / time_period)``, k = 1..time_basis,
 with ``mu_t`` the Gaussian's own time (held constant in the colour's gradient, as the
-reference does):
+reference's Python colour path does; its CUDA backward passes part of it to ``mu_t``):
 
     c(d, t) = sum_j Y_j(d) (f_j + sum_k cos(2 pi k (mu_t - t) / T) f_{k, j})
 
-RGB = max(c + 0.5, 0) as in 3DGS. Times are in [0, 1] (frame f of F at f / (F - 1),
-:mod:`d2.stages.cameras`). :func:`to_reference_layout` / :func:`from_reference_layout`
+The viewing direction ``d`` starts from the 4D mean's own ``xyz`` (``sh_direction =
+"unsliced"``), as 4DGS's CUDA rasterizer computes it (``computeColorFromSH_4D`` reads the
+unsliced points); its backward adds the direction's gradient to the sliced mean's, so that
+gradient also reaches the slice's offset ``S_xt / S_tt (t - mu_t)``. ``"sliced"`` starts it
+from ``mu(t)`` instead (4DGS's Python colour path). RGB = max(c + 0.5, 0) as in 3DGS.
+
+Times are in [0, 1] (frame f of F at f / (F - 1), :mod:`d2.stages.cameras`). :func:`to_reference_layout` / :func:`from_reference_layout`
 convert to and from the 4DGS code's parameter layout.
 """
 
@@ -42,6 +47,7 @@ SH_C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.37317633
          1.445305721320277, -0.5900435899266435)
 
 STATE_VERSION = 2  # 2: time basis on every SH band, relative to each Gaussian's time
+SH_DIRECTIONS = ("unsliced", "sliced")  # which mean the colour's viewing direction starts from
 PARAM_NAMES = ("means", "log_scales", "quats_l", "quats_r", "opacity_logits", "sh_dc", "sh_rest", "time_coefs")
 
 
@@ -148,7 +154,7 @@ class Gaussians4D(nn.Module):
     """A set of N native 4D Gaussians (parameters as ``nn.Parameter``; see the module docstring)."""
 
     def __init__(self, n: int, sh_degree: int = 1, time_basis: int = 2, dtype: torch.dtype = torch.float32,
-                 time_period: float = 1.0, temporal_cutoff: float = 0.0):
+                 time_period: float = 1.0, temporal_cutoff: float = 0.0, sh_direction: str = "unsliced"):
         super().__init__()
         if not 0 <= sh_degree <= 3:
             raise ValueError(f"sh_degree must be in 0..3, got {sh_degree}")
@@ -158,10 +164,13 @@ class Gaussians4D(nn.Module):
             raise ValueError(f"time_period must be > 0, got {time_period}")
         if not 0 <= temporal_cutoff < 1:
             raise ValueError(f"temporal_cutoff must be in [0, 1), got {temporal_cutoff}")
+        if sh_direction not in SH_DIRECTIONS:
+            raise ValueError(f"sh_direction must be one of {SH_DIRECTIONS}, got {sh_direction!r}")
         self.sh_degree = sh_degree
         self.time_basis = time_basis
         self.time_period = float(time_period)  # T of the colour's time basis cos(2 pi k (mu_t - t) / T)
         self.temporal_cutoff = float(temporal_cutoff)  # skip a Gaussian whose temporal marginal is <= this
+        self.sh_direction = sh_direction  # the colour's viewing direction from the unsliced xyz or from mu(t)
         # bands in use (training raises them progressively); inactive coefficients get no gradient
         self.active_sh_degree = sh_degree
         self.active_time_basis = time_basis
@@ -216,13 +225,18 @@ class Gaussians4D(nn.Module):
         return base[None] + torch.einsum("tnb,nbkc->tnkc", self.time_basis_at(t), self.time_coefs[:, :b])
 
     def colors(self, t: Tensor, means_t: Tensor, cam_centers: Tensor) -> Tensor:
-        """RGB [T, C, N, 3] seen from cameras at cam_centers [T, C, 3], Gaussians at means_t [T, N, 3]."""
+        """RGB [T, C, N, 3] seen from cameras at cam_centers [T, C, 3], Gaussians at means_t [T, N, 3]
+        (the sliced means; with ``sh_direction = "unsliced"`` the direction starts from the 4D
+        means' xyz, its gradient flowing through ``means_t`` as 4DGS's backward sends it)."""
         coeffs = self.sh_at(t)  # [T, N, K, 3]
         deg = min(self.active_sh_degree, self.sh_degree)
         if deg == 0:
             rgb = eval_sh(0, coeffs, means_t)[:, None].expand(-1, cam_centers.shape[1], -1, -1)
         else:
-            dirs = means_t[:, None] - cam_centers[:, :, None]  # [T, C, N, 3]
+            pos = means_t
+            if self.sh_direction == "unsliced":  # value: xyz; gradient: that of the sliced mean
+                pos = means_t + (self.means[:, :3].to(means_t) - means_t).detach()
+            dirs = pos[:, None] - cam_centers[:, :, None]  # [T, C, N, 3]
             dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp(min=1e-9)
             rgb = eval_sh(deg, coeffs[:, None], dirs)
         return torch.clamp(rgb + 0.5, min=0.0)
@@ -250,6 +264,7 @@ class Gaussians4D(nn.Module):
         """Plain dict (tensors and ints) for torch.save / torch.load(weights_only=True)."""
         return {"version": STATE_VERSION, "sh_degree": self.sh_degree, "time_basis": self.time_basis,
                 "time_period": self.time_period, "temporal_cutoff": self.temporal_cutoff,
+                "sh_direction": self.sh_direction,
                 "params": {k: getattr(self, k).detach().cpu().clone() for k in PARAM_NAMES}}
 
     @classmethod
@@ -261,8 +276,10 @@ class Gaussians4D(nn.Module):
             raise ValueError(f"Gaussians4D state version {state.get('version')} is not {STATE_VERSION} (version 1 "
                              "used an absolute-time colour basis on the DC band only; refit the asset)")
         p = state["params"]
+        # states written without the key were fitted with the direction from mu(t)
         g = cls(p["means"].shape[0], int(state["sh_degree"]), int(state["time_basis"]), dtype=p["means"].dtype,
-                time_period=float(state["time_period"]), temporal_cutoff=float(state["temporal_cutoff"]))
+                time_period=float(state["time_period"]), temporal_cutoff=float(state["temporal_cutoff"]),
+                sh_direction=str(state.get("sh_direction", "sliced")))
         g.set_params({k: p[k] for k in PARAM_NAMES})
         return g
 

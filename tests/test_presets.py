@@ -92,7 +92,9 @@ def test_authors_preset_values_of_the_ten_points():
         "conditions.chunk_size", "priors.cudnn_benchmark", "fit.iterations"}
 
 
-BARE_DEFAULTS = {"conditions.elevation_deg": 10.0, "conditions.framing": "own_scale", "conditions.video_framing": "keep"}
+# main.py without options: elevation 10, no frame ratio (images at their own scale, video frames as they are)
+BARE_DEFAULTS = {"conditions.elevation_deg": 10.0, "conditions.framing": "own_scale",
+                 "conditions.video_framing": "keep"}
 
 
 def _set_options(text: str) -> list[str]:

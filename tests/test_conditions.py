@@ -171,3 +171,82 @@ def test_frames_kept_from_a_24_frame_video(tiny, tmp_path):
     out = run_conditions(tmp_path / "clip.mp4", tmp_path / "cond", _cfg(frame_start=2), tiny)
     meta = json.loads((out / "conditions.json").read_text())
     assert meta["input_reading"]["frames_kept"] == [2, 3, 4, 5] and "kept 4 of 24" in meta["input_reading"]["summary"]
+
+
+# A video whose object moves and grows: frame i holds a (24 + 12i) x (40 + 8i) px box (h x w) at
+# y 10 + 14i, x 120 - 20i of a transparent 160 x 192 frame.
+_MOVING = [(10 + 14 * i, 34 + 26 * i, 120 - 20 * i, 160 - 12 * i) for i in range(4)]  # (y0, y1, x0, x1)
+
+
+def _moving_video(folder):
+    folder.mkdir()
+    for i, (y0, y1, x0, x1) in enumerate(_MOVING):
+        arr = np.zeros((160, 192, 4), np.uint8)
+        arr[y0:y1, x0:x1] = (200, 40 + 40 * i, 40, 255)
+        Image.fromarray(arr).save(folder / f"{i}.png")
+
+
+def _authors_recentre(path, ratio: float, res: int) -> torch.Tensor:
+    """What the authors' main.py does to one RGBA frame with ``--image_frame_ratio``, written out from
+    its description: the box of alpha > 0, pasted centred (top-left at side // 2 - h // 2) on a
+    transparent square of side int(longer side / ratio), the square resized with Lanczos, composited
+    on white."""
+    rgba = np.asarray(Image.open(path))
+    ys, xs = np.nonzero(rgba[..., 3] > 0)
+    y, x, h, w = ys.min(), xs.min(), ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min()
+    side = int(max(h, w) / ratio)
+    square = np.zeros((side, side, 4), np.uint8)
+    top, left = side // 2 - h // 2, side // 2 - w // 2
+    square[top:top + h, left:left + w] = rgba[y:y + h, x:x + w]
+    out = np.asarray(Image.fromarray(square).resize((res, res), Image.LANCZOS)) / 255.0
+    rgb = out[..., :3] * out[..., 3:] + (1 - out[..., 3:])
+    return torch.from_numpy(rgb).permute(2, 0, 1).float()
+
+
+def test_per_frame_recentring_of_a_moving_growing_object(tiny, tmp_path):
+    """``video_box: per_frame`` with ``fraction`` (the authors' published run, frame ratio 0.9): every
+    frame recentred and scaled on its own box, as the authors' main.py does; ``union`` keeps one box."""
+    from d2.stages.conditions import describe_reading, preprocess_frames, read_image
+
+    _moving_video(tmp_path / "frames")
+    frames = [read_image(tmp_path / "frames" / f"{i}.png") for i in range(4)]
+    res = 64
+    cfg = ConditionsConfig(resolution=res, video_framing="fraction", video_box="per_frame", object_fraction=0.9,
+                           alpha_threshold=0.002)
+    video = preprocess_frames(frames, cfg, "frames", framing="fraction", per_frame=True)
+    for i, (y0, y1, x0, x1) in enumerate(_MOVING):
+        oy0, oy1, ox0, ox1 = _object_box(video[i])
+        h, w = oy1 - oy0, ox1 - ox0
+        assert max(h, w) == round(0.9 * res) == 58, (i, h, w)  # the longer side at the ratio
+        assert abs(min(h, w) - 58 * min(y1 - y0, x1 - x0) / max(y1 - y0, x1 - x0)) <= 1  # aspect kept
+        assert abs((oy0 + oy1) / 2 - res / 2) <= 0.5 and abs((ox0 + ox1) / 2 - res / 2) <= 0.5, (i, oy0, oy1, ox0, ox1)
+        ref = _authors_recentre(tmp_path / "frames" / f"{i}.png", 0.9, res)
+        assert all(abs(a - b) <= 1 for a, b in zip(_object_box(ref), (oy0, oy1, ox0, ox1))), (i, _object_box(ref))
+        torch.testing.assert_close(video[i][:, res // 2, res // 2], ref[:, res // 2, res // 2], atol=0.01, rtol=0)
+    # one box for all frames: the object keeps its motion and growth in the frame
+    union = preprocess_frames(frames, cfg, "frames", framing="fraction", per_frame=False)
+    boxes = [_object_box(union[i]) for i in range(4)]
+    assert boxes[0][1] - boxes[0][0] < boxes[3][1] - boxes[3][0] and boxes[0][0] < boxes[3][0]
+    # own_scale per frame: centred, at the input's scale (the 192 px side -> 64 px)
+    own = preprocess_frames(frames, cfg, "frames", framing="own_scale", per_frame=True)
+    for i, (y0, y1, x0, x1) in enumerate(_MOVING):
+        oy0, oy1, ox0, ox1 = _object_box(own[i])
+        # (a 3x downscale: the antialias filter blurs each edge by up to a pixel)
+        assert abs((oy1 - oy0) - (y1 - y0) * res / 192) <= 1.5 and abs((ox1 - ox0) - (x1 - x0) * res / 192) <= 1.5
+        assert abs((oy0 + oy1) / 2 - res / 2) <= 1 and abs((ox0 + ox1) / 2 - res / 2) <= 1
+    # through the stage: every frame of the reference video, and the orbit's input view (the last frame)
+    info: dict = {}
+    c = make_conditions(tmp_path / "frames", _cfg(video_framing="fraction", video_box="per_frame",
+                                                  object_fraction=0.9, video_orbit_frame="last"), tiny, info)
+    for i in range(4):
+        oy0, oy1, ox0, ox1 = _object_box(c.video[i])
+        assert max(oy1 - oy0, ox1 - ox0) == round(0.9 * R)
+        assert abs((oy0 + oy1) / 2 - R / 2) <= 0.5 and abs((ox0 + ox1) / 2 - R / 2) <= 0.5
+    assert torch.equal(c.orbit[2], c.video[3]) and torch.equal(c.input, c.video[3])
+    assert info["object_boxes"] == [list(b) for b in _MOVING]
+    assert "each frame recentred on its own object box (longer side 40..64 px) so its longer side is 90%" in \
+        describe_reading(info)
+    # the default keeps one box: the last frame's object sits off-centre
+    c1 = make_conditions(tmp_path / "frames", _cfg(video_framing="fraction", object_fraction=0.9), tiny)
+    oy0, oy1, ox0, ox1 = _object_box(c1.video[3])
+    assert abs((oy0 + oy1) / 2 - R / 2) > 2 or abs((ox0 + ox1) / 2 - R / 2) > 2

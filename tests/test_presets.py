@@ -70,10 +70,13 @@ def test_authors_and_paper_differ_exactly_in_the_documented_fields():
         assert (yaml.safe_load(av), yaml.safe_load(pv)) == (a[key], p[key]), key
 
 
-def test_authors_preset_values_of_the_nine_points():
+def test_authors_preset_values_of_the_ten_points():
     a = load_params(preset_path("authors"))
     c, s, pr = a.conditions, a.sampling, a.priors
-    assert (c.video_orbit_frame, c.orbit_decoder, c.framing, c.video_framing) == ("last", "image", "own_scale", "keep")
+    assert (c.video_orbit_frame, c.orbit_decoder) == ("last", "image")
+    # the published run: --elevations_deg 0.0 --image_frame_ratio 0.9, every frame on its own box
+    assert (c.elevation_deg, c.framing, c.video_framing, c.video_box, c.object_fraction, c.alpha_threshold) == (
+        0.0, "fraction", "fraction", "per_frame", 0.9, 0.002)
     assert (s.weight_schedule, s.w_multiview_constant, s.rollback_steps, s.num_steps, c.num_steps) == (
         "constant", 0.6, 10, 50, 50)
     assert (s.num_views, s.num_frames, s.resolution) == (21, 25, 576)
@@ -81,9 +84,78 @@ def test_authors_preset_values_of_the_nine_points():
     assert (pr.clip_preprocess, pr.resnet_norm_eps, pr.autocast, pr.dtype) == ("sgm", 1e-5, "float16", "float32")
     assert c.store_dtype == "float32" and pr.backend == "stability"
     fast, paper = flatten_params(load_params(preset_path("fast"))), flatten_params(load_params(preset_path("paper")))
+    framing = ["elevation_deg", "framing", "video_framing", "video_box", "object_fraction"]
+    assert [paper[f"conditions.{k}"] for k in framing] == [fast[f"conditions.{k}"] for k in framing] == [
+        getattr(c, k) for k in framing]  # the paper only says "fixed elevation": it follows the published run
     assert {k for k in fast if fast[k] != paper[k]} == {
         "conditions.num_steps", "sampling.num_steps", "sampling.rollback_steps", "sampling.chunk_size",
         "conditions.chunk_size", "priors.cudnn_benchmark", "fit.iterations"}
+
+
+# main.py without options: elevation 10, no frame ratio (images at their own scale, video frames as they are)
+BARE_DEFAULTS = {"conditions.elevation_deg": 10.0, "conditions.framing": "own_scale",
+                 "conditions.video_framing": "keep"}
+
+
+def _set_options(text: str) -> list[str]:
+    """The ``--set KEY=VALUE`` options in ``text`` (comment marks and line continuations dropped)."""
+    flat = re.sub(r"\\\n|\n#", " ", text)
+    return re.findall(r"--set (\S+)", flat)
+
+
+def test_main_py_bare_defaults_are_overrides_of_the_authors_preset():
+    """The overrides that the authors preset's header and docs/presets.md give for main.py without
+    options validate and change exactly elevation and framing, to main.py's values."""
+    header = preset_path("authors").read_text().split("\n\n", 1)[0]  # the preset's own comment block
+    docs = (ROOT / "docs" / "presets.md").read_text()
+    block = docs.split("with three overrides:", 1)[1].split("```", 2)[1]
+    assert "--elevations_deg 0.0 --image_frame_ratio 0.9" in header
+    overrides = _set_options(header)
+    assert overrides == _set_options(block) == [f"{k}={v}" for k, v in BARE_DEFAULTS.items()]
+    authors = load_params(preset_path("authors"))
+    bare = load_params(preset_path("authors"), overrides)
+    a, b = flatten_params(authors), flatten_params(bare)
+    assert {k: b[k] for k in a if a[k] != b[k]} == BARE_DEFAULTS
+    assert bare.conditions.elevation_deg == type(bare.conditions)().elevation_deg  # main.py's default, ours too
+    assert not hasattr(bare.conditions, "image_frame_ratio") and bare.conditions.video_box == "per_frame"
+
+
+def test_elevation_reaches_the_sv3d_polar_and_the_orbit_cameras(tmp_path):
+    """conditions.elevation_deg (authors: 0) is SV3D_p's polar angle 90 - e in the reference orbit and
+    in every column of the matrix, and the elevation of the cameras the fit reads from matrix.json."""
+    import json
+    import math
+
+    from d2.stages.cameras import OrbitSpec, orbit_cameras
+    from d2.stages.fit import load_matrix
+    from d2.stages.sampling import run_sampling
+
+    fast = ["conditions.num_steps=1", "sampling.num_steps=1", "sampling.rollback_steps=0", "sampling.progress=false",
+            "priors.autocast=none"]  # fp16 autocast is slow on CPU and has no bearing on the cameras
+    _frames(tmp_path / "frames")
+    priors = load_priors(load_params(preset_path("authors"), TINY + fast).priors)
+    polars: list[torch.Tensor] = []
+    priors[1].unet.register_forward_pre_hook(
+        lambda m, args, kw: polars.append(kw["added_time_ids"][..., 1].detach().cpu()), with_kwargs=True)
+    for elevation, extra in [(0.0, []), (10.0, ["conditions.elevation_deg=10.0"])]:
+        params = load_params(preset_path("authors"), TINY + fast + extra)
+        assert params.conditions.elevation_deg == elevation
+        polars.clear()
+        cond = run_conditions(tmp_path / "frames", tmp_path / f"cond{elevation}", params.conditions, priors)
+        assert len(polars) >= 1  # the reference orbit
+        n_orbit = len(polars)
+        matrix = run_sampling(cond, tmp_path / f"matrix{elevation}", params.sampling, priors)
+        assert len(polars) > n_orbit  # the matrix's columns
+        want = math.radians(90.0 - elevation)
+        for p in polars:
+            torch.testing.assert_close(p, torch.full_like(p, want), atol=1e-6, rtol=0)
+        assert json.loads((matrix / "matrix.json").read_text())["elevation_deg"] == elevation
+        data = load_matrix(matrix)
+        viewmats, _ = orbit_cameras(data.azimuths_deg, OrbitSpec(radius=data.radius, fov_deg=data.fov_deg,
+                                                                 elevation_deg=data.elevation_deg), 32, 32)
+        centres = -viewmats[:, :3, :3].transpose(1, 2) @ viewmats[:, :3, 3:]  # [V, 3, 1] camera positions
+        torch.testing.assert_close(centres[:, 2, 0], torch.full((3,), 2.0 * math.sin(math.radians(elevation))),
+                                   atol=1e-5, rtol=0)  # height above the object's centre (z up)
 
 
 def _frames(folder: Path, n: int = 5) -> None:

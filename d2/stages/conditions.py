@@ -14,15 +14,20 @@ Three input kinds (``ConditionsConfig.input_kind``, "auto" guesses from the path
             last = the front view): the orbit is given; the video is sampled from its front view.
 
 Preprocessing of every image: alpha composited on white; the object (alpha > threshold, or
-non-white pixels when there is no alpha) found by its bounding box (one box for all frames of
-a video, so the object does not jitter), then framed (``framing`` for images and orbits,
-``video_framing`` for videos):
+non-white pixels when there is no alpha) found by its bounding box, then framed (``framing``
+for images and orbits, ``video_framing`` for videos):
 
     fraction   recentred on a white square so its longer side is ``object_fraction`` of the side
-    own_scale  recentred at its own scale on a white square of the input's longer side (authors, images)
-    keep       the input as it is, padded to a square (authors, videos)
+               (the authors' ``--image_frame_ratio``; their published run: 0.9)
+    own_scale  recentred at its own scale on a white square of the input's longer side (the
+               authors' main.py without a ratio, images)
+    keep       the input as it is, padded to a square (the authors' main.py without a ratio, videos)
 
-and resized to ``resolution``.
+and resized to ``resolution``. The frames of a video share one box (the union of theirs, so
+the object keeps its motion and size changes in the frame) or, with ``video_box: per_frame``,
+each frame is recentred and scaled on its own box (what the authors' main.py does to every
+frame when a ratio is given: the object sits centred at one size in every frame). An orbit
+input always shares one box over its views.
 
 Outputs (one folder, written atomically): ``conditions.pt`` (see :class:`Conditions`),
 ``input.png``, ``orbit/view_XX.png``, ``video/frame_YY.png``, ``conditions.json``.
@@ -62,12 +67,13 @@ class ConditionsConfig(BaseModel):
     num_views: int = Field(21, ge=1)  # V: views of the reference orbit
     num_frames: int = Field(25, ge=1)  # F: frames of the reference video
     resolution: int = Field(576, ge=8)  # image side in pixels (the priors' resolution)
-    elevation_deg: float = 10.0  # orbit elevation (authors' default 10; an orbit input's orbit.json overrides it)
+    elevation_deg: float = 10.0  # orbit elevation (authors' main.py default 10; their published run 0; an orbit input's orbit.json overrides it)
     fov_deg: float = _ORBIT_DEFAULTS.fov_deg  # camera field of view recorded for the fitting stage
     radius: float = _ORBIT_DEFAULTS.radius  # camera distance recorded for the fitting stage
-    framing: Literal["fraction", "own_scale", "keep"] = "fraction"  # image / orbit inputs (authors: own_scale); fraction puts every object at one size, which the miniature priors were trained on
-    video_framing: Literal["fraction", "own_scale", "keep"] = "fraction"  # video inputs (authors: keep); fraction as for images, one box for all frames
-    object_fraction: float | None = Field(0.85, gt=0, le=1)  # object's longer side / image side with framing fraction; None: keep framing
+    framing: Literal["fraction", "own_scale", "keep"] = "fraction"  # image / orbit inputs (authors' published run: fraction 0.9; main.py without a ratio: own_scale); fraction puts every object at one size, which the miniature priors were trained on
+    video_framing: Literal["fraction", "own_scale", "keep"] = "fraction"  # video inputs (authors' published run: fraction 0.9, per frame; main.py without a ratio: keep); fraction as for images
+    video_box: Literal["union", "per_frame"] = "union"  # video inputs framed by fraction / own_scale: one box (the union) for all frames, or each frame recentred on its own box (authors' published run)
+    object_fraction: float | None = Field(0.85, gt=0, le=1)  # object's longer side / image side with framing fraction (authors' --image_frame_ratio, 0.9 in their published run); None: keep framing
     alpha_threshold: float = Field(0.5, gt=0, lt=1)  # alpha above this is object
     white_threshold: float = Field(0.08, gt=0, lt=1)  # without alpha: a pixel this far from white is object
     frame_stride: int = Field(1, ge=1)  # take every k-th frame of a video input
@@ -214,11 +220,12 @@ def recentre(rgb: np.ndarray, box: tuple[int, int, int, int] | None, cfg: Condit
 
 
 def preprocess_frames(frames: list[tuple[np.ndarray, bool]], cfg: ConditionsConfig, name: str,
-                      info: dict | None = None, framing: Literal["fraction", "own_scale", "keep"] | None = None
-                      ) -> Tensor:
-    """RGBA frames -> [N, 3, R, R]; one bounding box (the union) for all frames; ``framing`` default
-    cfg.framing. ``info`` (optional) gets ``source_size`` [w, h], ``object_box`` (y0, y1, x0, x1;
-    None when the framing is kept), ``object_fraction`` and ``resolution``."""
+                      info: dict | None = None, framing: Literal["fraction", "own_scale", "keep"] | None = None,
+                      per_frame: bool = False) -> Tensor:
+    """RGBA frames -> [N, 3, R, R]; one bounding box (the union) for all frames, or each frame's own
+    box with ``per_frame``; ``framing`` default cfg.framing. ``info`` (optional) gets ``source_size``
+    [w, h], ``object_box`` (y0, y1, x0, x1 of the union; None when the framing is kept),
+    ``object_boxes`` (one per frame, with ``per_frame``), ``object_fraction`` and ``resolution``."""
     if not frames:
         raise ValueError(f"{name}: no frames")
     shapes = {f[0].shape[:2] for f in frames}
@@ -227,13 +234,16 @@ def preprocess_frames(frames: list[tuple[np.ndarray, bool]], cfg: ConditionsConf
     boxes = [bbox(object_mask(a, al, cfg), f"{name} frame {i}") for i, (a, al) in enumerate(frames)]
     union = (min(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes), max(b[3] for b in boxes))
     framing = cfg.framing if framing is None else framing
+    kept = framing == "keep" or cfg.object_fraction is None
     if info is not None:
         h, w = frames[0][0].shape[:2]
-        kept = framing == "keep" or cfg.object_fraction is None
         info.update({"source_size": [int(w), int(h)], "resolution": cfg.resolution, "framing": framing,
                      "object_box": None if kept else list(union),
                      "object_fraction": cfg.object_fraction if framing == "fraction" else None})
-    return torch.stack([recentre(composite_white(a), union, cfg, framing) for a, _ in frames])
+        if per_frame and not kept:
+            info["object_boxes"] = [list(b) for b in boxes]
+    used = boxes if per_frame else [union] * len(frames)
+    return torch.stack([recentre(composite_white(a), box, cfg, framing) for (a, _), box in zip(frames, used)])
 
 
 def _numbered(paths: list[Path]) -> list[Path]:
@@ -322,7 +332,13 @@ def describe_reading(info: dict) -> str:
         w, h = info["source_size"]
         parts.append(f"frames {w}x{h} px")
     box = info.get("object_box")
-    if box:
+    boxes = info.get("object_boxes")
+    if boxes:
+        sides = [max(b[1] - b[0], b[3] - b[2]) for b in boxes]
+        scale = (f"so its longer side is {info['object_fraction'] * 100:.0f}% of the image"
+                 if info.get("object_fraction") else "at its own scale")
+        parts.append(f"each frame recentred on its own object box (longer side {min(sides)}..{max(sides)} px) {scale}")
+    elif box:
         y0, y1, x0, x1 = box
         where = f"object box {x1 - x0}x{y1 - y0} px at x {x0}, y {y0} (one box for all frames), recentred"
         if info.get("object_fraction"):
@@ -420,7 +436,7 @@ def make_conditions(input_path: str | Path, cfg: ConditionsConfig, priors: tuple
         info.update({"kind": "video", "frames_total": total, "fps": fps, "frame_start": cfg.frame_start,
                      "frame_stride": cfg.frame_stride,
                      "frames_kept": source_frames(cfg, "video")})
-        video = preprocess_frames(frames, cfg, str(path), info, cfg.video_framing)
+        video = preprocess_frames(frames, cfg, str(path), info, cfg.video_framing, cfg.video_box == "per_frame")
         ref_frame = video.shape[0] - 1 if cfg.video_orbit_frame == "last" else 0
         info["orbit_from_frame"] = info["frames_kept"][ref_frame]
         image = video[ref_frame]

@@ -57,11 +57,11 @@ def test_results_files_carry_protocol_and_values(tmp_path: Path):
     assert float(rows[1][1]) == pytest.approx(0.905, abs=1e-4) and float(rows[3][1]) == pytest.approx(0.805, abs=1e-4)
     assert rows[1][5] == "-" and float(rows[3][5]) == pytest.approx(123.4)  # FVD is pooled: mean row only
     md = files["md"].read_text()
-    for needle in ("diffusion2-paper", "first 25 frames", "front = 0 deg", "Gaussian window 11x11", "Frechet"):
+    for needle in ("front-and-25-frames", "ground-truth frames 0-24", "front = 0 deg", "Gaussian window 11x11", "Frechet"):
         assert needle in md
     assert "100.00" not in md and "20.50†" in md  # the capped object's PSNR is marked
     tex = files["tex"].read_text()
-    assert r"\begin{tabular}" in tex and r"\toprule" in tex and "diffusion2-paper" in tex
+    assert r"\begin{tabular}" in tex and r"\toprule" in tex and "front-and-25-frames" in tex
     back = load_results(tmp_path)
     assert back.mean == res.mean and back.protocol == res.protocol and len(back.per_frame) == len(res.per_frame)
     assert json.loads(files["json"].read_text())["protocol"]["num_frames"] == 25
@@ -91,7 +91,7 @@ def test_table2_marks_published_rows_and_adds_ours():
     assert "10.3 min" in lines[-1]
     no_clip = table2_markdown(_results({"clip": "clip: weights missing"}, protocol=Protocol.consistent4d()))
     assert "(measured) | Photogrammetry-based | unavailable" in no_clip
-    assert md.splitlines()[0].startswith("**Protocol 'diffusion2-paper', metric definitions 'consistent4d'")
+    assert md.splitlines()[0].startswith("**Protocol 'front-and-25-frames', metric definitions 'consistent4d'")
 
 
 @pytest.mark.parametrize("protocol, why", [(Protocol.d2_clean(), "metric definitions 'd2' are ours"),

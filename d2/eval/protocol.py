@@ -90,8 +90,11 @@ class Protocol(BaseModel):
 
     @classmethod
     def paper(cls, **kw) -> "Protocol":
-        """The protocol Diffusion² reported: first 25 frames, front view included."""
-        base = dict(name="diffusion2-paper", num_frames=25, include_front_view=True)
+        """Consistent4D's views plus the front view, ground-truth frames 0-24 (the 25 frames a
+        Diffusion² asset covers). The paper reports CLIP similarity on Consistent4D's video-to-4D set
+        without saying which frames or views it scored: this is one reading of it, not its stated
+        protocol."""
+        base = dict(name="front-and-25-frames", num_frames=25, include_front_view=True)
         base.update(kw)
         return cls(**base)
 

@@ -233,8 +233,8 @@ def table2_rows(results: "Results") -> list[list[str]]:
     return rows
 
 
-TABLE2_NOTE = ("Published rows are the figures as printed (Consistent4D test set, scored with Consistent4D's "
-               "evaluation script, compute_image_level_metrics.py, as each paper ran it); published numbers for the "
+TABLE2_NOTE = ("Published rows are the figures as printed in each paper on the Consistent4D test set; the papers do "
+               "not all say which script, frames or views they scored, and published numbers for the "
                "same method disagree across papers, so only re-scored numbers compare. SV4D also reports LPIPS "
                "0.118 and FVD 732 on the same set. The measured row is this run, under the protocol below.")
 

@@ -1,0 +1,115 @@
+"""Every preset rehearsed end to end at the benchmark's real shape.
+
+``d2 benchmark --preset NAME --rehearse`` on a dataset laid out exactly as Consistent4D's released
+test set (its 7 object names, 32-frame RGBA input videos, 4 x 32 ground-truth frames, 512 px): the
+preset's views, frames, cameras, protocol and every other knob, with only the sizes of
+``params/overlays/rehearsal.yaml`` shrunk. A preset whose asset cannot be scored against that
+ground truth (the 25-frame asset scored against 32 frames) fails here, not after GPU hours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from d2.config import REHEARSAL_OVERLAY, available_presets, flatten_params, load_params, overlay_overrides, preset_path
+from d2.world.benchmark import CONSISTENT4D_FRAMES, CONSISTENT4D_OBJECTS, generate_consistent4d_shape
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+
+# The knobs the rehearsal may change: sizes (pixels, widths, step and iteration counts and the fit's
+# schedule with them), devices, and the two consequences of having no weights (the priors' backend,
+# the fit's LPIPS requirement). Anything else in the overlay fails test_the_overlay_changes_only_sizes.
+REHEARSAL_KNOBS = {
+    "priors.backend", "priors.device", "priors.tiny.resolution", "priors.tiny.block_out_channels",
+    "priors.tiny.vae_block_out_channels", "conditions.resolution", "conditions.num_steps", "sampling.resolution",
+    "sampling.num_steps", "sampling.rollback_steps", "sampling.devices", "fit.iterations", "fit.num_gaussians",
+    "fit.max_gaussians", "fit.sh_increase_every", "fit.lr_means_max_steps", "fit.densify_from", "fit.densify_until",
+    "fit.densify_every", "fit.opacity_reset_every", "fit.lpips_required", "fit.device", "fit.turntable_frames",
+    "render_eval.resolution", "render_eval.device", "metrics.device",
+}
+# What a rehearsal must never change: the structure a mismatch could hide in.
+KEPT = ("conditions.num_views", "conditions.num_frames", "conditions.frame_start", "conditions.frame_stride",
+        "conditions.elevation_deg", "conditions.fov_deg", "conditions.radius", "sampling.num_views",
+        "sampling.num_frames", "protocol.", "metrics.metrics", "sampling.weight_schedule", "fit.exclude_views")
+
+
+def test_the_overlay_changes_only_sizes():
+    keys = {o.split("=", 1)[0] for o in overlay_overrides()}
+    assert keys <= REHEARSAL_KNOBS, sorted(keys - REHEARSAL_KNOBS)
+    assert not [k for k in keys for kept in KEPT if k.startswith(kept)]
+    assert yaml.safe_load(REHEARSAL_OVERLAY.read_text())  # a readable overlay, documented in its header
+    for name in available_presets():  # every preset validates with it
+        p = load_params(preset_path(name), overlay_overrides())
+        base = flatten_params(load_params(preset_path(name)))
+        changed = {k for k, v in flatten_params(p).items() if base.get(k) != v}
+        assert changed <= REHEARSAL_KNOBS, (name, sorted(changed - REHEARSAL_KNOBS))
+
+
+@pytest.fixture(scope="module")
+def c4d_shape(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("c4d") / "data"
+    generate_consistent4d_shape(root, progress=False)
+    return root
+
+
+def test_the_dataset_has_consistent4d_layout(c4d_shape: Path):
+    from PIL import Image
+
+    assert sorted(p.name for p in (c4d_shape / "input").iterdir()) == sorted(CONSISTENT4D_OBJECTS)
+    for obj in CONSISTENT4D_OBJECTS:
+        assert sorted(int(p.stem) for p in (c4d_shape / "input" / obj).iterdir()) == list(range(CONSISTENT4D_FRAMES))
+        for k in range(4):
+            frames = sorted(int(p.stem) for p in (c4d_shape / "gt" / obj / f"eval_{k}").iterdir())
+            assert frames == list(range(CONSISTENT4D_FRAMES))
+    img = Image.open(c4d_shape / "input" / "skull" / "0.png")
+    assert img.mode == "RGBA" and img.size == (512, 512)
+    alpha = img.getchannel("A")
+    assert alpha.getextrema() == (0, 255)  # the object on transparency
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", available_presets())
+def test_rehearsal_of_every_preset_at_the_benchmarks_shape(preset: str, c4d_shape: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(BIN / "d2"), "benchmark", "--preset", preset, "--rehearse", "--data", str(c4d_shape),
+                        "--out", str(out), "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    # the run used the preset's structure, with sizes only shrunk
+    used = flatten_params(_params_of(out))
+    preset_params = flatten_params(load_params(preset_path(preset)))
+    for k, v in preset_params.items():
+        if k not in REHEARSAL_KNOBS and not k.startswith(("run.progress", "prepare.progress")):
+            assert used.get(k) == v, (k, used.get(k), v)
+
+    # every object scored on the ground-truth frames its asset covers, each render at its frame's time
+    p = load_params(preset_path(preset))
+    covered = p.protocol.num_frames or p.conditions.num_frames  # a video read from frame 0 with stride 1
+    results = json.loads((out / "results" / "results.json").read_text())
+    assert results["frames"] == {"scored": f"0-{covered - 1}", "per_view": covered,
+                                 "ground_truth": CONSISTENT4D_FRAMES}
+    assert sorted({s["object"] for s in results["per_frame"]}) == sorted(CONSISTENT4D_OBJECTS)
+    assert len(results["per_frame"]) == len(CONSISTENT4D_OBJECTS) * 4 * covered
+    for obj in CONSISTENT4D_OBJECTS:
+        rendered = sorted(int(f.stem) for f in (out / "pred" / obj / "eval_2").iterdir())
+        assert rendered == list(range(covered))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "psnr" in metrics and "ssim" in metrics and metrics["frames"]["per_view"] == covered
+    table = (out / "results" / "results.md").read_text()
+    assert f"Frames scored: 0-{covered - 1} ({covered} per view, of {CONSISTENT4D_FRAMES} ground-truth" in table
+
+
+def _params_of(run_dir: Path) -> "object":
+    from d2.config import Params
+
+    return Params.model_validate(json.loads((run_dir / "params.json").read_text()))

@@ -213,7 +213,7 @@ def test_lpips_vgg_file_is_loaded(tmp_path: Path, lpips_net):
 # evaluation/compute_image_level_metrics.py line by line (PIL, torchmetrics, a tiny random
 # transformers CLIP with the PIL CLIPImageProcessor) against our protocol's per-image values.
 
-from c4d_reference import close, script_pair, tiny_hf_clip  # noqa: E402
+from c4d_reference import close, script_pair, ssim_map_literal, ssim_script_era, tiny_hf_clip  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchmetrics.functional.image import peak_signal_noise_ratio as tm_psnr  # noqa: E402
 
@@ -320,6 +320,75 @@ def test_consistent4d_psnr_data_range_is_passed_explicitly():
     assert ours < tm_psnr(p, g, data_range=255.0).item() - 10
     same = C.psnr_script(g, g)
     assert torch.isinf(same).all()  # identical images: +inf, as the script (not capped)
+
+
+def _ssim_pairs() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[1, 3, H, W] pairs in [0, 255]: smooth images, and a pair equal inside but different in a 5-px frame."""
+    pairs = []
+    for seed, (h, w) in enumerate([(64, 48), (37, 90)]):
+        a, b = _smooth(h, w, 0, 255, 20 + seed), _smooth(h, w, 30, 220, 40 + seed)
+        pairs.append((torch.from_numpy(a).float().permute(2, 0, 1)[None],
+                      torch.from_numpy(b).float().permute(2, 0, 1)[None]))
+    inside = torch.from_numpy(_smooth(60, 60, 40, 200, 7)).float().permute(2, 0, 1)[None]
+    noisy = inside.clone()
+    g = torch.Generator().manual_seed(3)
+    frame = torch.ones(60, 60, dtype=torch.bool)
+    frame[5:-5, 5:-5] = False
+    noisy[..., frame] = torch.randint(0, 256, (1, 3, int(frame.sum())), generator=g).float()
+    pairs.append((noisy, inside))
+    return pairs
+
+
+def test_consistent4d_ssim_is_the_cropped_mean_of_the_ssim_map():
+    """The consistent4d SSIM is the mean of the SSIM map without its 5-px border (the torchmetrics of the
+    script's time): equal to a literal float64 SSIM map cropped by 5 px and to scikit-image, whatever
+    torchmetrics is installed; the uncropped mean of the same map differs when the border differs."""
+    from d2.eval import consistent4d as C
+
+    assert C.SSIM_BORDER == 5
+    for i, (p, g) in enumerate(_ssim_pairs()):
+        rng = float(max(p.max() - p.min(), g.max() - g.min()))
+        full = ssim_map_literal(p[0].numpy(), g[0].numpy(), rng)
+        ours = C.ssim_script(p, g).item()
+        assert ours == pytest.approx(full[:, 5:-5, 5:-5].mean(), abs=1e-12), i
+        assert ours == pytest.approx(ssim_script_era(p, g), abs=1e-12), i
+        mp = C.ssim_map_script(p, g, rng)[0].numpy()
+        assert np.abs(mp - full).max() < 1e-12  # the whole map, reflect-padded border included
+    noisy, inside = _ssim_pairs()[-1]
+    rng = float(max(noisy.max() - noisy.min(), inside.max() - inside.min()))
+    full = ssim_map_literal(noisy[0].numpy(), inside[0].numpy(), rng)
+    assert full.mean() < C.ssim_script(noisy, inside).item() - 0.2  # the frame drags the uncropped mean down
+    with pytest.raises(ValueError, match="smaller than the 11-px window"):
+        C.ssim_script(torch.zeros(1, 3, 10, 40), torch.zeros(1, 3, 10, 40))
+
+
+def test_installed_torchmetrics_ssim_border_against_the_reference():
+    """torchmetrics averages the whole SSIM map from 1.4.2 on and the map without its 5-px border before:
+    the installed release matches the literal map's mean with its own border handling (float32: 1e-4) and
+    not the other one, so the consistent4d SSIM (always cropped) may differ from it."""
+    import torchmetrics
+    from packaging.version import Version
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    crops = Version(torchmetrics.__version__) < Version("1.4.2")
+    noisy, inside = _ssim_pairs()[-1]
+    for p, g in _ssim_pairs():
+        rng = float(max(p.max() - p.min(), g.max() - g.min()))
+        full = ssim_map_literal(p[0].numpy(), g[0].numpy(), rng)
+        tm = tm_ssim(p, g, data_range=rng).item()
+        assert tm == pytest.approx(full[:, 5:-5, 5:-5].mean() if crops else full.mean(), abs=1e-4)
+    rng = float(max(noisy.max() - noisy.min(), inside.max() - inside.min()))
+    full = ssim_map_literal(noisy[0].numpy(), inside[0].numpy(), rng)
+    other = full.mean() if crops else full[:, 5:-5, 5:-5].mean()
+    assert abs(tm_ssim(noisy, inside, data_range=rng).item() - other) > 0.2
+
+
+def test_consistent4d_protocol_states_the_ssim_definition():
+    from d2.eval.protocol import Protocol
+
+    assert "SSIM map without its 5-px border" in Protocol.consistent4d().describe()
+    assert "5-px border cropped" in M.metric_definitions("consistent4d")["ssim"]
+    assert "5-px border" not in Protocol.d2_clean().describe()
 
 
 @pytest.mark.slow

@@ -76,7 +76,8 @@ C4D_METRIC_DEFINITIONS: dict[str, str] = {
             "[0, 255] with data range = ground truth max - min of that image (the old torchmetrics default, "
             "passed explicitly); identical images give +inf, a constant ground truth -inf or NaN, kept as the "
             "script would.",
-    "ssim": "SSIM as the script's torchmetrics (before 1.4.2) computed it: on the 512x512 PIL-bicubic images in "
+    "ssim": "SSIM as the script's torchmetrics structural_similarity_index_measure computed it before 1.4.2: on "
+            "the 512x512 PIL-bicubic images in "
             "[0, 255], Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range = max of the two images' max - "
             "min, per-pixel SSIM map averaged over channels and pixels with its 5-px border cropped (torchmetrics "
             ">= 1.4.2 averages the whole map instead); float64.",

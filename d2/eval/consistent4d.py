@@ -80,7 +80,8 @@ C4D_METRIC_DEFINITIONS: dict[str, str] = {
             "the 512x512 PIL-bicubic images in "
             "[0, 255], Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range = max of the two images' max - "
             "min, per-pixel SSIM map averaged over channels and pixels with its 5-px border cropped (torchmetrics "
-            ">= 1.4.2 averages the whole map instead); float64.",
+            ">= 1.4.2 averages the whole map instead); float32 without clamping the variances (torchmetrics "
+            "<= 1.3.1).",
 }
 
 
@@ -154,36 +155,40 @@ def psnr_script(pred: Tensor, gt: Tensor) -> Tensor:
     return torch.stack(out)
 
 
-def ssim_map_script(pred: Tensor, gt: Tensor, data_range: float) -> Tensor:
-    """The SSIM map of one pair: [1, 3, H, W] x2 in [0, 255] -> [1, 3, H, W] float64.
+def ssim_map_script(pred: Tensor, gt: Tensor, data_range: Tensor | float) -> Tensor:
+    """The SSIM map of one pair as the script's torchmetrics computed it: [1, 3, H, W] x2 in [0, 255]
+    -> [1, 3, H, W] float32.
 
-    Gaussian window of SSIM_KERNEL_SIZE taps, sigma SSIM_SIGMA (normalised), applied to the
-    image reflect-padded by SSIM_BORDER px (the border rows mirrored without repeating the edge),
-    so the map has the image's size; the statistics are the population (mean, variance,
-    covariance) ones, as torchmetrics and Wang et al. In float64: the same numbers as the
-    script's float32 up to float32 rounding (about 1e-5 on these images), and without the
-    one-sided error of torchmetrics >= 1.3.2, which clamps the float32 variances of flat
-    regions at 0 (up to 1e-3 lower on images on a flat background).
+    The arithmetic of torchmetrics up to 1.3.1 (the releases of Consistent4D's and Diffusion²'s
+    evaluations), step for step in float32: a Gaussian window of SSIM_KERNEL_SIZE taps, sigma
+    SSIM_SIGMA (normalised, the outer product of the 1D window), over the image reflect-padded by
+    SSIM_BORDER px (edge not repeated), so the map has the image's size; population statistics
+    E[xy] - E[x] E[y]. The variances are not clamped at 0: torchmetrics 1.3.2 to 1.4.1 clamp
+    them, a one-sided float32 error that lowers the SSIM of images on a flat background by up
+    to about 1e-3; unclamped, the float32 map is within about 1e-5 of the exact (float64) mean.
     """
     if min(pred.shape[-2:]) < SSIM_KERNEL_SIZE:
         raise ValueError(f"ssim: images {tuple(pred.shape[-2:])} are smaller than the {SSIM_KERNEL_SIZE}-px window")
-    x, y = pred.double(), gt.double()
-    taps = torch.arange(SSIM_KERNEL_SIZE, dtype=torch.float64, device=x.device) - SSIM_BORDER
-    g = torch.exp(-0.5 * (taps / SSIM_SIGMA) ** 2)
-    g = g / g.sum()
+    x, y = pred.float(), gt.float()
+    taps = torch.arange((1 - SSIM_KERNEL_SIZE) / 2, (1 + SSIM_KERNEL_SIZE) / 2, 1, dtype=torch.float32,
+                        device=x.device)
+    g = torch.exp(-((taps / SSIM_SIGMA) ** 2) / 2)
+    g = (g / g.sum())[None]  # [1, K]
     c = x.shape[1]
-    window = (g[:, None] * g[None, :]).expand(c, 1, SSIM_KERNEL_SIZE, SSIM_KERNEL_SIZE)
+    window = (g.t() @ g).expand(c, 1, SSIM_KERNEL_SIZE, SSIM_KERNEL_SIZE)
     pad = (SSIM_BORDER,) * 4
     xp, yp = (torch.nn.functional.pad(t, pad, mode="reflect") for t in (x, y))
-    stats = torch.nn.functional.conv2d(torch.cat([xp, yp, xp * xp, yp * yp, xp * yp]), window, groups=c)
+    stats = torch.nn.functional.conv2d(torch.cat((xp, yp, xp * xp, yp * yp, xp * yp)), window, groups=c)
     mu_x, mu_y, exx, eyy, exy = stats.split(x.shape[0])
-    var_x, var_y, cov = exx - mu_x ** 2, eyy - mu_y ** 2, exy - mu_x * mu_y
+    mu_xx, mu_yy, mu_xy = mu_x.pow(2), mu_y.pow(2), mu_x * mu_y
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
-    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    upper = 2 * (exy - mu_xy) + c2
+    lower = (exx - mu_xx) + (eyy - mu_yy) + c2
+    return ((2 * mu_xy + c1) * upper) / ((mu_xx + mu_yy + c1) * lower)
 
 
 def ssim_script(pred: Tensor, gt: Tensor) -> Tensor:
-    """Per-pair SSIM as the script computed it: [N, 3, H, W] x2 in [0, 255] -> [N] float64.
+    """Per-pair SSIM as the script computed it: [N, 3, H, W] x2 in [0, 255] -> [N] float32.
 
     Data range: max of the two images' max - min, per pair; the mean of :func:`ssim_map_script`
     over channels and pixels with SSIM_BORDER px cropped from each side (what torchmetrics'
@@ -193,9 +198,9 @@ def ssim_script(pred: Tensor, gt: Tensor) -> Tensor:
     _check(pred, gt, "ssim")
     b = SSIM_BORDER
     out = []
-    for p, g in zip(pred, gt):
-        data_range = float(max(p.max() - p.min(), g.max() - g.min()))
-        out.append(ssim_map_script(p[None], g[None], data_range)[..., b:-b, b:-b].mean())
+    for p, g in zip(pred.float(), gt.float()):
+        data_range = torch.maximum(p.max() - p.min(), g.max() - g.min())  # a float32 tensor, as the script's
+        out.append(ssim_map_script(p[None], g[None], data_range)[..., b:-b, b:-b].reshape(-1).mean())
     return torch.stack(out)
 
 

@@ -12,7 +12,7 @@ Published Consistent4D-benchmark numbers (CLIP, LPIPS, PSNR, SSIM) come from
 3. SSIM: torchmetrics' functional ``structural_similarity_index_measure(pred, gt)`` with its
    defaults: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range
    ``max(pred.max() - pred.min(), gt.max() - gt.min())``; the torchmetrics of the script's time
-   (every release before 1.4.2, September 2024) averaged the SSIM map without its 5-px border
+   (the releases before 1.4.2, September 2024) averaged the SSIM map without its 5-px border
    ((window - 1) / 2 px on each side); 1.4.2 and later average the whole map, reflect-padded
    border included (their pull request 2721), which raises the SSIM of images on a flat
    background by about 0.01. :func:`ssim_script` computes the cropped mean itself, whatever
@@ -159,13 +159,14 @@ def ssim_map_script(pred: Tensor, gt: Tensor, data_range: Tensor | float) -> Ten
     """The SSIM map of one pair as the script's torchmetrics computed it: [1, 3, H, W] x2 in [0, 255]
     -> [1, 3, H, W] float32.
 
-    The arithmetic of torchmetrics up to 1.3.1 (the releases of Consistent4D's and Diffusion²'s
-    evaluations), step for step in float32: a Gaussian window of SSIM_KERNEL_SIZE taps, sigma
+    The arithmetic of torchmetrics up to 1.3.1 (the releases current when Consistent4D published
+    its script, January 2024), step for step in float32: a Gaussian window of SSIM_KERNEL_SIZE taps, sigma
     SSIM_SIGMA (normalised, the outer product of the 1D window), over the image reflect-padded by
     SSIM_BORDER px (edge not repeated), so the map has the image's size; population statistics
     E[xy] - E[x] E[y]. The variances are not clamped at 0: torchmetrics 1.3.2 to 1.4.1 clamp
-    them, a one-sided float32 error that lowers the SSIM of images on a flat background by up
-    to about 1e-3; unclamped, the float32 map is within about 1e-5 of the exact (float64) mean.
+    them (a paper evaluated in spring 2024 may have used those), a one-sided float32 error that
+    lowers the SSIM of images on a flat background by up to about 1e-3; unclamped, the float32
+    mean is within about 1e-4 of the exact (float64) one.
     """
     if min(pred.shape[-2:]) < SSIM_KERNEL_SIZE:
         raise ValueError(f"ssim: images {tuple(pred.shape[-2:])} are smaller than the {SSIM_KERNEL_SIZE}-px window")

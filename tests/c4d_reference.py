@@ -6,7 +6,10 @@ Only deviations: the ground truth's RGBA -> white step the README asks for is th
 ``rgba=True`` branch; torchmetrics' PSNR data range, a default in the script's time, is passed as
 that default's value; ``get_image_features`` of transformers 5 returns an object (its projected
 ``pooler_output`` is the script's tensor); the CLIP processor is the PIL one the script's
-transformers had (``CLIPImageProcessorPil`` in transformers 5).
+transformers had (``CLIPImageProcessorPil`` in transformers 5); SSIM is what the script's
+torchmetrics (before 1.4.2) returned, the mean of the SSIM map without its 5-px border, taken
+from scikit-image (float64, Gaussian weights, population statistics), which averages that same
+cropped map, so that the reference does not depend on the installed torchmetrics.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from skimage.metrics import structural_similarity
+from torchmetrics.functional.image import peak_signal_noise_ratio
 
 
 def tiny_hf_clip(seed: int = 0):
@@ -57,6 +61,40 @@ def load_and_preprocess_image(image_path, preprocess, rgba=False):
     return image, image_rgb
 
 
+def ssim_script_era(pred_rgb: torch.Tensor, gt_rgb: torch.Tensor) -> float:
+    """The script's ``structural_similarity_index_measure(pred, gt)`` as torchmetrics < 1.4.2 computed it:
+    [1, 3, H, W] in [0, 255], data range max of the two images' max - min, window 11, sigma 1.5, the map's
+    5-px border cropped before the mean (scikit-image crops the same border)."""
+    data_range = float(max(pred_rgb.max() - pred_rgb.min(), gt_rgb.max() - gt_rgb.min()))
+    a = pred_rgb[0].permute(1, 2, 0).double().numpy()
+    b = gt_rgb[0].permute(1, 2, 0).double().numpy()
+    return float(structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                       data_range=data_range, K1=0.01, K2=0.03, channel_axis=-1))
+
+
+def ssim_map_literal(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
+    """SSIM map [C, H, W] (float64) of two [C, H, W] images, written from Wang et al.'s formulas: an 11-tap
+    Gaussian (sigma 1.5, normalised) window over the image reflect-padded by 5 px (edge not repeated), the
+    window's mean, variance and covariance, K1 = 0.01, K2 = 0.03. Every pixel has a value; torchmetrics
+    >= 1.4.2 averages all of them, older releases dropped the 5-px border first."""
+    r = 5
+    t = np.arange(-r, r + 1, dtype=np.float64)
+    g = np.exp(-0.5 * (t / 1.5) ** 2)
+    g /= g.sum()
+    h, w = x.shape[1:]
+
+    def blur(a: np.ndarray) -> np.ndarray:
+        a = np.pad(a, ((0, 0), (r, r), (r, r)), mode="reflect")
+        rows = sum(g[i] * a[:, i:i + h, :] for i in range(2 * r + 1))
+        return sum(g[j] * rows[:, :, j:j + w] for j in range(2 * r + 1))
+
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    return (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+
+
 def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 4 / 5
 
@@ -72,7 +110,7 @@ def script_pair(pred_path, gt_path, model, preprocess, gt_rgba=False, lpip=None)
         embedding_pred = _features(model.get_image_features(pred_img))
         embedding_gt = _features(model.get_image_features(gt_img))
     clip_score = torch.nn.functional.cosine_similarity(embedding_pred, embedding_gt)
-    ssim = structural_similarity_index_measure(pred_img_rgb, gt_img_rgb)
+    ssim = ssim_script_era(pred_img_rgb, gt_img_rgb)
     psnr = peak_signal_noise_ratio(pred_img_rgb, gt_img_rgb, data_range=gt_img_rgb.max() - gt_img_rgb.min())
     out = {"clip": clip_score.item(), "ssim": ssim, "psnr": psnr}
     if lpip is not None:
@@ -118,19 +156,27 @@ def script_main(gt_root, pred_root, model, preprocess, eval_views=4, gt_rgba=Fal
 
 
 PSNR_TOL_DB = 2e-5  # see close()
+SSIM_TOL = 1e-4  # see close()
 
 
 def close(metric: str, ours: float, ref: float) -> bool:
-    """Equal to 1e-6; PSNR to 2e-5 dB.
+    """Equal to 1e-6; PSNR to 2e-5 dB; SSIM to 1e-4.
 
     The script's PSNR is float32: 10 / ln 10 * (2 ln(range) - ln(MSE)), and one float32 ulp of
     those logarithms (up to ~11 for 8-bit data) is ~1e-6, i.e. ~4e-6 dB; moreover torch's float32
     sum of squared errors over 3 x 512 x 512 values is not bit-reproducible between two calls on
     equal tensors at different addresses (observed: 1-ulp differences, up to 2e-6 dB). No
     implementation, the script included, reproduces its own PSNR to 1e-6 dB; 2e-5 dB is ~5 such ulps.
+    The script's SSIM is float32 too (second moments of [0, 255] images, up to 65025, whose ulp is
+    ~0.004, against c2 = (0.03 x data range)^2, 11 for a range of 110) and the reference's is
+    scikit-image's float64: they differ by float32 rounding (observed up to 5e-5 at 512 px on a
+    low-contrast pair); that ours repeats the float32 arithmetic itself is tested bit for bit
+    against torchmetrics' SSIM map (test_metrics.py).
     """
     if metric == "psnr":
         return abs(ours - ref) <= PSNR_TOL_DB
+    if metric == "ssim":
+        return abs(ours - ref) <= SSIM_TOL
     return abs(ours - ref) <= 1e-6
 
 

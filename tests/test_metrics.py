@@ -213,7 +213,7 @@ def test_lpips_vgg_file_is_loaded(tmp_path: Path, lpips_net):
 # evaluation/compute_image_level_metrics.py line by line (PIL, torchmetrics, a tiny random
 # transformers CLIP with the PIL CLIPImageProcessor) against our protocol's per-image values.
 
-from c4d_reference import close, script_pair, tiny_hf_clip  # noqa: E402
+from c4d_reference import close, script_pair, ssim_map_literal, ssim_script_era, tiny_hf_clip  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchmetrics.functional.image import peak_signal_noise_ratio as tm_psnr  # noqa: E402
 
@@ -320,6 +320,101 @@ def test_consistent4d_psnr_data_range_is_passed_explicitly():
     assert ours < tm_psnr(p, g, data_range=255.0).item() - 10
     same = C.psnr_script(g, g)
     assert torch.isinf(same).all()  # identical images: +inf, as the script (not capped)
+
+
+def _ssim_pairs() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[1, 3, H, W] pairs in [0, 255]: smooth images, and a pair equal inside but different in a 5-px frame."""
+    pairs = []
+    for seed, (h, w) in enumerate([(64, 48), (37, 90)]):
+        a, b = _smooth(h, w, 0, 255, 20 + seed), _smooth(h, w, 30, 220, 40 + seed)
+        pairs.append((torch.from_numpy(a).float().permute(2, 0, 1)[None],
+                      torch.from_numpy(b).float().permute(2, 0, 1)[None]))
+    inside = torch.from_numpy(_smooth(60, 60, 40, 200, 7)).float().permute(2, 0, 1)[None]
+    noisy = inside.clone()
+    g = torch.Generator().manual_seed(3)
+    frame = torch.ones(60, 60, dtype=torch.bool)
+    frame[5:-5, 5:-5] = False
+    noisy[..., frame] = torch.randint(0, 256, (1, 3, int(frame.sum())), generator=g).float()
+    pairs.append((noisy, inside))
+    return pairs
+
+
+def _on_white() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two textured squares on a flat white background, slightly offset: [1, 3, 96, 96] in [0, 255]."""
+    rng = np.random.default_rng(0)
+    a = np.full((96, 96, 3), 255, np.uint8)
+    b = a.copy()
+    a[20:70, 25:75] = np.clip(rng.normal(120, 30, (50, 50, 3)), 0, 255)
+    b[24:74, 22:72] = np.clip(rng.normal(110, 30, (50, 50, 3)), 0, 255)
+    return tuple(torch.from_numpy(x).float().permute(2, 0, 1)[None] for x in (a, b))
+
+
+def _range(p: torch.Tensor, g: torch.Tensor) -> float:
+    return float(max(p.max() - p.min(), g.max() - g.min()))
+
+
+def test_consistent4d_ssim_is_the_cropped_mean_of_the_ssim_map():
+    """The consistent4d SSIM is the mean of the SSIM map without its 5-px border (the torchmetrics of the
+    script's time), whatever torchmetrics is installed: equal to a literal float64 SSIM map cropped by 5 px
+    and to scikit-image up to float32 rounding (2e-5); the uncropped mean of the same map differs when the
+    border differs. The float32 map is torchmetrics' own arithmetic: equal to its full map where no
+    variance is clamped."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    from d2.eval import consistent4d as C
+
+    assert C.SSIM_BORDER == 5
+    for i, (p, g) in enumerate(_ssim_pairs() + [_on_white()]):
+        full = ssim_map_literal(p[0].numpy(), g[0].numpy(), _range(p, g))
+        ours = C.ssim_script(p, g).item()
+        assert ours == pytest.approx(full[:, 5:-5, 5:-5].mean(), abs=2e-5), i
+        assert ours == pytest.approx(ssim_script_era(p, g), abs=2e-5), i
+        mp = C.ssim_map_script(p, g, _range(p, g))[0]
+        assert np.abs(mp.double().numpy() - full).max() < 1e-3  # the whole map, reflect-padded border included
+        if i < 3:  # textured images: no float32 variance below 0, so no clamping in torchmetrics
+            assert torch.equal(mp, tm_ssim(p, g, data_range=_range(p, g), return_full_image=True)[1][0])
+    noisy, inside = _ssim_pairs()[-1]
+    full = ssim_map_literal(noisy[0].numpy(), inside[0].numpy(), _range(noisy, inside))
+    assert full.mean() < C.ssim_script(noisy, inside).item() - 0.2  # the frame drags the uncropped mean down
+    with pytest.raises(ValueError, match="smaller than the 11-px window"):
+        C.ssim_script(torch.zeros(1, 3, 10, 40), torch.zeros(1, 3, 10, 40))
+
+
+def test_installed_torchmetrics_ssim_border_against_the_reference():
+    """torchmetrics averages the whole SSIM map from 1.4.2 on and the map without its 5-px border before;
+    from 1.3.2 on it clamps float32 variances at 0, which lowers the SSIM of images on a flat background.
+    The installed release matches the literal map's mean with its own border handling and not the other
+    one, so the consistent4d SSIM (always cropped, never clamped) may differ from it."""
+    import torchmetrics
+    from packaging.version import Version
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    from d2.eval import consistent4d as C
+
+    version = Version(torchmetrics.__version__)
+    crops = version < Version("1.4.2")
+    for p, g in _ssim_pairs():
+        full = ssim_map_literal(p[0].numpy(), g[0].numpy(), _range(p, g))
+        tm = tm_ssim(p, g, data_range=_range(p, g)).item()
+        assert tm == pytest.approx(full[:, 5:-5, 5:-5].mean() if crops else full.mean(), abs=2e-5)
+    noisy, inside = _ssim_pairs()[-1]
+    full = ssim_map_literal(noisy[0].numpy(), inside[0].numpy(), _range(noisy, inside))
+    other = full.mean() if crops else full[:, 5:-5, 5:-5].mean()
+    assert abs(tm_ssim(noisy, inside, data_range=_range(noisy, inside)).item() - other) > 0.2
+    if version >= Version("1.3.2"):
+        p, g = _on_white()
+        exact = ssim_map_literal(p[0].numpy(), g[0].numpy(), _range(p, g))[:, 5:-5, 5:-5].mean()
+        tm_full = tm_ssim(p, g, data_range=_range(p, g), return_full_image=True)[1]
+        assert tm_full[..., 5:-5, 5:-5].mean().item() < exact - 1e-4  # clamped: one-sided float32 error
+        assert abs(C.ssim_script(p, g).item() - exact) < 2e-5
+
+
+def test_consistent4d_protocol_states_the_ssim_definition():
+    from d2.eval.protocol import Protocol
+
+    assert "SSIM map without its 5-px border" in Protocol.consistent4d().describe()
+    assert "5-px border cropped" in M.metric_definitions("consistent4d")["ssim"]
+    assert "5-px border" not in Protocol.d2_clean().describe()
 
 
 @pytest.mark.slow

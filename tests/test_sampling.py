@@ -74,6 +74,69 @@ def test_logistic_weight_is_the_papers_s():
     assert base_multiview_weight(7, n, "constant", constant=0.6) == 0.6
 
 
+def test_linear_and_cosine_weights_at_every_step():
+    """The authors' linear and cosine shapes of the multi-view weight, from max (first step) to min (last),
+    against forms re-derived here: linear as the lerp (1 - x) max + x min, cosine through the half-angle
+    identity (1 + cos(pi x)) / 2 = cos^2(pi x / 2)."""
+    n, lo, hi = 50, 0.15, 0.85
+    for i in range(n):
+        x = i / (n - 1)  # the authors' progress
+        lin = base_multiview_weight(i, n, "linear", w_min=lo, w_max=hi)
+        cos = base_multiview_weight(i, n, "cosine", w_min=lo, w_max=hi)
+        assert math.isclose(lin, (1 - x) * hi + x * lo, rel_tol=1e-12, abs_tol=1e-15)
+        assert math.isclose(cos, lo + (hi - lo) * math.cos(math.pi * x / 2) ** 2, rel_tol=1e-12, abs_tol=1e-15)
+        # the cosine is symmetric about the half-way step: m(x) + m(1 - x) = min + max
+        assert math.isclose(cos + base_multiview_weight(n - 1 - i, n, "cosine", w_min=lo, w_max=hi), lo + hi,
+                            rel_tol=1e-12)
+    for shape in ("linear", "cosine"):
+        assert base_multiview_weight(0, n, shape, w_min=lo, w_max=hi) == pytest.approx(hi, abs=1e-15)
+        assert base_multiview_weight(n - 1, n, shape, w_min=lo, w_max=hi) == pytest.approx(lo, abs=1e-15)
+    # the paper's progress i/N stops one step short of min: x = 49/50 at the last step
+    x = (n - 1) / n
+    assert math.isclose(base_multiview_weight(n - 1, n, "linear", w_min=lo, w_max=hi, fraction="i/N"),
+                        (1 - x) * hi + x * lo, rel_tol=1e-12)
+    assert math.isclose(base_multiview_weight(n - 1, n, "cosine", w_min=lo, w_max=hi, fraction="i/N"),
+                        lo + (hi - lo) * math.cos(math.pi * x / 2) ** 2, rel_tol=1e-12)
+    # cosine: flat at both ends, steeper than the line half-way (slope pi/2 times the line's)
+    d_end = base_multiview_weight(0, n, "cosine", w_min=lo, w_max=hi) - base_multiview_weight(1, n, "cosine",
+                                                                                            w_min=lo, w_max=hi)
+    d_lin = (hi - lo) / (n - 1)
+    assert d_end < 0.06 * d_lin
+    d_mid = (base_multiview_weight(24, n, "cosine", w_min=lo, w_max=hi)
+             - base_multiview_weight(25, n, "cosine", w_min=lo, w_max=hi))
+    assert d_mid == pytest.approx(math.pi / 2 * d_lin, rel=1e-3)
+    m = SamplingConfig(num_steps=51, weight_schedule="cosine", logistic_min=lo, logistic_max=hi,
+                       per_view_video_weight=False)
+    w_video, w_mv = weights_at(25, m, 21)  # x = 1/2: half-way between max and min
+    assert torch.allclose(w_mv, torch.full((21,), (lo + hi) / 2), atol=1e-7)
+    assert torch.allclose(w_video + w_mv, torch.ones(21))
+    with pytest.raises(ValueError, match="known: constant, logistic, linear, cosine"):
+        base_multiview_weight(0, n, "quadratic")
+
+
+def test_a_sweep_over_the_four_weight_schedules_validates():
+    """``d2 sweep --grid sampling.weight_schedule=constant,linear,cosine,logistic``: every point is a valid
+    parameter set (validated, no compute), each with its schedule; a misspelt schedule is refused by name."""
+    from d2.config import ParamsError, load_params
+    from d2.flows.sweep import expand_grid, parse_grid
+    from d2.validation import InputError, check_grid
+
+    axis = "sampling.weight_schedule=constant,linear,cosine,logistic"
+    for preset in ("authors", "paper"):
+        from d2.config import preset_path
+
+        base = load_params(preset_path(preset))
+        points = check_grid(base, [axis])
+        assert [p.sampling.weight_schedule for p in points] == ["constant", "linear", "cosine", "logistic"]
+        expanded = expand_grid(base, parse_grid([axis]))
+        assert [ov for _, ov, _ in expanded] == [[f"sampling.weight_schedule={s}"] for s in
+                                                 ("constant", "linear", "cosine", "logistic")]
+        assert all(p.sampling.model_dump(exclude={"weight_schedule"}) == base.sampling.model_dump(
+            exclude={"weight_schedule"}) for _, _, p in expanded)
+    with pytest.raises((InputError, ParamsError), match="weight_schedule"):
+        check_grid(base, ["sampling.weight_schedule=constant,cosin"])
+
+
 def test_per_view_profile_matches_the_authors_table():
     authors = [0.91311939, 0.68267051, 0.38873953, 0.13347406, 0.00558459, 0.04951557, 0.25, 0.53736505,
                0.8117449, 0.9777864, 0.9777864, 0.8117449, 0.53736505, 0.25, 0.04951557, 0.00558459,

@@ -10,8 +10,13 @@ Published Consistent4D-benchmark numbers (CLIP, LPIPS, PSNR, SSIM) come from
    which in the torchmetrics of that time meant ``gt.max() - gt.min()`` of that image pair
    (current torchmetrics requires the argument; we pass that value);
 3. SSIM: torchmetrics' functional ``structural_similarity_index_measure(pred, gt)`` with its
-   defaults: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, reflect padding so that every
-   pixel of the image has a window, data range ``max(pred.max() - pred.min(), gt.max() - gt.min())``;
+   defaults: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range
+   ``max(pred.max() - pred.min(), gt.max() - gt.min())``; the torchmetrics of the script's time
+   (the releases before 1.4.2, September 2024) averaged the SSIM map without its 5-px border
+   ((window - 1) / 2 px on each side); 1.4.2 and later average the whole map, reflect-padded
+   border included (their pull request 2721), which raises the SSIM of images on a flat
+   background by about 0.01. :func:`ssim_script` computes the cropped mean itself, whatever
+   torchmetrics is installed (see its docstring);
 4. LPIPS: torchmetrics' ``LearnedPerceptualImagePatchSimilarity(net_type='vgg')`` on
    ``x / 127.5 - 1`` (torchvision's ImageNet VGG16 with torchmetrics' own linear heads);
 5. CLIP: transformers' ``CLIPModel.get_image_features`` of ``openai/clip-vit-base-patch32``
@@ -55,6 +60,9 @@ SSIM_KERNEL_SIZE = 11  # torchmetrics' SSIM defaults, as the script used them
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
+SSIM_BORDER = (SSIM_KERNEL_SIZE - 1) // 2  # px cropped from each side of the SSIM map before its mean
+SSIM_DEFINITION_SHORT = (f"SSIM = mean of the SSIM map without its {SSIM_BORDER}-px border (torchmetrics before "
+                         "1.4.2, as published numbers were computed)")
 
 C4D_METRIC_DEFINITIONS: dict[str, str] = {
     "clip": "CLIP similarity as Consistent4D's compute_image_level_metrics.py: each image resized to 512x512 "
@@ -68,9 +76,12 @@ C4D_METRIC_DEFINITIONS: dict[str, str] = {
             "[0, 255] with data range = ground truth max - min of that image (the old torchmetrics default, "
             "passed explicitly); identical images give +inf, a constant ground truth -inf or NaN, kept as the "
             "script would.",
-    "ssim": "SSIM as the script: torchmetrics structural_similarity_index_measure on the 512x512 PIL-bicubic "
-            "images in [0, 255], Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, reflect padding (every pixel "
-            "scored), data range = max of the two images' max - min.",
+    "ssim": "SSIM as the script's torchmetrics structural_similarity_index_measure computed it before 1.4.2: on "
+            "the 512x512 PIL-bicubic images in "
+            "[0, 255], Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range = max of the two images' max - "
+            "min, per-pixel SSIM map averaged over channels and pixels with its 5-px border cropped (torchmetrics "
+            ">= 1.4.2 averages the whole map instead); float32 without clamping the variances (torchmetrics "
+            "<= 1.3.1).",
 }
 
 
@@ -144,18 +155,53 @@ def psnr_script(pred: Tensor, gt: Tensor) -> Tensor:
     return torch.stack(out)
 
 
-def ssim_script(pred: Tensor, gt: Tensor) -> Tensor:
-    """Per-pair SSIM as the script: [N, 3, H, W] x2 in [0, 255] -> [N]
-    (data range: max of the two images' max - min, per pair)."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
+def ssim_map_script(pred: Tensor, gt: Tensor, data_range: Tensor | float) -> Tensor:
+    """The SSIM map of one pair as the script's torchmetrics computed it: [1, 3, H, W] x2 in [0, 255]
+    -> [1, 3, H, W] float32.
 
+    The arithmetic of torchmetrics up to 1.3.1 (the releases current when Consistent4D published
+    its script, January 2024), step for step in float32: a Gaussian window of SSIM_KERNEL_SIZE taps, sigma
+    SSIM_SIGMA (normalised, the outer product of the 1D window), over the image reflect-padded by
+    SSIM_BORDER px (edge not repeated), so the map has the image's size; population statistics
+    E[xy] - E[x] E[y]. The variances are not clamped at 0: torchmetrics 1.3.2 to 1.4.1 clamp
+    them (a paper evaluated in spring 2024 may have used those), a one-sided float32 error that
+    lowers the SSIM of images on a flat background by up to about 1e-3; unclamped, the float32
+    mean is within about 1e-4 of the exact (float64) one.
+    """
+    if min(pred.shape[-2:]) < SSIM_KERNEL_SIZE:
+        raise ValueError(f"ssim: images {tuple(pred.shape[-2:])} are smaller than the {SSIM_KERNEL_SIZE}-px window")
+    x, y = pred.float(), gt.float()
+    taps = torch.arange((1 - SSIM_KERNEL_SIZE) / 2, (1 + SSIM_KERNEL_SIZE) / 2, 1, dtype=torch.float32,
+                        device=x.device)
+    g = torch.exp(-((taps / SSIM_SIGMA) ** 2) / 2)
+    g = (g / g.sum())[None]  # [1, K]
+    c = x.shape[1]
+    window = (g.t() @ g).expand(c, 1, SSIM_KERNEL_SIZE, SSIM_KERNEL_SIZE)
+    pad = (SSIM_BORDER,) * 4
+    xp, yp = (torch.nn.functional.pad(t, pad, mode="reflect") for t in (x, y))
+    stats = torch.nn.functional.conv2d(torch.cat((xp, yp, xp * xp, yp * yp, xp * yp)), window, groups=c)
+    mu_x, mu_y, exx, eyy, exy = stats.split(x.shape[0])
+    mu_xx, mu_yy, mu_xy = mu_x.pow(2), mu_y.pow(2), mu_x * mu_y
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    upper = 2 * (exy - mu_xy) + c2
+    lower = (exx - mu_xx) + (eyy - mu_yy) + c2
+    return ((2 * mu_xy + c1) * upper) / ((mu_xx + mu_yy + c1) * lower)
+
+
+def ssim_script(pred: Tensor, gt: Tensor) -> Tensor:
+    """Per-pair SSIM as the script computed it: [N, 3, H, W] x2 in [0, 255] -> [N] float32.
+
+    Data range: max of the two images' max - min, per pair; the mean of :func:`ssim_map_script`
+    over channels and pixels with SSIM_BORDER px cropped from each side (what torchmetrics'
+    ``structural_similarity_index_measure`` returned before 1.4.2; it is independent of the
+    padding, as a cropped pixel's window lies inside the image).
+    """
     _check(pred, gt, "ssim")
+    b = SSIM_BORDER
     out = []
-    for p, g in zip(pred, gt):
-        data_range = float(max(p.max() - p.min(), g.max() - g.min()))
-        out.append(structural_similarity_index_measure(
-            p[None], g[None], gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_KERNEL_SIZE,
-            reduction="elementwise_mean", data_range=data_range, k1=SSIM_K1, k2=SSIM_K2))
+    for p, g in zip(pred.float(), gt.float()):
+        data_range = torch.maximum(p.max() - p.min(), g.max() - g.min())  # a float32 tensor, as the script's
+        out.append(ssim_map_script(p[None], g[None], data_range)[..., b:-b, b:-b].reshape(-1).mean())
     return torch.stack(out)
 
 
@@ -273,7 +319,8 @@ def clip_script(model: torch.nn.Module, processor: Any, pred: list[Image.Image],
 
 
 __all__ = [
-    "C4D_METRIC_DEFINITIONS", "HF_CLIP_ID", "SCRIPT_SIZE", "build_lpips_script", "clip_image_features_script",
-    "clip_processor_class", "clip_script", "hf_cache_dir", "load_clip_script", "lpips_script", "on_white",
-    "psnr_script", "script_image", "ssim_script", "tensor_to_pil", "to_tensor255",
+    "C4D_METRIC_DEFINITIONS", "HF_CLIP_ID", "SCRIPT_SIZE", "SSIM_BORDER", "SSIM_DEFINITION_SHORT",
+    "build_lpips_script", "clip_image_features_script", "clip_processor_class", "clip_script", "hf_cache_dir",
+    "load_clip_script", "lpips_script", "on_white", "psnr_script", "script_image", "ssim_map_script",
+    "ssim_script", "tensor_to_pil", "to_tensor255",
 ]

@@ -19,7 +19,8 @@ Aggregation: mean over frames, then over views, then over objects (FVD: pooled o
 
 Metric definitions (``metric_definitions``): ``consistent4d`` computes what Consistent4D's
 ``evaluation/compute_image_level_metrics.py`` computes (images resized to 512 by PIL bicubic,
-torchmetrics PSNR / SSIM / LPIPS, transformers CLIP; :mod:`d2.eval.consistent4d`): the only
+torchmetrics PSNR / LPIPS, SSIM as the torchmetrics of the script's time averaged it (the
+SSIM map without its 5-px border), transformers CLIP; :mod:`d2.eval.consistent4d`): the only
 definitions under which published Consistent4D-benchmark numbers compare. ``d2`` is our own
 cleaner set (:mod:`d2.eval.metrics`), preset :meth:`Protocol.d2_clean`. The script divides
 the sum of its 4 views' means by 4; we take the mean over views, the same number for 4 views.
@@ -116,9 +117,11 @@ class Protocol(BaseModel):
         frames = ("the ground-truth frames the asset covers, each rendered at its frame's time" if self.num_frames is None
                   else f"ground-truth frames 0-{self.num_frames - 1}, each rendered at its frame's time")
         if self.metric_definitions == "consistent4d":
+            from d2.eval.consistent4d import SSIM_DEFINITION_SHORT
+
             defs = ("metric definitions 'consistent4d': Consistent4D's compute_image_level_metrics.py (RGBA put on "
-                    f"white, PIL bicubic to {self.resolution}x{self.resolution}, torchmetrics PSNR/SSIM/LPIPS, "
-                    "transformers CLIP)")
+                    f"white, PIL bicubic to {self.resolution}x{self.resolution}, torchmetrics PSNR/LPIPS, "
+                    f"{SSIM_DEFINITION_SHORT}, transformers CLIP)")
             if self.resolution != SCRIPT_RESOLUTION:
                 defs += f"; NOT the script's numbers: it resizes to {SCRIPT_RESOLUTION}x{SCRIPT_RESOLUTION}"
         else:

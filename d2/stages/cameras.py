@@ -6,7 +6,8 @@ at azimuth ``a`` and elevation ``e`` (degrees) and distance ``r`` is at
     position = r * (cos e * cos a, cos e * sin a, sin e)
 
 looking at the origin. Azimuth 0 is the *input view* (the front, where the input image or
-video was taken); azimuth grows counter-clockwise seen from above (+z). Elevation 0 is
+video was taken); azimuth grows counter-clockwise seen from above (+z), towards the input
+view's right (docs/method.md, "Which way the orbit turns"). Elevation 0 is
 the equator; polar angle = 90 - elevation (SV3D_p's convention).
 
 Camera frame: OpenCV (x right, y down, z forward), as gsplat's ``viewmats``

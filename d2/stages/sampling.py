@@ -50,13 +50,13 @@ class SamplingConfig(BaseModel):
     sigma_max: float = Field(700.0, gt=0)  # largest Karras sigma; initial noise std = sqrt(1 + sigma_max^2)
     rho: float = Field(7.0, gt=0)  # Karras rho
     solver: Literal["euler", "heun"] = "euler"  # deterministic ODE solver
-    weight_schedule: Literal["constant", "logistic"] = "constant"  # base multi-view weight m(i) (authors: constant)
+    weight_schedule: Literal["constant", "logistic", "linear", "cosine"] = "constant"  # base multi-view weight m(i): constant, logistic, linear or cosine (authors: constant)
     w_multiview_constant: float = Field(0.6, ge=0, le=1)  # m for the constant schedule (authors' sv3d_scale 0.6)
     logistic_s0: float = 0.5  # logistic midpoint s0 (paper 0.5; authors' code 0.6)
     logistic_k: float = 20.0  # logistic steepness k (paper 20; authors' code 15)
-    logistic_min: float = Field(0.0, ge=0, le=1)  # m after the drop (authors' sv3d_scale_min)
-    logistic_max: float = Field(1.0, ge=0, le=1)  # m before the drop (authors' sv3d_scale_max)
-    step_fraction: Literal["i/(N-1)", "i/N"] = "i/(N-1)"  # progress in the logistic: authors i/(N-1), paper i/N
+    logistic_min: float = Field(0.0, ge=0, le=1)  # m after the drop, logistic / linear / cosine (authors' sv3d_scale_min)
+    logistic_max: float = Field(1.0, ge=0, le=1)  # m before the drop, logistic / linear / cosine (authors' sv3d_scale_max)
+    step_fraction: Literal["i/(N-1)", "i/N"] = "i/(N-1)"  # progress in the logistic / linear / cosine: authors i/(N-1), paper i/N
     per_view_video_weight: bool = True  # scale w_video by the authors' cosine profile over views
     per_view_amplitude: float = Field(0.75, ge=0, le=1)  # depth a of that profile
     video_cfg_min: float = 1.5  # video CFG at frame 0 (linear over frames)

@@ -9,10 +9,19 @@ The paper writes ``score = s * score_video + (1 - s) * score_multiview`` with th
 near 0 early (the multi-view model shapes the geometry first) and near 1 late (s0 = 0.5,
 k = 20 in the paper). The authors' code schedules the MULTI-VIEW weight instead
 (``sv3d_scale``, default constant 0.6; logistic ``1 - 1/(1 + exp(-k (i/(N-1) - s0)))`` between
-``min`` and ``max``), which is the same curve seen from the other side. Here:
+``min`` and ``max``), which is the same curve seen from the other side. Their scheduler
+(``ScaleScheduler`` in their ``sgm/util.py``, ``sv3d_scale_schedule``) has two more shapes
+over the same ``min`` and ``max`` and the same progress i/(N-1): ``linear``, a straight line
+from ``max`` at the first step to ``min`` at the last, and ``cosine``, half a cosine period
+between the same two ends (flat at both ends, steepest half-way). All three drop the
+multi-view weight, so the video weight ``s = 1 - m`` rises, as in the paper. Here:
 
-    base multi-view weight  m(i): constant ``c``  or  min + (max - min) * sigmoid(-k (x_i - s0)),
-                            x_i = i/(N-1) (authors) or i/N (paper)
+    base multi-view weight  m(i): constant   c
+                                  logistic   min + (max - min) * sigmoid(-k (x_i - s0))
+                                  linear     (1 - x_i) max + x_i min
+                                  cosine     min + (max - min) * cos^2(pi x_i / 2)
+                            x_i = i/(N-1) (authors) or i/N (paper); min, max = ``logistic_min``,
+                            ``logistic_max`` (the authors' sv3d_scale_min, sv3d_scale_max)
     per-view video profile  p_v = 1 - a (1 - (1 + cos(4 pi (v+1) / V)) / 2)   (a = 0.75; the
                             authors' 2 pi (v+1) / 10.5 for V = 21; p = 1 at the input view)
     w_video[v]     = p_v (1 - m(i))      (p_v = 1 when the per-view profile is off)
@@ -49,10 +58,13 @@ def step_fraction(i: int, num_steps: int, mode: Literal["i/(N-1)", "i/N"] = "i/(
     return i / max(num_steps - 1, 1)
 
 
+WEIGHT_SCHEDULES = ("constant", "logistic", "linear", "cosine")  # shapes of the base multi-view weight m(i)
+
+
 def base_multiview_weight(
     i: int,
     num_steps: int,
-    schedule: Literal["constant", "logistic"],
+    schedule: Literal["constant", "logistic", "linear", "cosine"],
     constant: float = 0.6,
     s0: float = 0.5,
     k: float = 20.0,
@@ -63,10 +75,14 @@ def base_multiview_weight(
     """m(i), the multi-view weight before the per-view profile (see the module docstring)."""
     if schedule == "constant":
         return float(constant)
+    x = step_fraction(i, num_steps, fraction)
     if schedule == "logistic":
-        x = step_fraction(i, num_steps, fraction)
         return w_min + (w_max - w_min) / (1.0 + math.exp(k * (x - s0)))
-    raise ValueError(f"unknown weight schedule {schedule!r}")
+    if schedule == "linear":
+        return w_max + x * (w_min - w_max)
+    if schedule == "cosine":
+        return w_min + (w_max - w_min) * (1.0 + math.cos(math.pi * x)) / 2.0
+    raise ValueError(f"unknown weight schedule {schedule!r}; known: {', '.join(WEIGHT_SCHEDULES)}")
 
 
 def per_view_video_profile(num_views: int, amplitude: float = 0.75) -> Tensor:

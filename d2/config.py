@@ -441,7 +441,12 @@ def knob_problems(params: BaseModel) -> list[str]:
     if fit is not None and fit.lambda_ssim == 0 and fit.lambda_lpips == 0 and fit.lambda_l1 == 0:
         problems.append("fit.lambda_ssim, fit.lambda_lpips and fit.lambda_l1 are all 0: the fit has no loss to "
                         "minimise; set fit.lambda_ssim=1 (the default)")
-    views = getattr(samp, "num_views", None) if (samp := getattr(params, "sampling", None)) is not None else None
+    samp = getattr(params, "sampling", None)
+    side = (fit.resolution or getattr(samp, "resolution", None)) if fit is not None else None
+    if fit is not None and side is not None and side < 11 and fit.lambda_ssim > 0:
+        problems.append(f"the fit sees {side}x{side} px images (fit.resolution, else sampling.resolution), smaller "
+                        "than its SSIM's 11 px window; set fit.resolution to 11 or more, or fit.lambda_ssim=0")
+    views = getattr(samp, "num_views", None) if samp is not None else None
     if fit is not None and getattr(fit, "exclude_views", None) and views is not None:
         from d2.stages.fit import fitted_views
 

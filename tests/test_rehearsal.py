@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 REHEARSAL_KNOBS = {
     "priors.backend", "priors.device", "priors.tiny.resolution", "priors.tiny.block_out_channels",
     "priors.tiny.vae_block_out_channels", "conditions.resolution", "conditions.num_steps", "sampling.resolution",
-    "sampling.num_steps", "sampling.rollback_steps", "sampling.devices", "fit.iterations", "fit.num_gaussians",
+    "sampling.num_steps", "sampling.rollback_steps", "sampling.devices", "fit.resolution", "fit.iterations", "fit.num_gaussians",
     "fit.max_gaussians", "fit.sh_increase_every", "fit.lr_means_max_steps", "fit.densify_from", "fit.densify_until",
     "fit.densify_every", "fit.opacity_reset_every", "fit.lpips_required", "fit.device", "fit.turntable_frames",
     "render_eval.resolution", "render_eval.device", "metrics.device",
@@ -113,3 +113,12 @@ def _params_of(run_dir: Path) -> "object":
     from d2.config import Params
 
     return Params.model_validate(json.loads((run_dir / "params.json").read_text()))
+
+
+def test_a_fit_below_its_ssim_window_is_refused_at_loading():
+    """Found by the first rehearsal: an 8 px matrix reached the fit and failed there, after sampling."""
+    from d2.config import ParamsError
+
+    with pytest.raises(ParamsError, match=r"fit sees 8x8 px images .* smaller than its SSIM's 11 px window"):
+        load_params(preset_path("paper"), overlay_overrides() + ["fit.resolution=null"])
+    load_params(preset_path("paper"), overlay_overrides() + ["fit.resolution=null", "fit.lambda_ssim=0"])

@@ -110,3 +110,47 @@ def test_a_cache_mounted_at_another_path_on_another_node_serves_verified_hits(to
     assert all(Path(s["store_dir"]).is_relative_to(mount_b) for s in m["stages"])
     assert run_files(tmp_path / "b") == expected
     assert names_no_path(store, mount_a, store) == []
+
+
+# ---------------------------------------------------------------------------------------
+# A knob named twice in a sweep
+
+
+@pytest.mark.parametrize("axes", [["sampling.s0=0.3", "sampling.logistic_s0=0.5"],
+                                  ["sampling.logistic_k=10", "sampling.k=20,30"],
+                                  ["sampling.s0=0.3", " sampling.s0 =0.5"]])
+def test_a_sweep_naming_one_knob_twice_is_refused_in_one_line_before_any_work(axes, tmp_path, capsys):
+    import time
+
+    from d2.cli import main
+
+    argv = ["sweep", "--out", str(tmp_path / "sweep"), "--data", str(tmp_path / "no-data-needed")]
+    for a in axes:
+        argv += ["--grid", a]
+    t = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - t < 5
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "sweep grid:" in err and "give each knob one --grid axis" in err
+    first, second = (a.split("=")[0].strip() for a in axes)
+    assert f"'{first}'" in err and (first == second or f"'{second}'" in err), err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_grid_parsing_and_expansion_refuse_an_alias_beside_its_full_name():
+    from d2.config import ParamsError, load_params
+    from d2.flows.sweep import expand_grid, parse_grid
+    from d2.validation import InputError, check_grid
+
+    p = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    with pytest.raises(ParamsError, match="both set sampling.logistic_s0"):
+        parse_grid(["sampling.s0=0.3", "sampling.logistic_s0=0.5"])
+    with pytest.raises(InputError, match="both set sampling.logistic_k"):
+        check_grid(p, ["sampling.k=10", "sampling.logistic_k=10"])
+    with pytest.raises(ParamsError, match="both set sampling.logistic_s0"):
+        expand_grid(p, {"sampling.logistic_s0": [0.5], "sampling.s0": [0.3]})
+    # distinct knobs are one point per combination, each row labelled with the value it ran
+    points = expand_grid(p, parse_grid(["sampling.s0=0.3,0.5", "sampling.k=10"]))
+    assert [(pid, q.sampling.logistic_s0, q.sampling.logistic_k) for pid, _, q in points] == [
+        ("p00_s0=0.3_k=10", 0.3, 10.0), ("p01_s0=0.5_k=10", 0.5, 10.0)]

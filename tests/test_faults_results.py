@@ -154,3 +154,89 @@ def test_grid_parsing_and_expansion_refuse_an_alias_beside_its_full_name():
     points = expand_grid(p, parse_grid(["sampling.s0=0.3,0.5", "sampling.k=10"]))
     assert [(pid, q.sampling.logistic_s0, q.sampling.logistic_k) for pid, _, q in points] == [
         ("p00_s0=0.3_k=10", 0.3, 10.0), ("p01_s0=0.5_k=10", 0.5, 10.0)]
+
+
+# ---------------------------------------------------------------------------------------
+# Tables name the dataset they scored; strict JSON
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny real params (2 objects, MLflow off) and their prepared dataset."""
+    from d2_toy import prepare_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    params, data = prepare_tiny(root)
+    return {"root": root, "params": params, "data": data}
+
+
+def test_tables_name_the_dataset_scored_and_keep_their_key_wherever_it_lies(tiny, tmp_path, monkeypatch, capsys):
+    from d2.cli import main
+
+    other = tmp_path / "elsewhere" / "bench7"
+    shutil.copytree(tiny["data"], other)  # not run.data_dir, which names tiny["data"]
+    monkeypatch.chdir(tmp_path)
+    runs = {}
+    for label, given in (("abs", str(other)), ("rel", "elsewhere/bench7")):
+        assert main(["benchmark", "--params", str(tiny["params"]), "--data", given, "--out", str(tmp_path / label)]) == 0
+        md = (tmp_path / label / "results" / "results.md").read_text()
+        assert f"ground truth: {given};" in md and f": diffusion2 on {given}**" in md
+        assert str(tiny["data"]) not in md and "data/mini" not in md
+        assert load(tmp_path / label / "results" / "results.json")["dataset"] == given
+        assert f"dataset: {given}" in (tmp_path / label / "results" / "results.csv").read_text()
+        assert f"on {given}" in capsys.readouterr().out  # the table the command prints
+        runs[label] = load(tmp_path / label / "manifest.json")
+    # the same ground truth given by another path: every stage, the tables too, is a cache hit
+    assert runs["rel"]["objects"]["_benchmark"]["tables"]["status"] == "cached"
+    assert runs["rel"]["totals"]["computed"] == 0
+    assert runs["rel"]["objects"]["_benchmark"]["tables"]["key"] == runs["abs"]["objects"]["_benchmark"]["tables"]["key"]
+    # d2 report rebuilds the same labelled tables from the run folder
+    before = (tmp_path / "rel" / "results" / "results.md").read_text()
+    assert main(["report", "--run", str(tmp_path / "rel")]) == 0
+    assert (tmp_path / "rel" / "results" / "results.md").read_text() == before
+
+
+def _black_copy(data: Path, gt: Path, pred: Path) -> None:
+    """``gt``: ``data``'s ground truth with every image black (mode and size kept); ``pred``: black
+    predictions in the evaluation layout (``<pred>/<object>/eval_k/<i>.png``)."""
+    from PIL import Image
+
+    shutil.copytree(data, gt)
+    for f in sorted((gt / "gt").rglob("*.png")):
+        with Image.open(f) as im:
+            mode, size = im.mode, im.size
+        Image.new(mode, size, (0,) * len(mode)).save(f)
+        p = pred / f.relative_to(gt / "gt")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, (0, 0, 0)).save(p)
+
+
+def test_black_prediction_vs_black_ground_truth_is_strict_json_and_marked_in_the_table(tiny, tmp_path):
+    from d2.cli import main
+    from d2.eval.tables import NOT_FINITE_MARK, load_results, results_markdown
+
+    _black_copy(tiny["data"], tmp_path / "gt", tmp_path / "pred")
+    assert main(["evaluate", "--params", str(tiny["params"]), "--pred", str(tmp_path / "pred"),
+                 "--gt", str(tmp_path / "gt"), "--out", str(tmp_path / "ev"),
+                 "--set", "protocol.metric_definitions=consistent4d"]) == 0
+    text = (tmp_path / "ev" / "results.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}, which is not JSON"))
+    assert data["mean"]["psnr"] is None and data["mean"]["ssim"] is None
+    assert all(s["values"]["psnr"] is None for s in data["per_frame"]) and len(data["per_frame"]) == 24
+    md = (tmp_path / "ev" / "results.md").read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| bouncing_ball") or ln.startswith("| **mean")]
+    assert len(rows) == 2 and all(ln.count(f"-{NOT_FINITE_MARK}") == 2 for ln in rows), rows
+    assert f"PSNR not a finite number in 24 of 24 images (cells marked {NOT_FINITE_MARK}, null in results.json)" in md
+    assert f"SSIM not a finite number in 24 of 24 images (cells marked {NOT_FINITE_MARK}" in md
+    assert results_markdown(load_results(tmp_path / "ev")) == md  # the same table from results.json
+    for f in ("results.csv", "results.tex"):
+        assert "nan" not in (tmp_path / "ev" / f).read_text().lower().replace("nanm", "")
+
+
+def test_json_writer_never_lets_a_non_finite_number_out(tmp_path):
+    from d2.utils.io import write_json
+
+    write_json(tmp_path / "x.json", {"a": float("nan"), "b": [1.0, float("inf"), -float("inf")], "c": {"d": 2.5}})
+    text = (tmp_path / "x.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {"a": None, "b": [1.0, None, None],
+                                                                         "c": {"d": 2.5}}

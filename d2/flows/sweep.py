@@ -114,7 +114,7 @@ def sweep_flow(data_dir: str, out_dir: str, params: dict[str, Any], grid: dict[s
             for pid, overrides, _ in points:
                 try:
                     raise_failures(jobs[pid] + ([tables[pid]] if pid in tables else []))
-                    res = summarize(runs[pid], jobs[pid], tables[pid])
+                    res = summarize(runs[pid], jobs[pid], tables[pid], str(data_dir))
                     rows.append({"point": pid, **dict(o.split("=", 1) for o in overrides),
                                  **flat_numbers(res["summary"])})
                     finish(runs[pid], "completed")

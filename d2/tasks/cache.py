@@ -49,7 +49,7 @@ from pydantic import BaseModel
 
 from d2.config import NO_EFFECT, params_subset_hash
 from d2.tasks.progress import set_progress_file
-from d2.utils.io import write_json
+from d2.utils.io import strict_json, write_json
 from d2.utils.paths import flock_holder
 
 log = logging.getLogger("d2.cache")
@@ -379,7 +379,7 @@ def execute_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str], params: 
         attempts_log.unlink()
     record = {"format": RECORD_FORMAT, "stage": spec.name, "object": obj, "key": key, "ingredients": ingredients,
               "compute_seconds": round(time.perf_counter() - tc, 4),
-              "info": json.loads(json.dumps(info, default=str)), "files": file_records(out),
+              "info": strict_json(json.loads(json.dumps(info, default=str))), "files": file_records(out),
               "failed_attempts": failed}
     record["content_hash"] = listing_digest({k: v[2] for k, v in record["files"].items()})
     write_json(done, record)

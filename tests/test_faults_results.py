@@ -240,3 +240,64 @@ def test_json_writer_never_lets_a_non_finite_number_out(tmp_path):
     text = (tmp_path / "x.json").read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {"a": None, "b": [1.0, None, None],
                                                                          "c": {"d": 2.5}}
+
+
+# ---------------------------------------------------------------------------------------
+# Report URLs with hostile object names
+
+HOSTILE = "a#b?c%41 d&e"  # a fragment, a query, an escape that decodes to another name, a space, an entity
+
+
+def _links(page: Path) -> list[str]:
+    import html
+    import re
+
+    return [html.unescape(u) for u in re.findall(r'<(?:img|video|script|a)\s[^>]*(?:src|href)="([^"]*)"',
+                                                 page.read_text())]
+
+
+def test_report_urls_are_percent_encoded_and_resolve_to_the_files(tmp_path):
+    import html
+    import re
+    from urllib.parse import unquote, urlsplit
+
+    from d2.reports.html import build_html_report
+
+    from test_report_html import make_benchmark_run
+
+    run = make_benchmark_run(tmp_path, objects=(HOSTILE, "plain"))
+    page = build_html_report(run)
+    links = _links(page)
+    local = [u for u in links if not urlsplit(u).scheme and not u.startswith("#")]
+    assert len(local) >= 2 * 6, links  # every object's images, videos, viewer script and compare link
+    for u in local:
+        parts = urlsplit(u)
+        assert parts.query == "" and parts.fragment == "", u  # no character read as a query or a fragment
+        target = page.parent / unquote(parts.path)
+        assert target.is_file(), u
+        assert target.resolve().is_relative_to(run.resolve())  # the report's media or the run's own files
+    hostile = [u for u in local if "a%23b%3Fc%2541%20d%26e" in u]
+    assert len(hostile) >= 6 and all(HOSTILE in Path(unquote(u)).parts for u in hostile)  # .../<name>/...
+    ids = set(html.unescape(i) for i in re.findall(r'\sid="([^"]*)"', page.read_text()))
+    anchors = [unquote(u[1:]) for u in links if u.startswith("#obj-")]
+    assert sorted(anchors) == sorted(f"obj-{o}" for o in (HOSTILE, "plain")) and set(anchors) <= ids
+
+
+def test_report_with_a_hostile_object_name_loads_every_medium_in_chromium(tmp_path):
+    from d2.reports.browser import find_browser, inspect_page
+    from d2.reports.html import build_html_report
+    from d2.reports.media import MIN_PREVIEW
+
+    from test_report_html import AZ_EVAL, make_benchmark_run
+
+    if find_browser() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser test: install Debian's chromium (.ci/run does)")
+        pytest.skip("no Chromium on PATH (CI installs Debian's chromium)")
+    run = make_benchmark_run(tmp_path, objects=(HOSTILE,))
+    page = build_html_report(run)
+    res = inspect_page(page)
+    assert res["errors"] == [], res["errors"]
+    assert len(res["imgs"]) == 2 and all(i["ok"] and i["width"] >= MIN_PREVIEW for i in res["imgs"]), res["imgs"]
+    assert len(res["videos"]) == len(AZ_EVAL) + 1 and all(v["ok"] for v in res["videos"]), res["videos"]
+    assert res["canvases"] == 1 and res["canvas_ink"][0] > 500, res["canvas_ink"]  # the viewer script loaded

@@ -19,6 +19,7 @@ import html
 import json
 import math
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,15 @@ def numbered_pngs(folder: Path) -> list[Path]:
 
 
 def rel(target: Path, start: Path) -> str:
-    """A relative URL from folder ``start`` to ``target`` (forward slashes)."""
-    return Path(os.path.relpath(target, start)).as_posix()
+    """A relative URL from folder ``start`` to ``target``: forward slashes, every other character
+    that is not plain in a URL path percent-encoded (an object named ``a#b?c%d`` is a folder
+    name, not a fragment, a query and an escape)."""
+    return urllib.parse.quote(Path(os.path.relpath(target, start)).as_posix(), safe="/")
+
+
+def anchor(obj: str) -> str:
+    """The page-internal link to an object's section (its id percent-encoded in the fragment)."""
+    return "#obj-" + urllib.parse.quote(obj, safe="")
 
 
 def fmt(v: Any) -> str:
@@ -432,7 +440,7 @@ def build_html_report(run_dir: str | Path, out_dir: str | Path | None = None) ->
         body.append(table)
         objs = list_objects(run_dir)
         if objs:
-            body.append("<nav>" + " \u00b7 ".join(f'<a href="#obj-{esc(o)}">{esc(o)}</a>' for o in objs) + "</nav>")
+            body.append("<nav>" + " \u00b7 ".join(f'<a href="{esc(anchor(o))}">{esc(o)}</a>' for o in objs) + "</nav>")
         for o in objs:
             body.append(object_section(run_dir, manifest, params, o, out, scores.get(o)))
     body.append(timing_html(manifest))

@@ -64,7 +64,7 @@ def rel(target: Path, start: Path) -> str:
     """A relative URL from folder ``start`` to ``target``: forward slashes, every other character
     that is not plain in a URL path percent-encoded (an object named ``a#b?c%d`` is a folder
     name, not a fragment, a query and an escape)."""
-    return urllib.parse.quote(Path(os.path.relpath(target, start)).as_posix(), safe="/")
+    return urllib.parse.quote(Path(os.path.relpath(target, start)).as_posix(), safe="/=,")
 
 
 def anchor(obj: str) -> str:

@@ -302,3 +302,21 @@ def test_report_with_a_hostile_object_name_loads_every_medium_in_chromium(tmp_pa
     assert len(res["imgs"]) == 2 and all(i["ok"] and i["width"] >= MIN_PREVIEW for i in res["imgs"]), res["imgs"]
     assert len(res["videos"]) == len(AZ_EVAL) + 1 and all(v["ok"] for v in res["videos"]), res["videos"]
     assert res["canvases"] == 1 and res["canvas_ink"][0] > 500, res["canvas_ink"]  # the viewer script loaded
+
+
+def test_a_score_that_is_no_number_is_marked_in_the_html_report_and_the_ablation_table(tmp_path):
+    from d2.eval.tables import AblationPoint, ablation_rows
+    from d2.reports.html import build_html_report
+    from d2.utils.io import write_json
+
+    from test_report_html import make_benchmark_run
+
+    run = make_benchmark_run(tmp_path, objects=("ball",))
+    res = load(run / "results" / "results.json")
+    res["per_object"]["ball"]["psnr"], res["mean"]["psnr"] = None, None  # as results.json writes NaN
+    write_json(run / "results" / "results.json", res)
+    page = build_html_report(run).read_text()
+    # the results table's object and mean rows, the object's own scores
+    assert page.count("-\u2021") == 3 and "\u2021 not a finite number" in page and "None" not in page
+    _, rows = ablation_rows([AblationPoint(label="p00", metrics={"psnr": None, "ssim": 0.5})], ["psnr", "ssim"])
+    assert "None" not in str(rows) and "0.5000" in str(rows)

@@ -338,7 +338,7 @@ class AblationPoint(BaseModel):
 
     label: str  # row label, e.g. "s0=0.5, k=10"
     params: dict[str, Any] = Field(default_factory=dict)  # varied parameters -> value
-    metrics: dict[str, float] = Field(default_factory=dict)  # metric -> value (mean over the benchmark)
+    metrics: dict[str, float | None] = Field(default_factory=dict)  # metric -> mean over the benchmark (None: no number)
     unavailable: dict[str, str] = Field(default_factory=dict)  # metric -> reason
     time_s: float | None = None  # generation time per object
 

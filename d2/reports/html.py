@@ -73,6 +73,8 @@ def anchor(obj: str) -> str:
 
 
 def fmt(v: Any) -> str:
+    if v is None:  # a score that is no finite number (null in results.json; results.md says why)
+        return "-\u2021"
     if isinstance(v, float):
         if math.isnan(v):
             return "-"
@@ -293,6 +295,9 @@ def results_html(run_dir: Path) -> tuple[str, dict[str, dict[str, float]]]:
     note = ""
     if res.get("unavailable"):
         note = "<p class=\"muted\">unavailable: " + esc("; ".join(str(v) for v in res["unavailable"].values())) + "</p>"
+    if any(v is None for r in rows for v in r):
+        note += ("<p class=\"muted\">\u2021 not a finite number (null in results.json; results.md gives the "
+                 "reason)</p>")
     gen = res.get("generation_time_s")
     gen_note = f"<p>generation time {gen:.1f} s per object</p>" if isinstance(gen, (int, float)) else ""
     return ("<h2>Results</h2>" + table_html(["object"] + metrics, rows, "results") + note + gen_note,

@@ -2,10 +2,11 @@
 
 The task is a pure function of serializable arguments: the stage set (pickled by reference),
 the stage's name, the object's name, input paths, the validated params as a dict and the
-cache root. It returns a small JSON dict (key, status, store folder, file list, timings, the
-stage's info) and touches nothing outside the cache; the flow that called it records the
-manifest, MLflow and the run folder's copy. So it runs the same in a thread, in another
-process or on another machine that sees the cache.
+cache root. It returns a small JSON dict (stage, key, status, file list, timings, the stage's
+info; no path: the caller finds the files at ``<its cache root>/<stage>/<key>/out``) and
+touches nothing outside the cache; the flow that called it records the manifest, MLflow and
+the run folder's copy. So it runs the same in a thread, in another process or on another
+machine that sees the cache, wherever that machine mounts it.
 
 Caching is Prefect's (:class:`StageCachePolicy`); the stage cache of :mod:`d2.tasks.cache`
 holds the files and verifies them.

@@ -178,7 +178,8 @@ def test_tables_name_the_dataset_scored_and_keep_their_key_wherever_it_lies(tiny
     monkeypatch.chdir(tmp_path)
     runs = {}
     for label, given in (("abs", str(other)), ("rel", "elsewhere/bench7")):
-        assert main(["benchmark", "--params", str(tiny["params"]), "--data", given, "--out", str(tmp_path / label)]) == 0
+        argv = ["benchmark", "--params", str(tiny["params"]), "--data", given, "--out", str(tmp_path / label)]
+        assert main(argv) == 0
         md = (tmp_path / label / "results" / "results.md").read_text()
         assert f"ground truth: {given};" in md and f": diffusion2 on {given}**" in md
         assert str(tiny["data"]) not in md and "data/mini" not in md
@@ -189,7 +190,8 @@ def test_tables_name_the_dataset_scored_and_keep_their_key_wherever_it_lies(tiny
     # the same ground truth given by another path: every stage, the tables too, is a cache hit
     assert runs["rel"]["objects"]["_benchmark"]["tables"]["status"] == "cached"
     assert runs["rel"]["totals"]["computed"] == 0
-    assert runs["rel"]["objects"]["_benchmark"]["tables"]["key"] == runs["abs"]["objects"]["_benchmark"]["tables"]["key"]
+    keys = {label: m["objects"]["_benchmark"]["tables"]["key"] for label, m in runs.items()}
+    assert keys["rel"] == keys["abs"]
     # d2 report rebuilds the same labelled tables from the run folder
     before = (tmp_path / "rel" / "results" / "results.md").read_text()
     assert main(["report", "--run", str(tmp_path / "rel")]) == 0
@@ -226,7 +228,8 @@ def test_black_prediction_vs_black_ground_truth_is_strict_json_and_marked_in_the
     md = (tmp_path / "ev" / "results.md").read_text()
     rows = [ln for ln in md.splitlines() if ln.startswith("| bouncing_ball") or ln.startswith("| **mean")]
     assert len(rows) == 2 and all(ln.count(f"-{NOT_FINITE_MARK}") == 2 for ln in rows), rows
-    assert f"PSNR not a finite number in 24 of 24 images (cells marked {NOT_FINITE_MARK}, null in results.json)" in md
+    assert (f"PSNR not a finite number in 24 of 24 images (cells marked {NOT_FINITE_MARK}, null in results.json): "
+            "undefined (identical images give +inf; a constant, e.g. all black, ground truth") in md
     assert f"SSIM not a finite number in 24 of 24 images (cells marked {NOT_FINITE_MARK}" in md
     assert results_markdown(load_results(tmp_path / "ev")) == md  # the same table from results.json
     csv_rows = [ln for ln in (tmp_path / "ev" / "results.csv").read_text().splitlines() if not ln.startswith("#")]

@@ -161,19 +161,20 @@ def not_finite_lines(results: "Results") -> list[str]:
     is 0, or identical images under the script's PSNR (+inf)."""
     lines = []
     for m in results.metrics:
-        if m in results.unavailable:
+        if m in results.unavailable or not results.per_object:
             continue
-        cells = [v.get(m) for v in results.per_object.values()] + ([results.mean.get(m)] if results.per_object else [])
-        if m == "fvd":
-            cells = [results.mean.get(m)] if "fvd" in results.mean or results.per_object else []
+        if m == "fvd":  # pooled: the mean row only
+            cells, where, why = [results.mean.get(m)], "", "the pooled Frechet distance is undefined for these videos"
+        else:
+            cells = [v.get(m) for v in results.per_object.values()] + [results.mean.get(m)]
+            images = sum(1 for s in results.per_frame if m in s.values and not _finite(s.values[m]))
+            where = f" in {images} of {results.num_scored_frames} images"
+            why = ("identical images give +inf; a constant, e.g. all black, ground truth has data range 0: -inf or "
+                   "NaN" if m == "psnr" else "constant, e.g. all black, images have data range 0")
         if all(_finite(v) for v in cells):
             continue
-        images = sum(1 for s in results.per_frame if m in s.values and not _finite(s.values[m]))
-        where = f" in {images} of {results.num_scored_frames} images" if m != "fvd" else ""
-        why = ("identical images give +inf; a constant, e.g. all black, ground truth has data range 0: -inf or NaN"
-               if m == "psnr" else "constant, e.g. all black, images have data range 0")
         lines.append(f"{METRIC_LABELS.get(m, m)} not a finite number{where} (cells marked {NOT_FINITE_MARK}, "
-                     f"null in results.json): undefined for these images ({why}); a mean over them is none either.")
+                     f"null in results.json): undefined ({why}); a mean over them is none either.")
     return lines
 
 
@@ -202,7 +203,8 @@ def results_markdown(results: "Results") -> str:
 def _tex_escape(s: str) -> str:
     rep = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
            "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "↑": r"$\uparrow$",
-           "↓": r"$\downarrow$", "²": r"$^2$", "†": r"$^\dagger$", "‡": r"$^\ddagger$", "<": r"\textless{}", ">": r"\textgreater{}"}
+           "↓": r"$\downarrow$", "²": r"$^2$", "†": r"$^\dagger$", "‡": r"$^\ddagger$",
+           "<": r"\textless{}", ">": r"\textgreater{}"}
     return "".join(rep.get(c, c) for c in s)
 
 
@@ -338,7 +340,7 @@ class AblationPoint(BaseModel):
 
     label: str  # row label, e.g. "s0=0.5, k=10"
     params: dict[str, Any] = Field(default_factory=dict)  # varied parameters -> value
-    metrics: dict[str, float | None] = Field(default_factory=dict)  # metric -> mean over the benchmark (None: no number)
+    metrics: dict[str, float | None] = Field(default_factory=dict)  # metric -> mean over the benchmark (None: none)
     unavailable: dict[str, str] = Field(default_factory=dict)  # metric -> reason
     time_s: float | None = None  # generation time per object
 

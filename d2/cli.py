@@ -322,7 +322,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     p = _params(args)
     from d2.flows.sweep import expand_grid, parse_grid, run_sweep
 
-    grid = parse_grid(args.grid)
+    grid = parse_grid(args.grid, type(p))
     points = expand_grid(p, grid)
     data = Path(args.data or p.run.data_dir)
     objects = _dataset_objects(data, p)

@@ -103,6 +103,13 @@ def resolve_alias(path: list[str]) -> list[str]:
     return full.split(".") if full else path
 
 
+def canonical_key(key: str, root: type[BaseModel] | None = None) -> str:
+    """The dotted key an override of ``key`` sets: an alias gives its full name
+    (``sampling.s0`` -> ``sampling.logistic_s0``), any other key itself."""
+    path = [part.strip() for part in key.strip().split(".")]
+    return ".".join(path if _has_key(Params if root is None else root, path) else resolve_alias(path))
+
+
 def _has_key(model: type[BaseModel] | None, path: list[str]) -> bool:
     for part in path:
         if model is None or part not in model.model_fields:

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel
 
-from d2.config import ParamsError, parse_override, with_overrides
+from d2.config import ParamsError, canonical_key, parse_override, with_overrides
 from d2.utils.io import MIN_IMAGE_SIDE, SUPPORTED_MODES, ImageReadError, read_rgba
 
 FRAME_NAME = re.compile(r"^(\d+)$")  # ground-truth and benchmark-input frames are named <i>.<ext>
@@ -438,6 +438,12 @@ def check_runtime(params: BaseModel, devices: tuple[str, ...], fits: bool, score
     return warnings
 
 
+def duplicate_axis_message(first: str, second: str, knob: str) -> str:
+    """One line refusing two sweep grid axes that set the same knob."""
+    same = f"'{first}' given twice" if first == second else f"'{first}' and '{second}' both set {knob}"
+    return f"sweep grid: {same}; give each knob one --grid axis with all its values"
+
+
 def check_grid(params: BaseModel, items: list[str]) -> list[BaseModel]:
     """Every point of a sweep grid (``key=v1,v2,...`` axes, as ``d2 sweep --grid``), validated."""
     axes: list[tuple[str, list[str]]] = []
@@ -449,6 +455,12 @@ def check_grid(params: BaseModel, items: list[str]) -> list[BaseModel]:
         if not values:
             raise InputError(f"grid axis '{item}' has no values")
         axes.append((key.strip(), values))
+    knobs: dict[str, str] = {}  # the full key an axis sets (aliases resolved) -> the axis as written
+    for key, _ in axes:
+        knob = canonical_key(key, type(params))
+        if knob in knobs:
+            raise InputError(duplicate_axis_message(knobs[knob], key, knob))
+        knobs[knob] = key
     n = 1
     for _, values in axes:
         n *= len(values)

@@ -17,19 +17,21 @@ from d2.eval.protocol import Protocol
 class FrameScore(BaseModel):
     """Metric values of one (object, view, frame)."""
 
-    model_config = ConfigDict(ser_json_inf_nan="constants")  # the script's PSNR may be +-inf / NaN
+    # the script's PSNR may be +-inf / NaN, SSIM of constant images NaN: JSON has no such number,
+    # they are written as null (read back as None: no finite score)
+    model_config = ConfigDict(ser_json_inf_nan="null")
 
     object: str
     view: str
     frame: int
-    values: dict[str, float]  # metric -> value
+    values: dict[str, float | None]  # metric -> value (None: not a finite number)
     psnr_capped: bool = False  # d2: PSNR hit the cap (images identical up to ~1e-5 RMS); consistent4d: PSNR not finite
 
 
 class Results(BaseModel):
-    """Everything an evaluation computed, with its protocol."""
+    """Everything an evaluation computed, with its protocol (non-finite scores written as null)."""
 
-    model_config = ConfigDict(ser_json_inf_nan="constants")
+    model_config = ConfigDict(ser_json_inf_nan="null")
 
     method: str = "ours"  # label of the scored method
     dataset: str = ""  # label of the ground-truth set
@@ -40,9 +42,10 @@ class Results(BaseModel):
     unavailable: dict[str, str] = Field(default_factory=dict)  # metric -> reason it was not computed
     definitions: dict[str, str] = Field(default_factory=dict)  # metric -> definition (default: the protocol's set)
     per_frame: list[FrameScore] = Field(default_factory=list)
-    per_view: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)  # object -> view -> metric
-    per_object: dict[str, dict[str, float]] = Field(default_factory=dict)  # object -> metric
-    mean: dict[str, float] = Field(default_factory=dict)  # metric -> mean over objects (fvd: pooled)
+    # (None in these: not a finite number)
+    per_view: dict[str, dict[str, dict[str, float | None]]] = Field(default_factory=dict)  # object -> view -> metric
+    per_object: dict[str, dict[str, float | None]] = Field(default_factory=dict)  # object -> metric
+    mean: dict[str, float | None] = Field(default_factory=dict)  # metric -> mean over objects (fvd: pooled)
     psnr_capped_frames: int = 0  # frames whose PSNR was capped
     num_scored_frames: int = 0  # (object, view, frame) triples scored
     frames: dict[str, Any] = Field(default_factory=dict)  # which frames were scored (:func:`frames_record`)
@@ -107,8 +110,8 @@ def aggregate(per_frame: list[FrameScore], metrics: list[str]) -> tuple[
     for s in per_frame:
         view = sums.setdefault(s.object, {}).setdefault(s.view, {})
         for m in metrics:
-            if m in s.values:
-                view.setdefault(m, []).append(float(s.values[m]))
+            if m in s.values:  # None (read back from JSON): not a finite number, NaN in the means
+                view.setdefault(m, []).append(float("nan") if s.values[m] is None else float(s.values[m]))
 
     def mean(xs: list[float]) -> float:
         return sum(xs) / len(xs)

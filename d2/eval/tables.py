@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 UNAVAILABLE = "unavailable"
 NOT_APPLICABLE = "-"  # e.g. FVD per object (pooled over the benchmark only)
 CAP_MARK = "†"  # marks PSNR cells that include capped (identical-image) values
+NOT_FINITE_MARK = "‡"  # marks cells whose score is not a finite number (null in results.json)
 METRIC_LABELS = {"clip": "CLIP", "lpips": "LPIPS", "psnr": "PSNR", "ssim": "SSIM", "fvd": "FVD (pooled)"}
 DIGITS = {"clip": 4, "lpips": 4, "psnr": 2, "ssim": 4, "fvd": 1}
 
@@ -114,13 +115,16 @@ def results_rows(results: "Results", mark_capped: bool = False) -> list[list[str
     """
     capped = capped_objects(results) if mark_capped else set()
 
-    def cell(m: str, value: float | None, star: bool) -> str:
+    def cell(m: str, value: float | None, star: bool, pooled: bool = False) -> str:
         text = format_value(m, value, m in results.unavailable)
+        if text == NOT_APPLICABLE and not pooled and m in results.metrics:  # a score that is no number
+            return text + NOT_FINITE_MARK
         return text + CAP_MARK if (m == "psnr" and star and text not in (UNAVAILABLE, NOT_APPLICABLE)) else text
 
     rows = []
     for obj, vals in results.per_object.items():
-        rows.append([obj] + [cell(m, None if m == "fvd" else vals.get(m), obj in capped) for m in results.metrics])
+        rows.append([obj] + [cell(m, None if m == "fvd" else vals.get(m), obj in capped, m == "fvd")
+                             for m in results.metrics])
     rows.append(["mean"] + [cell(m, results.mean.get(m), bool(capped)) for m in results.metrics])
     return rows
 
@@ -136,14 +140,44 @@ def footer_lines(results: "Results") -> list[str]:
         lines.append(f"{METRIC_LABELS[m]}: {results.definitions.get(m, '')}")
     for m, why in results.unavailable.items():
         lines.append(f"{METRIC_LABELS.get(m, m)} unavailable: {_reason(m, why)}")
+    lines += not_finite_lines(results)
     if "psnr" in results.metrics and "psnr" not in results.unavailable:
         if results.protocol.metric_definitions == "consistent4d":
+            if any(line.startswith("PSNR not a finite number") for line in lines):
+                return lines  # said above, cells marked NOT_FINITE_MARK
             lines.append(f"PSNR not finite (identical images: +inf; constant ground truth: -inf or NaN; kept as the "
                          f"script computes it) in {results.psnr_capped_frames} of {results.num_scored_frames} images "
                          f"(cells marked {CAP_MARK}).")
         else:
             lines.append(f"PSNR capped (identical images) in {results.psnr_capped_frames} of "
                          f"{results.num_scored_frames} images (cells marked {CAP_MARK}).")
+    return lines
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def not_finite_lines(results: "Results") -> list[str]:
+    """Why cells are marked ``‡``: a metric whose score is not a finite number (null in
+    ``results.json``) in some images, e.g. a constant (all black) ground truth, whose data range
+    is 0, or identical images under the script's PSNR (+inf)."""
+    lines = []
+    for m in results.metrics:
+        if m in results.unavailable or not results.per_object:
+            continue
+        if m == "fvd":  # pooled: the mean row only
+            cells, where, why = [results.mean.get(m)], "", "the pooled Frechet distance is undefined for these videos"
+        else:
+            cells = [v.get(m) for v in results.per_object.values()] + [results.mean.get(m)]
+            images = sum(1 for s in results.per_frame if m in s.values and not _finite(s.values[m]))
+            where = f" in {images} of {results.num_scored_frames} images"
+            why = ("identical images give +inf; a constant, e.g. all black, ground truth has data range 0: -inf or "
+                   "NaN" if m == "psnr" else "constant, e.g. all black, images have data range 0")
+        if all(_finite(v) for v in cells):
+            continue
+        lines.append(f"{METRIC_LABELS.get(m, m)} not a finite number{where} (cells marked {NOT_FINITE_MARK}, "
+                     f"null in results.json): undefined ({why}); a mean over them is none either.")
     return lines
 
 
@@ -172,7 +206,8 @@ def results_markdown(results: "Results") -> str:
 def _tex_escape(s: str) -> str:
     rep = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
            "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "↑": r"$\uparrow$",
-           "↓": r"$\downarrow$", "²": r"$^2$", "†": r"$^\dagger$", "<": r"\textless{}", ">": r"\textgreater{}"}
+           "↓": r"$\downarrow$", "²": r"$^2$", "†": r"$^\dagger$", "‡": r"$^\ddagger$",
+           "<": r"\textless{}", ">": r"\textgreater{}"}
     return "".join(rep.get(c, c) for c in s)
 
 
@@ -274,6 +309,9 @@ def write_results(results: "Results", out_dir: str | Path) -> dict[str, Path]:
     """Write results.{json,csv,md,tex} and table2.{md,tex} into ``out_dir`` (each atomically)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # every table from what results.json holds (non-finite scores are null there), so a table
+    # rebuilt from results.json (``d2 report``) is the table written now
+    results = type(results).model_validate_json(results.model_dump_json())
     files = {
         "json": out / "results.json", "csv": out / "results.csv", "md": out / "results.md",
         "tex": out / "results.tex", "table2_md": out / "table2.md", "table2_tex": out / "table2.tex",
@@ -305,7 +343,7 @@ class AblationPoint(BaseModel):
 
     label: str  # row label, e.g. "s0=0.5, k=10"
     params: dict[str, Any] = Field(default_factory=dict)  # varied parameters -> value
-    metrics: dict[str, float] = Field(default_factory=dict)  # metric -> value (mean over the benchmark)
+    metrics: dict[str, float | None] = Field(default_factory=dict)  # metric -> mean over the benchmark (None: none)
     unavailable: dict[str, str] = Field(default_factory=dict)  # metric -> reason
     time_s: float | None = None  # generation time per object
 

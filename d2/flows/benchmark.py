@@ -76,9 +76,13 @@ def link_predictions(run_dir: Path, objects: list[str]) -> None:
         link.symlink_to(Path("..") / "objects" / obj / "render_eval", target_is_directory=True)
 
 
-def summarize(run: Run, jobs: list[Job], tables: Job) -> dict[str, Any]:
-    """Write ``metrics.json``, log the tables to MLflow, return the flow's result."""
+def summarize(run: Run, jobs: list[Job], tables: Job, dataset: str) -> dict[str, Any]:
+    """Name ``dataset`` (the scored data as the user gave it) in the run's tables, write
+    ``metrics.json``, log the tables to MLflow, return the flow's result."""
     res = tables.results["tables"]
+    table = res.info.get("table", "")
+    if run.stages.label_tables is not None:
+        table = run.stages.label_tables(res.out_dir, dataset)
     link_predictions(run.run_dir, [j.obj for j in jobs])
     summary = res.info.get("summary", {})
     write_json(run.run_dir / "metrics.json", summary)
@@ -87,7 +91,7 @@ def summarize(run: Run, jobs: list[Job], tables: Job) -> dict[str, Any]:
         run.tracker.log_artifacts(run.tracker.run_id, [(p, "results") for p in sorted(res.out_dir.glob("*"))
                                                        if p.is_file()])
     return {"run_dir": str(run.run_dir), "manifest": str(run.run_dir / "manifest.json"),
-            "results_dir": str(res.out_dir), "summary": summary, "table": res.info.get("table", ""),
+            "results_dir": str(res.out_dir), "summary": summary, "table": table,
             "objects": [j.obj for j in jobs],
             "per_object": {j.obj: flat_numbers(j.results["metrics"].info.get("metrics", {})) for j in jobs},
             "videos": {j.obj: str(j.results["fit"].out_dir / "turntable.mp4") for j in jobs},
@@ -133,7 +137,7 @@ def benchmark_flow(data_dir: str, out_dir: str, params: dict[str, Any], stages: 
             tables = Job(run, "_benchmark", tables_graph(run, data, jobs))
             drive([tables], 1, prefect_api_check())
             raise_failures([tables])
-            result = summarize(run, jobs, tables)
+            result = summarize(run, jobs, tables, str(data_dir))
         t_report = time.perf_counter()
         result["report"] = write_run_report(run.run_dir)
         track_report(run.tracker, result["report"])

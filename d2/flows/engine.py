@@ -33,6 +33,7 @@ from d2.config import flatten_params, get_param, params_hash
 from d2.flows.runners import gpu_request, wants_gpu
 from d2.tasks.manifest import LISTENERS, Recorder, StageResult
 from d2.tasks.progress import read_progress
+from d2.tasks.cache import store_dir
 from d2.tasks.stage_task import configured_task, task_arguments
 from d2.tasks.stages import StageSet
 from d2.tasks.tracking import Tracker, fail_stale_runs, flat_numbers, git_commit
@@ -140,7 +141,8 @@ class Run:
 
     @property
     def cache_dir(self) -> Path:
-        return Path(self.params.run.cache_dir).resolve()
+        # absolute, symlinks kept: the cache is used through the path this run was given
+        return Path(os.path.abspath(self.params.run.cache_dir))
 
     def out_dir(self, obj: str, stage: str) -> Path:
         """Where the run keeps its copy of ``stage``'s outputs for ``obj``."""
@@ -318,11 +320,12 @@ def drive(jobs: list[Job], max_parallel: int, api_alive: Any = None) -> None:
         for attempt in result.get("failed_attempts", []) if status is None else []:
             job.run.recorder.add_error(job.obj, stage.name, attempt)
         out_dir = job.run.run_dir / stage.dest if stage.dest else job.run.out_dir(job.obj, stage.name)
-        place(Path(result["store_dir"]), out_dir, job.run.run_dir)
-        rec = StageResult.from_task(result, job.obj, out_dir, time.perf_counter() - t_submit, status)
+        store = store_dir(job.run.cache_dir, result)  # under this run's cache root (results name no path)
+        place(store, out_dir, job.run.run_dir)
+        rec = StageResult.from_task(result, job.obj, out_dir, time.perf_counter() - t_submit, status, store)
         job.results[stage.name] = rec
         job.run.recorder.add(rec)
-        advance(job, result["store_dir"])
+        advance(job, str(store))
 
 
 def start_job(job: Job) -> None:

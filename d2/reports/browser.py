@@ -36,6 +36,7 @@ MEDIA_STATE_JS = """JSON.stringify({
     return n;
   }),
   url: location.href,
+  ready: document.readyState,
   title: document.title
 })"""
 
@@ -155,8 +156,9 @@ def inspect_page(page: str | Path, screenshot: str | Path | None = None, browser
                 session.pump(0.3)
                 res = session.call("Runtime.evaluate", expression=MEDIA_STATE_JS, returnByValue=True)
                 state = json.loads(res.get("result", {}).get("value") or "{}")
-                loaded = state.get("title") is not None and all(i["ok"] for i in state.get("imgs", [])) \
-                    and all(v["ok"] for v in state.get("videos", []))
+                # the page itself (not the blank page before navigation), parsed, its media loaded
+                loaded = state.get("ready") == "complete" and str(state.get("url", "")).startswith("file:") \
+                    and all(i["ok"] for i in state.get("imgs", [])) and all(v["ok"] for v in state.get("videos", []))
                 if loaded or time.monotonic() > end:
                     break
             session.pump(0.5)

@@ -19,6 +19,7 @@ import html
 import json
 import math
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,20 @@ def numbered_pngs(folder: Path) -> list[Path]:
 
 
 def rel(target: Path, start: Path) -> str:
-    """A relative URL from folder ``start`` to ``target`` (forward slashes)."""
-    return Path(os.path.relpath(target, start)).as_posix()
+    """A relative URL from folder ``start`` to ``target``: forward slashes, every other character
+    that is not plain in a URL path percent-encoded (an object named ``a#b?c%d`` is a folder
+    name, not a fragment, a query and an escape)."""
+    return urllib.parse.quote(Path(os.path.relpath(target, start)).as_posix(), safe="/=,")
+
+
+def anchor(obj: str) -> str:
+    """The page-internal link to an object's section (its id percent-encoded in the fragment)."""
+    return "#obj-" + urllib.parse.quote(obj, safe="")
 
 
 def fmt(v: Any) -> str:
+    if v is None:  # a score that is no finite number (null in results.json; results.md says why)
+        return "-\u2021"
     if isinstance(v, float):
         if math.isnan(v):
             return "-"
@@ -285,6 +295,9 @@ def results_html(run_dir: Path) -> tuple[str, dict[str, dict[str, float]]]:
     note = ""
     if res.get("unavailable"):
         note = "<p class=\"muted\">unavailable: " + esc("; ".join(str(v) for v in res["unavailable"].values())) + "</p>"
+    if any(v is None for r in rows for v in r):
+        note += ("<p class=\"muted\">\u2021 not a finite number (null in results.json; results.md gives the "
+                 "reason)</p>")
     gen = res.get("generation_time_s")
     gen_note = f"<p>generation time {gen:.1f} s per object</p>" if isinstance(gen, (int, float)) else ""
     return ("<h2>Results</h2>" + table_html(["object"] + metrics, rows, "results") + note + gen_note,
@@ -432,7 +445,7 @@ def build_html_report(run_dir: str | Path, out_dir: str | Path | None = None) ->
         body.append(table)
         objs = list_objects(run_dir)
         if objs:
-            body.append("<nav>" + " \u00b7 ".join(f'<a href="#obj-{esc(o)}">{esc(o)}</a>' for o in objs) + "</nav>")
+            body.append("<nav>" + " \u00b7 ".join(f'<a href="{esc(anchor(o))}">{esc(o)}</a>' for o in objs) + "</nav>")
         for o in objs:
             body.append(object_section(run_dir, manifest, params, o, out, scores.get(o)))
     body.append(timing_html(manifest))

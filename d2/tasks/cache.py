@@ -49,7 +49,7 @@ from pydantic import BaseModel
 
 from d2.config import NO_EFFECT, params_subset_hash
 from d2.tasks.progress import set_progress_file
-from d2.utils.io import write_json
+from d2.utils.io import strict_json, write_json
 from d2.utils.paths import flock_holder
 
 log = logging.getLogger("d2.cache")
@@ -298,10 +298,25 @@ def verify_entry(entry: Path, full: bool = False) -> tuple[dict | None, str]:
     return record, ""
 
 
-def result_from_record(record: dict, entry: Path, status: str) -> dict[str, Any]:
-    """The small JSON result of a stage execution (what the Prefect task returns)."""
+def entry_dir(cache_dir: str | os.PathLike, stage: str, key: str) -> Path:
+    """``<cache>/<stage>/<key>``: where a stage's entry lives under the cache root in use."""
+    return Path(cache_dir) / stage / key
+
+
+def store_dir(cache_dir: str | os.PathLike, result: Mapping[str, Any]) -> Path:
+    """The ``out/`` folder of a stage result (:func:`result_from_record`) under ``cache_dir``.
+
+    Results name no path: the cache root is the one this run uses, so a cache that was copied,
+    moved or mounted at another path serves its files from where it is now.
+    """
+    return entry_dir(cache_dir, result["stage"], result["key"]) / "out"
+
+
+def result_from_record(record: dict, status: str) -> dict[str, Any]:
+    """The small JSON result of a stage execution (what the Prefect task returns and Prefect
+    records in the cache). It holds no path: :func:`store_dir` locates its files."""
     return {"stage": record["stage"], "key": record["key"], "status": status,
-            "compute_seconds": float(record["compute_seconds"]), "store_dir": str(entry / "out"),
+            "compute_seconds": float(record["compute_seconds"]),
             "outputs": sorted(record["files"]), "content_hash": record["content_hash"],
             "info": record.get("info", {}),
             "failed_attempts": record.get("failed_attempts", []) if status == "computed" else []}
@@ -323,10 +338,10 @@ def execute_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str], params: 
     """
     paths = stage_inputs(spec, inputs, params)
     key, ingredients = stage_key(spec, paths, params)
-    entry = cache_dir / spec.name / key
+    entry = entry_dir(cache_dir, spec.name, key)
     record, reason = verify_entry(entry, full=verify_full)
     if record is not None and use_cache:
-        return result_from_record(record, entry, "cached")
+        return result_from_record(record, "cached")
     if not cache_writable(cache_dir):
         raise PermissionError(f"the stage cache {cache_dir} is read-only and holds no valid {spec.name} result "
                               f"for key {key[:12]} ({reason}); point run.cache_dir at a writable folder")
@@ -364,11 +379,11 @@ def execute_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str], params: 
         attempts_log.unlink()
     record = {"format": RECORD_FORMAT, "stage": spec.name, "object": obj, "key": key, "ingredients": ingredients,
               "compute_seconds": round(time.perf_counter() - tc, 4),
-              "info": json.loads(json.dumps(info, default=str)), "files": file_records(out),
+              "info": strict_json(json.loads(json.dumps(info, default=str))), "files": file_records(out),
               "failed_attempts": failed}
     record["content_hash"] = listing_digest({k: v[2] for k, v in record["files"].items()})
     write_json(done, record)
-    return result_from_record(record, entry, "computed")
+    return result_from_record(record, "computed")
 
 
 def cache_writable(folder: Path) -> bool:
@@ -479,9 +494,11 @@ def key_lock(cache_dir: Path, key: str) -> Iterator[None]:
 
 def run_stage_locally(spec: StageSpec, obj: str, inputs: Mapping[str, str], params: BaseModel,
                       cache_dir: str | os.PathLike) -> dict[str, Any]:
-    """:func:`execute_stage` under the key's lock, without Prefect (tests, scripts)."""
-    cache = Path(cache_dir).resolve()
+    """:func:`execute_stage` under the key's lock, without Prefect (tests, scripts); the result
+    with its ``store_dir`` under ``cache_dir`` added."""
+    cache = Path(os.path.abspath(cache_dir))
     key, _ = stage_key(spec, stage_inputs(spec, inputs, params), params)
     with key_lock(cache, f"{spec.name}-{key}"):
-        return execute_stage(spec, obj, inputs, params, cache, use_cache=params.run.use_cache,
-                             verify_full=params.run.verify_cache == "full")
+        result = execute_stage(spec, obj, inputs, params, cache, use_cache=params.run.use_cache,
+                               verify_full=params.run.verify_cache == "full")
+    return {**result, "store_dir": str(store_dir(cache, result))}

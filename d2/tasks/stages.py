@@ -29,6 +29,7 @@ class StageSet:
     params_model: type[BaseModel]  # root params model (d2.config.Params for the real stages)
     check_dataset: Any = None  # (data_dir, params, objects) -> objects, raising before any stage runs
     check_input: Any = None  # (input_path, params, gt_dir) -> None, raising before any stage runs
+    label_tables: Any = None  # (run's tables folder, dataset as the user named it) -> its table (markdown)
 
 
 _warm_lock = threading.Lock()
@@ -218,7 +219,9 @@ def compute_tables(inputs: dict[str, Path], out: Path, params: BaseModel) -> dic
                                      proto, suite)
             if reason:
                 unavailable["fvd"] = reason
-    results = merge_results(parts, params.protocol, requested, dataset=params.run.data_dir, fvd=fvd,
+    # no dataset label here: the entry is keyed on the ground truth's content, not on where it lies;
+    # the run labels its copy with the dataset as the user named it (label_dataset)
+    results = merge_results(parts, params.protocol, requested, fvd=fvd,
                             unavailable=unavailable, generation_time_s=generation_s)
     write_results(results, out)
     return {"summary": {**results.mean, "frames": results.frames}, "unavailable": results.unavailable,
@@ -243,7 +246,7 @@ SPECS: dict[str, StageSpec] = {
     "metrics": StageSpec("metrics", compute_metrics, ("d2.eval.benchmark",), ("protocol", "metrics"),
                          device_key="metrics.device"),
     "tables": StageSpec("tables", compute_tables, ("d2.eval.benchmark", "d2.eval.tables"),
-                        ("protocol", "metrics", "run.data_dir"), device_key="metrics.device"),
+                        ("protocol", "metrics"), device_key="metrics.device"),
 }
 
 def check_asset_input(input_path: Path, params: BaseModel, gt_dir: str | Path | None) -> None:
@@ -262,5 +265,17 @@ def check_benchmark_dataset(data_dir: Path, params: BaseModel, objects: list[str
     return check_dataset(data_dir, params, objects)
 
 
-STAGES = StageSet(SPECS, Params, check_benchmark_dataset, check_asset_input)
+def label_dataset(tables_dir: Path, dataset: str) -> str:
+    """Name the scored dataset (``--data`` as given) in a run's copy of the results tables;
+    returns their markdown table."""
+    from d2.eval.tables import load_results, results_markdown, write_results
+
+    results = load_results(tables_dir)
+    if results.dataset != dataset:
+        results = results.model_copy(update={"dataset": dataset})
+        write_results(results, tables_dir)
+    return results_markdown(results)
+
+
+STAGES = StageSet(SPECS, Params, check_benchmark_dataset, check_asset_input, label_dataset)
 """The pipeline's stages (the default of every flow)."""

@@ -33,12 +33,14 @@ REHEARSAL_KNOBS = {
     "sampling.num_steps", "sampling.rollback_steps", "sampling.devices", "fit.resolution", "fit.iterations", "fit.num_gaussians",
     "fit.max_gaussians", "fit.sh_increase_every", "fit.lr_means_max_steps", "fit.densify_from", "fit.densify_until",
     "fit.densify_every", "fit.opacity_reset_every", "fit.lpips_required", "fit.device", "fit.turntable_frames",
-    "render_eval.resolution", "render_eval.device", "metrics.device",
+    "render_eval.resolution", "render_eval.device", "metrics.device", "protocol.resolution",
 }
 # What a rehearsal must never change: the structure a mismatch could hide in.
 KEPT = ("conditions.num_views", "conditions.num_frames", "conditions.frame_start", "conditions.frame_stride",
         "conditions.elevation_deg", "conditions.fov_deg", "conditions.radius", "sampling.num_views",
-        "sampling.num_frames", "protocol.", "metrics.metrics", "sampling.weight_schedule", "fit.exclude_views")
+        "sampling.num_frames", "protocol.eval_azimuths_deg", "protocol.input_azimuth_deg", "protocol.elevation_deg",
+        "protocol.num_frames", "protocol.include_front_view", "protocol.metric_definitions", "protocol.background",
+        "metrics.metrics", "sampling.weight_schedule", "fit.exclude_views")
 
 
 def test_the_overlay_changes_only_sizes():

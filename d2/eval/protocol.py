@@ -52,7 +52,7 @@ class Protocol(BaseModel):
     eval_azimuths_deg: list[float] = Field(default_factory=lambda: list(DEFAULT_EVAL_AZIMUTHS))  # views eval_0..eval_{K-1}
     elevation_deg: float = 0.0  # elevation of every evaluation camera
     include_front_view: bool = False  # also score the front view (prediction `front/` vs the input frames)
-    num_frames: int | None = Field(32, ge=1)  # score ground-truth frames 0..num_frames-1 (None: every frame the asset covers)
+    num_frames: int | None = Field(None, ge=1)  # score ground-truth frames 0..num_frames-1 (None: every frame the asset covers; for `d2 evaluate`, every predicted frame, as the script)
     background: Literal["white", "black"] = "white"  # background the renders are composited on
     resolution: int = Field(512, ge=16)  # images are resized to this square size before every metric (the consistent4d definitions: 512, as the script)
     metric_definitions: Literal["consistent4d", "d2"] = "consistent4d"  # image-metric formulas: Consistent4D's evaluation script, or our own (d2)
@@ -74,7 +74,8 @@ class Protocol(BaseModel):
 
     @classmethod
     def consistent4d(cls, **kw) -> "Protocol":
-        """Consistent4D's protocol: 4 novel views, 32 frames, no front view, the script's metrics at 512 px."""
+        """Consistent4D's protocol: 4 novel views, each predicted frame against the ground-truth frame of
+        its number, no front view, the script's metrics at 512 px."""
         return cls(**kw)
 
     @classmethod

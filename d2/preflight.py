@@ -278,10 +278,10 @@ def estimate_peak_memory(p: BaseModel, command: str) -> list[tuple[int, str, str
     if command in RUN_COMMANDS:
         s = p.sampling
         vf = s.num_views * s.num_frames
-        out.append((2 * vf * s.resolution ** 2 * 3 * FLOAT, "sampling.resolution",
+        out.append((vf * s.resolution ** 2 * 3 * FLOAT, "sampling.resolution",
                     f"the {s.num_views} x {s.num_frames} image matrix at {s.resolution} px"))
         fit_res = p.fit.resolution or s.resolution
-        out.append((vf * fit_res ** 2 * 4 * FLOAT, "fit.resolution" if p.fit.resolution else "sampling.resolution",
+        out.append((vf * fit_res ** 2 * 3 * FLOAT, "fit.resolution" if p.fit.resolution else "sampling.resolution",
                     f"the fit's {vf} targets at {fit_res} px"))
         r = _render_res(p)
         views = len(p.protocol.eval_azimuths_deg) + 1
@@ -329,7 +329,7 @@ def check_memory(p: BaseModel, command: str, available: int | None = None) -> No
     avail = available_memory() if available is None else available
     if avail is None:
         return
-    need, knob, what = max(estimate_peak_memory(p, command), default=(0, "", ""))
+    need, knob, what = max(estimate_peak_memory(p, command), key=lambda e: e[0], default=(0, "", ""))
     if need > avail:
         raise InputError(f"{what}: about {_gb(need)} of memory, {_gb(avail)} available; lower {knob} "
                          "(or the view / frame counts)")

@@ -447,6 +447,19 @@ def test_local_dask_cluster_keeps_scratch_in_the_project_and_logs_no_info(tmp_pa
     assert (state / "dask" / "dask-scratch-space").is_dir()
 
 
+def test_torch_compile_cache_is_kept_in_the_project(tmp_path):
+    tmp = tmp_path / "systemtmp"
+    tmp.mkdir()
+    state = tmp_path / "proj" / ".prefect"
+    script = ("from d2.config import load_params\nfrom d2.flows.runners import task_runner\n"
+              "task_runner(load_params(None))\nimport torch._dynamo\n")
+    env = clean_env(TMPDIR=str(tmp), PREFECT_HOME=str(state))
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert list(tmp.iterdir()) == [] and (state / "torchinductor").is_dir()
+
+
 def test_local_ray_temp_folder_is_in_the_project_when_short_enough(monkeypatch, tmp_path):
     from d2.flows.runners import RAY_TEMP_MAX, ray_temp
 

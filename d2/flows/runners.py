@@ -81,9 +81,16 @@ def quiet_dask() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def keep_scratch_in_project() -> None:
+    """torch's compile cache (``torchinductor_<user>``, created when torch._dynamo is imported) in
+    the project's state folder, not the system temp folder; inherited by worker processes."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(state_dir() / "torchinductor"))
+
+
 def task_runner(params: BaseModel) -> Any:
     """The Prefect task runner ``params.run`` asks for."""
     run = params.run
+    keep_scratch_in_project()
     if run.runner == "threads":
         return StageThreadRunner(max_workers=run.max_parallel)
     if run.runner == "dask":

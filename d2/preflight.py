@@ -67,7 +67,7 @@ def _nearest_existing(path: Path) -> Path:
 def _reason(e: OSError) -> str:
     return {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted",
             errno.ENOSPC: "no space left", errno.ENAMETOOLONG: "name too long",
-            errno.ENOENT: "cannot be created there"}.get(e.errno, e.strerror or type(e).__name__)
+            errno.ENOENT: "the file system refuses new entries there"}.get(e.errno, e.strerror or type(e).__name__)
 
 
 def _read_only_fs(folder: Path) -> bool:
@@ -464,12 +464,13 @@ def check_environment(command: str, args: Mapping[str, Any], p: BaseModel) -> No
         from d2.validation import check_grid
 
         points = len(check_grid(p, list(args.get("grid") or [])))
+    count = len(objects)
     if not objects and command == "demo":  # the demo prepares its dataset first: the objects it will write
         from d2.world.benchmark import benchmark_objects
 
-        objects = [(o, Path(), None) for o in (p.run.objects or p.prepare.objects or benchmark_objects())]
-    check_disk(p, out, cache if cache_ok else None, max(1, len(objects)), points)
-    if not cache_ok and command != "sweep":
+        count = len(p.run.objects or p.prepare.objects or benchmark_objects())
+    check_disk(p, out, cache if cache_ok else None, max(1, count), points)
+    if not cache_ok and command != "sweep":  # (a sweep's points: their own keys, checked by the stages)
         check_readonly_cache(p, objects, cache)
 
 

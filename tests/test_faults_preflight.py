@@ -132,13 +132,13 @@ def world(tmp_path_factory):
 def refused(rc: int, err: list[str], took: Took, startup: Took, *needles: str) -> str:
     """The command exited 2 with one line holding every needle, in time; that line.
 
-    In time: at most :data:`CHECK_S` CPU seconds beyond the start-up of ``d2 params``, and no
-    waiting (wall time within :data:`CHECK_S` plus three start-ups: the faults it replaces waited
-    20 to 260 s on timeouts and on Prefect)."""
+    In time: CPU time within :data:`CHECK_S` plus twice the start-up of ``d2 params`` (CPU time
+    too grows on a loaded machine), and no waiting: wall time within :data:`CHECK_S` plus four
+    start-ups (the faults it replaces waited 20 to 260 s on timeouts and on Prefect)."""
     assert rc == 2, err
     assert len(err) == 1, err
-    assert took.cpu < startup.cpu + CHECK_S, f"{took.cpu:.1f} CPU s (start-up {startup.cpu:.1f} s): {err}"
-    assert took.wall < CHECK_S + 3 * startup.wall, f"{took.wall:.1f} s (start-up {startup.wall:.1f} s): {err}"
+    assert took.cpu < CHECK_S + 2 * startup.cpu, f"{took.cpu:.1f} CPU s (start-up {startup.cpu:.1f} s): {err}"
+    assert took.wall < CHECK_S + 4 * startup.wall, f"{took.wall:.1f} s (start-up {startup.wall:.1f} s): {err}"
     for n in needles:
         assert n in err[0], err
     assert "Traceback" not in err[0]
@@ -412,7 +412,7 @@ def test_validation_messages_never_print_a_large_input(tmp_path):
     t0 = time.perf_counter()
     with pytest.raises(ParamsError) as e:
         load_params(path)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < CHECK_S
     text = str(e.value)
     assert "run.max_parallel" in text and "run.workers" in text and "more" in text  # at most 8 problems listed
     assert len(text) < 1500 and len(text.splitlines()) <= 10 and text.count("w" * 50) <= 2

@@ -149,12 +149,11 @@ def _mlflow_hint(result: dict[str, Any]) -> str:
 
 
 def _check_out(out: str | Path) -> None:
-    """Refuse at once when another live run writes into ``out`` (before Prefect starts)."""
-    from d2.utils.paths import run_folder_holder
+    """Take ``out``'s run lock before Prefect starts (the flow adopts it); refused at once when
+    another live run holds it."""
+    from d2.preflight import hold_run_folder
 
-    holder = run_folder_holder(Path(out))
-    if holder:
-        raise RuntimeError(f"{out} is in use by another d2 run ({holder}); wait for it to finish or choose another --out")
+    hold_run_folder(out)
 
 
 WATCHDOG = """
@@ -509,8 +508,12 @@ def _preflight(args: argparse.Namespace) -> None:
     from d2.validation import preflight
 
     if args.command != "report":
-        for warning in preflight(args.command, vars(args), _params(args)):
+        params = _params(args)
+        for warning in preflight(args.command, vars(args), params):
             print(f"d2 {args.command}: warning: {warning}", file=sys.stderr)
+        from d2.preflight import check_environment
+
+        check_environment(args.command, vars(args), params)  # folders, stores, disk, memory, cluster
 
 
 def main(argv: Sequence[str] | None = None) -> int:

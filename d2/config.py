@@ -15,6 +15,7 @@ import importlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -212,9 +213,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ParamsError(f"override '{text}': bad key '{key}'")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ParamsError(f"override '{text}': value is not valid YAML ({_yaml_problem(e)})") from None
+    except ParamsError as e:
+        raise ParamsError(f"override '{key}=...': {e}") from None
     return key.split("."), value
 
 
@@ -241,11 +244,79 @@ def apply_override(data: dict, path: list[str], value: Any, root: type[BaseModel
         node = child
 
 
+MAX_PARAMS_BYTES = 1 << 20  # a params file larger than this is refused (the shipped one is ~20 KB)
+MAX_YAML_DEPTH = 32  # nesting of mappings and lists in a params file or a --set value
+MAX_YAML_EXPANDED = 1 << 21  # characters of a params document once its aliases are expanded (billion laughs)
+MAX_ERRORS_SHOWN = 8  # validation problems listed in one message
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses, while composing and before anything is built, a
+    document nested deeper than :data:`MAX_YAML_DEPTH` or whose aliases expand to more than
+    :data:`MAX_YAML_EXPANDED` characters."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> its expanded size (aliases reuse the node)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise ParamsError(f"nested deeper than {MAX_YAML_DEPTH} levels; params hold sections "
+                                  "and keys, not deep structures")
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if id(node) not in self._sizes:
+            if isinstance(node, yaml.ScalarNode):
+                size = 1 + len(node.value)
+            elif isinstance(node, yaml.SequenceNode):
+                size = 1 + sum(self._sizes.get(id(c), 1) for c in node.value)
+            else:
+                size = 1 + sum(self._sizes.get(id(k), 1) + self._sizes.get(id(v), 1) for k, v in node.value)
+            self._sizes[id(node)] = size
+            if size > MAX_YAML_EXPANDED:
+                raise ParamsError(f"aliases (*name) expand to more than {MAX_YAML_EXPANDED:,} characters; "
+                                  "write the values out instead of repeating aliases")
+        return node
+
+
+_DEEP_FLOW = re.compile(r"[\[{](?:\s*[\[{]){%d}" % MAX_YAML_DEPTH)  # more than MAX_YAML_DEPTH brackets opened in a row
+
+
+def safe_yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with depth and alias-expansion limits (:class:`ParamsError` beyond them)."""
+    if _DEEP_FLOW.search(text):  # refused before PyYAML's scanner looks ahead over the brackets
+        raise ParamsError(f"nested deeper than {MAX_YAML_DEPTH} levels; params hold sections and keys, not deep "
+                          "structures")
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """A repr of at most about ``limit`` characters that never walks a whole large structure."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 2, 4, 4, 4, 4
+    r.maxstring, r.maxother, r.maxlong = limit, limit, limit
+    text = r.repr(value)
+    return text if len(text) <= limit + 5 else text[:limit] + "..."
+
+
 def _format_validation_error(e: ValidationError, source: str) -> str:
     lines = [f"invalid parameters ({source}):"]
-    for err in e.errors():
+    errors = e.errors()
+    for err in errors[:MAX_ERRORS_SHOWN]:
         loc = ".".join(str(x) for x in err["loc"])
-        lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+        lines.append(f"  {loc}: {err['msg']} (got {short_repr(err.get('input'))})")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        lines.append(f"  and {len(errors) - MAX_ERRORS_SHOWN} more")
     return "\n".join(lines)
 
 
@@ -260,11 +331,23 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 
 def _read_yaml_mapping(p: Path) -> dict:
     try:
-        loaded = yaml.safe_load(p.read_text())
+        size = p.stat().st_size
+    except OSError as e:
+        raise ParamsError(f"{p}: cannot read the params file ({e.strerror or e})") from None
+    if size > MAX_PARAMS_BYTES:
+        raise ParamsError(f"{p}: {size / 1e6:.1f} MB, over the {MAX_PARAMS_BYTES >> 20} MB limit of a params file "
+                          "(params.yaml is ~20 KB); give the params file, not a data file")
+    try:
+        with open(p, "rb") as f:
+            loaded = safe_yaml_load(f.read(MAX_PARAMS_BYTES + 1).decode("utf-8"))
     except yaml.YAMLError as e:
         raise ParamsError(f"{p}: not valid YAML ({_yaml_problem(e)})") from None
     except UnicodeDecodeError:
         raise ParamsError(f"{p}: not a text file (a YAML params file is expected)") from None
+    except ParamsError as e:
+        raise ParamsError(f"{p}: {e}") from None
+    except OSError as e:
+        raise ParamsError(f"{p}: cannot read the params file ({e.strerror or e})") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

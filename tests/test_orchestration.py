@@ -288,7 +288,7 @@ def test_a_name_that_leaves_the_run_folder_is_refused_before_any_work(tmp_path, 
     (victim / "conditions" / "important.txt").write_text("keep me")
     for name in ("../victim", "../../x", "..", "a/b", ".hidden", " x"):
         rc = main(["generate", "--input", str(img), "--out", str(tmp_path / "run"), "--name", name])
-        assert rc == 1, name
+        assert rc == 2, name
         assert "would write outside the run folder" in capsys.readouterr().err
     assert (victim / "conditions" / "important.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "victim"]
@@ -311,7 +311,7 @@ def test_the_cli_refuses_a_busy_folder_before_prefect_starts(tiny, tmp_path, cap
     with open_run_folder(out):
         t0 = time.perf_counter()
         rc = main(["benchmark", "--params", str(tiny["params"]), "--out", str(out)])
-        assert rc == 1 and time.perf_counter() - t0 < 5
+        assert rc == 2 and time.perf_counter() - t0 < 5
     assert "in use by another d2 run (pid" in capsys.readouterr().err
 
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from d2.config import flatten_params, get_param, params_hash
 from d2.flows.runners import gpu_request, wants_gpu
+from d2.preflight import adopt_run_folder_lock
 from d2.tasks.manifest import LISTENERS, Recorder, StageResult
 from d2.tasks.progress import read_progress
 from d2.tasks.cache import store_dir
@@ -69,7 +70,11 @@ def place(src: Path, dst: Path, run_dir: Path) -> None:
         tmp.unlink()
     elif tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*"))
+    try:
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*"))
+    except BaseException:  # a full disk, Ctrl-C: no half copy is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = None
     if dst.is_symlink() or dst.is_file():
         dst.unlink()
@@ -90,14 +95,16 @@ def open_run_folder(run_dir: Path) -> Iterator[Path]:
     """Lock ``run_dir`` for one run (refused at once when another live run holds it) and fail
     the manifest and MLflow runs of a run that died there without finishing."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
-        os.close(fd)
-        raise RunFolderBusy(f"{run_dir} is in use by another d2 run ({holder}); wait for it to finish "
-                            "or choose another --out") from None
+    fd = adopt_run_folder_lock(run_dir)  # taken by the command before Prefect started
+    if fd is None:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise RunFolderBusy(f"{run_dir} is in use by another d2 run ({holder}); wait for it to finish "
+                                "or choose another --out") from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"

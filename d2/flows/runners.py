@@ -20,6 +20,9 @@ for one GPU (Dask resource ``GPU=1``, Ray ``num_gpus=1``), so each runs on a GPU
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+from pathlib import Path
 from typing import Any, Iterator
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -45,12 +48,53 @@ class RunnerUnavailable(RuntimeError):
     """The configured runner's package is not installed."""
 
 
+RAY_TEMP_MAX = 44  # Ray puts unix sockets at <temp>/session_<date>_<pid>/sockets/plasma_store (107-byte limit)
+
+
+def state_dir() -> Path:
+    """The project's state folder (Prefect's home, ``.prefect/`` in the project): local clusters
+    keep their scratch space there, not in the system temp folder."""
+    from d2.env import project_root
+
+    return Path(os.environ.get("PREFECT_HOME") or project_root() / ".prefect").resolve()
+
+
+def dask_scratch() -> Path:
+    """Scratch space of local Dask workers (spilled data, worker files)."""
+    return state_dir() / "dask"
+
+
+def ray_temp() -> Path | None:
+    """Ray's temp folder (sessions, logs, spilled objects) for a local Ray instance: under the state
+    folder, or None (Ray's default) when that path is too long for Ray's unix sockets."""
+    folder = state_dir() / "ray"
+    return folder if len(os.fsencode(str(folder))) <= RAY_TEMP_MAX else None
+
+
+def quiet_dask() -> None:
+    """Dask's INFO lines (scheduler and worker start and stop) off, its warnings kept; the
+    environment variables reach worker processes, which configure logging when they start."""
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    os.environ.setdefault("DASK_TEMPORARY_DIRECTORY", str(dask_scratch()))
+    for name in ("distributed", "dask"):
+        if logging.getLogger(name).getEffectiveLevel() < logging.WARNING:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def keep_scratch_in_project() -> None:
+    """torch's compile cache (``torchinductor_<user>``, created when torch._dynamo is imported) in
+    the project's state folder, not the system temp folder; inherited by worker processes."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(state_dir() / "torchinductor"))
+
+
 def task_runner(params: BaseModel) -> Any:
     """The Prefect task runner ``params.run`` asks for."""
     run = params.run
+    keep_scratch_in_project()
     if run.runner == "threads":
         return StageThreadRunner(max_workers=run.max_parallel)
     if run.runner == "dask":
+        quiet_dask()
         try:
             from prefect_dask import DaskTaskRunner
         except ImportError as e:  # pragma: no cover  (a project dependency)
@@ -60,16 +104,26 @@ def task_runner(params: BaseModel) -> Any:
         if run.gpus:
             return DaskTaskRunner(cluster_class="distributed.SpecCluster", cluster_kwargs=gpu_cluster_spec(run.gpus))
         return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                              cluster_kwargs={"n_workers": run.workers, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None})
+                              cluster_kwargs=local_cluster_kwargs(run.workers))
     try:
         from prefect_ray import RayTaskRunner
     except ImportError as e:
         raise RunnerUnavailable("run.runner=ray needs Ray: pip install -e '.[ray]' (ray, prefect-ray)") from e
     if run.address:
         return RayTaskRunner(address=run.address)
-    return RayTaskRunner(init_kwargs={"num_cpus": run.workers, "include_dashboard": False,
-                                      "log_to_driver": False})
+    init = {"num_cpus": run.workers, "include_dashboard": False, "log_to_driver": False}
+    temp = ray_temp()
+    if temp is not None:
+        temp.mkdir(parents=True, exist_ok=True)
+        init["_temp_dir"] = str(temp)
+    return RayTaskRunner(init_kwargs=init)
+
+
+def local_cluster_kwargs(workers: int) -> dict[str, Any]:
+    """``distributed.LocalCluster`` arguments: ``workers`` processes of one thread, no dashboard,
+    scratch space in the project's state folder."""
+    return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+            "local_directory": str(dask_scratch())}
 
 
 def gpu_cluster_spec(gpus: list[int]) -> dict[str, Any]:
@@ -78,7 +132,8 @@ def gpu_cluster_spec(gpus: list[int]) -> dict[str, Any]:
     from distributed import Nanny, Scheduler
 
     workers = {f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1},
-                                                     "env": {"CUDA_VISIBLE_DEVICES": str(g)}}}
+                                                     "env": {"CUDA_VISIBLE_DEVICES": str(g)},
+                                                     "local_directory": str(dask_scratch())}}
                for g in gpus}
     return {"scheduler": {"cls": Scheduler, "options": {"dashboard_address": None}}, "workers": workers}
 

@@ -10,6 +10,7 @@ from pathlib import Path
 LOCK_FILE = ".d2-run.lock"  # held (flock) by the run writing into a folder
 
 _NAME_RE = re.compile(r"^[^/\\\x00]+$")
+MAX_NAME_BYTES = 128  # longest object name / --name (UTF-8 bytes): it becomes a folder and part of file names
 
 
 class UnsafeName(ValueError):
@@ -21,6 +22,10 @@ def safe_name(name: str, what: str = "object name") -> str:
     if not name or name in (".", "..") or not _NAME_RE.match(name) or name != name.strip() or name.startswith("."):
         raise UnsafeName(f"{what} {name!r} is not a plain folder name (no '/', '\\\\', leading '.' or surrounding "
                          "spaces): it would write outside the run folder")
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        raise UnsafeName(f"{what} {name[:20]!r}... is {size} bytes long, over the {MAX_NAME_BYTES}-byte limit "
+                         "(it names folders and files); give a shorter name")
     return name
 
 

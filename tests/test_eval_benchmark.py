@@ -241,7 +241,9 @@ def test_consistent4d_protocol_equals_the_script_per_frame_and_aggregated(tmp_pa
 
 
 def test_identical_prediction_under_consistent4d_gives_infinite_psnr(bench: Path, tmp_path: Path):
-    """The script's PSNR of identical images is +inf (no cap); it is kept, flagged, and survives results.json."""
+    """The script's PSNR of identical images is +inf (no cap); it is kept in memory and flagged, and
+    results.json (strict JSON) holds null for it with the flag, not a bare Infinity."""
+    import json
     from d2.eval.tables import load_results
 
     pred = _copy_as_prediction(bench, tmp_path / "pred")
@@ -249,5 +251,8 @@ def test_identical_prediction_under_consistent4d_gives_infinite_psnr(bench: Path
     res = evaluate(pred, bench, Protocol.consistent4d(num_frames=1), metrics_cfg=cfg, progress=False,
                    objects=["bouncing_ball"], out_dir=tmp_path / "out")
     assert res.mean["psnr"] == float("inf") and res.psnr_capped_frames == res.num_scored_frames == 4
+    text = (tmp_path / "out" / "results.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds a bare {c}"))
     back = load_results(tmp_path / "out")
-    assert back.mean["psnr"] == float("inf") and back.per_frame[0].values["psnr"] == float("inf")
+    assert back.mean["psnr"] is None and back.per_frame[0].values["psnr"] is None
+    assert back.psnr_capped_frames == back.num_scored_frames == 4

@@ -46,6 +46,7 @@ INTERRUPTED: list[str] = []
 # The recorders of the runs in progress in this process: what a second Ctrl-C marks on its way out.
 ACTIVE: dict[int, Recorder] = {}
 
+
 class RunFolderBusy(RuntimeError):
     """Another live run is writing into the run folder."""
 

@@ -156,55 +156,20 @@ def _check_out(out: str | Path) -> None:
     hold_run_folder(out)
 
 
-WATCHDOG = """
-import os, signal, sys, time
-parent, server = int(sys.argv[1]), int(sys.argv[2])
-while os.getppid() == parent:
-    try:
-        os.kill(server, 0)
-    except OSError:
-        sys.exit(0)
-    time.sleep(0.5)
-for sig in (signal.SIGTERM, signal.SIGKILL):
-    try:
-        os.kill(server, sig)
-    except OSError:
-        sys.exit(0)
-    time.sleep(5)
-"""
-
-
-_WATCHED: set[int] = set()  # server pids that have a watchdog
-
-
 def start_prefect() -> None:
-    """Start the ephemeral Prefect API server now (unless ``PREFECT_API_URL`` names one), with a
-    watchdog process that stops it if this process dies without stopping it (``kill -9``)."""
-    if os.environ.get("PREFECT_API_URL"):
-        return
-    import subprocess
+    """Start the ephemeral Prefect API server now (unless ``PREFECT_API_URL`` names one): in its own
+    session (a terminal's Ctrl-C reaches only this process), with a watchdog that stops it if this
+    process dies without stopping it (``kill -9``); see :mod:`d2.lifecycle`."""
+    from d2.lifecycle import start_prefect as start
 
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()
-    if server.server_process is not None and server.server_process.pid not in _WATCHED:
-        _WATCHED.add(server.server_process.pid)
-        subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(server.server_process.pid)],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+    start()
 
 
 def stop_prefect() -> None:
     """Stop the ephemeral Prefect API server this process started (no-op otherwise)."""
-    server_mod = sys.modules.get("prefect.server.api.server")
-    if server_mod is None:
-        return
-    for server in list(server_mod.SubprocessASGIServer._instances.values()):
-        try:
-            server.stop()
-        except Exception:  # noqa: BLE001  (exiting anyway)
-            pass
+    from d2.lifecycle import stop_prefect as stop
+
+    stop()
 
 
 def _dataset_objects(data: Path, params: Any) -> list[str]:
@@ -499,10 +464,6 @@ def quiet_library_bars(no_progress: bool) -> None:
         os.environ["TQDM_DISABLE"] = "1"
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _preflight(args: argparse.Namespace) -> None:
     """Params, inputs and datasets checked before any command starts (d2.validation); warnings on stderr."""
     from d2.validation import preflight
@@ -523,42 +484,71 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_env()  # before Prefect or MLflow is imported
     quiet_library_bars(getattr(args, "no_progress", False))
-    import signal
-
     from d2.config import ParamsError
+    from d2.lifecycle import install_handlers, interrupted, restore_handlers, server_problem
     from d2.validation import InputError
 
+    out = getattr(args, "out", None)
+    where = f"; what ran is in {Path(out) / 'manifest.json'}" if out else ""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # a stopped job ends like Ctrl-C
+        install_handlers(f"d2 {args.command}: interrupted again: stopped at once{where}")
     try:
         _preflight(args)
-        return int(args.fn(args) or 0)
-    except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        where = f"; what ran is in {Path(out) / 'manifest.json'}" if out else ""
-        print(f"d2 {args.command}: interrupted{where} (rerun to continue: finished stages are cached)",
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        stop_prefect()
-        os._exit(130)  # now: worker threads still computing a stage are dropped, not awaited
+        rc = int(args.fn(args) or 0)
+        sys.stdout.flush()  # a closed pipe fails here, where it is handled, not at exit
+        return rc
     except (ParamsError, InputError) as e:
         if os.environ.get("D2_DEBUG"):
             raise
         print(f"d2 {args.command}: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`d2 params | head`): what it read is all it wanted
+        _quiet_stdout()
+        return 0
     except Exception as e:  # noqa: BLE001  (one clear line; D2_DEBUG=1 shows the traceback)
+        if interrupted():  # an error the interrupt caused (a library cut short)
+            _exit_interrupted(args, where)
         if os.environ.get("D2_DEBUG"):
             raise
-        print(f"d2 {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-        out = getattr(args, "out", None)
+        print(f"d2 {args.command}: {server_problem() or f'{type(e).__name__}: {e}'}", file=sys.stderr)
         if out and (Path(out) / "manifest.json").is_file():
             print(f"(what ran is in {Path(out) / 'manifest.json'}; D2_DEBUG=1 shows the traceback)", file=sys.stderr)
-        if argv is None and _busy_threads():  # the console script: stages still computing are dropped, not awaited
+        if argv is None and (_busy_threads() or server_problem()):
+            # the console script: stages still computing are dropped, not awaited
             sys.stdout.flush()
             sys.stderr.flush()
             stop_prefect()
             os._exit(1)
         return 1
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or type(e).__name__ == "TerminationSignal" or interrupted():
+            _exit_interrupted(args, where)  # Ctrl-C, SIGTERM (Prefect's TerminationSignal in a flow)
+        raise
+    finally:
+        restore_handlers()  # when called in-process (tests), the caller's handlers are back
+
+
+def _exit_interrupted(args: argparse.Namespace, where: str) -> None:
+    """One line, the Prefect server stopped, exit 130 now (threads still computing a stage are
+    dropped, not awaited)."""
+    try:
+        print(f"d2 {args.command}: interrupted{where} (rerun to continue: finished stages are cached)",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    stop_prefect()
+    os._exit(130)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _busy_threads() -> bool:

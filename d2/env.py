@@ -44,6 +44,7 @@ def setup_env() -> Path:
     # a local API that stops answering is gone, not busy: fail in seconds, not after minutes of retries
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO lines (a new store's tables) in a run's output
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     os.environ.setdefault("D2_MLFLOW_ARTIFACTS", str(root / "mlruns"))

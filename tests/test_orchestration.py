@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -327,38 +326,7 @@ def test_a_dead_runs_manifest_is_failed_by_the_next_run(toy, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# Interruption and cold processes (real subprocesses)
-
-
-@pytest.mark.slow
-def test_sigint_stops_a_running_benchmark_within_seconds(tiny, tmp_path):
-    out = tmp_path / "run"
-    cmd = [str(BIN / "d2"), "benchmark", "--params", str(tiny["params"]), "--out", str(out), "--no-progress",
-           "--set", f"run.cache_dir={tmp_path / 'cache'}", "--set", "sampling.num_steps=400"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sub_env(),
-                            cwd=tmp_path)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # wait until sampling runs
-        try:
-            m = load(out / "manifest.json")
-            if any(s["stage"] == "conditions" for s in m["stages"]):
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("the benchmark never reached sampling")
-    time.sleep(1.0)
-    t0 = time.perf_counter()
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    elapsed = time.perf_counter() - t0
-    assert proc.returncode == 130, err[-2000:]
-    assert elapsed < 10, elapsed
-    m = load(out / "manifest.json")
-    assert m["status"] == "interrupted" and "interrupted" in err
-    assert not any(p.name == "done.json" for p in (tmp_path / "cache" / "sampling").rglob("done.json"))
+# Cold processes and kill -9 (real subprocesses; Ctrl-C and a lost server: test_faults_interrupts.py)
 
 
 @pytest.mark.slow
@@ -412,21 +380,6 @@ def _start_slow_benchmark(tiny, tmp_path, out: Path, *extra: str) -> subprocess.
         time.sleep(0.2)
     proc.kill()
     pytest.fail("the benchmark never reached sampling")
-
-
-@pytest.mark.slow
-def test_a_lost_prefect_server_stops_the_run_with_one_clear_line(tiny, tmp_path):
-    out = tmp_path / "run"
-    proc = _start_slow_benchmark(tiny, tmp_path, out)
-    servers = [pid for pid, cmd in _children(proc.pid) if "uvicorn" in cmd]
-    assert len(servers) == 1
-    t0 = time.perf_counter()
-    os.kill(servers[0], signal.SIGKILL)
-    _, err = proc.communicate(timeout=120)
-    elapsed = time.perf_counter() - t0
-    assert proc.returncode not in (0, None) and elapsed < 30, (elapsed, err[-2000:])
-    assert "Prefect API server" in err and "exited" in err
-    assert load(out / "manifest.json")["status"] == "failed"
 
 
 @pytest.mark.slow

@@ -37,10 +37,16 @@ from d2.tasks.progress import read_progress
 from d2.tasks.cache import store_dir
 from d2.tasks.stage_task import configured_task, task_arguments
 from d2.tasks.stages import StageSet
-from d2.tasks.tracking import Tracker, fail_stale_runs, flat_numbers, git_commit
+from d2.tasks.tracking import Tracker, close_open_runs, fail_stale_runs, flat_numbers, git_commit
 from d2.utils.io import write_json
 from d2.utils.paths import LOCK_FILE, inside, safe_name
 
+# Names of the signals that asked this process to stop (set by d2.lifecycle's handler); the
+# driver checks it between waits, so an interrupt that some library swallowed still stops the run.
+INTERRUPTED: list[str] = []
+
+# The recorders of the runs in progress in this process: what a second Ctrl-C marks on its way out.
+ACTIVE: dict[int, Recorder] = {}
 
 
 class RunFolderBusy(RuntimeError):
@@ -183,6 +189,7 @@ def new_run(run_dir: Path, kind: str, params: BaseModel, stages: StageSet, meta:
     if tracker is not None:
         run.note_mlflow(tracker.run_id)
     recorder.write()
+    ACTIVE[id(recorder)] = recorder
     return run
 
 
@@ -210,21 +217,66 @@ def make_tracker(params: BaseModel, kind: str, run_name: str, extra_params: dict
     return Tracker(params.run.mlflow_experiment, run_name, all_params, base_tags)
 
 
+MLFLOW_STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}  # any other end: FAILED
+
+
 def finish(run: Run, status: str, error: str | None = None, t0: float | None = None) -> None:
-    """Close a run: wall seconds, manifest status, MLflow status (KILLED when interrupted)."""
+    """Close a run: wall seconds, manifest status, then MLflow: its run, and every object run it
+    opened that is still RUNNING (cut short), KILLED when interrupted, FAILED when failed."""
     if t0 is not None:
         run.recorder.meta["flow_wall_seconds"] = round(time.perf_counter() - t0, 4)
     run.recorder.finish(status, error)
+    ACTIVE.pop(id(run.recorder), None)
     if run.tracker is not None:
+        mlflow_status = MLFLOW_STATUS.get(status, "FAILED")
         try:
-            run.tracker.finish({"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+            run.tracker.finish(mlflow_status)
+            if status != "completed":
+                close_open_runs(run.recorder.meta.get("mlflow_runs", []), mlflow_status, error or status,
+                                run.tracker.client)
         except Exception:  # noqa: BLE001  (the manifest already says how the run ended)
             pass
 
 
+def abandon_runs(reason: str) -> list[str]:
+    """Mark every run of this process still ``running`` as ``interrupted`` in its manifest file, at
+    once and without the recorders' locks (a second Ctrl-C may land while one is held); returns
+    their MLflow run ids (for :func:`kill_mlflow_runs`)."""
+    ids: list[str] = []
+    for recorder in list(ACTIVE.values()):
+        path = recorder.run_dir / "manifest.json"
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        ids += [i for i in m.get("mlflow_runs", []) + list(recorder.meta.get("mlflow_runs", [])) if i not in ids]
+        if m.get("status") == "running":
+            m.update(status="interrupted", error=reason)
+            write_json(path, m)
+    ACTIVE.clear()
+    return ids
+
+
+def kill_mlflow_runs(run_ids: list[str], reason: str) -> None:
+    """End the MLflow runs among ``run_ids`` still RUNNING as KILLED."""
+    close_open_runs(run_ids, "KILLED", reason)
+
+
+def interrupt_reason(e: BaseException) -> str | None:
+    """'interrupted by SIGINT' when ``e`` is how a signal stops a run (Ctrl-C, SIGTERM: a
+    ``KeyboardInterrupt`` or Prefect's ``TerminationSignal``), else None."""
+    signal_name = INTERRUPTED[0] if INTERRUPTED else ""
+    if isinstance(e, KeyboardInterrupt):
+        return f"interrupted by {str(e) or signal_name or 'Ctrl-C'}"
+    if type(e).__name__ == "TerminationSignal":  # Prefect's SIGTERM bridge inside a flow run
+        sig = getattr(e, "signal", None)
+        return f"interrupted by {getattr(sig, 'name', None) or signal_name or 'SIGTERM'}"
+    return None
+
+
 @contextlib.contextmanager
 def closing(run: Run, children: dict[str, Run] | None = None) -> Iterator[None]:
-    """Finish ``run`` as completed, interrupted (Ctrl-C) or failed (with the error) however the
+    """Finish ``run`` as completed, interrupted (Ctrl-C, SIGTERM) or failed (with the error) however the
     block ends; ``children`` (a sweep's points, filled in the block) that are still running end
     the same way when the block does not complete."""
     t0 = time.perf_counter()
@@ -237,11 +289,14 @@ def closing(run: Run, children: dict[str, Run] | None = None) -> Iterator[None]:
 
     try:
         yield
-    except KeyboardInterrupt:
-        end("interrupted", "interrupted (Ctrl-C or SIGTERM)")
-        raise
     except BaseException as e:
-        end("failed", f"{type(e).__name__}: {e}")
+        reason = interrupt_reason(e)
+        if reason is None and INTERRUPTED:  # an error the interrupt caused (a library cut short)
+            reason = f"interrupted by {INTERRUPTED[0]}"
+        if reason is not None:
+            end("interrupted", reason)
+        else:
+            end("failed", f"{type(e).__name__}: {e}")
         raise
     finish(run, "completed", None, t0)
 
@@ -301,6 +356,8 @@ def drive(jobs: list[Job], max_parallel: int, api_alive: Any = None) -> None:
                                                 job.run.cache_dir, progress))
             in_flight[fut] = (job, stage, time.perf_counter())
             fut.add_done_callback(done.put)
+        if INTERRUPTED:
+            raise KeyboardInterrupt(INTERRUPTED[0])
         try:
             fut = done.get(timeout=1.0)
         except queue.Empty:
@@ -399,17 +456,6 @@ def failures(jobs: list[Job]) -> list[str]:
 def prefect_api_check() -> Any:
     """A probe for :func:`drive`: an error message once the ephemeral Prefect server this process
     started has exited (None while it runs, or when an external ``PREFECT_API_URL`` is used)."""
-    try:
-        from prefect.server.api.server import SubprocessASGIServer
-    except ImportError:  # pragma: no cover
-        return None
+    from d2.lifecycle import server_problem
 
-    def check() -> str | None:
-        for server in list(SubprocessASGIServer._instances.values()):
-            proc = getattr(server, "server_process", None)
-            if proc is not None and proc.poll() is not None:
-                return (f"the Prefect API server this run started (pid {proc.pid}) exited with code {proc.returncode}; "
-                        "the run stops (rerun it: finished stages are cached)")
-        return None
-
-    return check
+    return server_problem

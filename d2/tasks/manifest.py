@@ -157,6 +157,9 @@ class Recorder:
         self.status = status
         if error:
             self.meta["error"] = error
+            with self._lock:
+                if status == "failed" and not self.errors:  # a run-level cause (no stage failed): say why
+                    self.errors.append({"object": "", "stage": "", "error": error})
         return self.write()
 
 

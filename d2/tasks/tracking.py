@@ -144,22 +144,30 @@ class Tracker:
         self.end(self.run_id, ok)
 
 
+def close_open_runs(run_ids: Iterable[str], status: str, reason: str, client: Any = None) -> list[str]:
+    """End the MLflow runs among ``run_ids`` that are still RUNNING with ``status`` (``KILLED``: the
+    run was interrupted; ``FAILED``: it failed, or its process died), tagged ``d2.failure`` with
+    ``reason``. Returns the ids it ended; no-op when MLflow cannot be reached."""
+    ended = []
+    try:
+        if client is None:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient()
+        for rid in dict.fromkeys(run_ids):
+            try:
+                if client.get_run(rid).info.status == "RUNNING":
+                    client.set_tag(rid, "d2.failure", str(reason)[:5000])
+                    client.set_terminated(rid, status=status)
+                    ended.append(rid)
+            except Exception:  # noqa: BLE001  (a run deleted meanwhile)
+                continue
+    except Exception:  # noqa: BLE001  (tracking must never block a run from ending or starting)
+        pass
+    return ended
+
+
 def fail_stale_runs(run_ids: Iterable[str], reason: str) -> list[str]:
     """Mark the MLflow runs among ``run_ids`` that are still RUNNING as FAILED (their process died).
     Returns the ids it marked; no-op when MLflow cannot be reached."""
-    marked = []
-    try:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient()
-        for rid in run_ids:
-            try:
-                if client.get_run(rid).info.status == "RUNNING":
-                    client.set_tag(rid, "d2.failure", reason[:5000])
-                    client.set_terminated(rid, status="FAILED")
-                    marked.append(rid)
-            except Exception:  # noqa: BLE001  (a run deleted meanwhile)
-                continue
-    except Exception:  # noqa: BLE001  (tracking must never block a new run)
-        pass
-    return marked
+    return close_open_runs(run_ids, "FAILED", reason)

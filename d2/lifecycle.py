@@ -9,8 +9,11 @@ the server prints goes to ``$PREFECT_HOME/server.log``, not to the terminal.
 
 Interrupts: the first SIGINT or SIGTERM raises ``KeyboardInterrupt`` in the main thread (the
 flow's :func:`d2.flows.engine.closing` marks the run ``interrupted`` and its MLflow runs KILLED);
-a second one while that cleanup runs ends the process at once, after marking whatever is still
-``running`` the same way (:func:`d2.flows.engine.abandon_runs`).
+a second one lets that cleanup finish but bounds it: if the process has not ended
+:data:`SECOND_SIGNAL_DEADLINE` seconds later, whatever is still ``running`` is marked the same way
+(:func:`d2.flows.engine.abandon_runs`) and the process ends with 130. The signal handler itself never
+writes to MLflow: it runs on the main thread, which may be inside an MLflow transaction at that
+moment (the cleanup's own KILLED updates), and a write from the handler would wait on that lock.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ for sig in (signal.SIGTERM, signal.SIGKILL):
 """
 
 STOP_GRACE_SECONDS = 3.0  # a server that has not stopped this long after SIGTERM is killed
-QUICK_MLFLOW_SECONDS = 3.0  # what a second Ctrl-C still gives MLflow before the process ends
+QUICK_MLFLOW_SECONDS = 2.0  # what a forced end still gives MLflow before the process ends
+SECOND_SIGNAL_DEADLINE = 6.0  # after a second Ctrl-C, seconds the cleanup may still take before a forced end
 
 _watchdogs: dict[int, subprocess.Popen] = {}  # server pid -> its watchdog
 _exported_url: str | None = None  # the PREFECT_API_URL this process exported for its children
@@ -196,8 +200,8 @@ class Interrupts:
 
 
 def install_handlers(notice: str) -> None:
-    """SIGINT and SIGTERM raise ``KeyboardInterrupt(<signal name>)`` once; a second one ends the
-    process at once with exit 130 (:func:`quit_now`). Main thread only."""
+    """SIGINT and SIGTERM raise ``KeyboardInterrupt(<signal name>)`` once; a second one bounds the
+    cleanup to :data:`SECOND_SIGNAL_DEADLINE` seconds (then :func:`quit_now`). Main thread only."""
     Interrupts.notice = notice
     for sig in (signal.SIGINT, signal.SIGTERM):
         _previous.setdefault(sig, signal.signal(sig, _on_signal))
@@ -225,6 +229,19 @@ def _on_signal(signum: int, frame: Any) -> None:
         if engine is not None:
             engine.INTERRUPTED.append(name)  # the driver stops at its next check
         raise KeyboardInterrupt(name)
+    if Interrupts.count == 2:  # the cleanup goes on; a watchdog ends the process if it takes too long
+        try:
+            print(f"interrupted again: finishing the cleanup, at most {SECOND_SIGNAL_DEADLINE:g} s more",
+                  file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+        threading.Thread(target=_deadline, daemon=True, name="d2-second-signal").start()
+
+
+def _deadline() -> None:
+    import time
+
+    time.sleep(SECOND_SIGNAL_DEADLINE)
     quit_now()
 
 
@@ -236,8 +253,9 @@ def interrupted() -> bool:
 def quit_now() -> None:
     """End the process now: runs still ``running`` are marked ``interrupted`` (MLflow runs KILLED,
     given at most :data:`QUICK_MLFLOW_SECONDS`), the Prefect server is killed, exit 130."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     engine = sys.modules.get("d2.flows.engine")
     if engine is not None:
         reason = f"interrupted by {Interrupts.name or 'a signal'}, then again (stopped at once)"

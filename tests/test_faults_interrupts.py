@@ -220,7 +220,7 @@ def test_sigterm_to_the_process_group_ends_interrupted(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_second_ctrl_c_exits_at_once_and_still_says_interrupted(tiny, tmp_path):
+def test_a_second_ctrl_c_during_the_cleanup_still_ends_interrupted_within_10_s(tiny, tmp_path):
     run = Run(tiny, tmp_path)
     run.wait_for("conditions")
     t0 = time.perf_counter()
@@ -232,7 +232,7 @@ def test_a_second_ctrl_c_exits_at_once_and_still_says_interrupted(tiny, tmp_path
     rc, err, elapsed = run.signal(signal.SIGINT)
     elapsed = time.perf_counter() - t0
     assert_interrupted(run, rc, err, elapsed)
-    assert "again" in err, err  # the second Ctrl-C took the quick way out
+    assert "interrupted again" in err, err  # the second Ctrl-C was seen and bounded the cleanup
 
 
 @pytest.mark.slow

@@ -77,13 +77,20 @@ def test_the_dataset_has_consistent4d_layout(c4d_shape: Path):
     assert alpha.getextrema() == (0, 255)  # the object on transparency
 
 
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """One working folder for the four rehearsals: they share its stage cache, as a user's would
+    (under the rehearsal's sizes `fast` is `paper`, and `paper` shares `authors`' conditions)."""
+    return tmp_path_factory.mktemp("rehearsals")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", available_presets())
-def test_rehearsal_of_every_preset_at_the_benchmarks_shape(preset: str, c4d_shape: Path, tmp_path: Path):
-    out = tmp_path / "run"
+def test_rehearsal_of_every_preset_at_the_benchmarks_shape(preset: str, c4d_shape: Path, project: Path):
+    out = project / preset
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([str(BIN / "d2"), "benchmark", "--preset", preset, "--rehearse", "--data", str(c4d_shape),
-                        "--out", str(out), "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                        "--out", str(out), "--no-progress"], cwd=project, capture_output=True, text=True,
                        timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 

@@ -22,7 +22,6 @@ from d2.config import REHEARSAL_OVERLAY, available_presets, flatten_params, load
 from d2.world.benchmark import CONSISTENT4D_FRAMES, CONSISTENT4D_OBJECTS, generate_consistent4d_shape
 
 BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[1]
 
 # The knobs the rehearsal may change: sizes (pixels, widths, step and iteration counts and the fit's
 # schedule with them), devices, and the two consequences of having no weights (the priors' backend,

@@ -481,26 +481,31 @@ def check_environment(command: str, args: Mapping[str, Any], p: BaseModel) -> No
 _HELD: dict[str, int] = {}  # realpath of a lock file -> the open descriptor holding its flock
 
 
+def lock_run_folder(run_dir: Path) -> int:
+    """Take ``run_dir``'s run lock (``flock`` on its lock file, released when the process dies) and
+    write the holder into it; :class:`RunFolderInUse` naming the live run that holds it."""
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+        os.close(fd)
+        raise RunFolderInUse(f"{run_dir} is in use by another d2 run ({holder}); wait for it to finish or choose "
+                             "another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+              .encode(), 0)
+    return fd
+
+
 def hold_run_folder(out: str | os.PathLike) -> Path:
     """Create ``out`` and take its run lock for this process (the flow adopts it), or refuse at
     once naming the run that holds it."""
     run_dir = Path(out).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = os.path.realpath(run_dir / LOCK_FILE)
-    if lock in _HELD:
-        return run_dir
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
-        os.close(fd)
-        raise RunFolderInUse(f"{out} is in use by another d2 run ({holder}); wait for it to finish or choose "
-                             "another --out") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-              .encode(), 0)
-    _HELD[lock] = fd
+    if lock not in _HELD:
+        _HELD[lock] = lock_run_folder(run_dir)
     return run_dir
 
 

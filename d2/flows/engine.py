@@ -20,7 +20,6 @@ import json
 import os
 import queue
 import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from pydantic import BaseModel
 
 from d2.config import flatten_params, get_param, params_hash
 from d2.flows.runners import gpu_request, wants_gpu
-from d2.preflight import adopt_run_folder_lock
+from d2.preflight import RunFolderInUse, adopt_run_folder_lock, lock_run_folder
 from d2.tasks.manifest import LISTENERS, Recorder, StageResult
 from d2.tasks.progress import read_progress
 from d2.tasks.cache import store_dir
@@ -103,18 +102,11 @@ def open_run_folder(run_dir: Path) -> Iterator[Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = adopt_run_folder_lock(run_dir)  # taken by the command before Prefect started
     if fd is None:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
-            os.close(fd)
-            raise RunFolderBusy(f"{run_dir} is in use by another d2 run ({holder}); wait for it to finish "
-                                "or choose another --out") from None
+            fd = lock_run_folder(run_dir)
+        except RunFolderInUse as e:
+            raise RunFolderBusy(str(e)) from None
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                  .encode(), 0)
         fail_dead_run(run_dir)
         yield run_dir
     finally:

@@ -39,7 +39,7 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel
 
-from d2.utils.paths import LOCK_FILE
+from d2.utils.paths import LOCK_FILE, RunFolderLocked, adopt_run_folder_lock, hold_run_lock  # noqa: F401  (adopt: part of this module's API)
 from d2.validation import InputError
 
 CONNECT_TIMEOUT_S = 3.0  # how long an MLflow server, a Dask scheduler or a Ray cluster may take to accept
@@ -478,38 +478,13 @@ def check_environment(command: str, args: Mapping[str, Any], p: BaseModel) -> No
 # the run folder's lock, taken before Prefect starts
 
 
-_HELD: dict[str, int] = {}  # realpath of a lock file -> the open descriptor holding its flock
-
-
-def lock_run_folder(run_dir: Path) -> int:
-    """Take ``run_dir``'s run lock (``flock`` on its lock file, released when the process dies) and
-    write the holder into it; :class:`RunFolderInUse` naming the live run that holds it."""
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
-        os.close(fd)
-        raise RunFolderInUse(f"{run_dir} is in use by another d2 run ({holder}); wait for it to finish or choose "
-                             "another --out") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-              .encode(), 0)
-    return fd
-
-
 def hold_run_folder(out: str | os.PathLike) -> Path:
-    """Create ``out`` and take its run lock for this process (the flow adopts it), or refuse at
-    once naming the run that holds it."""
+    """Create ``out`` and take its run lock for this process (the flow adopts it,
+    :func:`d2.utils.paths.adopt_run_folder_lock`), or refuse at once naming the run that holds it."""
     run_dir = Path(out).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = os.path.realpath(run_dir / LOCK_FILE)
-    if lock not in _HELD:
-        _HELD[lock] = lock_run_folder(run_dir)
+    try:
+        hold_run_lock(run_dir)
+    except RunFolderLocked as e:
+        raise RunFolderInUse(str(e)) from None
     return run_dir
-
-
-def adopt_run_folder_lock(run_dir: Path) -> int | None:
-    """The descriptor holding ``run_dir``'s lock when :func:`hold_run_folder` took it in this
-    process (the caller now owns it and releases it), else None."""
-    return _HELD.pop(os.path.realpath(run_dir / LOCK_FILE), None)

@@ -30,7 +30,6 @@ from pydantic import BaseModel
 
 from d2.config import flatten_params, get_param, params_hash
 from d2.flows.runners import gpu_request, wants_gpu
-from d2.preflight import RunFolderInUse, adopt_run_folder_lock, lock_run_folder
 from d2.tasks.manifest import LISTENERS, Recorder, StageResult
 from d2.tasks.progress import read_progress
 from d2.tasks.cache import store_dir
@@ -38,7 +37,7 @@ from d2.tasks.stage_task import configured_task, task_arguments
 from d2.tasks.stages import StageSet
 from d2.tasks.tracking import Tracker, close_open_runs, fail_stale_runs, flat_numbers, git_commit
 from d2.utils.io import write_json
-from d2.utils.paths import LOCK_FILE, inside, safe_name
+from d2.utils.paths import LOCK_FILE, RunFolderLocked, adopt_run_folder_lock, inside, lock_run_folder, safe_name
 
 # Names of the signals that asked this process to stop (set by d2.lifecycle's handler); the
 # driver checks it between waits, so an interrupt that some library swallowed still stops the run.
@@ -104,7 +103,7 @@ def open_run_folder(run_dir: Path) -> Iterator[Path]:
     if fd is None:
         try:
             fd = lock_run_folder(run_dir)
-        except RunFolderInUse as e:
+        except RunFolderLocked as e:
             raise RunFolderBusy(str(e)) from None
     try:
         fail_dead_run(run_dir)

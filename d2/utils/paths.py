@@ -5,6 +5,8 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import socket
+import time
 from pathlib import Path
 
 LOCK_FILE = ".d2-run.lock"  # held (flock) by the run writing into a folder
@@ -60,3 +62,44 @@ def run_folder_holder(run_dir: Path) -> str | None:
     itself takes the lock): lets a command refuse before anything starts."""
     holder = flock_holder(run_dir / LOCK_FILE)
     return None if holder is None else holder or "unknown process"
+
+
+# ---------------------------------------------------------------------------------------
+# the run folder's lock: taken by the command before Prefect starts, adopted by the flow
+
+
+class RunFolderLocked(RuntimeError):
+    """Another live d2 run holds the run folder's lock."""
+
+
+_HELD: dict[str, int] = {}  # realpath of a lock file -> the open descriptor holding its flock
+
+
+def lock_run_folder(run_dir: Path) -> int:
+    """Take ``run_dir``'s run lock (``flock`` on its lock file, released when the process dies) and
+    write the holder into it; :class:`RunFolderLocked` naming the live run that holds it."""
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+        os.close(fd)
+        raise RunFolderLocked(f"{run_dir} is in use by another d2 run ({holder}); wait for it to finish or choose "
+                             "another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+              .encode(), 0)
+    return fd
+
+
+def hold_run_lock(run_dir: Path) -> None:
+    """Take ``run_dir``'s lock for this process until the flow adopts it (once per folder)."""
+    lock = os.path.realpath(run_dir / LOCK_FILE)
+    if lock not in _HELD:
+        _HELD[lock] = lock_run_folder(run_dir)
+
+
+def adopt_run_folder_lock(run_dir: Path) -> int | None:
+    """The descriptor holding ``run_dir``'s lock when :func:`hold_run_lock` took it in this process
+    (the caller now owns it and releases it), else None."""
+    return _HELD.pop(os.path.realpath(run_dir / LOCK_FILE), None)

@@ -61,7 +61,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     """The environment of a ``d2`` subprocess: this checkout first on the path, the project's
     state derived from its working directory (nothing inherited from the test process)."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "MLFLOW_", "D2_", "DASK_", "RAY_"))}
+           if not k.startswith(("PREFECT_", "MLFLOW_", "D2_", "DASK_", "RAY_", "TORCHINDUCTOR_"))}
     env.update({"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"})
     env.update(extra)
     return env

@@ -69,6 +69,8 @@ def test_each_task_in_a_subprocess_from_pickled_arguments_equals_in_process(tiny
             inputs = {"pred": results["render_eval"]["store_dir"], "gt": str(data / "gt" / obj)}
         else:
             inputs = {name: results[upstream[stage]]["store_dir"]}
+        if stage == "render_eval":  # renders at the times of the frames the asset covers (conditions.json)
+            inputs["conditions"] = results["conditions"]["store_dir"]
         results[stage] = run_stage_locally(STAGES.specs[stage], obj, inputs, p, local)
         calls.append({"stages": STAGES, "stage": stage, "obj": obj, "inputs": inputs,
                       "params": p.model_dump(mode="json"), "cache_dir": str(tmp_path / "cache-remote")})

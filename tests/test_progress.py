@@ -87,5 +87,5 @@ def test_a_computing_stage_reports_its_steps_to_its_progress_file(tmp_path) -> N
         cache_mod.stage_key = key_of
     info = read_progress(progress)
     assert info["step"] == info["steps"] == 30 and info["loss"] > 0 and "psnr" in info
-    curve = json.loads((Path(res["store_dir"]) / "fit.json").read_text())["curve"]
+    curve = json.loads((cache_mod.store_dir(tmp_path / "cache", res) / "fit.json").read_text())["curve"]
     assert [c["iteration"] for c in curve] == list(range(1, 31)) and all(c["loss"] > 0 for c in curve)

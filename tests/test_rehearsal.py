@@ -27,7 +27,7 @@ BIN = Path(sys.executable).parent
 # schedule with them), devices, and the two consequences of having no weights (the priors' backend,
 # the fit's LPIPS requirement). Anything else in the overlay fails test_the_overlay_changes_only_sizes.
 REHEARSAL_KNOBS = {
-    "priors.backend", "priors.device", "priors.tiny.resolution", "priors.tiny.block_out_channels",
+    "priors.backend", "priors.device", "priors.cudnn_benchmark", "conditions.chunk_size", "sampling.chunk_size", "priors.tiny.resolution", "priors.tiny.block_out_channels",
     "priors.tiny.vae_block_out_channels", "conditions.resolution", "conditions.num_steps", "sampling.resolution",
     "sampling.num_steps", "sampling.rollback_steps", "sampling.devices", "fit.resolution", "fit.iterations", "fit.num_gaussians",
     "fit.max_gaussians", "fit.sh_increase_every", "fit.lr_means_max_steps", "fit.densify_from", "fit.densify_until",
@@ -79,7 +79,7 @@ def test_the_dataset_has_consistent4d_layout(c4d_shape: Path):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """One working folder for the four rehearsals: they share its stage cache, as a user's would
-    (under the rehearsal's sizes `fast` is `paper`, and `paper` shares `authors`' conditions)."""
+    (under the rehearsal's sizes `paper` is `fast`, and shares `authors`' conditions)."""
     return tmp_path_factory.mktemp("rehearsals")
 
 

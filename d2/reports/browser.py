@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -120,7 +121,8 @@ def inspect_page(page: str | Path, screenshot: str | Path | None = None, browser
         raise FileNotFoundError(f"no page at {page}")
     url = Path(page).resolve().as_uri()
     port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="d2-chromium-") as profile:
+    # Chromium's helper processes may still write into the profile for a moment after it exits
+    with tempfile.TemporaryDirectory(prefix="d2-chromium-", ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(
             [exe, "--headless=new", "--no-sandbox", "--no-first-run", "--no-default-browser-check",
              "--disable-dev-shm-usage", "--mute-audio", "--autoplay-policy=no-user-gesture-required",
@@ -188,3 +190,8 @@ def inspect_page(page: str | Path, screenshot: str | Path | None = None, browser
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            for _ in range(20):  # then the profile goes, once its last writer is gone
+                shutil.rmtree(profile, ignore_errors=True)
+                if not os.path.exists(profile):
+                    break
+                time.sleep(0.25)

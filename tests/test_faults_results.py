@@ -288,16 +288,13 @@ def test_report_urls_are_percent_encoded_and_resolve_to_the_files(tmp_path):
 
 
 def test_report_with_a_hostile_object_name_loads_every_medium_in_chromium(tmp_path):
-    from d2.reports.browser import find_browser, inspect_page
+    from d2.reports.browser import inspect_page
     from d2.reports.html import build_html_report
     from d2.reports.media import MIN_PREVIEW
 
-    from test_report_html import AZ_EVAL, make_benchmark_run
+    from test_report_html import AZ_EVAL, make_benchmark_run, require_browser
 
-    if find_browser() is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the browser test: install Debian's chromium (.ci/run does)")
-        pytest.skip("no Chromium on PATH (CI installs Debian's chromium)")
+    require_browser()
     run = make_benchmark_run(tmp_path, objects=(HOSTILE,))
     page = build_html_report(run)
     res = inspect_page(page)

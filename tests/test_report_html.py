@@ -25,6 +25,17 @@ AZ_EVAL = [-75.0, 15.0]
 ARTIFACTS = Path(os.environ.get("D2_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts"))
 
 
+
+def require_browser() -> None:
+    """Browser tests need Chromium: under CI its absence fails the test (.ci/run installs it); on a
+    developer machine without it the test is skipped."""
+    from d2.reports.browser import find_browser
+
+    if find_browser() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser test: install Debian's chromium (.ci/run does)")
+        pytest.skip("no Chromium on PATH (CI installs Debian's chromium)")
+
 def make_benchmark_run(root: Path, objects: tuple[str, ...] = ("ball",), v: int = 3, f: int = 4, res: int = 16,
                        psnr: float = 20.0) -> Path:
     """A finished benchmark folder in the real stages' layout, from a known 4D scene."""
@@ -155,10 +166,7 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
     """The page as a person opens it: no console error, every image decoded, every video playing."""
     from d2.reports.browser import find_browser, inspect_page
 
-    if find_browser() is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the browser test: install Debian's chromium (.ci/run does)")
-        pytest.skip("no Chromium on PATH (CI installs Debian's chromium)")
+    require_browser()
     run = make_benchmark_run(tmp_path)
     page = build_html_report(run)
     res = inspect_page(page, ARTIFACTS / "report_screenshot.png")

@@ -164,7 +164,7 @@ def test_sweep_report_plots_each_metric_against_each_knob(tmp_path: Path) -> Non
 
 def test_report_in_headless_chromium(tmp_path: Path) -> None:
     """The page as a person opens it: no console error, every image decoded, every video playing."""
-    from d2.reports.browser import find_browser, inspect_page
+    from d2.reports.browser import inspect_page
 
     require_browser()
     run = make_benchmark_run(tmp_path)

@@ -1,4 +1,4 @@
-"""The composition experiment of issue 6 (composed vs video-only vs multi-view-only sampling with the
+"""The composition experiment (composed vs video-only vs multi-view-only sampling with the
 miniature priors, and the s0 x k ablation). A thin entry point of :mod:`d2.train.experiment`:
 
     .venv/bin/python bench/composition.py --priors data/priors --out runs/composition [--device cuda]

@@ -1,4 +1,4 @@
-"""Miniature priors (issue 6): training data, a training step, save / reload through the loaders."""
+"""Miniature priors: training data, a training step, save / reload through the loaders."""
 
 from __future__ import annotations
 
@@ -18,16 +18,16 @@ TINY = MiniModelConfig(resolution=8, num_frames=4, block_out_channels=(32, 32), 
 def test_training_scenes_are_disjoint_from_the_benchmark() -> None:
     import pytest
 
-    from d2.train.data import _world, benchmark_scenes
+    from d2.train.data import benchmark_scenes
+    from d2.world import random_training_scene
 
-    world = _world()
     cfg = DataConfig(resolution=8, num_frames=4, num_scenes=4, videos_per_scene=1, orbits_per_scene=1)
     seeds = scene_seeds(cfg)
     assert check_disjoint(seeds, resolution=8) > 0.02
     bench = benchmark_scenes()
     names = {b.name for b in bench}
     for s in seeds:
-        assert world.random_training_scene(s).name not in names
+        assert random_training_scene(s).name not in names
     # the check can fail: a "training" factory that hands out a benchmark object is refused
     with pytest.raises(ValueError, match="benchmark object"):
         check_disjoint([0], resolution=8, scene_factory=lambda s: bench[0])

@@ -22,7 +22,6 @@ on renders (every training scene differs from every benchmark object at probe ca
 from __future__ import annotations
 
 import hashlib
-import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from d2.stages.cameras import OrbitSpec, frame_times, orbit_azimuths
+from d2.world import benchmark_objects, make_scene, random_training_scene, scene_signature
 
 
 class DataConfig(BaseModel):
@@ -79,32 +79,6 @@ def scene_seeds(cfg: DataConfig) -> list[int]:
     return [cfg.scene_seed_offset + cfg.seed * 100_000 + i for i in range(cfg.num_scenes)]
 
 
-def _world() -> Any:
-    """The world's API (``random_training_scene``, ``benchmark_objects``, ``make_scene``) as a namespace."""
-    import types
-
-    ns = types.SimpleNamespace()
-    try:
-        import d2.world as world
-    except ImportError as e:  # the world lands in parallel (issue 4)
-        raise ImportError(f"d2.world (the procedural 4D world) is needed to render training data: {e}") from e
-    mods = [world]
-    for sub in ("d2.world.scenes", "d2.world.benchmark"):
-        try:
-            mods.append(importlib.import_module(sub))
-        except ImportError:
-            pass
-    for name in ("random_training_scene", "benchmark_objects", "make_scene", "scene_signature"):
-        for m in mods:
-            if hasattr(m, name):
-                setattr(ns, name, getattr(m, name))
-                break
-        else:
-            if name != "scene_signature":
-                raise ImportError(f"d2.world has no {name}(); the training data needs it")
-    return ns
-
-
 def _to_u8(x: Tensor) -> Tensor:
     return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
 
@@ -128,7 +102,7 @@ def render_training_set(cfg: DataConfig, progress: bool = True,
 
     if cfg.num_scenes < 1 or cfg.num_frames < 2 or cfg.resolution < 4:
         raise ValueError(f"need num_scenes >= 1, num_frames >= 2, resolution >= 4: {cfg}")
-    factory = scene_factory or _world().random_training_scene
+    factory = scene_factory or random_training_scene
     spec = OrbitSpec(radius=cfg.radius, fov_deg=cfg.fov_deg)
     gen = torch.Generator().manual_seed(cfg.seed)
     f = cfg.num_frames
@@ -180,22 +154,19 @@ def check_disjoint(seeds: list[int], resolution: int = 16, min_rmse: float = 0.0
     whose name or structural signature (the world's ``scene_signature``: shapes and motion
     kinds) is a benchmark object's is refused too.
     """
-    world = _world()
-    factory = scene_factory or world.random_training_scene
+    factory = scene_factory or random_training_scene
     bench_scenes = benchmark_scenes()
-    bench_names = [getattr(sc, "name", str(i)) for i, sc in enumerate(bench_scenes)]
-    signature = getattr(world, "scene_signature", None)
-    bench_sigs = {signature(sc): n for sc, n in zip(bench_scenes, bench_names)} if signature else {}
+    bench_names = [sc.name for sc in bench_scenes]
+    bench_sigs = {scene_signature(sc): n for sc, n in zip(bench_scenes, bench_names)}
     bench = torch.stack([probe_renders(sc, resolution) for sc in bench_scenes])  # [O, 4, 3, 3, R, R]
     smallest = math.inf
     for s in seeds:
         scene = factory(s)
-        name = getattr(scene, "name", None)
-        if name is not None and name in bench_names:
-            raise ValueError(f"training scene of seed {s} is the benchmark object {name!r}")
-        if signature is not None and signature(scene) in bench_sigs:
+        if scene.name in bench_names:
+            raise ValueError(f"training scene of seed {s} is the benchmark object {scene.name!r}")
+        if scene_signature(scene) in bench_sigs:
             raise ValueError(f"training scene of seed {s} has the structure of benchmark object "
-                             f"{bench_sigs[signature(scene)]!r}")
+                             f"{bench_sigs[scene_signature(scene)]!r}")
         r = probe_renders(scene, resolution)
         rmse = ((bench - r[None]) ** 2).flatten(1).mean(1).sqrt()  # [O]
         i = int(rmse.argmin())
@@ -207,12 +178,8 @@ def check_disjoint(seeds: list[int], resolution: int = 16, min_rmse: float = 0.0
 
 
 def benchmark_scenes() -> list[Any]:
-    """The benchmark's objects as scenes (``benchmark_objects()`` may give names or scenes)."""
-    world = _world()
-    out = []
-    for item in world.benchmark_objects():
-        out.append(world.make_scene(item) if isinstance(item, str) else item)
-    return out
+    """The benchmark's objects as scenes."""
+    return [make_scene(name) for name in benchmark_objects()]
 
 
 def cache_key(cfg: DataConfig) -> str:
@@ -225,7 +192,6 @@ def load_or_build_dataset(cfg: DataConfig, progress: bool = True) -> TrainingSet
     """The cached training set of ``cfg``, rendered (and checked disjoint) on a cache miss."""
     from d2.utils.io import load_tensor, save_tensor
 
-    _world()
     path = Path(cfg.cache_dir) / f"{cache_key(cfg)}.pt"
     if path.is_file():
         state = load_tensor(path)

@@ -1,4 +1,4 @@
-"""The composition experiment on the miniature world (issue 6).
+"""The composition experiment on the miniature world.
 
 Video-to-4D setting of the benchmark: for every held-out benchmark object the input is the
 monocular video at azimuth 0; the conditions are that video and a reference orbit sampled by

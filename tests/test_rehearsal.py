@@ -77,21 +77,39 @@ def test_the_dataset_has_consistent4d_layout(c4d_shape: Path):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """One working folder for the four rehearsals: they share its stage cache, as a user's would
-    (under the rehearsal's sizes `paper` is `fast`, and shares `authors`' conditions)."""
-    return tmp_path_factory.mktemp("rehearsals")
+def rehearsals(tmp_path_factory, c4d_shape: Path) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Every preset's rehearsal, started at once into one working folder and so one stage cache, as
+    a user running them side by side would: stages the presets share (under the rehearsal's sizes
+    `paper` is `fast`, and shares `authors`' conditions) are computed once under the key's lock and
+    served to the others. Returns ``{preset: (run folder, finished process)}``."""
+    project = tmp_path_factory.mktemp("rehearsals")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for preset in available_presets():
+        cmd = [str(BIN / "d2"), "benchmark", "--preset", preset, "--rehearse", "--data", str(c4d_shape),
+               "--out", str(project / preset), "--no-progress"]
+        log = open(project / f"{preset}.log", "w")
+        procs[preset] = (subprocess.Popen(cmd, cwd=project, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                          env=env, start_new_session=True), log)
+    out = {}
+    try:
+        for preset, (proc, log) in procs.items():
+            proc.wait(timeout=1500)
+            log.close()
+            text = (project / f"{preset}.log").read_text()
+            out[preset] = (project / preset, subprocess.CompletedProcess(proc.args, proc.returncode, text, ""))
+    finally:
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+    return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", available_presets())
-def test_rehearsal_of_every_preset_at_the_benchmarks_shape(preset: str, c4d_shape: Path, project: Path):
-    out = project / preset
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(BIN / "d2"), "benchmark", "--preset", preset, "--rehearse", "--data", str(c4d_shape),
-                        "--out", str(out), "--no-progress"], cwd=project, capture_output=True, text=True,
-                       timeout=900, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def test_rehearsal_of_every_preset_at_the_benchmarks_shape(preset: str, rehearsals: dict):
+    out, r = rehearsals[preset]
+    assert r.returncode == 0, r.stdout[-6000:]
 
     # the run used the preset's structure, with sizes only shrunk
     used = flatten_params(_params_of(out))

@@ -1,4 +1,4 @@
-"""The prior interface: EDM preconditioning, CFG, gradients, Gaussian closed form, folders, registry."""
+"""The prior interface: EDM preconditioning, CFG, gradients, Gaussian closed form, folders, backends."""
 
 import math
 

@@ -37,7 +37,7 @@ class TinyPriorConfig(BaseModel):
     """Sizes of the ``tiny`` backend (random weights; tests and CPU runs)."""
 
     model_config = ConfigDict(extra="forbid")
-    resolution: int = 32  # image side in pixels (a multiple of the VAE and UNet down-sampling)
+    resolution: int = 32  # image side in pixels
     block_out_channels: tuple[int, ...] = (32, 64)  # UNet widths per level (multiples of 32: GroupNorm)
     layers_per_block: int = 1  # resnets per UNet level
     num_attention_heads: int = 2  # heads in every UNet attention
@@ -45,9 +45,9 @@ class TinyPriorConfig(BaseModel):
     addition_time_embed_dim: int = 32  # sinusoidal width per added id (SV3D camera ids get 2x)
     vae: bool = True  # True: tiny AutoencoderKLTemporalDecoder (scale 2, 4 ch); False: PixelSpaceVAE
     vae_block_out_channels: tuple[int, ...] = (32, 64)  # tiny VAE widths (scale factor 2^(n-1))
-    clip_hidden_size: int = 32  # tiny CLIP vision width (a multiple of its 2 heads)
+    clip_hidden_size: int = 32  # tiny CLIP vision width
     clip_layers: int = 2  # tiny CLIP vision depth
-    clip_image_size: int = 32  # tiny CLIP input side (a multiple of its 8 px patch)
+    clip_image_size: int = 32  # tiny CLIP input side
     seed: int = 0  # weights seed (video uses seed, multi-view seed + 1)
 
     @field_validator("block_out_channels", "vae_block_out_channels")
@@ -113,7 +113,7 @@ class PriorsConfig(BaseModel):
     """Which priors to load and how."""
 
     model_config = ConfigDict(extra="forbid")
-    backend: Backend = "tiny"  # backend of both families unless overridden below (names: BACKENDS)
+    backend: Backend = "tiny"  # backend name used for both families unless overridden below
     video_backend: Backend | None = None  # override for the video family (e.g. "svd", "mini")
     multiview_backend: Backend | None = None  # override for the multi-view family (e.g. "sv3d_p", "mini")
     video_path: str | None = None  # video weights: diffusers-layout / d2 prior folder (svd, mini)
@@ -124,7 +124,7 @@ class PriorsConfig(BaseModel):
     device: str = "cpu"  # torch device of the models
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights / activations dtype (x stays fp32)
     attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"  # preferred attention kernel (d2/stages/unet_runtime.py)
-    attention_max_batch: int = 32767  # attention sequences per kernel call, 1..65535 (the CUDA grid limit)
+    attention_max_batch: int = 32767  # attention sequences per kernel call (CUDA grid limit 65535)
     cross_attention_shortcut: bool = True  # single-token cross-attention in closed form (exact; skips its GEMMs)
     channels_last: bool = False  # NHWC convolution weights
     temporal_conv: Literal["conv3d", "gemm"] = "conv3d"  # temporal (3,1,1) convolution as cuDNN Conv3d or one GEMM

@@ -29,7 +29,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -446,16 +446,8 @@ class DensifyStrategy:
 
     @classmethod
     def from_config(cls, cfg: FitConfig, extent: float, generator: torch.Generator) -> "DensifyStrategy":
-        return cls(
-            extent=extent, generator=generator, densify_from=cfg.densify_from, densify_until=cfg.densify_until,
-            densify_every=cfg.densify_every, densify_grad_threshold=cfg.densify_grad_threshold,
-            dense_fraction=cfg.dense_fraction, split_scale_divisor=cfg.split_scale_divisor,
-            max_gaussians=cfg.max_gaussians, densify_before_step=cfg.densify_before_step,
-            opacity_reset_every=cfg.opacity_reset_every, opacity_reset_value=cfg.opacity_reset_value,
-            opacity_reset_at_densify_from=cfg.opacity_reset_at_densify_from, prune_opacity=cfg.prune_opacity,
-            prune_screen_size=cfg.prune_screen_size, screen_size_prune_fires=cfg.screen_size_prune_fires,
-            prune_world_size=cfg.prune_world_size,
-        )
+        rules = {f.name for f in fields(cls)} - {"extent", "generator"}
+        return cls(extent=extent, generator=generator, **{k: getattr(cfg, k) for k in sorted(rules)})
 
     def initialize_state(self, num: int, device: torch.device) -> DensifyStats:
         """Statistics for a set of ``num`` Gaussians."""
@@ -466,7 +458,8 @@ class DensifyStrategy:
         return step < self.densify_until
 
     def step_pre_backward(self, step: int, info: dict) -> None:
-        """Keep the gradient of the screen-space means (``info["means2d"]``, the rasterizer's)."""
+        """Keep the gradient of the screen-space means, ``info["means2d"]`` (the rasterizer keeps it
+        too whenever it is given ``info``)."""
         means2d = info.get("means2d")
         if self.tracking(step) and means2d is not None and means2d.requires_grad:
             means2d.retain_grad()

@@ -447,3 +447,20 @@ def test_bad_view_exclusions_fail_before_any_work(tmp_path: Path, monkeypatch) -
     with pytest.raises(ParamsError, match=r"view\(s\) \[21\] are not in the matrix of 21 views"):
         load_params(None, ["fit.exclude_views=[21]"])
     assert load_params(None, ["fit.exclude_views=[20, 0]"]).fit.exclude_views == [0, 20]
+
+
+def test_densify_strategy_takes_its_rules_from_the_fit_config() -> None:
+    """Every rule of the strategy is the FitConfig field of the same name (non-default values)."""
+    from dataclasses import fields
+
+    cfg = _small_cfg(densify_from=7, densify_until=70, densify_every=3, densify_grad_threshold=1e-3,
+                     dense_fraction=0.02, split_scale_divisor=2.0, max_gaussians=99, densify_before_step=False,
+                     opacity_reset_every=11, opacity_reset_value=0.02, opacity_reset_at_densify_from=False,
+                     prune_opacity=0.01, prune_screen_size=5.0, screen_size_prune_fires=True, prune_world_size=0.2)
+    gen = torch.Generator()
+    strategy = fit_mod.DensifyStrategy.from_config(cfg, 3.0, gen)
+    assert strategy.extent == 3.0 and strategy.generator is gen
+    rules = [f.name for f in fields(strategy) if f.name not in ("extent", "generator")]
+    assert len(rules) == 15
+    for name in rules:
+        assert getattr(strategy, name) == getattr(cfg, name) != getattr(FitConfig(), name), name

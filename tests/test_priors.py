@@ -1,9 +1,10 @@
-"""The prior interface: EDM preconditioning, CFG, gradients, Gaussian closed form, folders, registry."""
+"""The prior interface: EDM preconditioning, CFG, gradients, Gaussian closed form, folders, backends."""
 
 import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from d2.stages.cameras import orbit_azimuths
 from d2.stages.priors import (
@@ -14,9 +15,10 @@ from d2.stages.priors import (
     PriorCondition,
     PriorsConfig,
     TinyPriorConfig,
+    build_sv3d_p,
+    build_svd,
     build_tiny_prior,
     edm_coefficients,
-    get_backend,
     load_prior_folder,
     load_priors,
     save_prior_folder,
@@ -146,9 +148,8 @@ def test_prior_folder_roundtrip(tmp_path, tiny):
             torch.testing.assert_close(loaded.clip_embed(torch.rand(1, 3, 32, 32).fill_(0.5)),
                                        prior.clip_embed(torch.rand(1, 3, 32, 32).fill_(0.5)))
     # the svd / sv3d_p backends read the same layout
-    v = get_backend("svd")(PriorsConfig(video_path=str(tmp_path / "video")), "video", torch.device("cpu"))
-    m = get_backend("sv3d_p")(PriorsConfig(multiview_path=str(tmp_path / "multiview")), "multiview",
-                              torch.device("cpu"))
+    v = build_svd(PriorsConfig(video_path=str(tmp_path / "video")), "video", torch.device("cpu"))
+    m = build_sv3d_p(PriorsConfig(multiview_path=str(tmp_path / "multiview")), "multiview", torch.device("cpu"))
     assert v.family == "video" and m.family == "multiview"
 
 
@@ -164,19 +165,30 @@ def test_missing_weights_errors_name_every_file(tmp_path):
     (tmp_path / "svd" / "unet").mkdir(parents=True)
     (tmp_path / "svd" / "unet" / "config.json").write_text("{}")
     with pytest.raises(MissingWeightsError) as e:
-        get_backend("svd")(PriorsConfig(video_path=str(tmp_path / "svd")), "video", torch.device("cpu"))
+        build_svd(PriorsConfig(video_path=str(tmp_path / "svd")), "video", torch.device("cpu"))
     assert "unet/diffusion_pytorch_model.safetensors" in str(e.value) and "vae/config.json" in str(e.value)
     with pytest.raises(MissingWeightsError, match="sv3d_p.safetensors"):
-        get_backend("sv3d_p")(PriorsConfig(multiview_path=str(tmp_path / "nope.safetensors")), "multiview",
-                              torch.device("cpu"))
+        build_sv3d_p(PriorsConfig(multiview_path=str(tmp_path / "nope.safetensors")), "multiview",
+                     torch.device("cpu"))
 
 
-def test_backends_are_functions_of_the_priors_module():
-    import d2.stages.priors as priors
+def test_every_backend_module_is_in_the_cache_key_of_a_stage_that_loads_priors():
+    from d2.tasks.cache import module_closure
 
-    for name, factory in BACKENDS.items():  # in the module's source, so in the stages' cache keys
-        assert factory.__module__ == "d2.stages.priors" and getattr(priors, factory.__name__) is factory, name
+    closure = module_closure(["d2.stages.priors"])
+    for module in ("base", "config", "folder", "gaussian", "tiny", "mini", "svd", "sv3d_p"):
+        assert f"d2.stages.priors.{module}" in closure, module
+    assert "d2.stages.sv3d" in closure  # the SV3D UNet and its key conversion
+    closure = module_closure(["d2.stages.sampling"])  # imports only the Prior interface
+    assert {"d2.stages.priors", "d2.stages.priors.tiny", "d2.stages.priors.sv3d_p"} <= set(closure)
+
+
+def test_backends_are_chosen_per_family_and_unknown_names_fail_in_the_config():
     v, m = load_priors(PriorsConfig(backend="tiny", video_backend="gaussian"))
     assert v.name == "gaussian-video" and m.name == "tiny-multiview"
-    with pytest.raises(KeyError, match="unknown priors backend"):
-        load_priors(PriorsConfig(backend="nope"))
+    assert BACKENDS == ("gaussian", "tiny", "mini", "svd", "sv3d_p", "stability")
+    for key in ("backend", "video_backend", "multiview_backend"):
+        with pytest.raises(ValidationError, match=f"priors.{key} = 'nope' is not a priors backend; known: gaussian"):
+            PriorsConfig(**{key: "nope"})
+    with pytest.raises(ValueError, match="'svd' is a video prior"):
+        load_priors(PriorsConfig(backend="tiny", multiview_backend="svd"))

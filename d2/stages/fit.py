@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -363,6 +364,10 @@ class DensifyStats:
     in NDC units, the number of iterations that saw it, and its largest screen radius."""
 
     def __init__(self, n: int, device: torch.device):
+        self.reset(n, device)
+
+    def reset(self, n: int, device: torch.device) -> None:
+        """Zero statistics for ``n`` Gaussians (after each densification step)."""
         self.grad_accum = torch.zeros(n, device=device)  # [N]
         self.count = torch.zeros(n, device=device)  # [N]
         self.max_radii = torch.zeros(n, device=device)  # [N] pixels
@@ -396,74 +401,6 @@ class DensifyStats:
 
 
 @torch.no_grad()
-def densify_and_prune(g: Gaussians4D, opt: torch.optim.Adam, stats: DensifyStats, cfg: FitConfig, extent: float,
-                      generator: torch.Generator, densify: bool = True, size_prune: bool = False) -> dict[str, int]:
-    """One 3DGS/4DGS densification step: clone, split, then prune.
-
-    Gaussians whose mean screen-space gradient reaches ``densify_grad_threshold`` are cloned
-    (an exact copy is added) when their largest spatial scale is at most ``dense_fraction *
-    extent``, and split otherwise: replaced by two samples ``mu + R diag(s) z`` (z ~ N(0, I_4))
-    of their own 4D distribution whose four scales are divided by ``split_scale_divisor``.
-    While the set holds ``max_gaussians`` or more nothing is added (the largest gradients go
-    first when only some fit). Then Gaussians with opacity below ``prune_opacity`` are removed
-    and, with ``size_prune``, those with a screen radius above ``prune_screen_size`` or a
-    largest spatial scale above ``prune_world_size * extent``. As in 4DGS (whose
-    ``densification_postfix`` zeroes ``max_radii2D`` before ``densify_and_prune`` prunes), the
-    screen radii a densifying step prunes on are zero, so the screen-size rule never fires unless
-    ``screen_size_prune_fires``. New rows start with zero Adam moments; the set never becomes empty.
-    """
-    n = g.num
-    dev = g.means.device
-    p = {k: getattr(g, k).detach() for k in PARAM_NAMES}
-    grads = stats.mean_grad()
-    big = torch.exp(p["log_scales"][:, :3]).amax(-1) > cfg.dense_fraction * extent
-    chosen = grads >= cfg.densify_grad_threshold if densify else torch.zeros(n, dtype=torch.bool, device=dev)
-    budget = max(0, cfg.max_gaussians - n)
-    # a clone adds one Gaussian, a split one more than it removes
-    if int(chosen.sum()) > budget:
-        order = torch.argsort(torch.where(chosen, grads, torch.full_like(grads, -1.0)), descending=True)
-        chosen = torch.zeros_like(chosen)
-        chosen[order[:budget]] = True
-    clone, split = chosen & ~big, chosen & big
-    idx_all = torch.arange(n, device=dev)
-    idx_split = idx_all[split]
-    s = idx_split.shape[0]
-    new = {k: [v[~split]] for k, v in p.items()}
-    index = [idx_all[~split]]
-    for k, v in p.items():
-        new[k].append(v[clone])
-    index.append(idx_all[clone])
-    if s > 0:
-        L = rotation_4d(p["quats_l"][idx_split], p["quats_r"][idx_split]) * torch.exp(
-            p["log_scales"][idx_split]).unsqueeze(-2)  # [S, 4, 4] = R diag(s)
-        for _ in range(2):
-            z = torch.randn(s, 4, 1, generator=generator, dtype=torch.float64).to(device=dev, dtype=L.dtype)
-            for k, v in p.items():
-                new[k].append(v[idx_split])
-            new["means"][-1] = p["means"][idx_split] + (L @ z).squeeze(-1)
-            new["log_scales"][-1] = p["log_scales"][idx_split] - math.log(cfg.split_scale_divisor)
-            index.append(idx_split)
-    cat = {k: torch.cat(v) for k, v in new.items()}
-    index_t = torch.cat(index)
-    n_old = n - s
-    fresh = torch.arange(index_t.shape[0], device=dev) >= n_old  # clones and children restart Adam
-    radii = torch.cat([stats.max_radii[~split], torch.zeros(index_t.shape[0] - n_old, device=dev)])
-    if densify and not cfg.screen_size_prune_fires:
-        radii = torch.zeros_like(radii)
-    prune = torch.sigmoid(cat["opacity_logits"]) < cfg.prune_opacity
-    if size_prune:
-        if cfg.prune_screen_size > 0:
-            prune |= radii > cfg.prune_screen_size
-        if cfg.prune_world_size > 0:
-            prune |= torch.exp(cat["log_scales"][:, :3]).amax(-1) > cfg.prune_world_size * extent
-    if bool(prune.all()):  # never prune everything
-        prune[torch.argmax(cat["opacity_logits"])] = False
-    keep = ~prune
-    _replace_rows(g, opt, {k: v[keep] for k, v in cat.items()}, index_t[keep], fresh[keep])
-    return {"cloned": int(clone.sum()), "split": s, "pruned": int(prune.sum()), "num": g.num}
-
-
-@torch.no_grad()
 def reset_opacity(g: Gaussians4D, opt: torch.optim.Adam, value: float) -> None:
     """Clamp every opacity to at most ``value``, zero the opacities' Adam moments and drop their
     gradient (3DGS / 4DGS swap in a fresh tensor: no step of the opacities on this iteration)."""
@@ -476,6 +413,166 @@ def reset_opacity(g: Gaussians4D, opt: torch.optim.Adam, value: float) -> None:
                 st[key].zero_()
 
 
+@dataclass
+class DensifyStrategy:
+    """The adaptive density control of 3DGS / 4DGS: screen-space statistics, clone / split,
+    pruning and opacity resets, as a strategy object in the shape of gsplat's ``DefaultStrategy``.
+
+    The fit loop calls :meth:`step_pre_backward` before ``loss.backward()``,
+    :meth:`step_post_backward` after it and :meth:`step_post_optimizer` after ``opt.step()``;
+    their state is a :class:`DensifyStats` (from :meth:`initialize_state`, checkpointed by the
+    fit). Each step returns the records of what it did (``fit.json``'s ``densification``).
+    ``step`` is the 1-based number of the iteration. The rule settings are the
+    :class:`FitConfig` fields of the same names (:meth:`from_config`).
+    """
+
+    extent: float  # scene extent (world units) the clone/split and world-size thresholds scale with
+    generator: torch.Generator  # draws the split children's positions (the fit's generator)
+    densify_from: int
+    densify_until: int
+    densify_every: int
+    densify_grad_threshold: float
+    dense_fraction: float
+    split_scale_divisor: float
+    max_gaussians: int
+    densify_before_step: bool
+    opacity_reset_every: int
+    opacity_reset_value: float
+    opacity_reset_at_densify_from: bool
+    prune_opacity: float
+    prune_screen_size: float
+    screen_size_prune_fires: bool
+    prune_world_size: float
+
+    @classmethod
+    def from_config(cls, cfg: FitConfig, extent: float, generator: torch.Generator) -> "DensifyStrategy":
+        rules = {f.name for f in fields(cls)} - {"extent", "generator"}
+        return cls(extent=extent, generator=generator, **{k: getattr(cfg, k) for k in sorted(rules)})
+
+    def initialize_state(self, num: int, device: torch.device) -> DensifyStats:
+        """Statistics for a set of ``num`` Gaussians."""
+        return DensifyStats(num, device)
+
+    def tracking(self, step: int) -> bool:
+        """Statistics, densification, pruning and opacity resets run before ``densify_until``."""
+        return step < self.densify_until
+
+    def step_pre_backward(self, step: int, info: dict) -> None:
+        """Keep the gradient of the screen-space means, ``info["means2d"]`` (the rasterizer keeps it
+        too whenever it is given ``info``)."""
+        means2d = info.get("means2d")
+        if self.tracking(step) and means2d is not None and means2d.requires_grad:
+            means2d.retain_grad()
+
+    def step_post_backward(self, g: Gaussians4D, opt: torch.optim.Adam, state: DensifyStats, step: int,
+                           info: dict) -> list[dict]:
+        """Add this iteration's screen-space gradients to ``state`` (``info``: the rasterizer's
+        ``means2d``, ``visible``, ``radii`` of one time per camera, and the image ``width`` and
+        ``height``); with ``densify_before_step`` (4DGS's order) the density rules run here,
+        so Adam's step skips every tensor they replace."""
+        if not self.tracking(step):
+            return []
+        if info["means2d"].grad is not None:
+            state.add(info["means2d"].grad[:, 0], info["visible"][:, 0], info["radii"][:, 0], info["width"],
+                      info["height"])
+        return self._refine(g, opt, state, step) if self.densify_before_step else []
+
+    def step_post_optimizer(self, g: Gaussians4D, opt: torch.optim.Adam, state: DensifyStats, step: int
+                            ) -> list[dict]:
+        """Without ``densify_before_step`` the density rules run here, after Adam's step (no gradient lost)."""
+        if not self.tracking(step) or self.densify_before_step:
+            return []
+        return self._refine(g, opt, state, step)
+
+    def _refine(self, g: Gaussians4D, opt: torch.optim.Adam, state: DensifyStats, step: int) -> list[dict]:
+        """Densification and pruning every ``densify_every`` iterations after ``densify_from`` (on
+        fresh statistics afterwards), then the periodic opacity reset."""
+        records: list[dict] = []
+        if step > self.densify_from and step % self.densify_every == 0:
+            size_prune = self.opacity_reset_every > 0 and step > self.opacity_reset_every
+            records.append({"iteration": step, **self.densify_and_prune(g, opt, state, size_prune=size_prune)})
+            state.reset(g.num, state.count.device)
+        if ((self.opacity_reset_every > 0 and step % self.opacity_reset_every == 0)
+                or (self.opacity_reset_at_densify_from and step == self.densify_from)):
+            reset_opacity(g, opt, self.opacity_reset_value)
+            records.append({"iteration": step, "opacity_reset": self.opacity_reset_value, "num": g.num})
+        return records
+
+    @torch.no_grad()
+    def densify_and_prune(self, g: Gaussians4D, opt: torch.optim.Adam, stats: DensifyStats, densify: bool = True,
+                          size_prune: bool = False) -> dict[str, int]:
+        """One 3DGS/4DGS densification step: clone, split, then prune.
+
+        Gaussians whose mean screen-space gradient reaches ``densify_grad_threshold`` are cloned
+        (an exact copy is added) when their largest spatial scale is at most ``dense_fraction *
+        extent``, and split otherwise: replaced by two samples ``mu + R diag(s) z`` (z ~ N(0, I_4))
+        of their own 4D distribution whose four scales are divided by ``split_scale_divisor``.
+        While the set holds ``max_gaussians`` or more nothing is added (the largest gradients go
+        first when only some fit). Then Gaussians with opacity below ``prune_opacity`` are removed
+        and, with ``size_prune``, those with a screen radius above ``prune_screen_size`` or a
+        largest spatial scale above ``prune_world_size * extent``. As in 4DGS (whose
+        ``densification_postfix`` zeroes ``max_radii2D`` before ``densify_and_prune`` prunes), the
+        screen radii a densifying step prunes on are zero, so the screen-size rule never fires unless
+        ``screen_size_prune_fires``. New rows start with zero Adam moments; the set never becomes empty.
+        """
+        n = g.num
+        dev = g.means.device
+        p = {k: getattr(g, k).detach() for k in PARAM_NAMES}
+        grads = stats.mean_grad()
+        big = torch.exp(p["log_scales"][:, :3]).amax(-1) > self.dense_fraction * self.extent
+        chosen = grads >= self.densify_grad_threshold if densify else torch.zeros(n, dtype=torch.bool, device=dev)
+        budget = max(0, self.max_gaussians - n)
+        # a clone adds one Gaussian, a split one more than it removes
+        if int(chosen.sum()) > budget:
+            order = torch.argsort(torch.where(chosen, grads, torch.full_like(grads, -1.0)), descending=True)
+            chosen = torch.zeros_like(chosen)
+            chosen[order[:budget]] = True
+        clone, split = chosen & ~big, chosen & big
+        idx_all = torch.arange(n, device=dev)
+        idx_split = idx_all[split]
+        s = idx_split.shape[0]
+        new = {k: [v[~split]] for k, v in p.items()}
+        index = [idx_all[~split]]
+        for k, v in p.items():
+            new[k].append(v[clone])
+        index.append(idx_all[clone])
+        if s > 0:
+            L = rotation_4d(p["quats_l"][idx_split], p["quats_r"][idx_split]) * torch.exp(
+                p["log_scales"][idx_split]).unsqueeze(-2)  # [S, 4, 4] = R diag(s)
+            for _ in range(2):
+                z = torch.randn(s, 4, 1, generator=self.generator, dtype=torch.float64).to(device=dev, dtype=L.dtype)
+                for k, v in p.items():
+                    new[k].append(v[idx_split])
+                new["means"][-1] = p["means"][idx_split] + (L @ z).squeeze(-1)
+                new["log_scales"][-1] = p["log_scales"][idx_split] - math.log(self.split_scale_divisor)
+                index.append(idx_split)
+        cat = {k: torch.cat(v) for k, v in new.items()}
+        index_t = torch.cat(index)
+        n_old = n - s
+        fresh = torch.arange(index_t.shape[0], device=dev) >= n_old  # clones and children restart Adam
+        radii = torch.cat([stats.max_radii[~split], torch.zeros(index_t.shape[0] - n_old, device=dev)])
+        if densify and not self.screen_size_prune_fires:
+            radii = torch.zeros_like(radii)
+        prune = torch.sigmoid(cat["opacity_logits"]) < self.prune_opacity
+        if size_prune:
+            if self.prune_screen_size > 0:
+                prune |= radii > self.prune_screen_size
+            if self.prune_world_size > 0:
+                prune |= torch.exp(cat["log_scales"][:, :3]).amax(-1) > self.prune_world_size * self.extent
+        if bool(prune.all()):  # never prune everything
+            prune[torch.argmax(cat["opacity_logits"])] = False
+        keep = ~prune
+        _replace_rows(g, opt, {k: v[keep] for k, v in cat.items()}, index_t[keep], fresh[keep])
+        return {"cloned": int(clone.sum()), "split": s, "pruned": int(prune.sum()), "num": g.num}
+
+
+def densify_and_prune(g: Gaussians4D, opt: torch.optim.Adam, stats: DensifyStats, cfg: FitConfig, extent: float,
+                      generator: torch.Generator, densify: bool = True, size_prune: bool = False) -> dict[str, int]:
+    """:meth:`DensifyStrategy.densify_and_prune` with the rules of ``cfg``."""
+    strategy = DensifyStrategy.from_config(cfg, extent, generator)
+    return strategy.densify_and_prune(g, opt, stats, densify=densify, size_prune=size_prune)
+
+
 def active_degrees(cfg: FitConfig, step: int) -> tuple[int, int]:
     """(SH degree, time terms) in use at iteration ``step``: one more band every
     ``sh_increase_every`` iterations up to ``sh_degree``, then one more time term (4DGS)."""
@@ -484,22 +581,6 @@ def active_degrees(cfg: FitConfig, step: int) -> tuple[int, int]:
     ups = step // cfg.sh_increase_every
     deg = min(cfg.sh_degree, ups)
     return deg, min(cfg.time_basis, max(0, ups - cfg.sh_degree))
-
-
-def _densify_phase(g: Gaussians4D, opt: torch.optim.Adam, stats: DensifyStats, cfg: FitConfig, extent: float,
-                   gen: torch.Generator, step: int, history: list[dict]) -> DensifyStats:
-    """The densification and opacity-reset rules of iteration ``step`` (while statistics are
-    tracked); appends what happened to ``history`` and returns the statistics to go on with."""
-    if step > cfg.densify_from and step % cfg.densify_every == 0:
-        size_prune = cfg.opacity_reset_every > 0 and step > cfg.opacity_reset_every
-        record = densify_and_prune(g, opt, stats, cfg, extent, gen, size_prune=size_prune)
-        history.append({"iteration": step, **record})
-        stats = DensifyStats(g.num, stats.count.device)
-    if ((cfg.opacity_reset_every > 0 and step % cfg.opacity_reset_every == 0)
-            or (cfg.opacity_reset_at_densify_from and step == cfg.densify_from)):
-        reset_opacity(g, opt, cfg.opacity_reset_value)
-        history.append({"iteration": step, "opacity_reset": cfg.opacity_reset_value, "num": g.num})
-    return stats
 
 
 def _config_hash(cfg: FitConfig) -> str:
@@ -553,6 +634,7 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig,
 
     kept_t = torch.tensor(kept)
     gen = torch.Generator().manual_seed(cfg.seed)
+    strategy = DensifyStrategy.from_config(cfg, extent, gen)
     ckpt_path = out_dir / "checkpoint.pt"
     cfg_hash = _config_hash(cfg)
     in_hash = _input_hash(matrix_dir)
@@ -588,7 +670,7 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig,
         g.time_period, g.temporal_cutoff, g.sh_direction = cfg.time_period, cfg.temporal_cutoff, cfg.sh_direction
         g = g.to(device)
         opt = make_optimizer(g, cfg, extent)
-        stats = DensifyStats(g.num, device)
+        stats = strategy.initialize_state(g.num, device)
 
     lr_time = (cfg.lr_time if cfg.lr_time is not None else cfg.lr_means) * extent
     logs: dict[str, Tensor] = {}
@@ -605,24 +687,20 @@ def run_fit(matrix_dir: str | Path, out_dir: str | Path, cfg: FitConfig,
         pairs = torch.randint(0, len(kept) * f, (cfg.batch_size,), generator=gen)
         vi, fi = kept_t[pairs // f].to(device), (pairs % f).to(device)
         target = images[vi, fi]  # [B, 3, H, W]
-        info: dict = {}
+        info: dict = {"width": w, "height": h}
         out, _ = g.render(times[fi], viewmats[vi][:, None], Ks[vi][:, None], w, h, background=bg,
                           backend=backend, info=info)  # [B, 1, H, W, 3]
         render = out[:, 0].permute(0, 3, 1, 2)  # [B, 3, H, W]
         loss, logs = fit_loss(render, target, cfg, lpips_net)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         step = it + 1
-        tracking = step < cfg.densify_until
-        if tracking and info["means2d"].grad is not None:
-            stats.add(info["means2d"].grad[:, 0], info["visible"][:, 0], info["radii"][:, 0], w, h)
-        if tracking and cfg.densify_before_step:  # 4DGS: the step then skips every replaced tensor
-            stats = _densify_phase(g, opt, stats, cfg, extent, gen, step, history)
+        opt.zero_grad(set_to_none=True)
+        strategy.step_pre_backward(step, info)
+        loss.backward()
+        history += strategy.step_post_backward(g, opt, stats, step, info)
         t_before = g.means[:, 3].detach().clone()
         opt.step()
         _rescale_time_step(g, t_before, lr_xyz, lr_time)
-        if tracking and not cfg.densify_before_step:
-            stats = _densify_phase(g, opt, stats, cfg, extent, gen, step, history)
+        history += strategy.step_post_optimizer(g, opt, stats, step)
         if step % curve_every == 0 or step == cfg.iterations:
             curve.append({"iteration": step, "loss": float(logs["loss"]), "psnr": float(logs["psnr"]), "num": g.num})
         if (cfg.progress or on_step is not None) and (step % 10 == 0 or step == cfg.iterations):

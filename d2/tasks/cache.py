@@ -7,7 +7,7 @@ A stage's **key** is the sha256 of
   (:data:`d2.config.NO_EFFECT`),
 * the version of its code: the source of its ``compute`` wrapper and of its stage modules
   with every ``d2`` module they import (transitively, imports inside functions included;
-  priors backends are plain functions of :mod:`d2.stages.priors`, so they are in it).
+  :func:`d2.stages.priors.build_prior` names every priors backend, so their modules are in it).
 
 Its **entry** is ``<cache>/<stage>/<key>/``: ``out/`` holds the stage's files, ``done.json``
 is written last and records every file's size, mtime and sha256 plus a digest of that list.

@@ -106,8 +106,9 @@ def mlflow_link(manifest: dict[str, Any]) -> dict[str, Any] | None:
     exp = manifest.get("mlflow_experiment_id")
     route = f"#/experiments/{exp}/runs/{run_id}" if exp else f"#/runs/{run_id}"
     remote = uri.startswith(("http://", "https://"))
-    return {"run_id": run_id, "uri": uri, "link": (uri.rstrip("/") if remote else "http://127.0.0.1:5000") + "/" + route,
-            "start_ui": bool(uri) and not remote}  # a local store: say how to start its UI
+    ui = uri.rstrip("/") if remote else "http://127.0.0.1:5000"
+    return {"run_id": run_id, "uri": uri, "link": f"{ui}/{route}",
+            "start_ui": bool(uri) and not remote}  # a local store: the page says how to start its UI
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,41 +198,34 @@ def object_section(run_dir: Path, manifest: dict[str, Any], params: dict[str, An
     obj_dir = run_dir / "objects" / obj
     media = out / "media" / obj
     reading = ((read_json(obj_dir / "conditions" / "conditions.json") or {}).get("input_reading") or {})
-    section: dict[str, Any] = {
-        "name": obj, "anchor": anchor(obj), "scores": {"header": list(scores), "rows": [list(scores.values())]} if scores else None,
-        "reading": reading.get("summary") or "", "input": None, "matrix": None, "turntable": None}
-    inp = obj_dir / "conditions" / "input.png"
+    inp, shown = obj_dir / "conditions" / "input.png", None
     if inp.is_file():
         img = read_rgb8(inp)
         big = upscale(img)
-        section["input"] = {"src": rel(save_png(media / "input.png", big), out),
-                            "caption": f"input as conditioned ({img.shape[1]}x{img.shape[0]} px, shown x"
-                                       f"{big.shape[0] // img.shape[0]})"}
+        shown = {"src": rel(save_png(media / "input.png", big), out),
+                 "caption": f"input as conditioned ({img.shape[1]}x{img.shape[0]} px, shown x"
+                            f"{big.shape[0] // img.shape[0]})"}
     grid = matrix_grid(obj_dir / "sampling", media / "matrix.png")
-    if grid is not None:
-        section["matrix"] = rel(grid, out)
-    tt = obj_dir / "fit" / "turntable.mp4"
-    if tt.is_file():
-        section["turntable"] = rel(tt, out)
+    turntable = obj_dir / "fit" / "turntable.mp4"
     azimuths = list(((params.get("protocol") or {}).get("eval_azimuths_deg")) or [])
     memo = Path(params.get("run", {}).get("cache_dir", ".d2cache")) / ".media"  # the stage cache's folder
-    vids = comparison_videos(obj_dir, ground_truth_dir(run_dir, manifest, obj), azimuths, media, memo)
-    section["views"] = []
-    for v in vids:
+    views = []
+    for v in comparison_videos(obj_dir, ground_truth_dir(run_dir, manifest, obj), azimuths, media, memo):
         az = f", azimuth {v['azimuth']:.0f}\u00b0" if v["azimuth"] is not None else ""
         gt = "" if v["has_gt"] else " (no ground truth)"
-        section["views"].append({"src": rel(v["path"], out), "label": f"view {v['view']}",
-                                 "caption": f"view {v['view']}{az}{gt}"})
-    section["compare"] = rel(media / "compare.mp4", out) if vids else None
-    fit = read_json(obj_dir / "fit" / "fit.json")
-    section["fit"] = None
+        views.append({"src": rel(v["path"], out), "label": f"view {v['view']}", "caption": f"view {v['view']}{az}{gt}"})
+    fit, fit_table = read_json(obj_dir / "fit" / "fit.json"), None
     if isinstance(fit, dict):
         fit = {**fit, **{k: v for k, v in (fit.get("matrix_fit") or {}).items() if k.startswith("motion_")}}
         keys = [k for k in ("V", "F", "resolution", "iterations", "num_gaussians", "train_psnr", "matrix_psnr",
                             "motion_matrix", "motion_fit") if k in fit]
-        section["fit"] = {"header": keys, "rows": [[fit[k] for k in keys]], "motion": "motion_fit" in fit}
-    section["viewer"] = viewer(obj_dir / "fit", media, out, obj)
-    return section
+        fit_table = {"header": keys, "rows": [[fit[k] for k in keys]], "motion": "motion_fit" in fit}
+    return {"name": obj, "anchor": anchor(obj), "reading": reading.get("summary") or "",
+            "scores": {"header": list(scores), "rows": [list(scores.values())]} if scores else None,
+            "input": shown, "matrix": rel(grid, out) if grid is not None else None,
+            "turntable": rel(turntable, out) if turntable.is_file() else None,
+            "views": views, "compare": rel(media / "compare.mp4", out) if views else None,
+            "fit": fit_table, "viewer": viewer(obj_dir / "fit", media, out, obj)}
 
 
 def viewer(fit_dir: Path, media: Path, out: Path, obj: str) -> dict[str, Any] | None:
@@ -385,7 +379,8 @@ def build_html_report(run_dir: str | Path, out_dir: str | Path | None = None) ->
         page["sweep"] = sweep_body(run_dir, manifest, out)
     else:
         page["results"], scores = results_table(run_dir)
-        page["objects"] = [object_section(run_dir, manifest, params, o, out, scores.get(o)) for o in list_objects(run_dir)]
+        page["objects"] = [object_section(run_dir, manifest, params, o, out, scores.get(o))
+                           for o in list_objects(run_dir)]
     index = out / "index.html"
     index.write_text(templates().get_template("report.html.j2").render(page))
     return index

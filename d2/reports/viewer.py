@@ -3,10 +3,11 @@
 :func:`write_viewer_data` slices the Gaussians at the matrix's frame times and writes a script
 (``splats.js``, loaded with a ``<script src>`` so the page works from ``file://``) that registers
 per time the centres, colours, opacities and sizes of at most :data:`MAX_POINTS` Gaussians (the
-most opaque). ``templates/viewer.js`` (inline in the page) draws them as round sprites with an orbit camera and a time
-slider. What it approximates: each Gaussian is an isotropic Gaussian disc (drawn out to 3
-standard deviations) of its largest standard deviation, coloured by its view-independent (DC) colour at that time, alpha-blended without
-depth sorting; the real splat render is anisotropic, view-dependent and sorted.
+most opaque). ``templates/viewer.js`` (inline in the page) draws them as round sprites with an
+orbit camera and a time slider. What it approximates: each Gaussian is an isotropic Gaussian disc
+(drawn out to 3 standard deviations) of its largest standard deviation, coloured by its
+view-independent (DC) colour at that time, alpha-blended without depth sorting; the real splat
+render is anisotropic, view-dependent and sorted.
 """
 
 from __future__ import annotations

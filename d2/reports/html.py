@@ -283,7 +283,8 @@ def _as_number(v: Any) -> float | None:
         return None
 
 
-def plot(xs: list[Any], ys: list[float], xlabel: str, ylabel: str, w: int = 300, h: int = 200) -> dict[str, Any] | None:
+def plot(xs: list[Any], ys: list[float], xlabel: str, ylabel: str, w: int = 300, h: int = 200
+         ) -> dict[str, Any] | None:
     """The geometry of a scatter of ``ys`` against ``xs`` (numbers, or categories in first-seen
     order) with the mean at each x joined by a line, for ``plot.svg.j2``; None with no finite y."""
     pts = [(x, y) for x, y in zip(xs, ys) if isinstance(y, (int, float)) and not math.isnan(y)]
@@ -300,16 +301,16 @@ def plot(xs: list[Any], ys: list[float], xlabel: str, ylabel: str, w: int = 300,
     if y1 == y0:
         y0, y1 = y0 - abs(y0) * 0.05 - 1e-3, y1 + abs(y1) * 0.05 + 1e-3
     ml, mr, mt, mb = 52, 12, 10, 36
-    sx = lambda x: f"{ml + (x - x0) / (x1 - x0) * (w - ml - mr):.1f}"  # noqa: E731
-    sy = lambda y: f"{h - mb - (y - y0) / (y1 - y0) * (h - mt - mb):.1f}"  # noqa: E731
+    sx = lambda x: ml + (x - x0) / (x1 - x0) * (w - ml - mr)  # noqa: E731
+    sy = lambda y: h - mb - (y - y0) / (y1 - y0) * (h - mt - mb)  # noqa: E731
     ticks = sorted(set(xv))
     means = [(t, sum(y for x, y in zip(xv, yv) if x == t) / sum(1 for x in xv if x == t)) for t in ticks]
     return {"w": w, "h": h, "left": ml, "right": w - mr, "top": mt, "bottom": h - mb, "xlabel": xlabel,
             "ylabel": ylabel, "xmid": (ml + w - mr) / 2, "ymid": (mt + h - mb) / 2,
-            "xticks": [{"x": sx(t), "label": f"{t:g}" if numeric else cats[int(t)]} for t in ticks[:12]],
-            "yticks": [{"y": f"{float(sy(t)) + 3:.1f}", "label": f"{t:.4g}"} for t in (y0, (y0 + y1) / 2, y1)],
-            "means": " ".join(f"{sx(x)},{sy(y)}" for x, y in means) if len(means) > 1 else "",
-            "points": [{"x": sx(x), "y": sy(y), "value": y} for x, y in zip(xv, yv)]}
+            "xticks": [{"x": f"{sx(t):.1f}", "label": f"{t:g}" if numeric else cats[int(t)]} for t in ticks[:12]],
+            "yticks": [{"y": f"{sy(t) + 3:.1f}", "label": f"{t:.4g}"} for t in (y0, (y0 + y1) / 2, y1)],
+            "means": " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in means) if len(means) > 1 else "",
+            "points": [{"x": f"{sx(x):.1f}", "y": f"{sy(y):.1f}", "value": y} for x, y in zip(xv, yv)]}
 
 
 def svg_plot(xs: list[Any], ys: list[float], xlabel: str, ylabel: str) -> str:
@@ -335,7 +336,7 @@ def sweep_body(run_dir: Path, manifest: dict[str, Any], out: Path) -> dict[str, 
     if fig.is_file():
         body["figure"] = rel(save_png(out / "media" / "figure.png", upscale(read_rgb8(fig), 2 * MIN_PREVIEW)), out)
     body["plots"] = [{"p": plot([r.get(k) for r in rows], [r.get(m) for r in rows], k, m), "caption": f"{m} vs {k}"}
-                     for m in (metrics if rows and knobs else []) for k in knobs]
+                     for m in metrics for k in knobs]
     for pid in (manifest.get("points") or {}):
         idx = run_dir / "points" / pid / REPORT_DIR / "index.html"
         if idx.is_file():

@@ -162,6 +162,24 @@ def test_sweep_report_plots_each_metric_against_each_knob(tmp_path: Path) -> Non
     assert svg.count("<circle") == 3 and "<polyline" in svg  # every point, the mean per value joined
 
 
+def test_report_text_is_escaped_and_scripts_are_inlined_verbatim(tmp_path: Path) -> None:
+    """Whatever the folder holds is text on the page, never markup; the page's own CSS and viewer
+    script arrive byte for byte."""
+    from d2.reports.html import TEMPLATES
+
+    run = tmp_path / "r<b>1"
+    write_json(run / "manifest.json", {
+        "kind": "generate", "status": "<i>done</i>", "mlflow_run_id": "x\"><script>alert(1)</script>",
+        "mlflow_tracking_uri": "file:///m&<u>", "errors": [{"object": "o'", "stage": "fit", "error": "<img src=x>"}]})
+    text = build_html_report(run).read_text()
+    assert "<b>1" not in text and "<i>done" not in text and "<img src=x>" not in text and "<u>" not in text
+    assert "<script>alert" not in text and text.count("<script>") == 1  # the viewer's, nothing else
+    assert "r&lt;b&gt;1" in text and "&lt;img src=x&gt;" in text and "file:///m&amp;&lt;u&gt;" in text
+    assert 'href="http://127.0.0.1:5000/#/runs/x&#34;&gt;&lt;script&gt;' in text  # an attribute stays one
+    for name in ("report.css", "viewer.js"):
+        assert (TEMPLATES / name).read_text() in text
+
+
 def test_report_in_headless_chromium(tmp_path: Path) -> None:
     """The page as a person opens it: no console error, every image decoded, every video playing."""
     from d2.reports.browser import inspect_page

@@ -172,6 +172,3 @@ def save_mp4(path: str | Path, frames: list[np.ndarray], fps: int, memo: Path | 
                 pass
     write_text(stamp, digest + "\n")
     return path
-    save_video(path, [f.astype(np.float32) / 255.0 for f in frames], fps=fps)
-    write_text(stamp, h.hexdigest() + "\n")
-    return path

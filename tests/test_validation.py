@@ -2,7 +2,7 @@
 
 The corpus (``CORPUS``) is generated at test time: each case builds its files under a
 temporary folder, runs the checks the ``d2`` command runs first (params loading, then
-:func:`d2.validation.preflight`) and expects either one short error naming the file or key,
+:func:`d2.preflight.preflight`) and expects either one short error naming the file or key,
 or a documented repair (read correctly, completed from the shipped defaults, a warning).
 Every case is timed from the start of the params loading; a few run through the real ``d2``
 console script to show that nothing (no Prefect import, no model) starts before the error.
@@ -24,7 +24,9 @@ from PIL import Image
 
 from d2.config import ParamsError, load_params
 from d2.utils.io import ImageReadError, load_image, pil_to_rgba
-from d2.validation import InputError, check_dataset, check_frame_numbers, check_input, preflight
+from d2.preflight import preflight
+from d2.stages.conditions import check_frame_numbers
+from d2.validation import InputError, check_dataset, check_input
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -453,8 +455,8 @@ def test_good_inputs_pass(tmp_path: Path) -> None:
     p = load_params(P)
     assert check_dataset(dataset(tmp_path / "ds"), p) == ["ball", "cube"]
     r = check_input(frames(tmp_path / "vid", list(range(F))), p)
-    assert (r.kind, r.count, r.size, r.warnings) == ("video", F, (24, 24), ())
-    assert check_input(orbit(tmp_path), p).count == V
+    assert (r.kind, len(r.files), r.warnings) == ("video", F, [])
+    assert len(check_input(orbit(tmp_path), p).files) == V
 
 
 def test_shipped_defaults_are_the_projects_params_yaml() -> None:

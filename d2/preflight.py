@@ -11,17 +11,17 @@ the problem and the fix; every probe answers within :data:`CONNECT_TIMEOUT_S` se
   MLflow server accepts a connection. A folder that does not exist yet is judged by its nearest
   existing parent; nothing is left behind (a probe file, or the first missing folder, is created
   and removed at once).
-* Path components fit the file system's name limit.
-* Free disk under ``--out`` and the cache covers the run's estimated size
-  (:func:`estimate_object_bytes` per object, once in each), and available memory covers the largest stage
-  (:func:`estimate_peak_memory`): an absurd resolution or count is refused here, not by a
-  failed allocation minutes later.
+* Path components fit the file system's name limit; ``--name`` is a plain name of at most 128 bytes.
+* Free disk under ``--out`` and the cache covers the run's estimated size (every object's
+  stages in each, :func:`estimate_object_bytes`), and available memory covers the largest
+  stage (:func:`estimate_peak_memory`): an absurd resolution or count is refused here, not by
+  a failed allocation minutes later.
 * A Dask scheduler or Ray cluster named by ``run.address`` accepts a connection.
 * A read-only cache that lacks a result the run needs is refused (such a cache only serves hits).
 
 :func:`hold_run_folder` then takes the run folder's lock, so that a second run into the same
 folder is refused at once, even while the first is still starting Prefect; the flow adopts that
-lock (:func:`adopt_run_folder_lock`).
+lock (:func:`d2.utils.paths.adopt_run_folder_lock`).
 """
 
 from __future__ import annotations
@@ -67,39 +67,22 @@ def _reason(e: OSError) -> str:
             errno.ENOENT: "the file system refuses new entries there"}.get(e.errno, e.strerror or type(e).__name__)
 
 
-def _read_only_fs(folder: Path) -> bool:
-    try:
-        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-    except (OSError, AttributeError):
-        return False
-
-
-def name_limit(folder: Path) -> int:
-    """The longest file name (bytes) the file system of ``folder`` (an existing folder) allows."""
-    try:
-        return int(os.pathconf(folder, "PC_NAME_MAX"))
-    except (OSError, ValueError):
-        return 255
-
-
 def check_writable(path: str | os.PathLike, what: str, fix: str) -> Path:
     """``path`` (a folder, possibly not created yet) can be created and written; else one line
     ``<what> <path>: <why>; <fix>``. Returns the absolute path."""
     p = Path(os.path.abspath(os.path.expanduser(path)))
     base = _nearest_existing(p)
-    limit = name_limit(base if base.is_dir() else base.parent)
+    try:
+        limit = int(os.pathconf(base if base.is_dir() else base.parent, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        limit = 255
     for part in p.parts:
         if len(os.fsencode(part)) > limit:
             raise InputError(f"{what} {p}: the name {part[:24]}... is {len(os.fsencode(part))} bytes, over the "
                              f"file system's {limit}-byte limit; {fix}")
     if not base.is_dir():
         raise InputError(f"{what} {p}: {base} is a file, not a folder; {fix}")
-    if not os.access(base, os.W_OK | os.X_OK):
-        why = "read-only file system" if _read_only_fs(base) else "permission denied"
-        if base == p:
-            raise InputError(f"{what} {p} is not writable ({why}); {fix}")
-        raise InputError(f"{what} {p} cannot be created in {base} ({why}); {fix}")
-    # os.access passes root everywhere but on read-only mounts: try it (the probe is removed at once)
+    # tried, not asked (os.access passes root on folders it cannot write): the probe is removed at once
     try:
         if base == p:
             fd, probe = tempfile.mkstemp(prefix=".d2-probe-", dir=base)

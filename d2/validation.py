@@ -204,7 +204,7 @@ TORCHSCRIPT_NOTE = ("is loaded with torch.jit.load: a TorchScript file is code t
 
 
 def check_runtime(params: BaseModel, devices: tuple[str, ...], fits: bool, scores: bool) -> list[str]:
-    """Torch devices exist; the fit's LPIPS weights exist when ``fit.lambda_lpips > 0``; explicit
+    """Torch devices exist; the fit's LPIPS weights exist when it needs them; explicit
     metric weight files exist. Returns warnings (TorchScript files named by the user)."""
     from d2.config import _get
 
@@ -213,16 +213,14 @@ def check_runtime(params: BaseModel, devices: tuple[str, ...], fits: bool, score
         value = _get(params, key)
         if isinstance(value, str):
             _check_device(key, value)
-    if fits and params.fit.lambda_lpips > 0:
+    if fits and params.fit.lambda_lpips > 0 and params.fit.lpips_required:  # else the fit goes without, says fit.json
         from d2.eval.perceptual import _find_file, vgg16_search_paths
 
         paths = vgg16_search_paths(params.fit.lpips_vgg_weights)
         if _find_file(paths) is None:
-            if getattr(params.fit, "lpips_required", True):
-                raise InputError(f"fit.lambda_lpips = {params.fit.lambda_lpips:g} with fit.lpips_required needs the "
-                                 f"VGG16 weights, not found at {', '.join(map(str, paths))}; set "
-                                 "fit.lpips_vgg_weights=FILE, or fit.lpips_required=false to fit without LPIPS")
-            # not required: the fit leaves LPIPS out and fit.json says what it optimised instead
+            raise InputError(f"fit.lambda_lpips = {params.fit.lambda_lpips:g} with fit.lpips_required needs the "
+                             f"VGG16 weights, not found at {', '.join(map(str, paths))}; set "
+                             "fit.lpips_vgg_weights=FILE, or fit.lpips_required=false to fit without LPIPS")
     if scores:
         m = params.metrics
         for key, value in (("metrics.clip_weights", m.clip_weights), ("metrics.lpips_vgg_weights", m.lpips_vgg_weights),

@@ -5,13 +5,19 @@ Three input kinds (``ConditionsConfig.input_kind``, "auto" guesses from the path
     image   one image file (.png/.jpg/.jpeg/.webp/.bmp): the reference orbit is sampled from the
             multi-view prior on the image (its input-view entry then replaced by the image), the
             reference video from the video prior on the image.
-    video   a video file (.mp4/.gif/.mov/.avi/.webm/.mkv) or a folder of frames (sorted by the
-            number in their names): ``num_frames`` frames from frame ``frame_start`` on (every
-            ``frame_stride``-th) are the reference video; the orbit is sampled from the first of
-            them or, with ``video_orbit_frame: last`` (the paper and the authors' code), the last.
+    video   a video file (.mp4/.gif/.mov/.avi/.webm/.mkv) or a folder of frames (in the order of
+            the last number in their names; gaps and two files of one number are refused, a
+            uniform step is read as consecutive frames): ``num_frames`` frames from frame
+            ``frame_start`` on (every ``frame_stride``-th) are the reference video; the orbit is
+            sampled from the first of them or, with ``video_orbit_frame: last`` (the paper and the
+            authors' code), the last.
     orbit   a folder holding ``orbit.json`` ({"elevation_deg": e, optional "azimuths_deg"}) and
             ``num_views`` images in SV3D_p order (view v at (v+1)*360/V degrees from the front, the
             last = the front view): the orbit is given; the video is sampled from its front view.
+
+:func:`open_input` classifies and lists an input (no pixels read); :func:`check_input` checks
+it as this stage reads it, before any compute (``d2`` runs it first); :func:`list_frames` is the
+benchmark layout's frame naming (``<i>.png``), which the ground truth and the predictions share.
 
 Preprocessing of every image: alpha composited on white; the object (alpha > threshold, or
 non-white pixels when there is no alpha) found by its bounding box, then framed (``framing``

@@ -402,10 +402,7 @@ def preflight(command: str, args: Mapping[str, Any], p: BaseModel) -> list[str]:
     if command == "generate":
         src = Path(args["input"]).expanduser()
         gt = Path(args["gt"]).expanduser() if args.get("gt") else None
-        inp = V.check_input(src, p)
-        warnings += inp.warnings
-        if gt is not None:
-            V.check_gt(gt, p, src if src.is_dir() else None, inp.kind)  # a frames folder is the front view
+        warnings += V.check_input(src, p, gt).warnings
         try:
             objects = [(safe_name(args.get("name") or src.stem, "--name"), src, gt)]
         except UnsafeName as e:

@@ -5,7 +5,7 @@ Every problem is raised as one :class:`InputError` whose message is one line (tw
 naming the file or the key, the problem, and what to do. The functions are pure apart from
 reading the files they check:
 
-    check_input(path, params)            one ``d2 generate`` input, read as the conditions stage reads it
+    check_input(path, params, gt_dir)    one object's input, read as the conditions stage reads it, and its ground truth
     check_gt(gt_dir, params)             one object's ground truth (``eval_k/<i>.png``)
     check_dataset(data_dir, params)      a benchmark: every object's input and ground truth
     check_priors(params)                 backend names, miniature weights present, resolutions
@@ -36,9 +36,14 @@ def _one_line(e: BaseException) -> str:
     return " ".join(lines[:2]) if len(lines) <= 2 else f"{lines[0]} {lines[1]} ..."
 
 
-def check_input(path: str | os.PathLike, params: BaseModel, decode_all: bool = True) -> C.InputFiles:
-    """A ``d2 generate`` input, checked as the conditions stage reads it (:func:`d2.stages.conditions.check_input`)."""
-    return C.check_input(path, params.conditions, decode_all)
+def check_input(path: str | os.PathLike, params: BaseModel, gt_dir: str | os.PathLike | None = None,
+                decode_all: bool = True) -> C.InputFiles:
+    """One object's input, checked as the conditions stage reads it (:func:`d2.stages.conditions.check_input`),
+    and its ground truth when given (:func:`check_gt`; a folder of frames is the front view)."""
+    inp = C.check_input(path, params.conditions, decode_all)
+    if gt_dir is not None:
+        check_gt(gt_dir, params, inp.path if inp.path.is_dir() else None, inp.kind)
+    return inp
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,8 +135,7 @@ def check_dataset(data_dir: str | os.PathLike, params: BaseModel, objects: list[
     problems: list[str] = []
     for o in names:
         try:
-            report = check_input(data / "input" / o, params, decode_all=False)
-            check_gt(data / "gt" / o, params, data / "input" / o, report.kind)
+            check_input(data / "input" / o, params, data / "gt" / o, decode_all=False)
         except InputError as e:
             problems.append(str(e))
     if problems:

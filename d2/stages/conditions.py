@@ -351,7 +351,8 @@ def detect_kind(path: Path) -> Literal["image", "video", "orbit"]:
             return "orbit"
         if frame_files(path):
             return "video"
-        raise InputError(f"{path}: a folder without images (nor orbit.json); give a folder of frames or an orbit folder")
+        raise InputError(f"{path}: a folder without images (nor orbit.json); give a folder of frames or an "
+                         "orbit folder")
     ext = path.suffix.lower()
     if ext in IMAGE_EXTS:
         return "image"
@@ -385,7 +386,7 @@ class InputFiles:
 
     path: Path  # the input (~ expanded)
     kind: Literal["image", "video", "orbit"]
-    files: list[Path]  # the images read, in order: the image, the kept frames of a folder, the views; [] for a video file
+    files: list[Path]  # the images read in order: the image, a folder's kept frames, the views; [] for a video file
     elevation_deg: float  # the orbit's elevation: an orbit folder's orbit.json, else conditions.elevation_deg
     warnings: list[str]  # remarks on the frame numbers (one line each)
 
@@ -430,7 +431,8 @@ def _orbit_elevation(meta_path: Path, cfg: ConditionsConfig) -> float:
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f'{meta_path}: not valid JSON ({e}); write {{"elevation_deg": 10}} or remove the file') from None
+        raise InputError(f'{meta_path}: not valid JSON ({e}); write {{"elevation_deg": 10}} or remove the '
+                         'file') from None
     if not isinstance(meta, dict):
         raise InputError(f'{meta_path}: must be a JSON object like {{"elevation_deg": 10}}')
     el = meta.get("elevation_deg", cfg.elevation_deg)

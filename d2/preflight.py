@@ -410,10 +410,11 @@ def preflight(command: str, args: Mapping[str, Any], p: BaseModel) -> list[str]:
     elif not demo_prepares:
         if command == "sweep":
             points = V.check_grid(p, list(args.get("grid") or []))
-        checked: set[str] = set()  # the data a point reads: checked once
+        checked: set[str] = set()  # what a point reads of the dataset: checked once
         for q in points:
-            if repr((q.conditions, q.protocol, q.run.objects)) not in checked:
-                checked.add(repr((q.conditions, q.protocol, q.run.objects)))
+            key = repr((q.conditions, q.protocol, q.run.objects))
+            if key not in checked:
+                checked.add(key)
                 V.check_dataset(data, q)
             if q is not p:
                 V.check_priors(q)

@@ -451,6 +451,22 @@ def test_frame_number_rules() -> None:
         check_frame_numbers([Path(f"{i}.png") for i in (2, 3, 7)], "x")
 
 
+def test_one_frame_naming_rule(tmp_path: Path) -> None:
+    """A folder of frames is read in the order of the last number in the names; the benchmark layout
+    (ground truth, predictions, input frames scored as the front view) takes the ``<i>.png|jpg|jpeg`` of them."""
+    from d2.eval import benchmark
+    from d2.stages.conditions import frame_files, list_frames
+
+    d = frames(tmp_path / "f", [10, 2], "frame_{}.png")
+    frames(d, [3], "{}.jpg")
+    (d / "notes.txt").write_text("not a frame")
+    assert [p.name for p in frame_files(d)] == ["frame_2.png", "3.jpg", "frame_10.png"]
+    assert list_frames(d) == {3: d / "3.jpg"} and benchmark.list_frames is list_frames
+    png(d / "03.png")
+    with pytest.raises(InputError, match=r"f: two files for frame 3 \(03.png, 3.jpg\); keep one"):
+        list_frames(d)
+
+
 def test_good_inputs_pass(tmp_path: Path) -> None:
     p = load_params(P)
     assert check_dataset(dataset(tmp_path / "ds"), p) == ["ball", "cube"]

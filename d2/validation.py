@@ -5,7 +5,7 @@ Every problem is raised as one :class:`InputError` whose message is one line (tw
 naming the file or the key, the problem, and what to do. The functions are pure apart from
 reading the files they check:
 
-    check_input(path, params, gt_dir)    one object's input, read as the conditions stage reads it, and its ground truth
+    check_input(path, params, gt_dir)    one object's input (read as the conditions stage reads it) and ground truth
     check_gt(gt_dir, params)             one object's ground truth (``eval_k/<i>.png``)
     check_dataset(data_dir, params)      a benchmark: every object's input and ground truth
     check_priors(params)                 backend names, miniature weights present, resolutions

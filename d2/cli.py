@@ -465,16 +465,13 @@ def quiet_library_bars(no_progress: bool) -> None:
 
 
 def _preflight(args: argparse.Namespace) -> None:
-    """Params, inputs and datasets checked before any command starts (d2.validation); warnings on stderr."""
-    from d2.validation import preflight
+    """Params, inputs, datasets and the machine checked before any command starts (d2.preflight);
+    warnings on stderr."""
+    from d2.preflight import preflight
 
     if args.command != "report":
-        params = _params(args)
-        for warning in preflight(args.command, vars(args), params):
+        for warning in preflight(args.command, vars(args), _params(args)):
             print(f"d2 {args.command}: warning: {warning}", file=sys.stderr)
-        from d2.preflight import check_environment
-
-        check_environment(args.command, vars(args), params)  # folders, stores, disk, memory, cluster
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,9 +1,9 @@
-"""The environment checked before Prefect starts: folders, stores, disk, memory, cluster addresses.
+"""What ``d2 <command>`` checks before anything else: :func:`preflight`, in seconds, before the
+Prefect API server starts (~7 s).
 
-:func:`check_environment` is what ``d2 <command>`` runs after the params and inputs are
-validated (:mod:`d2.validation`) and before the Prefect API server starts (~7 s). Each problem
-is one :class:`d2.validation.InputError` line naming the problem and the fix; every probe
-answers within :data:`CONNECT_TIMEOUT_S` seconds:
+First the params against the inputs, the dataset, the priors and the devices
+(:mod:`d2.validation`), then the machine. Each problem is one :class:`InputError` line naming
+the problem and the fix; every probe answers within :data:`CONNECT_TIMEOUT_S` seconds:
 
 * Prefect's home (``PREFECT_HOME``, the project's ``.prefect/``) and its result storage, the
   stage cache (``run.cache_dir``), ``--out``, and the MLflow store (a ``sqlite:`` or ``file:``
@@ -11,46 +11,43 @@ answers within :data:`CONNECT_TIMEOUT_S` seconds:
   MLflow server accepts a connection. A folder that does not exist yet is judged by its nearest
   existing parent; nothing is left behind (a probe file, or the first missing folder, is created
   and removed at once).
-* Path components fit the file system's name limit.
-* Free disk under ``--out`` and the cache covers the run's estimated size
-  (:func:`estimate_run_bytes`), and available memory covers the largest stage
-  (:func:`estimate_peak_memory`): an absurd resolution or count is refused here, not by a
-  failed allocation minutes later.
+* Path components fit the file system's name limit; ``--name`` is a plain name of at most 128 bytes.
+* Free disk under ``--out`` and the cache covers the run's estimated size (every object's
+  stages in each, :func:`estimate_object_bytes`), and available memory covers the largest
+  stage (:func:`estimate_peak_memory`): an absurd resolution or count is refused here, not by
+  a failed allocation minutes later.
 * A Dask scheduler or Ray cluster named by ``run.address`` accepts a connection.
 * A read-only cache that lacks a result the run needs is refused (such a cache only serves hits).
 
 :func:`hold_run_folder` then takes the run folder's lock, so that a second run into the same
 folder is refused at once, even while the first is still starting Prefect; the flow adopts that
-lock (:func:`adopt_run_folder_lock`).
+lock (:func:`d2.utils.paths.adopt_run_folder_lock`).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import shutil
 import socket
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel
 
-from d2.utils.paths import LOCK_FILE, RunFolderLocked, adopt_run_folder_lock, hold_run_lock  # noqa: F401  (adopt: part of this module's API)
-from d2.validation import InputError
+from d2 import validation as V
+from d2.utils.io import InputError
+from d2.utils.paths import RunFolderLocked, UnsafeName, hold_run_lock, safe_name
 
 CONNECT_TIMEOUT_S = 3.0  # how long an MLflow server, a Dask scheduler or a Ray cluster may take to accept
 DISK_MARGIN_BYTES = 64 << 20  # free space kept on top of a run's estimated size
 PER_OBJECT_BYTES = 4 << 20  # manifests, JSON records, videos and reports of one object (beyond its images)
 FLOAT = 4  # bytes of a float32
 RUN_COMMANDS = ("generate", "benchmark", "sweep", "demo", "schedule")  # commands that run stages
-
-
-class RunFolderInUse(InputError):
-    """Another live d2 run holds the run folder's lock."""
+GENERATION_DEVICES = ("priors.device", "fit.device", "render_eval.device", "metrics.device")  # what they run on
+WRITABLE_OUT = "choose a writable --out folder"
 
 
 # ---------------------------------------------------------------------------------------
@@ -70,39 +67,22 @@ def _reason(e: OSError) -> str:
             errno.ENOENT: "the file system refuses new entries there"}.get(e.errno, e.strerror or type(e).__name__)
 
 
-def _read_only_fs(folder: Path) -> bool:
-    try:
-        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-    except (OSError, AttributeError):
-        return False
-
-
-def name_limit(folder: Path) -> int:
-    """The longest file name (bytes) the file system of ``folder`` (an existing folder) allows."""
-    try:
-        return int(os.pathconf(folder, "PC_NAME_MAX"))
-    except (OSError, ValueError):
-        return 255
-
-
 def check_writable(path: str | os.PathLike, what: str, fix: str) -> Path:
     """``path`` (a folder, possibly not created yet) can be created and written; else one line
     ``<what> <path>: <why>; <fix>``. Returns the absolute path."""
     p = Path(os.path.abspath(os.path.expanduser(path)))
     base = _nearest_existing(p)
-    limit = name_limit(base if base.is_dir() else base.parent)
+    try:
+        limit = int(os.pathconf(base if base.is_dir() else base.parent, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        limit = 255
     for part in p.parts:
         if len(os.fsencode(part)) > limit:
             raise InputError(f"{what} {p}: the name {part[:24]}... is {len(os.fsencode(part))} bytes, over the "
                              f"file system's {limit}-byte limit; {fix}")
     if not base.is_dir():
         raise InputError(f"{what} {p}: {base} is a file, not a folder; {fix}")
-    if not os.access(base, os.W_OK | os.X_OK):
-        why = "read-only file system" if _read_only_fs(base) else "permission denied"
-        if base == p:
-            raise InputError(f"{what} {p} is not writable ({why}); {fix}")
-        raise InputError(f"{what} {p} cannot be created in {base} ({why}); {fix}")
-    # os.access passes root everywhere but on read-only mounts: try it (the probe is removed at once)
+    # tried, not asked (os.access passes root on folders it cannot write): the probe is removed at once
     try:
         if base == p:
             fd, probe = tempfile.mkstemp(prefix=".d2-probe-", dir=base)
@@ -266,11 +246,6 @@ def estimate_object_bytes(p: BaseModel) -> int:
     return matrix + renders + gaussians + PER_OBJECT_BYTES
 
 
-def estimate_run_bytes(p: BaseModel, objects: int, points: int = 1) -> int:
-    """Disk bytes a run writes: every object's stages, once in the cache and once in the run folder."""
-    return 2 * objects * points * estimate_object_bytes(p)
-
-
 def estimate_peak_memory(p: BaseModel, command: str) -> list[tuple[int, str, str]]:
     """``(bytes, knob, what)`` of the largest arrays each stage of ``command`` holds at once
     (float32 pixels; model weights and small tensors left out: a lower bound)."""
@@ -336,8 +311,9 @@ def check_memory(p: BaseModel, command: str, available: int | None = None) -> No
 
 
 def check_disk(p: BaseModel, out: Path | None, cache: Path | None, objects: int, points: int = 1) -> None:
-    """Free disk under ``out`` and ``cache`` (added up when they share a disk) covers the run's estimate."""
-    half = estimate_run_bytes(p, objects, points) // 2
+    """Free disk under ``out`` and ``cache`` (added up when they share a disk) covers the run's estimate:
+    every object's stages, once in each."""
+    each = objects * points * estimate_object_bytes(p)
     need: dict[int, list] = {}
     for folder, what in ((out, "--out"), (cache, "run.cache_dir")):
         if folder is None:
@@ -349,7 +325,7 @@ def check_disk(p: BaseModel, out: Path | None, cache: Path | None, objects: int,
         except OSError:
             continue
         entry = need.setdefault(dev, [0, free, []])
-        entry[0] += half
+        entry[0] += each
         entry[2].append(f"{what} {folder}")
     for total, free, names in need.values():
         if free < total + DISK_MARGIN_BYTES:
@@ -362,15 +338,13 @@ def check_disk(p: BaseModel, out: Path | None, cache: Path | None, objects: int,
 # a read-only cache
 
 
-def check_readonly_cache(p: BaseModel, inputs: Iterable[tuple[str, Path, Path | None]], cache: Path,
-                         stages: Any = None) -> None:
+def check_readonly_cache(p: BaseModel, inputs: Iterable[tuple[str, Path, Path | None]], cache: Path) -> None:
     """When ``cache`` cannot be written, every object's stages must be served from it: walk each
     object's graph through the cache keys and refuse at the first missing result."""
     from d2.flows.asset import object_graph
     from d2.tasks import cache as C
     from d2.tasks.stages import STAGES
 
-    stages = stages or STAGES
     for obj, src, gt in inputs:
         graph = object_graph(p, src, gt)
         value = None
@@ -379,7 +353,7 @@ def check_readonly_cache(p: BaseModel, inputs: Iterable[tuple[str, Path, Path | 
                 stage = graph.send(value) if value is not None else next(graph)
             except StopIteration:
                 break
-            spec = stages.specs[stage.name]
+            spec = STAGES.specs[stage.name]
             key, _ = C.stage_key(spec, C.stage_inputs(spec, stage.inputs, p), p)
             entry = cache / spec.name / key
             record, reason = C.verify_entry(entry, full=p.run.verify_cache == "full")
@@ -394,97 +368,97 @@ def check_readonly_cache(p: BaseModel, inputs: Iterable[tuple[str, Path, Path | 
 # the d2 command
 
 
-def _objects(command: str, args: Mapping[str, Any], p: BaseModel) -> list[tuple[str, Path, Path | None]]:
-    """``(object, input, ground truth)`` of the run (generate: the one input)."""
+def preflight(command: str, args: Mapping[str, Any], p: BaseModel) -> list[str]:
+    """Everything ``d2 <command>`` checks before it starts (the module docstring); ``args`` are its
+    arguments (``vars(argparse.Namespace)``). Returns warnings (one line each); raises
+    :class:`InputError` for the first problem."""
+    out = Path(args["out"]).expanduser() if args.get("out") else None
+    if out is not None and out.is_file():
+        raise InputError(f"--out {args['out']} is a file; give a folder")
+    if command == "prepare":
+        warnings = V.check_runtime(p, ("prepare.device",), fits=False, scores=False)
+        check_writable(out or Path(p.run.data_dir), "--out", WRITABLE_OUT)
+        check_memory(p, command)
+        return warnings
+    if command == "evaluate":
+        for flag in ("pred", "gt"):
+            if not Path(args[flag]).expanduser().is_dir():
+                raise InputError(f"--{flag} {Path(args[flag]).expanduser()}: folder not found")
+        warnings = V.check_runtime(p, ("metrics.device",), fits=False, scores=True)
+        if out is not None:
+            check_writable(out, "--out", WRITABLE_OUT)
+        check_memory(p, command)
+        return warnings
+    if command not in RUN_COMMANDS:
+        return []
+
+    # the params against the inputs, the priors and the devices
+    V.check_priors(p)
+    warnings = V.check_runtime(p, GENERATION_DEVICES, fits=True, scores=True)
+    objects: list[tuple[str, Path, Path | None]] = []  # (object, input, ground truth)
+    points = [p]
+    data = Path(args.get("data") or p.run.data_dir).expanduser()
+    demo_prepares = command == "demo" and not (data / "meta.json").exists()  # the demo writes its dataset first
     if command == "generate":
         src = Path(args["input"]).expanduser()
         gt = Path(args["gt"]).expanduser() if args.get("gt") else None
-        return [(args.get("name") or src.stem, src, gt)]
-    from d2.validation import dataset_objects
-
-    data = Path(args.get("data") or p.run.data_dir).expanduser()
-    if not (data / "input").is_dir():
-        return []  # the demo prepares its dataset first
-    names = dataset_objects(data, list(p.run.objects))
-    return [(o, data / "input" / o, data / "gt" / o) for o in names]
-
-
-def _cache_writable(cache: Path) -> bool:
-    try:
-        check_writable(cache, "", "")
-        return True
-    except InputError:
-        return False
-
-
-def check_environment(command: str, args: Mapping[str, Any], p: BaseModel) -> None:
-    """Everything ``d2 <command>`` needs from the machine, checked in seconds before Prefect starts."""
-    out = Path(args["out"]).expanduser() if args.get("out") else None
-    if command == "params":
-        return
-    if command == "prepare":
-        out = out or Path(p.run.data_dir)
-        check_writable(out, "--out", "choose a writable --out folder")
-        check_memory(p, command)
-        return
-    if command in ("evaluate", "report"):
-        if out is not None:
-            check_writable(out, "--out", "choose a writable --out folder")
-        if command == "evaluate":
-            check_memory(p, command)
-        return
-    if command not in RUN_COMMANDS:
-        return
-    if command == "generate":
-        from d2.utils.paths import UnsafeName, safe_name
-
+        warnings += V.check_input(src, p, gt).warnings
         try:
-            safe_name(args.get("name") or Path(args["input"]).stem, "--name")
+            objects = [(safe_name(args.get("name") or src.stem, "--name"), src, gt)]
         except UnsafeName as e:
             raise InputError(str(e)) from None
+    elif not demo_prepares:
+        if command == "sweep":
+            points = V.check_grid(p, list(args.get("grid") or []))
+        checked: set[str] = set()  # what a point reads of the dataset: checked once
+        for q in points:
+            key = repr((q.conditions, q.protocol, q.run.objects))
+            if key not in checked:
+                checked.add(key)
+                V.check_dataset(data, q)
+            if q is not p:
+                V.check_priors(q)
+        objects = [(o, data / "input" / o, data / "gt" / o) for o in V.dataset_objects(data, list(p.run.objects))]
+
+    # the machine
     check_state_folders()
     if out is not None:
-        check_writable(out, "--out", "choose a writable --out folder")
-    data = Path(args.get("data") or p.run.data_dir).expanduser()
-    if command == "demo" and not (data / "meta.json").exists():
+        check_writable(out, "--out", WRITABLE_OUT)
+    if demo_prepares:
         check_writable(data, "the demo's dataset folder", "give --data a writable folder, or run d2 from a writable "
                        "project folder")
     cache = Path(os.path.abspath(os.path.expanduser(p.run.cache_dir)))
-    cache_ok = _cache_writable(cache)
-    if not cache_ok and not cache.is_dir():
+    try:
         check_writable(cache, "the stage cache (run.cache_dir)", "set run.cache_dir to a writable folder")
+        cache_ok = True
+    except InputError:
+        if not cache.is_dir():
+            raise
+        cache_ok = False  # a read-only cache: it may still serve every result the run needs
     check_mlflow(p)
     check_runner(p)
     check_memory(p, command)
     if command == "schedule":
-        return
-    objects = _objects(command, args, p)
-    points = 1
-    if command == "sweep":
-        from d2.validation import check_grid
-
-        points = len(check_grid(p, list(args.get("grid") or [])))
-    count = len(objects)
-    if not objects and command == "demo":  # the demo prepares its dataset first: the objects it will write
+        return warnings
+    if demo_prepares:
         from d2.world.benchmark import benchmark_objects
 
         count = len(p.run.objects or p.prepare.objects or benchmark_objects())
-    check_disk(p, out, cache if cache_ok else None, max(1, count), points)
+    else:
+        count = len(objects)
+    check_disk(p, out, cache if cache_ok else None, count, len(points))
     if not cache_ok and command != "sweep":  # (a sweep's points: their own keys, checked by the stages)
         check_readonly_cache(p, objects, cache)
-
-
-# ---------------------------------------------------------------------------------------
-# the run folder's lock, taken before Prefect starts
+    return warnings
 
 
 def hold_run_folder(out: str | os.PathLike) -> Path:
-    """Create ``out`` and take its run lock for this process (the flow adopts it,
-    :func:`d2.utils.paths.adopt_run_folder_lock`), or refuse at once naming the run that holds it."""
+    """Create ``out`` and take its run lock for this process, before Prefect starts (the flow adopts
+    it, :func:`d2.utils.paths.adopt_run_folder_lock`), or refuse at once naming the run that holds it."""
     run_dir = Path(out).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         hold_run_lock(run_dir)
     except RunFolderLocked as e:
-        raise RunFolderInUse(str(e)) from None
+        raise InputError(str(e)) from None
     return run_dir

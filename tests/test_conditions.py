@@ -10,7 +10,7 @@ from PIL import Image
 from d2.stages.cameras import orbit_azimuths
 from d2.stages.conditions import ConditionsConfig, load_conditions, make_conditions, run_conditions
 from d2.stages.priors import PriorsConfig, load_priors
-from d2.utils.io import save_image, save_video
+from d2.utils.io import InputError, save_image, save_video
 
 R = 32
 
@@ -119,12 +119,12 @@ def test_static_orbit_folder(tiny, tmp_path):
     with pytest.raises(ValueError, match="not the SV3D_p orbit"):
         make_conditions(folder, _cfg(), tiny)
     (folder / "orbit.json").write_text("{}")
-    with pytest.raises(ValueError, match="3 orbit images, num_views is 4"):
+    with pytest.raises(ValueError, match="3 orbit images, conditions.num_views is 4"):
         make_conditions(folder, _cfg(num_views=4), tiny)
 
 
 def test_bad_inputs_fail_early_with_clear_errors(tiny, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="nope.png: input not found"):
         make_conditions(tmp_path / "nope.png", _cfg(), tiny)
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="unsupported input extension"):

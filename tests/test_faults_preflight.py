@@ -31,10 +31,9 @@ from pathlib import Path
 import pytest
 
 from d2.config import ParamsError, load_params
-from d2.preflight import (adopt_run_folder_lock, check_disk, check_environment, check_memory, check_writable,
-                          hold_run_folder)
-from d2.utils.paths import LOCK_FILE, run_folder_holder
-from d2.validation import InputError
+from d2.preflight import check_disk, check_memory, check_writable, hold_run_folder, preflight
+from d2.utils.io import InputError
+from d2.utils.paths import LOCK_FILE, adopt_run_folder_lock, run_folder_holder
 
 from d2_toy import prepare_tiny
 
@@ -337,7 +336,7 @@ def test_environment_checks_are_quick_in_process(world, monkeypatch):
     p = load_params(world["params"], ["run.mlflow=true"])
     t0 = time.perf_counter()
     with pytest.raises(InputError, match="MLflow server"):
-        check_environment("benchmark", {"data": str(world["data"]), "out": str(world["state"] / "q")}, p)
+        preflight("benchmark", {"data": str(world["data"]), "out": str(world["state"] / "q")}, p)
     assert time.perf_counter() - t0 < CHECK_S
 
 

@@ -2,7 +2,7 @@
 
 The corpus (``CORPUS``) is generated at test time: each case builds its files under a
 temporary folder, runs the checks the ``d2`` command runs first (params loading, then
-:func:`d2.validation.preflight`) and expects either one short error naming the file or key,
+:func:`d2.preflight.preflight`) and expects either one short error naming the file or key,
 or a documented repair (read correctly, completed from the shipped defaults, a warning).
 Every case is timed from the start of the params loading; a few run through the real ``d2``
 console script to show that nothing (no Prefect import, no model) starts before the error.
@@ -24,7 +24,9 @@ from PIL import Image
 
 from d2.config import ParamsError, load_params
 from d2.utils.io import ImageReadError, load_image, pil_to_rgba
-from d2.validation import InputError, check_dataset, check_frame_numbers, check_input, preflight
+from d2.preflight import preflight
+from d2.stages.conditions import check_frame_numbers
+from d2.validation import InputError, check_dataset, check_input
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -449,12 +451,28 @@ def test_frame_number_rules() -> None:
         check_frame_numbers([Path(f"{i}.png") for i in (2, 3, 7)], "x")
 
 
+def test_one_frame_naming_rule(tmp_path: Path) -> None:
+    """A folder of frames is read in the order of the last number in the names; the benchmark layout
+    (ground truth, predictions, input frames scored as the front view) takes the ``<i>.png|jpg|jpeg`` of them."""
+    from d2.eval import benchmark
+    from d2.stages.conditions import frame_files, list_frames
+
+    d = frames(tmp_path / "f", [10, 2], "frame_{}.png")
+    frames(d, [3], "{}.jpg")
+    (d / "notes.txt").write_text("not a frame")
+    assert [p.name for p in frame_files(d)] == ["frame_2.png", "3.jpg", "frame_10.png"]
+    assert list_frames(d) == {3: d / "3.jpg"} and benchmark.list_frames is list_frames
+    png(d / "03.png")
+    with pytest.raises(InputError, match=r"f: two files for frame 3 \(03.png, 3.jpg\); keep one"):
+        list_frames(d)
+
+
 def test_good_inputs_pass(tmp_path: Path) -> None:
     p = load_params(P)
     assert check_dataset(dataset(tmp_path / "ds"), p) == ["ball", "cube"]
     r = check_input(frames(tmp_path / "vid", list(range(F))), p)
-    assert (r.kind, r.count, r.size, r.warnings) == ("video", F, (24, 24), ())
-    assert check_input(orbit(tmp_path), p).count == V
+    assert (r.kind, len(r.files), r.warnings) == ("video", F, [])
+    assert len(check_input(orbit(tmp_path), p).files) == V
 
 
 def test_shipped_defaults_are_the_projects_params_yaml() -> None:

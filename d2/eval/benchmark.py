@@ -7,6 +7,7 @@ Ground truth (the Consistent4D test set, or the generated mini-benchmark of
     <root>/gt/<object>/eval_{k}/<i>.png      ground truth at the protocol's azimuths
     <root>/meta.json                          optional (written by the generator)
 
+Frames are the images named ``<i>.png|jpg|jpeg`` (:func:`d2.stages.conditions.list_frames`).
 ``gt_dir`` may be ``<root>`` or ``<root>/gt``. Predictions of any method are laid out like
 the ground truth: ``<pred>/<object>/eval_{k}/<i>.png`` (and ``<pred>/<object>/front/<i>.png``
 when the protocol includes the front view, scored against the input frames).
@@ -39,10 +40,9 @@ from d2.eval.metrics import (ALL_METRICS, MetricsConfig, MetricSuite, build_metr
                              parse_metric_list)
 from d2.eval.protocol import FRONT_VIEW, Protocol, span_label
 from d2.eval.results import FrameScore, Results, aggregate, frames_record  # noqa: F401  (part of this module's API)
+from d2.stages.conditions import list_frames
 from d2.utils.io import load_image
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-_FRAME_RE = re.compile(r"^(\d+)$")
 FVD_SIZE = 224  # frames kept for FVD are stored at this size
 
 
@@ -51,21 +51,6 @@ class BenchmarkError(ValueError):
 
 
 # --------------------------------------------------------------------------- layout
-
-
-def list_frames(folder: Path) -> dict[int, Path]:
-    """Frame index -> file for images named ``<i>.<ext>`` in ``folder`` (other files ignored)."""
-    if not folder.is_dir():
-        raise BenchmarkError(f"missing folder {folder}")
-    out: dict[int, Path] = {}
-    for p in folder.iterdir():
-        m = _FRAME_RE.match(p.stem)
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS and m:
-            idx = int(m.group(1))
-            if idx in out:
-                raise BenchmarkError(f"two files for frame {idx} in {folder}: {out[idx].name}, {p.name}")
-            out[idx] = p
-    return dict(sorted(out.items()))
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,19 @@ Three input kinds (``ConditionsConfig.input_kind``, "auto" guesses from the path
     image   one image file (.png/.jpg/.jpeg/.webp/.bmp): the reference orbit is sampled from the
             multi-view prior on the image (its input-view entry then replaced by the image), the
             reference video from the video prior on the image.
-    video   a video file (.mp4/.gif/.mov/.avi/.webm/.mkv) or a folder of frames (sorted by the
-            number in their names): ``num_frames`` frames from frame ``frame_start`` on (every
-            ``frame_stride``-th) are the reference video; the orbit is sampled from the first of
-            them or, with ``video_orbit_frame: last`` (the paper and the authors' code), the last.
+    video   a video file (.mp4/.gif/.mov/.avi/.webm/.mkv) or a folder of frames (in the order of
+            the last number in their names; gaps and two files of one number are refused, a
+            uniform step is read as consecutive frames): ``num_frames`` frames from frame
+            ``frame_start`` on (every ``frame_stride``-th) are the reference video; the orbit is
+            sampled from the first of them or, with ``video_orbit_frame: last`` (the paper and the
+            authors' code), the last.
     orbit   a folder holding ``orbit.json`` ({"elevation_deg": e, optional "azimuths_deg"}) and
             ``num_views`` images in SV3D_p order (view v at (v+1)*360/V degrees from the front, the
             last = the front view): the orbit is given; the video is sampled from its front view.
+
+:func:`open_input` classifies and lists an input (no pixels read); :func:`check_input` checks
+it as this stage reads it, before any compute (``d2`` runs it first); :func:`list_frames` is the
+benchmark layout's frame naming (``<i>.png``), which the ground truth and the predictions share.
 
 Preprocessing of every image: alpha composited on white; the object (alpha > threshold, or
 non-white pixels when there is no alpha) found by its bounding box, then framed (``framing``
@@ -53,9 +59,11 @@ from d2.stages.cameras import OrbitSpec, orbit_azimuths
 from d2.stages.edm import sample_sequences
 from d2.stages.priors import Prior
 from d2.stages.schedules import multiview_cfg_scales, video_cfg_scales
+from d2.utils.io import MIN_IMAGE_SIDE, SUPPORTED_MODES, InputError, pil_to_rgba, read_rgba
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}  # images, frames and views of an input
 VIDEO_EXTS = {".mp4", ".gif", ".mov", ".avi", ".webm", ".mkv"}
+FRAME_EXTS = (".png", ".jpg", ".jpeg")  # frames of the benchmark layout, named <i>.<ext> (list_frames)
 _ORBIT_DEFAULTS = OrbitSpec()
 
 
@@ -148,22 +156,6 @@ def _quantize(images: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 
-def _to_rgba(img: Image.Image, name: str = "image") -> tuple[np.ndarray, bool]:
-    """PIL image -> ([H, W, 4] float32 in [0, 1], has_alpha) (16-bit, palette, CMYK, EXIF: d2.utils.io)."""
-    from d2.utils.io import pil_to_rgba
-
-    return pil_to_rgba(img, name)
-
-
-def read_image(path: Path) -> tuple[np.ndarray, bool]:
-    """An image file -> ([H, W, 4] float32, has_alpha); clear errors for unreadable files."""
-    from d2.utils.io import read_rgba
-
-    if not path.is_file():
-        raise FileNotFoundError(f"input image {path} does not exist")
-    return read_rgba(path)
-
-
 def object_mask(rgba: np.ndarray, has_alpha: bool, cfg: ConditionsConfig) -> np.ndarray:
     """[H, W] bool: alpha > threshold, or (no alpha) farther than white_threshold from white."""
     if has_alpha:
@@ -178,10 +170,10 @@ def composite_white(rgba: np.ndarray) -> np.ndarray:
 
 
 def bbox(mask: np.ndarray, name: str) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1) of the True pixels; error when there are none."""
+    """(y0, y1, x0, x1) of the True pixels; :class:`InputError` when there are none."""
     ys, xs = np.nonzero(mask)
     if len(ys) == 0:
-        raise ValueError(f"{name}: no object found (the image is empty / all background); give an RGBA image with "
+        raise InputError(f"{name}: no object found (the image is empty / all background); give an RGBA image with "
                          "an alpha mask or an object on a white background")
     return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
 
@@ -246,18 +238,6 @@ def preprocess_frames(frames: list[tuple[np.ndarray, bool]], cfg: ConditionsConf
     return torch.stack([recentre(composite_white(a), box, cfg, framing) for (a, _), box in zip(frames, used)])
 
 
-def _numbered(paths: list[Path]) -> list[Path]:
-    def key(p: Path):
-        nums = re.findall(r"\d+", p.stem)
-        return (int(nums[-1]) if nums else math.inf, p.name)
-
-    return sorted(paths, key=key)
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return _numbered([p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS])
-
-
 def source_frames(cfg: "ConditionsConfig", kind: str) -> list[int]:
     """The input frames the asset is made of, one per reference-video frame: a video input's
     ``frame_start + j * frame_stride`` (j < ``num_frames``); an image or an orbit: 0..num_frames-1,
@@ -266,49 +246,6 @@ def source_frames(cfg: "ConditionsConfig", kind: str) -> list[int]:
     if kind == "video":
         return [cfg.frame_start + j * cfg.frame_stride for j in range(cfg.num_frames)]
     return list(range(cfg.num_frames))
-
-
-def read_video_frames(path: Path, count: int, stride: int, start: int = 0) -> list[tuple[np.ndarray, bool]]:
-    """``count`` frames from frame ``start`` on (every ``stride``-th) of a video file or a folder of frames."""
-    need = start + (count - 1) * stride + 1
-    if path.is_dir():
-        files = _image_files(path)
-        if len(files) < need:
-            raise ValueError(f"{path}: {len(files)} frames, need {need} (num_frames {count}, stride {stride}, "
-                             f"start {start})")
-        return [read_image(p) for p in files[start:need:stride]]
-    import imageio.v3 as iio
-
-    frames = []
-    try:
-        for i, fr in enumerate(iio.imiter(path)):
-            if i >= need:
-                break
-            if i >= start and (i - start) % stride == 0:
-                frames.append(_to_rgba(Image.fromarray(np.asarray(fr))))
-    except Exception as e:  # imageio raises many types for unreadable files
-        raise ValueError(f"cannot read {path} as a video: {e}") from e
-    if len(frames) < count:
-        raise ValueError(f"{path}: only {len(frames)} usable frames from frame {start}, need {count} (stride {stride})")
-    return frames
-
-
-def count_video_frames(path: Path) -> tuple[int | None, float | None]:
-    """(frames, fps) of a video file or a folder of frames (fps None for a folder; frames None
-    when the container does not say). Reads the header only."""
-    if path.is_dir():
-        return len(_image_files(path)), None
-    import imageio.v3 as iio
-
-    try:
-        meta = iio.immeta(path, plugin="FFMPEG")
-    except Exception:  # noqa: BLE001  (a container without the fields: unknown)
-        return None, None
-    fps = float(meta["fps"]) if isinstance(meta.get("fps"), (int, float)) and meta["fps"] > 0 else None
-    n = meta.get("nframes")
-    if not isinstance(n, (int, float)) or not math.isfinite(n):
-        n = round(meta["duration"] * fps) if fps and isinstance(meta.get("duration"), (int, float)) else None
-    return (int(n) if n is not None else None), fps
 
 
 def describe_reading(info: dict) -> str:
@@ -351,23 +288,236 @@ def describe_reading(info: dict) -> str:
     return "; ".join(parts)
 
 
+# ---------------------------------------------------------------------------------------
+# reading the input
+# ---------------------------------------------------------------------------------------
+
+
+def frame_number(path: Path) -> int | None:
+    """The number of a frame file: the last number in its name (``7.png``, ``frame_007.png``: 7)."""
+    nums = re.findall(r"\d+", path.stem)
+    return int(nums[-1]) if nums else None
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """The images of a folder of frames or views in frame-number order (files without a number last, by name)."""
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
+    return sorted(files, key=lambda p: (math.inf if frame_number(p) is None else frame_number(p), p.name))
+
+
+def _by_number(files: list[Path], where: str | Path) -> dict[int, Path]:
+    out: dict[int, Path] = {}
+    for p in files:
+        n = frame_number(p)
+        if n in out:
+            raise InputError(f"{where}: two files for frame {n} ({out[n].name}, {p.name}); keep one")
+        out[n] = p
+    return out
+
+
+def list_frames(folder: Path) -> dict[int, Path]:
+    """Frame number -> file of the images named ``<i>.png|jpg|jpeg`` in ``folder``, in number order
+    (the benchmark layout: input frames, ground truth, predictions); other files are ignored."""
+    if not folder.is_dir():
+        raise InputError(f"{folder}: folder not found")
+    return _by_number([p for p in frame_files(folder) if p.stem.isdecimal() and p.suffix.lower() in FRAME_EXTS], folder)
+
+
+def check_frame_numbers(files: list[Path], where: str | Path) -> list[str]:
+    """Warnings for the frames ``files`` (in reading order); :class:`InputError` for two files of one
+    number or irregular gaps (0, 1, 5, 9). A uniform step > 1 (0, 2, 4, ...) is a warning: the
+    frames are taken as consecutive. Frames without numbers are read in name order, unchecked."""
+    nums = [frame_number(p) for p in files]
+    if len(files) < 2 or None in nums:
+        return []
+    _by_number(files, where)
+    steps = [b - a for a, b in zip(nums, nums[1:])]
+    if len(set(steps)) > 1:
+        step = min(steps)
+        i = next(k for k, s in enumerate(steps) if s != step)
+        a, b = nums[i], nums[i + 1]
+        raise InputError(f"{where}: frame numbers jump from {a} to {b} (frames {a + step}..{b - step} missing); "
+                         "renumber the frames consecutively or fill the gap")
+    if steps[0] > 1:
+        return [f"{where}: frames are numbered every {steps[0]} ({nums[0]}, {nums[1]}, ...); "
+                "they are taken as consecutive frames"]
+    return []
+
+
 def detect_kind(path: Path) -> Literal["image", "video", "orbit"]:
-    """Guess the input kind from the path (see the module docstring)."""
-    if not path.exists():
-        raise FileNotFoundError(f"input {path} does not exist")
+    """Guess the input kind of an existing path (see the module docstring)."""
     if path.is_dir():
         if (path / "orbit.json").is_file():
             return "orbit"
-        if _image_files(path):
+        if frame_files(path):
             return "video"
-        raise ValueError(f"{path}: a folder without images (nor orbit.json)")
+        raise InputError(f"{path}: a folder without images (nor orbit.json); give a folder of frames or an "
+                         "orbit folder")
     ext = path.suffix.lower()
     if ext in IMAGE_EXTS:
         return "image"
     if ext in VIDEO_EXTS:
         return "video"
-    raise ValueError(f"{path}: unsupported input extension {ext!r} (images: {sorted(IMAGE_EXTS)}, "
+    raise InputError(f"{path}: unsupported input extension {ext!r} (images: {sorted(IMAGE_EXTS)}, "
                      f"videos: {sorted(VIDEO_EXTS)})")
+
+
+def check_image(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header and file structure (no pixels decoded; truncation is
+    caught): readable, of a mode :func:`d2.utils.io.pil_to_rgba` reads, not below the minimum side."""
+    try:
+        with Image.open(path) as img:
+            (w, h), mode = img.size, img.mode
+            img.verify()
+    except Exception as e:  # noqa: BLE001  (Pillow raises many types for broken files)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: cannot read the image ({why}); re-export it as PNG") from None
+    if mode not in SUPPORTED_MODES:
+        raise InputError(f"{path}: image mode {mode!r} is not supported; save it as an RGB or RGBA PNG")
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise InputError(f"{path}: image is {w}x{h} px, below the {MIN_IMAGE_SIDE} px minimum side; "
+                         "give a real image of the object")
+    return h, w
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    """An input classified and listed by :func:`open_input` (no pixels read)."""
+
+    path: Path  # the input (~ expanded)
+    kind: Literal["image", "video", "orbit"]
+    files: list[Path]  # the images read in order: the image, a folder's kept frames, the views; [] for a video file
+    elevation_deg: float  # the orbit's elevation: an orbit folder's orbit.json, else conditions.elevation_deg
+    warnings: list[str]  # remarks on the frame numbers (one line each)
+
+
+def open_input(path: str | Path, cfg: ConditionsConfig) -> InputFiles:
+    """Classify an input (``cfg.input_kind``, or guessed from the path) and list the images it is
+    read from. :class:`InputError` names the file and the fix: not found, unsupported, too few
+    frames, gaps or duplicates in frame numbers, a bad ``orbit.json``, the wrong number of views."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"{p}: input not found; give an image, a video, a folder of frames or an orbit folder")
+    kind = detect_kind(p) if cfg.input_kind == "auto" else cfg.input_kind
+    if kind == "image":
+        if not p.is_file():
+            raise InputError(f"{p}: conditions.input_kind is 'image' but this is a folder; give an image file")
+        return InputFiles(p, kind, [p], cfg.elevation_deg, [])
+    if kind == "video":
+        if p.is_file():
+            return InputFiles(p, kind, [], cfg.elevation_deg, [])
+        files = frame_files(p)
+        need = cfg.frame_start + (cfg.num_frames - 1) * cfg.frame_stride + 1
+        if len(files) < need:
+            raise InputError(f"{p}: {len(files)} frames, need {need} (conditions.num_frames {cfg.num_frames}, "
+                             f"frame_stride {cfg.frame_stride}, frame_start {cfg.frame_start}); add frames or lower "
+                             "conditions.num_frames and sampling.num_frames (or conditions.frame_start / frame_stride)")
+        warnings = check_frame_numbers(files[:need], p)
+        return InputFiles(p, kind, files[cfg.frame_start:need:cfg.frame_stride], cfg.elevation_deg, warnings)
+    if not p.is_dir():
+        raise InputError(f"{p}: conditions.input_kind is 'orbit' but this is not a folder with orbit.json")
+    elevation = _orbit_elevation(p / "orbit.json", cfg)
+    files = frame_files(p)
+    if len(files) != cfg.num_views:
+        raise InputError(f"{p}: {len(files)} orbit images, conditions.num_views is {cfg.num_views}; give one "
+                         "image per view or set conditions.num_views and sampling.num_views")
+    return InputFiles(p, kind, files, elevation, [])
+
+
+def _orbit_elevation(meta_path: Path, cfg: ConditionsConfig) -> float:
+    """The elevation ``orbit.json`` gives (else ``cfg.elevation_deg``); its azimuths, when given, must be SV3D_p's."""
+    if not meta_path.is_file():
+        return cfg.elevation_deg
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f'{meta_path}: not valid JSON ({e}); write {{"elevation_deg": 10}} or remove the '
+                         'file') from None
+    if not isinstance(meta, dict):
+        raise InputError(f'{meta_path}: must be a JSON object like {{"elevation_deg": 10}}')
+    el = meta.get("elevation_deg", cfg.elevation_deg)
+    if not isinstance(el, (int, float)) or isinstance(el, bool) or not -90 < el < 90:
+        raise InputError(f"{meta_path}: elevation_deg = {el!r} must be a number in (-90, 90)")
+    if "azimuths_deg" in meta:
+        want = orbit_azimuths(cfg.num_views)
+        given = meta["azimuths_deg"]
+        if (not isinstance(given, list) or len(given) != len(want)
+                or any(not isinstance(g, (int, float)) or min(abs(g - w) % 360, 360 - abs(g - w) % 360) > 1e-3
+                       for g, w in zip(given, want))):
+            raise InputError(f"{meta_path}: azimuths_deg {given} are not the SV3D_p orbit of {cfg.num_views} views "
+                             f"{want}; remove them or order the views as SV3D_p does")
+    return float(el)
+
+
+def read_image(path: Path) -> tuple[np.ndarray, bool]:
+    """An image file -> ([H, W, 4] float32 in [0, 1], has_alpha) (16-bit, palette, CMYK, EXIF: d2.utils.io)."""
+    return read_rgba(path)
+
+
+def read_input(inp: InputFiles, cfg: ConditionsConfig, first_only: bool = False) -> list[tuple[np.ndarray, bool]]:
+    """The images of an input as ([H, W, 4] float32, has_alpha): its files (``first_only``: the
+    first), or the ``num_frames`` frames from ``frame_start`` on (every ``frame_stride``-th) of a video file."""
+    if inp.files:
+        return [read_image(f) for f in inp.files[:1 if first_only else None]]
+    import imageio.v3 as iio
+
+    need = cfg.frame_start + (cfg.num_frames - 1) * cfg.frame_stride + 1
+    frames = []
+    try:
+        for i, fr in enumerate(iio.imiter(inp.path)):
+            if i >= need:
+                break
+            if i >= cfg.frame_start and (i - cfg.frame_start) % cfg.frame_stride == 0:
+                frames.append(pil_to_rgba(Image.fromarray(np.asarray(fr)), str(inp.path)))
+    except Exception as e:  # noqa: BLE001  (imageio raises many types for unreadable files)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{inp.path}: cannot read the video ({why}); re-encode it as MP4 (H.264) or give a folder "
+                         "of frames") from None
+    if len(frames) < cfg.num_frames:
+        raise InputError(f"{inp.path}: only {len(frames)} usable frames from frame {cfg.frame_start}, need "
+                         f"{cfg.num_frames} (frame_stride {cfg.frame_stride}); lower conditions.num_frames and "
+                         "sampling.num_frames (or conditions.frame_start / frame_stride)")
+    return frames
+
+
+def check_input(path: str | Path, cfg: ConditionsConfig, decode_all: bool = True) -> InputFiles:
+    """Check an input the way :func:`make_conditions` reads it, without the priors: :func:`open_input`,
+    every image's header and size (:func:`check_image`, one size for all), and an object on the
+    background of every decoded image (``decode_all=False``: the first only)."""
+    inp = open_input(path, cfg)
+    sizes: dict[tuple[int, int], Path] = {}
+    for f in inp.files:
+        sizes.setdefault(check_image(f), f)
+    if len(sizes) > 1:
+        shown = ", ".join(f"{f.name} {w}x{h}" for (h, w), f in list(sizes.items())[:3])
+        raise InputError(f"{inp.path}: frames differ in size ({shown}); resize them to one size")
+    frames = read_input(inp, cfg, first_only=not decode_all)
+    h, w = frames[0][0].shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise InputError(f"{inp.path}: frames are {w}x{h} px, below the {MIN_IMAGE_SIDE} px minimum side")
+    if len({rgba.shape[:2] for rgba, _ in frames}) > 1:  # after EXIF rotation
+        raise InputError(f"{inp.path}: frames differ in size once rotated by their EXIF; resize them to one size")
+    for i, (rgba, alpha) in enumerate(frames):
+        bbox(object_mask(rgba, alpha, cfg), f"{inp.path}" + (f" frame {i}" if len(frames) > 1 else ""))
+    return inp
+
+
+def count_video_frames(path: Path) -> tuple[int | None, float | None]:
+    """(frames, fps) of a video file or a folder of frames (fps None for a folder; frames None
+    when the container does not say). Reads the header only."""
+    if path.is_dir():
+        return len(frame_files(path)), None
+    import imageio.v3 as iio
+
+    try:
+        meta = iio.immeta(path, plugin="FFMPEG")
+    except Exception:  # noqa: BLE001  (a container without the fields: unknown)
+        return None, None
+    fps = float(meta["fps"]) if isinstance(meta.get("fps"), (int, float)) and meta["fps"] > 0 else None
+    n = meta.get("nframes")
+    if not isinstance(n, (int, float)) or not math.isfinite(n):
+        n = round(meta["duration"] * fps) if fps and isinstance(meta.get("duration"), (int, float)) else None
+    return (int(n) if n is not None else None), fps
 
 
 # ---------------------------------------------------------------------------------------
@@ -408,65 +558,42 @@ def make_conditions(input_path: str | Path, cfg: ConditionsConfig, priors: tuple
     (optional) gets how the input was read (see :func:`describe_reading`)."""
     info = {} if info is None else info
     video_prior, multiview_prior = priors
-    path = Path(input_path).expanduser()
-    kind = detect_kind(path) if cfg.input_kind == "auto" else cfg.input_kind
-    if not path.exists():
-        raise FileNotFoundError(f"input {path} does not exist")
+    inp = open_input(input_path, cfg)
     for p in (video_prior, multiview_prior):
         if p.resolution != cfg.resolution:
             raise ValueError(f"conditions.resolution {cfg.resolution} != the {p.family} prior's {p.resolution}")
-    if kind != "orbit":  # the orbit will be sampled and decoded: fail before any sampling
+    if inp.kind != "orbit":  # the orbit will be sampled and decoded: fail before any sampling
         multiview_prior.check_decoder(cfg.orbit_decoder)
     azimuths = orbit_azimuths(cfg.num_views)
-    elevation = cfg.elevation_deg
     v_in = cfg.num_views - 1
     ref_frame = 0
-    if kind == "image":
-        if not path.is_file():
-            raise ValueError(f"input kind 'image' needs an image file, got {path}")
-        info["kind"] = "image"
-        image = preprocess_frames([read_image(path)], cfg, str(path), info)[0]
-        orbit = sample_reference_orbit(multiview_prior, image, azimuths, elevation, cfg)
+    info["kind"] = inp.kind
+    name = str(inp.path)
+    if inp.kind == "image":
+        image = preprocess_frames(read_input(inp, cfg), cfg, name, info)[0]
+        orbit = sample_reference_orbit(multiview_prior, image, azimuths, inp.elevation_deg, cfg)
         if cfg.replace_input_view:
             orbit[v_in] = image
         video = sample_reference_video(video_prior, image, cfg)
-    elif kind == "video":
-        frames = read_video_frames(path, cfg.num_frames, cfg.frame_stride, cfg.frame_start)
-        total, fps = count_video_frames(path)
-        info.update({"kind": "video", "frames_total": total, "fps": fps, "frame_start": cfg.frame_start,
-                     "frame_stride": cfg.frame_stride,
-                     "frames_kept": source_frames(cfg, "video")})
-        video = preprocess_frames(frames, cfg, str(path), info, cfg.video_framing, cfg.video_box == "per_frame")
+    elif inp.kind == "video":
+        frames = read_input(inp, cfg)
+        total, fps = count_video_frames(inp.path)
+        info.update({"frames_total": total, "fps": fps, "frame_start": cfg.frame_start,
+                     "frame_stride": cfg.frame_stride, "frames_kept": source_frames(cfg, "video")})
+        video = preprocess_frames(frames, cfg, name, info, cfg.video_framing, cfg.video_box == "per_frame")
         ref_frame = video.shape[0] - 1 if cfg.video_orbit_frame == "last" else 0
         info["orbit_from_frame"] = info["frames_kept"][ref_frame]
         image = video[ref_frame]
-        orbit = sample_reference_orbit(multiview_prior, image, azimuths, elevation, cfg)
+        orbit = sample_reference_orbit(multiview_prior, image, azimuths, inp.elevation_deg, cfg)
         if cfg.replace_input_view:
             orbit[v_in] = image
-    elif kind == "orbit":
-        if not path.is_dir():
-            raise ValueError(f"input kind 'orbit' needs a folder with orbit.json, got {path}")
-        meta_path = path / "orbit.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        elevation = float(meta.get("elevation_deg", elevation))
-        if "azimuths_deg" in meta:
-            given = [float(a) % 360 for a in meta["azimuths_deg"]]
-            want = [a % 360 for a in azimuths]
-            if len(given) != len(want) or any(min(abs(g - w), 360 - abs(g - w)) > 1e-3 for g, w in zip(given, want)):
-                raise ValueError(f"{meta_path}: azimuths_deg {meta['azimuths_deg']} are not the SV3D_p orbit of "
-                                 f"{cfg.num_views} views {azimuths}")
-        files = _image_files(path)
-        if len(files) != cfg.num_views:
-            raise ValueError(f"{path}: {len(files)} orbit images, num_views is {cfg.num_views}")
-        info["kind"] = "orbit"
-        orbit = preprocess_frames([read_image(p) for p in files], cfg, str(path), info)
+    else:
+        orbit = preprocess_frames(read_input(inp, cfg), cfg, name, info)
         image = orbit[v_in]
         video = sample_reference_video(video_prior, image, cfg)
-    else:
-        raise ValueError(f"unknown input kind {kind!r}")
     return Conditions(orbit=orbit.float(), video=video.float(), input=image.float(), azimuths_deg=azimuths,
-                      elevation_deg=elevation, fov_deg=cfg.fov_deg, radius=cfg.radius, input_view_index=v_in,
-                      kind=kind, input_frame_index=ref_frame)
+                      elevation_deg=inp.elevation_deg, fov_deg=cfg.fov_deg, radius=cfg.radius, input_view_index=v_in,
+                      kind=inp.kind, input_frame_index=ref_frame)
 
 
 def write_conditions(conditions: Conditions, out_dir: str | Path, extra: dict | None = None,

@@ -251,11 +251,9 @@ SPECS: dict[str, StageSpec] = {
 
 def check_asset_input(input_path: Path, params: BaseModel, gt_dir: str | Path | None) -> None:
     """One input (and its ground truth, when given) checked before the first stage."""
-    from d2.validation import check_gt, check_input
+    from d2.validation import check_input
 
-    report = check_input(input_path, params)
-    if gt_dir is not None:
-        check_gt(gt_dir, params, input_path if Path(input_path).is_dir() else None, report.kind)
+    check_input(input_path, params, gt_dir)
 
 
 def check_benchmark_dataset(data_dir: Path, params: BaseModel, objects: list[str] | None) -> list[str]:

@@ -144,7 +144,11 @@ _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 SUPPORTED_MODES = _EIGHT_BIT_MODES + _HIGH_BIT_MODES  # every Pillow mode :func:`pil_to_rgba` reads
 
 
-class ImageReadError(ValueError):
+class InputError(ValueError):
+    """A bad input, dataset, params value or environment found before any compute (one-line message)."""
+
+
+class ImageReadError(InputError):
     """An image file cannot be read as an RGB(A) picture in [0, 1] (the message names the file and the fix)."""
 
 

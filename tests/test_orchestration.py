@@ -19,7 +19,7 @@ from d2.cli import main
 from d2.config import load_params
 from d2.flows import run_benchmark
 from d2.flows.engine import RunFolderBusy, open_run_folder
-from d2.tasks.cache import run_stage_locally, verify_entry
+from d2.tasks.cache import run_stage, store_dir, verify_entry
 from d2.tasks.stages import STAGES
 
 from d2_toy import make_toy, prepare_tiny, toy_params
@@ -71,7 +71,8 @@ def test_each_task_in_a_subprocess_from_pickled_arguments_equals_in_process(tiny
             inputs = {name: results[upstream[stage]]["store_dir"]}
         if stage == "render_eval":  # renders at the times of the frames the asset covers (conditions.json)
             inputs["conditions"] = results["conditions"]["store_dir"]
-        results[stage] = run_stage_locally(STAGES.specs[stage], obj, inputs, p, local)
+        res = run_stage(STAGES.specs[stage], obj, inputs, p, local)
+        results[stage] = {**res, "store_dir": str(store_dir(local, res))}
         calls.append({"stages": STAGES, "stage": stage, "obj": obj, "inputs": inputs,
                       "params": p.model_dump(mode="json"), "cache_dir": str(tmp_path / "cache-remote")})
     (tmp_path / "calls.pkl").write_bytes(pickle.dumps(calls))
@@ -223,15 +224,49 @@ def test_garbage_done_json_is_a_miss(toy, tmp_path, garbage):
     assert m2["objects"]["apple"]["fit"]["status"] == "computed" and m2["objects"]["bird"]["fit"]["status"] == "cached"
 
 
-def test_garbage_prefect_records_are_misses_served_from_verified_entries(toy, tmp_path):
-    run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stages=toy.stages)
-    records = sorted((tmp_path / "cache" / ".records").iterdir())
-    assert len(records) == 11
-    for r in records:
-        r.write_bytes(b"\x00garbage{")
-    m = load(run_benchmark(toy.data, tmp_path / "b", toy_params(tmp_path), stages=toy.stages)["manifest"])
-    assert m["status"] == "completed" and m["totals"]["computed"] == 0 and m["totals"]["cached"] == 11
-    assert all(r.read_bytes() != b"\x00garbage{" for r in records)  # rewritten from the entries
+def test_a_hit_is_one_verified_lookup_and_a_cached_task_run_in_prefect(toy, tmp_path, monkeypatch):
+    """Per task run the key is computed once and the entry verified once; a hit's task run is in
+    Prefect's state ``Cached`` (as the UI shows it) and its result is the entry's; the cache holds
+    entries and locks only (no second record of a result)."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from d2.tasks import cache as cache_mod
+    from d2.tasks.stage_task import configured_task, task_arguments
+
+    calls = []
+    key_of, verify = cache_mod.stage_key, cache_mod.verify_entry
+    monkeypatch.setattr(cache_mod, "stage_key", lambda *a: calls.append("key") or key_of(*a))
+    monkeypatch.setattr(cache_mod, "verify_entry", lambda *a, **k: calls.append("verify") or verify(*a, **k))
+    p = toy_params(tmp_path)
+    args = task_arguments(toy.stages, "conditions", "apple", {"input": toy.data / "input" / "apple"}, p,
+                          tmp_path / "cache")
+
+    @flow
+    def twice() -> list:
+        t = configured_task("conditions", "apple", p)
+        return [t(**args, return_state=True) for _ in range(2)]
+
+    first, second = twice()
+    assert calls == ["key", "verify"] * 2
+    assert (first.name, second.name) == ("Completed", "Cached") and second.is_completed()
+    computed, served = first.result(), second.result()
+    assert (computed["status"], served["status"]) == ("computed", "cached")
+    assert served["key"] == computed["key"] and served["content_hash"] == computed["content_hash"]
+    with get_client(sync_client=True) as client:
+        assert client.read_task_run(second.state_details.task_run_id).state.name == "Cached"
+    assert sorted(f.name for f in (tmp_path / "cache").iterdir()) == [".locks", "conditions"]
+
+
+def test_use_cache_false_recomputes_valid_entries_under_the_same_keys(toy, tmp_path):
+    m1 = load(run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stages=toy.stages)["manifest"])
+    m2 = load(run_benchmark(toy.data, tmp_path / "b", toy_params(tmp_path, "run.use_cache=false"),
+                            stages=toy.stages)["manifest"])
+    assert m2["status"] == "completed" and (m2["totals"]["computed"], m2["totals"]["cached"]) == (11, 0)
+    # the tables read the measured generation time, which a recomputation measures anew
+    keys = lambda m: {(s["object"], s["stage"]): s["key"] for s in m["stages"] if s["stage"] != "tables"}  # noqa: E731
+    assert keys(m2) == keys(m1) and len(keys(m1)) == 10
+    assert all(verify_entry(_entry(m2, s["object"], s["stage"]))[0] is not None for s in m2["stages"])
 
 
 def test_a_garbage_checkpoint_is_a_fresh_start(tmp_path):

@@ -63,7 +63,7 @@ def test_a_computing_stage_reports_its_steps_to_its_progress_file(tmp_path) -> N
 
     from d2.stages.cameras import OrbitSpec
     from d2.stages.fit import FitConfig, write_matrix
-    from d2.tasks.cache import StageSpec, execute_stage
+    from d2.tasks.cache import StageSpec, run_stage
     from d2.tasks.progress import read_progress
     from d2.tasks.stages import compute_fit
 
@@ -81,8 +81,8 @@ def test_a_computing_stage_reports_its_steps_to_its_progress_file(tmp_path) -> N
     key_of = cache_mod.stage_key
     cache_mod.stage_key = lambda spec, inputs, p: ("k" * 64, {})  # params here are not a pydantic root model
     try:
-        res = execute_stage(spec, "obj", {"matrix": str(tmp_path / "matrix")}, params, tmp_path / "cache",
-                            progress_path=progress)
+        res = run_stage(spec, "obj", {"matrix": str(tmp_path / "matrix")}, params, tmp_path / "cache",
+                        progress_path=progress)
     finally:
         cache_mod.stage_key = key_of
     info = read_progress(progress)

@@ -336,7 +336,7 @@ def drive(jobs: list[Job], max_parallel: int, api_alive: Any = None) -> None:
             job, stage = ready.pop(0)
             p = job.run.params
             job.run.recorder.started_stage(job.obj, stage.name)
-            t = configured_task(stage.name, job.obj, job.run.cache_dir, p, job.run.label)
+            t = configured_task(stage.name, job.obj, p, job.run.label)
             spec = job.run.stages.specs[stage.name]
             device = str(get_param(p, spec.device_key)) if spec.device_key else None
             progress = job.run.progress_file(job.obj, stage.name)

@@ -1,4 +1,4 @@
-"""The content-addressed stage cache: keys, entries, verification, locks, Prefect's cache policy.
+"""The content-addressed stage cache: keys, entries, verification, locks.
 
 A stage's **key** is the sha256 of
 
@@ -19,18 +19,16 @@ digest matches its file list, ``out/`` holds exactly those files at those sizes,
 whose mtime changed hash as recorded (``run.verify_cache: full`` rehashes every file).
 Anything else is a miss, recomputed, and the reason is logged.
 
-Prefect runs the lookup (:class:`StageCachePolicy`): the Prefect cache key is
-``<stage>-<key>``, the result record (the stage's small JSON result) is stored under
-``<cache>/.records/``, and ``SERIALIZABLE`` isolation with :class:`FlockLockManager` makes
-two workers (threads, processes, machines on a shared filesystem) that need one key compute
-it once. ``flock`` locks die with their process, so a killed worker never blocks a key.
+:func:`run_stage` is the one lookup: it computes the key once, verifies the entry once under
+the key's ``flock`` (``<cache>/.locks/<stage>-<key>.lock``), and serves or computes it. The
+entry is the only record of a result: nothing else (no Prefect result record) can disagree
+with it, and nothing in the cache names a path, so it can be copied, moved or mounted anywhere.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
-import errno
 import fcntl
 import hashlib
 import importlib.util
@@ -50,11 +48,11 @@ from pydantic import BaseModel
 from d2.config import NO_EFFECT, params_subset_hash
 from d2.tasks.progress import set_progress_file
 from d2.utils.io import strict_json, write_json
-from d2.utils.paths import flock_holder
 
 log = logging.getLogger("d2.cache")
 
 RECORD_FORMAT = 2  # version of done.json's layout (older records are misses)
+LOCKS = ".locks"  # one flock file per key under the cache root
 
 # ---------------------------------------------------------------------------------------
 # Content hashes of artifacts
@@ -313,13 +311,70 @@ def store_dir(cache_dir: str | os.PathLike, result: Mapping[str, Any]) -> Path:
 
 
 def result_from_record(record: dict, status: str) -> dict[str, Any]:
-    """The small JSON result of a stage execution (what the Prefect task returns and Prefect
-    records in the cache). It holds no path: :func:`store_dir` locates its files."""
+    """The small JSON result of a stage execution (what the Prefect task returns). It holds no
+    path: :func:`store_dir` locates its files."""
     return {"stage": record["stage"], "key": record["key"], "status": status,
             "compute_seconds": float(record["compute_seconds"]),
             "outputs": sorted(record["files"]), "content_hash": record["content_hash"],
             "info": record.get("info", {}),
             "failed_attempts": record.get("failed_attempts", []) if status == "computed" else []}
+
+
+def cache_writable(folder: Path) -> bool:
+    """Whether this process may write into the cache root (a read-only cache only serves hits)."""
+    probe = folder if folder.exists() else folder.parent
+    return os.access(probe, os.W_OK)
+
+
+@contextlib.contextmanager
+def key_lock(cache_dir: Path, name: str) -> Iterator[None]:
+    """Hold ``<cache>/.locks/<name>.lock`` exclusively while the block runs.
+
+    ``flock`` excludes other threads, processes and machines (on filesystems with working
+    ``flock``, e.g. NFSv4); the kernel drops it when its process dies, so a killed worker
+    never leaves a key locked.
+    """
+    path = cache_dir / LOCKS / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the file drops its lock
+
+
+def run_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str | os.PathLike], params: BaseModel,
+              cache_dir: str | os.PathLike, progress_path: Path | None = None) -> dict[str, Any]:
+    """Serve ``spec``'s verified entry for ``inputs`` under ``params``, or compute it into the cache.
+
+    The key is computed once and the entry verified once, under the key's lock: of two workers
+    that need one key, one computes and the other then serves what it stored. ``run.use_cache:
+    false`` recomputes; a read-only cache serves verified hits and names itself on a miss. A
+    computing stage reports its progress to ``progress_path`` (:mod:`d2.tasks.progress`).
+
+    Returns :func:`result_from_record`'s dict (status ``computed`` or ``cached``).
+    """
+    cache_dir = Path(cache_dir)
+    paths = stage_inputs(spec, inputs, params)
+    key, ingredients = stage_key(spec, paths, params)
+    entry = entry_dir(cache_dir, spec.name, key)
+    writable = cache_writable(cache_dir)
+    with key_lock(cache_dir, f"{spec.name}-{key}") if writable else contextlib.nullcontext():
+        if params.run.use_cache:
+            record, reason = verify_entry(entry, full=params.run.verify_cache == "full")
+            if record is not None:
+                return result_from_record(record, "cached")
+        else:
+            reason = "run.use_cache is false"
+        if not writable:
+            raise PermissionError(f"the stage cache {cache_dir} is read-only and holds no valid {spec.name} result "
+                                  f"for key {key[:12]} ({reason}); point run.cache_dir at a writable folder")
+        if (entry / "done.json").exists() or not params.run.use_cache:  # a stale or refused result: start over
+            if params.run.use_cache:
+                log.warning("cache miss for %s[%s]: %s; recomputing", spec.name, obj, reason)
+            shutil.rmtree(entry, ignore_errors=True)
+        return _compute(spec, obj, paths, params, entry, key, ingredients, progress_path)
 
 
 def _remove_if_empty(*folders: Path) -> None:
@@ -328,41 +383,23 @@ def _remove_if_empty(*folders: Path) -> None:
             d.rmdir()
 
 
-def execute_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str], params: BaseModel, cache_dir: Path,
-                  use_cache: bool = True, verify_full: bool = False, progress_path: Path | None = None
-                  ) -> dict[str, Any]:
-    """Serve ``spec``'s verified entry, or compute it into the cache. The caller holds the key's lock.
-    A computing stage reports its progress to ``progress_path`` (:mod:`d2.tasks.progress`).
-
-    Returns :func:`result_from_record`'s dict (status ``computed`` or ``cached``).
-    """
-    paths = stage_inputs(spec, inputs, params)
-    key, ingredients = stage_key(spec, paths, params)
-    entry = entry_dir(cache_dir, spec.name, key)
-    record, reason = verify_entry(entry, full=verify_full)
-    if record is not None and use_cache:
-        return result_from_record(record, "cached")
-    if not cache_writable(cache_dir):
-        raise PermissionError(f"the stage cache {cache_dir} is read-only and holds no valid {spec.name} result "
-                              f"for key {key[:12]} ({reason}); point run.cache_dir at a writable folder")
-    done = entry / "done.json"
-    if done.exists() or not use_cache:  # a stale or invalid result: start over (inside the cache entry)
-        if reason and done.exists():
-            log.warning("cache miss for %s[%s]: %s; recomputing", spec.name, obj, reason)
-        shutil.rmtree(entry, ignore_errors=True)
+def _compute(spec: StageSpec, obj: str, paths: dict[str, Path], params: BaseModel, entry: Path, key: str,
+             ingredients: dict, progress_path: Path | None) -> dict[str, Any]:
+    """Compute a stage into ``entry/out`` (resuming from what a failed attempt left there) and
+    write ``done.json`` last. A failed attempt leaves no empty folder and is remembered for the
+    attempt that succeeds (retries)."""
     out = entry / "out"
     out.mkdir(parents=True, exist_ok=True)
     attempts_log = entry / "failed_attempts.json"
-    threads = getattr(getattr(params, "run", None), "threads_per_task", None)
-    if threads:  # the same thread count wherever it runs: CPU kernels' float sums depend on it
+    if params.run.threads_per_task:  # the same thread count wherever it runs: CPU kernels' float sums depend on it
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(params.run.threads_per_task)
     tc = time.perf_counter()
     set_progress_file(progress_path)
     try:
         info = spec.compute(paths, out, params) or {}
-    except Exception as e:  # remembered for the manifest of the attempt that succeeds (retries)
+    except Exception as e:
         with contextlib.suppress(OSError, ValueError):
             earlier = json.loads(attempts_log.read_text()) if attempts_log.exists() else []
             write_json(attempts_log, earlier + [f"{type(e).__name__}: {e}"])
@@ -382,123 +419,5 @@ def execute_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str], params: 
               "info": strict_json(json.loads(json.dumps(info, default=str))), "files": file_records(out),
               "failed_attempts": failed}
     record["content_hash"] = listing_digest({k: v[2] for k, v in record["files"].items()})
-    write_json(done, record)
+    write_json(entry / "done.json", record)
     return result_from_record(record, "computed")
-
-
-def cache_writable(folder: Path) -> bool:
-    """Whether this process may write into the cache root (a read-only cache only serves hits)."""
-    probe = folder if folder.exists() else folder.parent
-    return os.access(probe, os.W_OK)
-
-
-# ---------------------------------------------------------------------------------------
-# Locks
-
-
-class FlockLockManager:
-    """Prefect ``LockManager`` on ``flock``: one lock file per key in ``folder``.
-
-    Exclusive across threads and processes (and machines, on filesystems with working
-    ``flock``, e.g. NFSv4); the kernel drops a lock when its process dies, so a killed
-    worker never leaves a key locked. In a read-only cache no lock is taken (nothing can
-    be computed there; hits are served).
-    """
-
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = Path(folder)
-        self._held: dict[str, tuple[str, int]] = {}  # key -> (holder, fd)
-        self._mutex = threading.Lock()
-
-    def _path(self, key: str) -> Path:
-        return self.folder / f"{key}.lock"
-
-    def __getstate__(self) -> dict:  # travels to workers as its folder; locks held are per process
-        return {"folder": self.folder}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["folder"])
-
-    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                     hold_timeout: float | None = None) -> bool:
-        with self._mutex:
-            if key in self._held and self._held[key][0] == holder:
-                return True
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self._path(key), os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-                return True  # read-only cache: serve hits without a lock
-            raise
-        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() > deadline:
-                    os.close(fd)
-                    return False
-                time.sleep(0.05)
-        with self._mutex:
-            self._held[key] = (holder, fd)
-        return True
-
-    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                            hold_timeout: float | None = None) -> bool:
-        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
-
-    def release_lock(self, key: str, holder: str) -> None:
-        with self._mutex:
-            held = self._held.get(key)
-            if held is None or held[0] != holder:
-                return
-            del self._held[key]
-        fcntl.flock(held[1], fcntl.LOCK_UN)
-        os.close(held[1])
-
-    def is_locked(self, key: str, use_cache: bool = False) -> bool:
-        with self._mutex:
-            if key in self._held:
-                return True
-        return flock_holder(self._path(key)) is not None
-
-    def is_lock_holder(self, key: str, holder: str) -> bool:
-        with self._mutex:
-            return key in self._held and self._held[key][0] == holder
-
-    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.is_locked(key):
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
-
-    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        return self.wait_for_lock(key, timeout)
-
-
-@contextlib.contextmanager
-def key_lock(cache_dir: Path, key: str) -> Iterator[None]:
-    """Hold the lock of one Prefect cache key (for running a stage without Prefect)."""
-    manager = FlockLockManager(cache_dir / ".locks")
-    holder = f"{os.getpid()}:{threading.get_ident()}"
-    manager.acquire_lock(key, holder)
-    try:
-        yield
-    finally:
-        manager.release_lock(key, holder)
-
-
-def run_stage_locally(spec: StageSpec, obj: str, inputs: Mapping[str, str], params: BaseModel,
-                      cache_dir: str | os.PathLike) -> dict[str, Any]:
-    """:func:`execute_stage` under the key's lock, without Prefect (tests, scripts); the result
-    with its ``store_dir`` under ``cache_dir`` added."""
-    cache = Path(os.path.abspath(cache_dir))
-    key, _ = stage_key(spec, stage_inputs(spec, inputs, params), params)
-    with key_lock(cache, f"{spec.name}-{key}"):
-        result = execute_stage(spec, obj, inputs, params, cache, use_cache=params.run.use_cache,
-                               verify_full=params.run.verify_cache == "full")
-    return {**result, "store_dir": str(store_dir(cache, result))}

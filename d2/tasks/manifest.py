@@ -37,8 +37,8 @@ class StageResult:
     @classmethod
     def from_task(cls, result: dict[str, Any], obj: str, out_dir: Path, seconds: float,
                   status: str | None, store_dir: Path) -> "StageResult":
-        """From a stage task's JSON result (``status`` overrides it: 'cached' for a Prefect cache hit)
-        and its entry's ``out/`` under the run's cache root (the result itself names no path)."""
+        """From a stage task's JSON result (``status``, when given, overrides its own) and its entry's
+        ``out/`` under the run's cache root (the result itself names no path)."""
         return cls(stage=result["stage"], object=obj, status=status or result["status"], key=result["key"],
                    seconds=seconds, compute_seconds=float(result["compute_seconds"]),
                    store_dir=Path(store_dir), out_dir=out_dir, outputs=list(result["outputs"]),
@@ -125,11 +125,6 @@ class Recorder:
                 if stage is None or r.stage == stage:
                     out[r.status] += 1
         return out
-
-    def compute_seconds(self) -> float:
-        """Sum of the wall seconds the stages of this run spent in their executions."""
-        with self._lock:
-            return sum(r.seconds for r in self.results)
 
     def to_json(self) -> dict[str, Any]:
         """The manifest document."""

@@ -7,7 +7,6 @@ crash or a bad input never leaves a half-written file where a good one was.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -279,13 +278,3 @@ def image_grid(images: Tensor, pad: int = 1, pad_value: float = 1.0) -> Tensor:
             out[:, i * (h + pad): i * (h + pad) + h, j * (w + pad): j * (w + pad) + w] = images[i, j]
     return out
 
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()

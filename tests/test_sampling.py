@@ -60,7 +60,7 @@ def test_logistic_weight_is_the_papers_s():
         s_paper = 1 - 1 / (1 + math.exp(k * (i / n - s0)))  # the paper's s (video weight)
         m = base_multiview_weight(i, n, "logistic", s0=s0, k=k, fraction="i/N")
         assert math.isclose(1 - m, s_paper, rel_tol=1e-12, abs_tol=1e-12)
-        cfg = SamplingConfig(num_steps=n, weight_schedule="logistic", logistic_s0=s0, logistic_k=k,
+        cfg = SamplingConfig(num_steps=n, weight_schedule="logistic", s0=s0, k=k,
                              step_fraction="i/N", per_view_video_weight=False)
         w_video, w_mv = weights_at(i, cfg, 21)
         assert torch.allclose(w_video, torch.full((21,), s_paper, dtype=torch.float32), atol=1e-6)

@@ -52,8 +52,8 @@ class SamplingConfig(BaseModel):
     solver: Literal["euler", "heun"] = "euler"  # deterministic ODE solver
     weight_schedule: Literal["constant", "logistic", "linear", "cosine"] = "constant"  # base multi-view weight m(i): constant, logistic, linear or cosine (authors: constant)
     w_multiview_constant: float = Field(0.6, ge=0, le=1)  # m for the constant schedule (authors' sv3d_scale 0.6)
-    logistic_s0: float = 0.5  # logistic midpoint s0 (paper 0.5; authors' code 0.6)
-    logistic_k: float = 20.0  # logistic steepness k (paper 20; authors' code 15)
+    s0: float = 0.5  # logistic midpoint s0 (paper 0.5; authors' code 0.6)
+    k: float = 20.0  # logistic steepness k (paper 20; authors' code 15)
     logistic_min: float = Field(0.0, ge=0, le=1)  # m after the drop, logistic / linear / cosine (authors' sv3d_scale_min)
     logistic_max: float = Field(1.0, ge=0, le=1)  # m before the drop, logistic / linear / cosine (authors' sv3d_scale_max)
     step_fraction: Literal["i/(N-1)", "i/N"] = "i/(N-1)"  # progress in the logistic / linear / cosine: authors i/(N-1), paper i/N
@@ -81,8 +81,8 @@ class SamplingConfig(BaseModel):
 
 def weights_at(i: int, cfg: SamplingConfig, num_views: int) -> tuple[Tensor, Tensor]:
     """(w_video [V], w_multiview [V]) float32 at step i."""
-    m = base_multiview_weight(i, cfg.num_steps, cfg.weight_schedule, cfg.w_multiview_constant, cfg.logistic_s0,
-                              cfg.logistic_k, cfg.logistic_min, cfg.logistic_max, cfg.step_fraction)
+    m = base_multiview_weight(i, cfg.num_steps, cfg.weight_schedule, cfg.w_multiview_constant, cfg.s0,
+                              cfg.k, cfg.logistic_min, cfg.logistic_max, cfg.step_fraction)
     wv, wm = composition_weights(m, num_views, cfg.per_view_video_weight, cfg.per_view_amplitude)
     return wv.float(), wm.float()
 

@@ -152,7 +152,7 @@ def sampling_config(method: str, v: int, f: int, resolution: int, seed: int, cfg
                 rollback_steps=cfg.rollback_steps, seed=seed, chunk_size=cfg.chunk_size, progress=False)
     if method == "composed":
         if s0 is not None and k is not None:
-            return SamplingConfig(**base, weight_schedule="logistic", logistic_s0=s0, logistic_k=k)
+            return SamplingConfig(**base, weight_schedule="logistic", s0=s0, k=k)
         return SamplingConfig(**base)
     if method == "video_only":
         return SamplingConfig(**base, weight_schedule="constant", w_multiview_constant=0.0, per_view_video_weight=False)

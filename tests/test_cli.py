@@ -174,4 +174,4 @@ def test_prior_weights_are_part_of_the_keys(tmp_path):
     (w / "weights.safetensors").write_bytes(b"version 2")
     k2 = stage_key(SPECS["conditions"], {**inputs, **prior_weights(p)}, p)[0]
     assert k1 != k2
-    assert prior_weights(load_params(None)) == {}  # tiny: seeded weights, nothing on disk
+    assert prior_weights(load_params(None, ["priors.backend=tiny"])) == {}  # tiny: seeded weights, nothing on disk

@@ -143,7 +143,7 @@ def test_per_view_profile_matches_the_authors_table():
                0.13347406, 0.38873953, 0.68267051, 0.91311939, 1.0]  # 0.5 (1 + cos(2 pi (v+1) / 10.5))
     expect = 1 - 0.75 * (1 - torch.tensor(authors, dtype=torch.float64))
     torch.testing.assert_close(per_view_video_profile(21, 0.75), expect, atol=1e-7, rtol=0)
-    cfg = SamplingConfig(w_multiview_constant=0.6)  # defaults: constant 0.6, per-view on
+    cfg = SamplingConfig(weight_schedule="constant", w_multiview_constant=0.6)  # the authors' constant 0.6, per-view on
     w_video, w_mv = weights_at(3, cfg, 21)
     torch.testing.assert_close(w_video.double(), expect * 0.4, atol=1e-6, rtol=0)
     torch.testing.assert_close(w_mv.double(), 1 - expect * 0.4, atol=1e-6, rtol=0)

@@ -372,7 +372,7 @@ def _common(sp: argparse.ArgumentParser) -> None:
     which = sp.add_mutually_exclusive_group()
     which.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     which.add_argument("--preset", metavar="NAME",
-                       help="a named params file of params/: authors, paper, demo, fast (docs/presets.md)")
+                       help="a named overlay of the defaults in params/: authors, paper, demo, fast (docs/presets.md)")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                     help="override a param (dotted key, YAML value), e.g. --set sampling.num_steps=10; repeatable")
     sp.add_argument("--rehearse", action="store_true",

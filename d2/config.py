@@ -20,7 +20,6 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -205,7 +204,7 @@ def apply_override(data: dict, path: list[str], value: Any, root: type[BaseModel
         node = child
 
 
-MAX_PARAMS_BYTES = 1 << 20  # a params file larger than this is refused (the shipped one is ~20 KB)
+MAX_PARAMS_BYTES = 1 << 20  # a params file larger than this is refused (params.yaml is ~20 KB)
 MAX_YAML_DEPTH = 32  # nesting of mappings and lists in a params file or a --set value
 MAX_YAML_EXPANDED = 1 << 21  # characters of a params document once its aliases are expanded (billion laughs)
 MAX_ERRORS_SHOWN = 8  # validation problems listed in one message
@@ -270,9 +269,9 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit + 5 else text[:limit] + "..."
 
 
-def _field_at(loc: tuple) -> tuple[type[BaseModel], str] | None:
-    """(model, field name) of the field at error location ``loc`` of :class:`Params`, if ``loc`` names one."""
-    model: type[BaseModel] | None = Params
+def _field_at(root: type[BaseModel], loc: tuple) -> tuple[type[BaseModel], str] | None:
+    """(model, field name) of the field at error location ``loc`` of ``root``, if ``loc`` names one."""
+    model: type[BaseModel] | None = root
     for i, part in enumerate(loc):
         if model is None or part not in model.model_fields:
             return None
@@ -288,13 +287,10 @@ def _num(x: float) -> str:
 
 def _range_text(model: type[BaseModel], name: str) -> str:
     """``is outside [0, 1]``, ``must be > 0``, ... from the field's constraints."""
-    lo = hi = None
-    lo_open = hi_open = False
-    for c in model.model_fields[name].metadata:
-        if isinstance(c, (annotated_types.Ge, annotated_types.Gt)):
-            lo, lo_open = (c.ge, False) if isinstance(c, annotated_types.Ge) else (c.gt, True)
-        elif isinstance(c, (annotated_types.Le, annotated_types.Lt)):
-            hi, hi_open = (c.le, False) if isinstance(c, annotated_types.Le) else (c.lt, True)
+    bounds = {kind: getattr(c, kind) for c in model.model_fields[name].metadata for kind in ("ge", "gt", "le", "lt")
+              if getattr(c, kind, None) is not None}
+    lo, lo_open = (bounds["gt"], True) if "gt" in bounds else (bounds.get("ge"), False)
+    hi, hi_open = (bounds["lt"], True) if "lt" in bounds else (bounds.get("le"), False)
     if lo is None:
         return f"must be {'<' if hi_open else '<='} {_num(hi)}"
     if hi is None:
@@ -305,11 +301,11 @@ def _range_text(model: type[BaseModel], name: str) -> str:
 BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
-def _problem(err: dict) -> str:
+def _problem(err: Any, root: type[BaseModel]) -> str:
     """One validation error in one line naming the knob, the value, the allowed range and why."""
     key = ".".join(str(x) for x in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
-    at = _field_at(err["loc"])
+    at = _field_at(root, err["loc"])
     if err["type"] in BOUND_ERRORS and at is not None:
         model, name = at
         value = err.get("input")
@@ -322,8 +318,8 @@ def _problem(err: dict) -> str:
     return f"{key}: {msg} (got {short_repr(err.get('input'))})"
 
 
-def _format_validation_error(e: ValidationError, source: str) -> str:
-    problems = list(dict.fromkeys(_problem(err) for err in e.errors()))
+def _format_validation_error(e: ValidationError, source: str, root: type[BaseModel] = Params) -> str:
+    problems = list(dict.fromkeys(_problem(err, root) for err in e.errors()))
     shown = problems[1:MAX_ERRORS_SHOWN]
     more = f" (+{len(problems) - 1} more: {'; '.join(shown)})" if len(problems) > 1 else ""
     return f"invalid parameter: {problems[0]}{more} (in {source})"
@@ -453,7 +449,7 @@ def with_overrides(params: BaseModel, overrides: Iterable[str]) -> BaseModel:
     try:
         return type(params).model_validate(data)
     except ValidationError as e:
-        raise ParamsError(_format_validation_error(e, "--set " + " ".join(overrides))) from None
+        raise ParamsError(_format_validation_error(e, "--set " + " ".join(overrides), type(params))) from None
 
 
 def get_param(params: BaseModel, key: str) -> Any:

@@ -34,7 +34,6 @@ from d2.world.benchmark import PrepareConfig
 DEFAULT_PARAMS = "params.yaml"
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "params"  # presets: overlays of the defaults (docs/presets.md)
 REHEARSAL_OVERLAY = PRESETS_DIR / "overlays" / "rehearsal.yaml"  # the size-only shrink of `--rehearse`
-NO_EFFECT_MARK = {"no_effect": True}  # json_schema_extra of a field that cannot change any stage's result
 
 
 class ParamsError(ValueError):
@@ -59,7 +58,7 @@ class RunConfig(BaseModel):
     retries: int = Field(0, ge=0)  # Prefect retries of a failed stage task
     retry_delay_s: float = Field(2.0, ge=0)  # seconds between retries
     objects: list[str] = []  # benchmark objects to run; empty = every object of the dataset
-    progress: bool = Field(True, json_schema_extra=NO_EFFECT_MARK)  # show a progress display
+    progress: bool = Field(True, json_schema_extra={"no_effect": True})  # show a progress display
     mlflow: bool = True  # log runs to MLflow (tracking URI: MLFLOW_TRACKING_URI or sqlite mlflow.db)
     mlflow_experiment: str = "diffusion2"  # MLflow experiment name
     data_dir: str = "data/mini"  # default benchmark dataset (written by `d2 prepare`)
@@ -152,13 +151,14 @@ def check_keys(data: dict, model: type[BaseModel] | None = None, prefix: str = "
 
 
 def no_effect_keys(model: type[BaseModel] = Params, prefix: str = "") -> tuple[str, ...]:
-    """Dotted keys of the fields marked ``no_effect`` (how fast or how verbosely a stage runs)."""
+    """Dotted keys of the fields marked ``json_schema_extra={"no_effect": True}``: knobs that cannot change
+    any stage's result (how fast or how verbosely it runs), left out of cache keys and the fit's resume check."""
     out: list[str] = []
     for name, f in model.model_fields.items():
         sub = _field_model(f.annotation)
         if sub is not None:
             out += no_effect_keys(sub, f"{prefix}{name}.")
-        elif (f.json_schema_extra or {}) == NO_EFFECT_MARK:
+        elif (f.json_schema_extra or {}).get("no_effect"):
             out.append(f"{prefix}{name}")
     return tuple(out)
 

@@ -74,6 +74,13 @@ class RenderEvalConfig(BaseModel):
     device: str = "cpu"  # torch device of the renders
 
 
+class ProjectPriorsConfig(PriorsConfig):
+    """Which priors to load and how (by default the miniature priors of data/priors, on the CPU)."""
+
+    backend: str = "mini"  # registry name used for both families unless overridden below (mini: the miniature priors)
+    clip_preprocess: Literal["sgm", "torch"] = "torch"  # CLIP input resize: torch (bicubic, align_corners False; the miniature priors need no resize) | sgm (antialiased bicubic, align_corners True: Stability's pipeline)
+
+
 SSIM_WINDOW = 11  # side of the fit loss's SSIM window in pixels
 
 
@@ -84,7 +91,7 @@ class Params(BaseModel):
 
     run: RunConfig = RunConfig()  # how runs are executed, cached and tracked
     prepare: PrepareConfig = PrepareConfig()  # the generated mini-benchmark
-    priors: PriorsConfig = PriorsConfig(backend="mini", clip_preprocess="torch")  # the miniature priors of data/priors
+    priors: ProjectPriorsConfig = ProjectPriorsConfig()  # which priors, on which device
     conditions: ConditionsConfig = ConditionsConfig()  # the reference orbit and video
     sampling: SamplingConfig = SamplingConfig()  # the composed sampler
     fit: FitConfig = FitConfig()  # the 4D Gaussian fit

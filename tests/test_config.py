@@ -113,6 +113,8 @@ def test_a_partial_file_keeps_the_defaults_and_an_empty_section_counts_as_missin
     f = tmp_path / "p.yaml"
     f.write_text("fit:\nsampling:\n  k: 15\n")
     assert load_params(f) == Params(sampling=SamplingConfig(k=15))
+    f.write_text("priors:\n  device: cpu\n")  # a partial priors section keeps the miniature priors
+    assert (load_params(f).priors.backend, load_params(f).priors.clip_preprocess) == ("mini", "torch")
 
 
 def test_no_effect_is_one_list_from_the_field_marks():

@@ -533,10 +533,9 @@ def field_comments(model: type[BaseModel]) -> dict[str, str]:
     return out
 
 
-def render_params_yaml(params: BaseModel | None = None, sections: Iterable[str] | None = None) -> str:
+def render_params_yaml(params: BaseModel | None = None) -> str:
     """YAML text of ``params`` (default: all defaults) with one comment per field."""
     params = Params() if params is None else params
-    only = None if sections is None else set(sections)
     lines: list[str] = []
 
     def emit(model_obj: BaseModel, indent: int) -> None:
@@ -556,8 +555,6 @@ def render_params_yaml(params: BaseModel | None = None, sections: Iterable[str] 
             lines.append(f"{pad}{name}: {text}" + (f"  # {comment}" if comment else ""))
 
     for section in type(params).model_fields:
-        if only is not None and section not in only:
-            continue
         sub = getattr(params, section)
         doc = (type(sub).__doc__ or "").strip().splitlines()
         lines.append("")

@@ -286,7 +286,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     p = _params(args)
     from d2.flows.sweep import expand_grid, parse_grid, run_sweep
 
-    grid = parse_grid(args.grid, type(p))
+    grid = parse_grid(args.grid)
     points = expand_grid(p, grid)
     data = Path(args.data or p.run.data_dir)
     objects = _dataset_objects(data, p)
@@ -372,7 +372,7 @@ def _common(sp: argparse.ArgumentParser) -> None:
     which = sp.add_mutually_exclusive_group()
     which.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     which.add_argument("--preset", metavar="NAME",
-                       help="a named params file of params/: authors, paper, demo, fast (docs/presets.md)")
+                       help="a named overlay of the defaults in params/: authors, paper, demo, fast (docs/presets.md)")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                     help="override a param (dotted key, YAML value), e.g. --set sampling.num_steps=10; repeatable")
     sp.add_argument("--rehearse", action="store_true",
@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("sweep", help="a grid of overrides: one benchmark per point, sharing unchanged stages")
     sp.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
-                    help="one grid axis, e.g. --grid sampling.logistic_s0=0.3,0.5; repeatable (the grid is the product)")
+                    help="one grid axis, e.g. --grid sampling.s0=0.3,0.5; repeatable (the grid is the product)")
     sp.add_argument("--data", help="dataset folder (default: run.data_dir)")
     sp.add_argument("--out", required=True, help="sweep folder")
     _common(sp)

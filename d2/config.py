@@ -1,33 +1,38 @@
-"""Root parameters: ``params.yaml`` composed from the stage configs, with ``--set`` overrides.
+"""Root parameters: the stage configs composed into :class:`Params`, read from a params file, with ``--set`` overrides.
 
 Every knob of the project lives in one pydantic model, :class:`Params`, whose sections are
-the configs owned by the stage modules (``priors``, ``conditions``, ``sampling``, ``fit``,
-``protocol``, ``metrics``, ``prepare``) plus :class:`RunConfig` (orchestration). The CLI,
-DVC (``dvc exp run -S key=value``) and tests only override it; it is validated, and unknown
-keys are rejected, before any compute starts.
+the configs owned by the stage modules (``prepare``, ``priors``, ``conditions``, ``sampling``,
+``fit``, ``protocol``, ``metrics``) plus :class:`RunConfig` (orchestration) and
+:class:`RenderEvalConfig`. Each field's default and bounds sit on the field, with its one comment;
+a params file lists any subset of the keys (the rest keep their defaults). ``params.yaml`` is
+every knob at its default, written by ``d2 params``; the presets in ``params/`` list only the
+keys where they differ. The CLI, DVC (``dvc exp run -S key=value``) and tests override keys;
+unknown keys and out-of-range values are refused before any compute starts.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib
 import json
-import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from d2.eval.metrics import MetricsConfig
+from d2.eval.protocol import Protocol
+from d2.stages.conditions import ConditionsConfig
+from d2.stages.fit import FitConfig, fitted_views
+from d2.stages.priors import PriorsConfig
+from d2.stages.sampling import SamplingConfig
+from d2.world.benchmark import PrepareConfig
 
 DEFAULT_PARAMS = "params.yaml"
-SHIPPED_PARAMS = Path(__file__).with_name("params_default.yaml")
-"""The project's params.yaml as shipped inside the package (a test keeps the two identical):
-missing keys of any params file, and a missing ./params.yaml, are completed from it."""
-
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "params"  # named, complete params files (docs/presets.md)
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "params"  # presets: overlays of the defaults (docs/presets.md)
 REHEARSAL_OVERLAY = PRESETS_DIR / "overlays" / "rehearsal.yaml"  # the size-only shrink of `--rehearse`
 
 
@@ -53,7 +58,7 @@ class RunConfig(BaseModel):
     retries: int = Field(0, ge=0)  # Prefect retries of a failed stage task
     retry_delay_s: float = Field(2.0, ge=0)  # seconds between retries
     objects: list[str] = []  # benchmark objects to run; empty = every object of the dataset
-    progress: bool = True  # show a progress display
+    progress: bool = Field(True, json_schema_extra={"no_effect": True})  # show a progress display
     mlflow: bool = True  # log runs to MLflow (tracking URI: MLFLOW_TRACKING_URI or sqlite mlflow.db)
     mlflow_experiment: str = "diffusion2"  # MLflow experiment name
     data_dir: str = "data/mini"  # default benchmark dataset (written by `d2 prepare`)
@@ -64,108 +69,53 @@ class RenderEvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    resolution: int | None = Field(None, ge=16)  # render side in pixels; None: protocol.resolution
+    resolution: int | None = Field(64, ge=16)  # render side in pixels; None: protocol.resolution
     backend: Literal["auto", "torch", "gsplat"] = "auto"  # rasterizer: auto = gsplat on CUDA, torch otherwise
     device: str = "cpu"  # torch device of the renders
 
 
-# Knobs that cannot change any stage's result (how fast or how verbosely it runs): left out of
-# every cache key. A bare name matches that field in any section, a dotted key one field.
-# (sampling.decode_chunk is not one: the temporal decoder attends within a chunk.)
-NO_EFFECT: tuple[str, ...] = ("progress", "sampling.chunk_size", "conditions.chunk_size", "metrics.batch_size",
-                              "metrics.device", "fit.checkpoint_every")
+class ProjectPriorsConfig(PriorsConfig):
+    """Which priors to load and how (by default the miniature priors of data/priors, on the CPU)."""
+
+    backend: str = "mini"  # registry name used for both families unless overridden below (mini: the miniature priors)
+    clip_preprocess: Literal["sgm", "torch"] = "torch"  # CLIP input resize: torch (bicubic, align_corners False; the miniature priors need no resize) | sgm (antialiased bicubic, align_corners True: Stability's pipeline)
 
 
-# Sections composed from the stage modules: name -> (module, class). A section exists only
-# when its module can be imported; a missing module is never replaced by a fake config.
-SECTIONS: dict[str, tuple[str, str]] = {
-    "prepare": ("d2.world.benchmark", "PrepareConfig"),
-    "priors": ("d2.stages.priors", "PriorsConfig"),
-    "conditions": ("d2.stages.conditions", "ConditionsConfig"),
-    "sampling": ("d2.stages.sampling", "SamplingConfig"),
-    "fit": ("d2.stages.fit", "FitConfig"),
-    "protocol": ("d2.eval.protocol", "Protocol"),
-    "metrics": ("d2.eval.metrics", "MetricsConfig"),
-}
+SSIM_WINDOW = 11  # side of the fit loss's SSIM window in pixels
 
 
-# Short names the issue and the paper use, for the stage configs' full names. params.yaml
-# spells these knobs by their short name (so `dvc exp run -S sampling.s0=0.3` finds the key);
-# an alias in a params file or in --set sets the full key (and wins over it in the same file).
-ALIASES: dict[str, str] = {
-    "sampling.s0": "sampling.logistic_s0",
-    "sampling.k": "sampling.logistic_k",
-}
+class Params(BaseModel):
+    """Every knob of the project: one section per stage config, plus ``run``."""
 
+    model_config = ConfigDict(extra="forbid")
 
-def resolve_alias(path: list[str]) -> list[str]:
-    """``['sampling', 's0']`` -> ``['sampling', 'logistic_s0']`` (other keys unchanged)."""
-    full = ALIASES.get(".".join(path))
-    return full.split(".") if full else path
+    run: RunConfig = RunConfig()  # how runs are executed, cached and tracked
+    prepare: PrepareConfig = PrepareConfig()  # the generated mini-benchmark
+    priors: ProjectPriorsConfig = ProjectPriorsConfig()  # which priors, on which device
+    conditions: ConditionsConfig = ConditionsConfig()  # the reference orbit and video
+    sampling: SamplingConfig = SamplingConfig()  # the composed sampler
+    fit: FitConfig = FitConfig()  # the 4D Gaussian fit
+    protocol: Protocol = Protocol()  # how a benchmark is scored
+    metrics: MetricsConfig = MetricsConfig()  # which metrics, on which device
+    render_eval: RenderEvalConfig = RenderEvalConfig()  # renders at the protocol's cameras
 
-
-def canonical_key(key: str, root: type[BaseModel] | None = None) -> str:
-    """The dotted key an override of ``key`` sets: an alias gives its full name
-    (``sampling.s0`` -> ``sampling.logistic_s0``), any other key itself."""
-    path = [part.strip() for part in key.strip().split(".")]
-    return ".".join(path if _has_key(Params if root is None else root, path) else resolve_alias(path))
-
-
-def _has_key(model: type[BaseModel] | None, path: list[str]) -> bool:
-    for part in path:
-        if model is None or part not in model.model_fields:
-            return False
-        model = _field_model(model.model_fields[part].annotation)
-    return True
-
-
-def _apply_file_aliases(data: dict) -> None:
-    for alias, full in ALIASES.items():
-        section, key = alias.split(".", 1)
-        node = data.get(section)
-        if isinstance(node, dict) and key in node:
-            value = node.pop(key)
-            fsec, fkey = full.split(".", 1)
-            data.setdefault(fsec, {})[fkey] = value
-
-
-def _import_section(module: str, cls: str) -> type[BaseModel] | None:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
-            return None  # the stage module itself has not landed yet
-        raise
-    model = getattr(mod, cls, None)
-    if model is None:
-        raise ImportError(f"{module} has no config class {cls} (d2.config.SECTIONS composes it into Params)")
-    if not (isinstance(model, type) and issubclass(model, BaseModel)):
-        raise TypeError(f"{module}.{cls} is not a pydantic model")
-    return model
-
-
-def _build_params_model() -> type[BaseModel]:
-    fields: dict[str, Any] = {"run": (RunConfig, Field(default_factory=RunConfig))}
-    for name, (module, cls) in SECTIONS.items():
-        model = _import_section(module, cls)
-        if model is not None:
-            fields[name] = (model, Field(default_factory=model))
-    if "protocol" in fields:
-        fields["render_eval"] = (RenderEvalConfig, Field(default_factory=RenderEvalConfig))
-    return create_model(
-        "Params",
-        __config__=ConfigDict(extra="forbid"),
-        __doc__="Every knob of the project: one section per stage config, plus `run`.",
-        **fields,
-    )
-
-
-Params = _build_params_model()
-
-
-def available_sections() -> list[str]:
-    """Names of the sections ``Params`` has (the stage modules that exist)."""
-    return list(Params.model_fields)
+    @model_validator(mode="after")
+    def _sections_agree(self) -> "Params":
+        problems = [f"conditions.{k} = {getattr(self.conditions, k)} but sampling.{k} = {getattr(self.sampling, k)} "
+                    "(they must match)" for k in ("num_views", "num_frames", "resolution")
+                    if getattr(self.conditions, k) != getattr(self.sampling, k)]
+        side = self.fit.resolution or self.sampling.resolution
+        if side < SSIM_WINDOW and self.fit.lambda_ssim > 0:
+            problems.append(f"the fit sees {side}x{side} px images (fit.resolution, else sampling.resolution), smaller "
+                            f"than its SSIM's {SSIM_WINDOW} px window; set fit.resolution to {SSIM_WINDOW} or more, "
+                            "or fit.lambda_ssim=0")
+        try:  # the matrix has sampling.num_views views
+            fitted_views(self.fit, self.sampling.num_views)
+        except ValueError as e:
+            problems.append(str(e))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,7 +135,8 @@ def _field_model(annotation: Any) -> type[BaseModel] | None:
 def _unknown_key_error(key: str, model: type[BaseModel], prefix: str) -> ParamsError:
     known = list(model.model_fields)
     where = prefix.rstrip(".") or "params"
-    near = difflib.get_close_matches(key.split(".")[-1], known, n=1)
+    last = key.split(".")[-1]
+    near = [f for f in known if last.endswith("_" + f)] or difflib.get_close_matches(last, known, n=1)
     if near:
         return ParamsError(f"unknown parameter '{prefix}{key}'. Did you mean '{prefix}{near[0]}'?")
     return ParamsError(f"unknown parameter '{prefix}{key}': {where} has {', '.join(known)}")
@@ -200,8 +151,26 @@ def check_keys(data: dict, model: type[BaseModel] | None = None, prefix: str = "
         if key not in model.model_fields:
             raise _unknown_key_error(str(key), model, prefix)
         sub = _field_model(model.model_fields[key].annotation)
-        if sub is not None and isinstance(value, dict):
+        if sub is not None and value is None:  # an empty section (`fit:` with nothing under it)
+            data[key] = {}
+        elif sub is not None and isinstance(value, dict):
             check_keys(value, sub, f"{prefix}{key}.")
+
+
+def no_effect_keys(model: type[BaseModel] = Params, prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys of the fields marked ``json_schema_extra={"no_effect": True}``: knobs that cannot change
+    any stage's result (how fast or how verbosely it runs), left out of cache keys and the fit's resume check."""
+    out: list[str] = []
+    for name, f in model.model_fields.items():
+        sub = _field_model(f.annotation)
+        if sub is not None:
+            out += no_effect_keys(sub, f"{prefix}{name}.")
+        elif (f.json_schema_extra or {}).get("no_effect"):
+            out.append(f"{prefix}{name}")
+    return tuple(out)
+
+
+NO_EFFECT = no_effect_keys()  # left out of every cache key
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -224,8 +193,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_override(data: dict, path: list[str], value: Any, root: type[BaseModel] | None = None) -> None:
     """Set ``data[path[0]][path[1]]... = value`` after checking every key exists in ``root`` (Params)."""
     model: type[BaseModel] | None = Params if root is None else root
-    if not _has_key(model, path):
-        path = resolve_alias(path)
     node = data
     for i, part in enumerate(path):
         prefix = ".".join(path[:i]) + ("." if i else "")
@@ -244,7 +211,7 @@ def apply_override(data: dict, path: list[str], value: Any, root: type[BaseModel
         node = child
 
 
-MAX_PARAMS_BYTES = 1 << 20  # a params file larger than this is refused (the shipped one is ~20 KB)
+MAX_PARAMS_BYTES = 1 << 20  # a params file larger than this is refused (params.yaml is ~20 KB)
 MAX_YAML_DEPTH = 32  # nesting of mappings and lists in a params file or a --set value
 MAX_YAML_EXPANDED = 1 << 21  # characters of a params document once its aliases are expanded (billion laughs)
 MAX_ERRORS_SHOWN = 8  # validation problems listed in one message
@@ -309,15 +276,60 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit + 5 else text[:limit] + "..."
 
 
-def _format_validation_error(e: ValidationError, source: str) -> str:
-    lines = [f"invalid parameters ({source}):"]
-    errors = e.errors()
-    for err in errors[:MAX_ERRORS_SHOWN]:
-        loc = ".".join(str(x) for x in err["loc"])
-        lines.append(f"  {loc}: {err['msg']} (got {short_repr(err.get('input'))})")
-    if len(errors) > MAX_ERRORS_SHOWN:
-        lines.append(f"  and {len(errors) - MAX_ERRORS_SHOWN} more")
-    return "\n".join(lines)
+def _field_at(root: type[BaseModel], loc: tuple) -> tuple[type[BaseModel], str] | None:
+    """(model, field name) of the field at error location ``loc`` of ``root``, if ``loc`` names one."""
+    model: type[BaseModel] | None = root
+    for i, part in enumerate(loc):
+        if model is None or part not in model.model_fields:
+            return None
+        if i == len(loc) - 1:
+            return model, str(part)
+        model = _field_model(model.model_fields[part].annotation)
+    return None
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _range_text(model: type[BaseModel], name: str) -> str:
+    """``is outside [0, 1]``, ``must be > 0``, ... from the field's constraints."""
+    bounds = {kind: getattr(c, kind) for c in model.model_fields[name].metadata for kind in ("ge", "gt", "le", "lt")
+              if getattr(c, kind, None) is not None}
+    lo, lo_open = (bounds["gt"], True) if "gt" in bounds else (bounds.get("ge"), False)
+    hi, hi_open = (bounds["lt"], True) if "lt" in bounds else (bounds.get("le"), False)
+    if lo is None:
+        return f"must be {'<' if hi_open else '<='} {_num(hi)}"
+    if hi is None:
+        return f"must be {'>' if lo_open else '>='} {_num(lo)}"
+    return f"is outside {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
+
+
+BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _problem(err: Any, root: type[BaseModel]) -> str:
+    """One validation error in one line naming the knob, the value, the allowed range and why."""
+    key = ".".join(str(x) for x in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    at = _field_at(root, err["loc"])
+    if err["type"] in BOUND_ERRORS and at is not None:
+        model, name = at
+        value = err.get("input")
+        if model.model_fields[name].annotation is float and isinstance(value, (int, str)):
+            value = float(value)  # as validated (YAML reads 1e200 as a string, 0 as an int)
+        why = field_comments(model).get(name, "")
+        return f"{key} = {value!r} {_range_text(model, name)}" + (f": {why}" if why else "")
+    if err["type"] == "value_error" and (at is None or _field_model(at[0].model_fields[at[1]].annotation)):
+        return msg  # a section's own check: its message names the knobs
+    return f"{key}: {msg} (got {short_repr(err.get('input'))})"
+
+
+def _format_validation_error(e: ValidationError, source: str, root: type[BaseModel] = Params) -> str:
+    problems = list(dict.fromkeys(_problem(err, root) for err in e.errors()))
+    shown = problems[1:MAX_ERRORS_SHOWN]
+    more = f" (+{len(problems) - 1} more: {'; '.join(shown)})" if len(problems) > 1 else ""
+    return f"invalid parameter: {problems[0]}{more} (in {source})"
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -355,39 +367,15 @@ def _read_yaml_mapping(p: Path) -> dict:
     return loaded
 
 
-def shipped_defaults() -> dict:
-    """The shipped params (``d2/params_default.yaml`` = the project's params.yaml) as raw data."""
-    data = _read_yaml_mapping(SHIPPED_PARAMS)
-    if "sampling" in Params.model_fields:
-        _apply_file_aliases(data)
-    return data
+def load_params(path: str | os.PathLike | None = DEFAULT_PARAMS, overrides: Iterable[str] = ()) -> Params:
+    """Read ``path`` (YAML: any subset of the keys; the others keep the models' defaults), apply
+    ``key=value`` overrides, and validate. Raises :class:`ParamsError` naming the problem.
 
-
-def _complete(defaults: dict, data: dict) -> dict:
-    """``data`` with every key it lacks taken from ``defaults`` (nested mappings merged; an empty
-    section such as ``fit:`` with nothing under it counts as missing)."""
-    out = dict(defaults)
-    for key, value in data.items():
-        base = defaults.get(key)
-        if isinstance(base, dict) and value is None:
-            value = {}
-        if isinstance(base, dict) and isinstance(value, dict):
-            out[key] = _complete(base, value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_params(path: str | os.PathLike | None = DEFAULT_PARAMS, overrides: Iterable[str] = ()) -> BaseModel:
-    """Read ``path`` (YAML), complete it from the shipped defaults, apply ``key=value`` overrides,
-    and validate. Raises :class:`ParamsError` naming the problem.
-
-    An empty file, or one that lacks keys, is completed from ``d2/params_default.yaml`` (the
-    shipped params.yaml); so is a missing ``params.yaml`` (the default path: running outside
-    the project folder). ``path=None`` means the pydantic models' own defaults (library use).
+    ``path=None``, and a missing ``params.yaml`` at the default path (running outside the
+    project folder), mean the defaults.
     """
     data: dict = {}
-    source = "model defaults"
+    source = "the defaults"
     if path is not None:
         p = Path(path)
         if p.is_file():
@@ -398,15 +386,11 @@ def load_params(path: str | os.PathLike | None = DEFAULT_PARAMS, overrides: Iter
         elif str(path) != DEFAULT_PARAMS:
             raise ParamsError(f"params file not found: {p}")
         else:
-            source = f"shipped defaults ({SHIPPED_PARAMS.name}; no {DEFAULT_PARAMS} here)"
-    if "sampling" in Params.model_fields:
-        _apply_file_aliases(data)
+            source = f"the defaults (no {DEFAULT_PARAMS} here)"
     try:
         check_keys(data)
     except ParamsError as e:
         raise ParamsError(f"{source}: {e}") from None
-    if path is not None:
-        data = _complete(shipped_defaults(), data)
     overrides = list(overrides)
     for text in overrides:
         path_keys, value = parse_override(text)
@@ -414,137 +398,19 @@ def load_params(path: str | os.PathLike | None = DEFAULT_PARAMS, overrides: Iter
     if overrides:
         source += " + --set " + " ".join(overrides)
     try:
-        params = Params.model_validate(data)
+        return Params.model_validate(data)
     except ValidationError as e:
         raise ParamsError(_format_validation_error(e, source)) from None
-    check_consistency(params)
-    return params
-
-
-EXP_MAX = 709.78  # math.exp overflows above this (log of the largest float64)
-FP32_MAX_SIGMA = 1e30  # the sampler keeps x in fp32 (max 3.4e38); initial noise std = sqrt(1 + sigma_max^2)
-SEED_MAX = 2**63 - 2  # torch.Generator.manual_seed takes 64-bit seeds; seed + 1 is used too
-CUDA_GRID_MAX = 65535  # CUDA's grid limit on attention sequences per kernel call
-
-
-def _name(key: str) -> str:
-    """The spelling params.yaml uses for a full key (``sampling.logistic_s0`` -> ``sampling.s0``)."""
-    short = {full: alias for alias, full in ALIASES.items()}
-    return short.get(key, key)
 
 
 def _get(params: BaseModel, key: str) -> Any:
+    """The attribute at dotted ``key`` of ``params``, None where it has none."""
     node: Any = params
     for part in key.split("."):
         if node is None or not hasattr(node, part):
             return None
         node = getattr(node, part)
     return node
-
-
-def knob_problems(params: BaseModel) -> list[str]:
-    """Values inside each field's own type and bounds that still cannot work (one line each).
-
-    Intervals of single knobs (the logistic midpoint, camera angles, distances, seeds, the
-    CUDA grid limit) and the products that overflow: the logistic schedule's
-    ``exp(k (x - s0))`` for x in [0, 1], the Karras ramp ``sigma ** (1 / rho)``, the fp32 noise
-    scale, and a fit with no loss term.
-    """
-    problems: list[str] = []
-
-    def interval(key: str, lo: float | None, hi: float | None, why: str, lo_open: bool = False,
-                 hi_open: bool = False) -> None:
-        v = _get(params, key)
-        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
-            return
-        bad = ((lo is not None and (v < lo or (lo_open and v == lo)))
-               or (hi is not None and (v > hi or (hi_open and v == hi))) or v != v)
-        if bad:
-            def num(x: float) -> str:
-                return str(x) if isinstance(x, int) else f"{x:g}"
-
-            if lo is None:
-                rng = f"must be {'<' if hi_open else '<='} {num(hi)}"
-            elif hi is None:
-                rng = f"must be {'>' if lo_open else '>='} {num(lo)}"
-            else:
-                rng = f"is outside {'(' if lo_open else '['}{num(lo)}, {num(hi)}{')' if hi_open else ']'}"
-            problems.append(f"{_name(key)} = {v!r} {rng}: {why}")
-
-    interval("sampling.logistic_s0", 0.0, 1.0, "the logistic midpoint is a fraction of the denoising steps "
-             "(paper 0.5)")
-    interval("sampling.logistic_k", 0.0, None, "a negative steepness makes the multi-view weight rise instead of "
-             "drop from logistic_max to logistic_min (paper 20)")
-    samp = getattr(params, "sampling", None)
-    if samp is not None and samp.weight_schedule == "logistic" and 0 <= samp.logistic_s0 <= 1 and samp.logistic_k >= 0:
-        top = samp.logistic_k * (1.0 - samp.logistic_s0)
-        if top > EXP_MAX:
-            problems.append(f"sampling.k * (1 - sampling.s0) = {top:g} > {EXP_MAX}: exp() in the logistic weight "
-                            f"schedule overflows; lower sampling.k (paper 20) or raise sampling.s0")
-    for sec in ("conditions", "sampling"):
-        cfg = getattr(params, sec, None)
-        if cfg is None:
-            continue
-        interval(f"{sec}.sigma_max", None, FP32_MAX_SIGMA, "the initial noise (std sqrt(1 + sigma_max^2)) "
-                 "overflows fp32; the authors use 700")
-        if cfg.sigma_min >= cfg.sigma_max:
-            problems.append(f"{sec}.sigma_min = {cfg.sigma_min:g} >= {sec}.sigma_max = {cfg.sigma_max:g}: "
-                            "the Karras noise levels must descend; make sigma_min < sigma_max")
-        else:
-            try:
-                hi, lo = cfg.sigma_max ** (1.0 / cfg.rho), cfg.sigma_min ** (1.0 / cfg.rho)
-                ok = lo > 0 and math.isfinite(hi) and lo ** cfg.rho > 0 and math.isfinite(hi ** cfg.rho)
-            except OverflowError:
-                ok = False
-            if not ok:
-                problems.append(f"{sec}.rho = {cfg.rho:g}: sigma ** (1/rho) over- or underflows for sigma in "
-                                f"[{cfg.sigma_min:g}, {cfg.sigma_max:g}]; use rho >= 0.1 (Karras 7)")
-    for sec in ("conditions", "prepare"):
-        interval(f"{sec}.fov_deg", 0.0, 180.0, "a field of view must be between 0 and 180 degrees",
-                 lo_open=True, hi_open=True)
-        interval(f"{sec}.radius", 0.0, None, "cameras must be away from the object at the origin", lo_open=True)
-    for sec in ("conditions", "prepare", "protocol"):
-        interval(f"{sec}.elevation_deg", -90.0, 90.0, "at or past the pole every azimuth gives the same or a "
-                 "flipped view", lo_open=True, hi_open=True)
-    for key in ("conditions.seed", "sampling.seed", "fit.seed", "prepare.seed", "priors.tiny.seed"):
-        interval(key, 0, SEED_MAX, "seeds are non-negative 64-bit integers (seed + 1 is used too)")
-    interval("priors.attention_max_batch", 1, CUDA_GRID_MAX, "CUDA launches at most 65535 blocks per grid "
-             "dimension")
-    pri = getattr(params, "priors", None)
-    if pri is not None and "tiny" in (pri.backend, pri.video_backend, pri.multiview_backend):
-        t = pri.tiny
-        for key, widths in (("block_out_channels", t.block_out_channels), ("vae_block_out_channels",
-                                                                           t.vae_block_out_channels)):
-            if not widths or any(c <= 0 or c % 32 for c in widths):
-                problems.append(f"priors.tiny.{key} = {list(widths)}: every width must be a positive multiple of 32 "
-                                "(GroupNorm with 32 groups)")
-        factor = 2 ** (len(t.block_out_channels) - 1) * (2 ** (len(t.vae_block_out_channels) - 1) if t.vae else 1)
-        if t.resolution <= 0 or t.resolution % factor:
-            problems.append(f"priors.tiny.resolution = {t.resolution} must be a positive multiple of {factor} "
-                            "(the VAE and UNet downsampling)")
-        if t.layers_per_block < 1 or t.num_attention_heads < 1 or t.clip_layers < 1:
-            problems.append("priors.tiny.layers_per_block, num_attention_heads and clip_layers must be >= 1")
-        if t.clip_image_size < 8 or t.clip_image_size % 8 or t.clip_hidden_size < 2 or t.clip_hidden_size % 2:
-            problems.append(f"priors.tiny.clip_image_size = {t.clip_image_size} must be a multiple of the 8 px patch "
-                            f"and clip_hidden_size = {t.clip_hidden_size} a multiple of its 2 heads")
-    fit = getattr(params, "fit", None)
-    if fit is not None and fit.lambda_ssim == 0 and fit.lambda_lpips == 0 and fit.lambda_l1 == 0:
-        problems.append("fit.lambda_ssim, fit.lambda_lpips and fit.lambda_l1 are all 0: the fit has no loss to "
-                        "minimise; set fit.lambda_ssim=1 (the default)")
-    samp = getattr(params, "sampling", None)
-    side = (fit.resolution or getattr(samp, "resolution", None)) if fit is not None else None
-    if fit is not None and side is not None and side < 11 and fit.lambda_ssim > 0:
-        problems.append(f"the fit sees {side}x{side} px images (fit.resolution, else sampling.resolution), smaller "
-                        "than its SSIM's 11 px window; set fit.resolution to 11 or more, or fit.lambda_ssim=0")
-    views = getattr(samp, "num_views", None) if samp is not None else None
-    if fit is not None and getattr(fit, "exclude_views", None) and views is not None:
-        from d2.stages.fit import fitted_views
-
-        try:  # the matrix has sampling.num_views views
-            fitted_views(fit, views)
-        except ValueError as e:
-            problems.append(str(e))
-    return problems
 
 
 def available_presets() -> list[str]:
@@ -566,8 +432,6 @@ def preset_path(name: str) -> Path:
 def overlay_overrides(path: str | os.PathLike = REHEARSAL_OVERLAY) -> list[str]:
     """A partial params file (an overlay such as ``params/overlays/rehearsal.yaml``) as ``key=value``
     overrides, applied after a params file like ``--set``."""
-    import json
-
     data = _read_yaml_mapping(Path(path))
 
     def flat(d: dict, prefix: str = "") -> list[str]:
@@ -582,23 +446,6 @@ def overlay_overrides(path: str | os.PathLike = REHEARSAL_OVERLAY) -> list[str]:
     return flat(data)
 
 
-def check_consistency(params: BaseModel) -> None:
-    """Cross-section checks and knob bounds that would otherwise fail mid-run (after earlier stages computed)."""
-    problems: list[str] = []
-    cond, samp = getattr(params, "conditions", None), getattr(params, "sampling", None)
-    if cond is not None and samp is not None:
-        for knob in ("num_views", "num_frames", "resolution"):
-            a, b = getattr(cond, knob, None), getattr(samp, knob, None)
-            if a is not None and b is not None and a != b:
-                problems.append(f"conditions.{knob} = {a} but sampling.{knob} = {b} (they must match)")
-    if problems:
-        raise ParamsError("inconsistent parameters:\n  " + "\n  ".join(dict.fromkeys(problems)))
-    problems = knob_problems(params) if isinstance(params, Params) else []  # other models (tests) have own knobs
-    if problems:
-        more = f" (+{len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
-        raise ParamsError(f"invalid parameter: {problems[0]}{more}")
-
-
 def with_overrides(params: BaseModel, overrides: Iterable[str]) -> BaseModel:
     """A copy of validated ``params`` with ``key=value`` overrides applied and re-validated."""
     data = params.model_dump(mode="json")
@@ -607,11 +454,9 @@ def with_overrides(params: BaseModel, overrides: Iterable[str]) -> BaseModel:
         path_keys, value = parse_override(text)
         apply_override(data, path_keys, value, type(params))
     try:
-        out = type(params).model_validate(data)
+        return type(params).model_validate(data)
     except ValidationError as e:
-        raise ParamsError(_format_validation_error(e, "--set " + " ".join(overrides))) from None
-    check_consistency(out)
-    return out
+        raise ParamsError(_format_validation_error(e, "--set " + " ".join(overrides), type(params))) from None
 
 
 def get_param(params: BaseModel, key: str) -> Any:
@@ -671,7 +516,6 @@ def flatten_params(params: BaseModel) -> dict[str, Any]:
 def field_comments(model: type[BaseModel]) -> dict[str, str]:
     """``{field: comment}`` from the ``name: type = default  # comment`` lines of ``model``."""
     import inspect
-    import re
 
     out: dict[str, str] = {}
     for cls in reversed(model.__mro__):
@@ -689,47 +533,33 @@ def field_comments(model: type[BaseModel]) -> dict[str, str]:
     return out
 
 
-def render_params_yaml(params: BaseModel | None = None, sections: Iterable[str] | None = None) -> str:
+def render_params_yaml(params: BaseModel | None = None) -> str:
     """YAML text of ``params`` (default: all defaults) with one comment per field."""
     params = Params() if params is None else params
-    only = None if sections is None else set(sections)
     lines: list[str] = []
 
     def emit(model_obj: BaseModel, indent: int) -> None:
         comments = field_comments(type(model_obj))
-        short = {full.split(".")[-1]: alias.split(".")[-1] for alias, full in ALIASES.items()
-                 if alias.split(".")[0] == section_name[0]}
-        for field_name in type(model_obj).model_fields:
-            value = getattr(model_obj, field_name)
+        for name in type(model_obj).model_fields:
+            value = getattr(model_obj, name)
             pad = " " * indent
-            comment = comments.get(field_name, "")
-            name = field_name
-            if indent == 2 and field_name in short:
-                name = short[field_name]
-                comment = f"{comment} (= {section_name[0]}.{field_name})"
+            comment = comments.get(name, "")
             if isinstance(value, BaseModel):
                 lines.append(f"{pad}{name}:" + (f"  # {comment}" if comment else ""))
                 emit(value, indent + 2)
                 continue
-            dumped = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-            if hasattr(dumped, "value") and not isinstance(dumped, (int, float, str)):
-                dumped = dumped.value  # enums
+            dumped = value.value if hasattr(value, "value") and not isinstance(value, (int, float, str)) else value
             text = yaml.safe_dump(json.loads(json.dumps(dumped, default=str)), default_flow_style=True,
                                   width=10_000).strip()
-            if text.endswith("\n..."):
-                text = text[: -len("\n...")]
             text = text.removesuffix("...").strip()
             lines.append(f"{pad}{name}: {text}" + (f"  # {comment}" if comment else ""))
 
-    section_name = [""]
     for section in type(params).model_fields:
-        if only is not None and section not in only:
-            continue
-        section_name[0] = section
         sub = getattr(params, section)
         doc = (type(sub).__doc__ or "").strip().splitlines()
         lines.append("")
         lines.append(f"{section}:" + (f"  # {doc[0]}" if doc else ""))
         emit(sub, 2)
-    return "# Every knob of Diffusion² (validated by d2/config.py before any compute).\n" \
-           "# Override any key with `--set key=value` or `dvc exp run -S key=value`.\n" + "\n".join(lines) + "\n"
+    return ("# Every knob of Diffusion² (validated by d2/config.py before any compute), written by `d2 params`.\n"
+            "# Override any key with `--set key=value` or `dvc exp run -S key=value`; presets: params/ "
+            "(docs/presets.md).\n" + "\n".join(lines) + "\n")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from d2.config import ParamsError, canonical_key, parse_override, with_overrides
+from d2.config import ParamsError, parse_override, with_overrides
 from d2.stages import conditions as C
 from d2.utils.io import InputError
 
@@ -255,12 +255,10 @@ def check_grid(params: BaseModel, items: list[str]) -> list[BaseModel]:
         if not values:
             raise InputError(f"grid axis '{item}' has no values")
         axes.append((key.strip(), values))
-    knobs: dict[str, str] = {}  # the full key an axis sets (aliases resolved) -> the axis as written
-    for key, _ in axes:
-        knob = canonical_key(key, type(params))
-        if knob in knobs:
-            raise InputError(duplicate_axis_message(knobs[knob], key, knob))
-        knobs[knob] = key
+    keys = [key for key, _ in axes]
+    for i, key in enumerate(keys):
+        if key in keys[:i]:
+            raise InputError(duplicate_axis_message(key, key, key))
     n = 1
     for _, values in axes:
         n *= len(values)

@@ -83,7 +83,7 @@ def test_benchmark_cached_rerun_s0_change_mlflow_report(env, capsys):
     parent = client.get_run(m["mlflow_run_id"])
     assert parent.data.tags["prefect_flow_run_id"] == m["prefect_flow_run_id"] != ""
     assert parent.info.status == "FINISHED" and parent.data.metrics["psnr"] == pytest.approx(results["mean"]["psnr"])
-    assert parent.data.params["sampling.logistic_s0"] == "0.5"
+    assert parent.data.params["sampling.s0"] == "0.5"
     exp = client.get_experiment_by_name("cli-test")
     assert exp.artifact_location == (root / "mlruns" / "cli-test").as_uri()
     kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -174,4 +174,4 @@ def test_prior_weights_are_part_of_the_keys(tmp_path):
     (w / "weights.safetensors").write_bytes(b"version 2")
     k2 = stage_key(SPECS["conditions"], {**inputs, **prior_weights(p)}, p)[0]
     assert k1 != k2
-    assert prior_weights(load_params(None)) == {}  # tiny: seeded weights, nothing on disk
+    assert prior_weights(load_params(None, ["priors.backend=tiny"])) == {}  # tiny: seeded weights, nothing on disk

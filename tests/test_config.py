@@ -9,6 +9,7 @@ import yaml
 
 from d2.config import (Params, ParamsError, flatten_params, load_params, params_hash, params_subset_hash,
                        render_params_yaml, with_overrides)
+from d2.stages.sampling import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,31 +24,15 @@ def leaves(d: dict, prefix: str = "") -> set[str]:
     return out
 
 
-def _committed(module: str) -> bool:
-    """Whether a stage module is in git (a module still being written may add a section early)."""
-    import subprocess
-
-    rel = module.replace(".", "/") + ".py"
-    r = subprocess.run(["git", "ls-files", "--error-unmatch", rel], cwd=ROOT, capture_output=True)
-    return r.returncode == 0 or not (ROOT / ".git").exists()
-
-
-def test_params_yaml_is_valid_and_has_every_knob_with_a_comment():
-    from d2.config import SECTIONS
-
-    params = load_params(ROOT / "params.yaml")
-    data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    missing = set(Params.model_fields) - set(data)
-    missing_committed = {s for s in missing if s not in SECTIONS or _committed(SECTIONS[s][0])}
-    assert not missing_committed, f"params.yaml lacks sections {missing_committed}"
-    from d2.config import ALIASES
-
-    present = {k for k in flatten_params(params) if k.split(".")[0] in data}
-    assert {ALIASES.get(k, k) for k in leaves(data)} == present, "params.yaml must spell out every knob"
-    # every key line carries a comment
-    for line in (ROOT / "params.yaml").read_text().splitlines():
+def test_params_yaml_is_the_defaults_as_d2_params_writes_them():
+    """params.yaml is generated (`d2 params > params.yaml`): every knob at its default, one comment each."""
+    text = (ROOT / "params.yaml").read_text()
+    assert text == render_params_yaml(Params()), "params.yaml is stale: run `d2 params > params.yaml`"
+    assert leaves(yaml.safe_load(text)) == set(flatten_params(Params())), "params.yaml must spell out every knob"
+    for line in text.splitlines():
         if line.strip() and not line.lstrip().startswith("#") and ":" in line:
             assert "#" in line, f"no comment: {line!r}"
+    assert load_params(ROOT / "params.yaml") == load_params(None) == Params()
 
 
 def test_render_params_yaml_round_trips(tmp_path):
@@ -72,7 +57,8 @@ def test_overrides_are_yaml_typed_and_dotted(tmp_path):
     ("run.max_paralel=3", "Did you mean 'run.max_parallel'"),
     ("nosuchsection.x=1", "unknown parameter 'nosuchsection'"),
     ("run.max_parallel.deeper=1", "is not a section"),
-    ("run.max_parallel=0", "greater than or equal to 1"),
+    ("run.max_parallel=0", "run.max_parallel = 0 must be >= 1: stage tasks in flight"),
+    ("sampling.logistic_s0=0.3", "unknown parameter 'sampling.logistic_s0'. Did you mean 'sampling.s0'?"),
     ("run.max_parallel=many", "run.max_parallel"),
     ("missing_equals", "key=value"),
     ("run.objects=[unclosed", "not valid YAML"),
@@ -113,13 +99,30 @@ def test_subset_hash_ignores_knobs_that_cannot_change_results():
     assert params_subset_hash(p, ["run"], ignore=["run.progress"]) == params_subset_hash(q, ["run"], ignore=["run.progress"])
 
 
-def test_sampling_s0_alias_in_overrides_and_files(tmp_path):
-    assert load_params(None, ["sampling.s0=0.3"]).sampling.logistic_s0 == 0.3
+def test_sampling_s0_is_one_name_in_overrides_files_and_mlflow(tmp_path):
+    assert load_params(None, ["sampling.s0=0.3"]).sampling.s0 == 0.3
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     data["sampling"]["s0"] = 0.25  # what `dvc exp run -S sampling.s0=0.25` writes
     f = tmp_path / "p.yaml"
     f.write_text(yaml.safe_dump(data))
-    assert load_params(f).sampling.logistic_s0 == 0.25
+    assert load_params(f).sampling.s0 == 0.25
+    assert flatten_params(load_params(f))["sampling.s0"] == 0.25  # the MLflow param
+
+
+def test_a_partial_file_keeps_the_defaults_and_an_empty_section_counts_as_missing(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("fit:\nsampling:\n  k: 15\n")
+    assert load_params(f) == Params(sampling=SamplingConfig(k=15))
+    f.write_text("priors:\n  device: cpu\n")  # a partial priors section keeps the miniature priors
+    assert (load_params(f).priors.backend, load_params(f).priors.clip_preprocess) == ("mini", "torch")
+
+
+def test_no_effect_is_one_list_from_the_field_marks():
+    from d2.config import NO_EFFECT
+
+    assert set(NO_EFFECT) == {"run.progress", "prepare.progress", "conditions.progress", "sampling.progress",
+                              "fit.progress", "conditions.chunk_size", "sampling.chunk_size", "metrics.batch_size",
+                              "metrics.device", "fit.checkpoint_every"}
 
 
 def test_inconsistent_sections_fail_at_load_time():

@@ -13,8 +13,8 @@ import torch
 import yaml
 from PIL import Image
 
-from d2.config import (PRESETS_DIR, ParamsError, available_presets, flatten_params, load_params, preset_path,
-                       with_overrides)
+from d2.config import (PRESETS_DIR, ParamsError, available_presets, flatten_params, load_params, overlay_overrides,
+                       preset_path, with_overrides)
 from d2.stages.conditions import load_conditions, make_conditions, run_conditions
 from d2.stages.priors import (PriorsConfig, build_tiny_prior, load_priors, set_resnet_norm_eps, sgm_clip_resize)
 
@@ -40,13 +40,17 @@ def _docs_table(title: str) -> dict[str, tuple[str, str]]:
 
 def test_every_preset_validates_and_preset_path_finds_it():
     assert available_presets() == PRESETS
+    defaults = flatten_params(load_params(None))
     for name in PRESETS:
         path = preset_path(name)
         assert path == PRESETS_DIR / f"{name}.yaml" and path.is_file()
-        load_params(path)  # validated, cross-section checks included
-        data = yaml.safe_load(path.read_text())
-        assert set(data) == set(type(load_params(path)).model_fields), f"{name}: every section spelled out"
-        for line in path.read_text().splitlines():  # one comment per knob
+        preset = flatten_params(load_params(path))  # validated, cross-section checks included
+        text = path.read_text()
+        assert text.startswith(f"# Preset `{name}`: "), f"{name}: the header says what the preset is"
+        listed = {o.split("=", 1)[0] for o in overlay_overrides(path)}
+        differ = {k for k in preset if preset[k] != defaults[k]}
+        assert listed == differ, f"{name}: an overlay lists exactly the keys where it differs from the defaults"
+        for line in text.splitlines():  # one comment per knob
             if re.match(r"^\s+\w+: ", line):
                 assert "  # " in line, f"{name}: uncommented line {line!r}"
     with pytest.raises(ParamsError, match="unknown preset 'papr'; known presets: authors, demo, fast, paper"):
@@ -55,8 +59,9 @@ def test_every_preset_validates_and_preset_path_finds_it():
         preset_path("../params")
 
 
-def test_demo_preset_is_params_yaml():
-    assert (PRESETS_DIR / "demo.yaml").read_text() == (ROOT / "params.yaml").read_text()
+def test_demo_preset_is_the_defaults_and_params_yaml():
+    assert load_params(preset_path("demo")) == load_params(None) == load_params(ROOT / "params.yaml")
+    assert yaml.safe_load(preset_path("demo").read_text()) is None  # an overlay with nothing to change
 
 
 def test_authors_and_paper_differ_exactly_in_the_documented_fields():
@@ -217,7 +222,7 @@ def test_missing_image_decoder_fails_before_sampling(tmp_path):
     mv.image_decoder = None  # e.g. a checkpoint without its first stage
     mv.denoise = lambda *a, **k: pytest.fail("sampled before the decoder check")
     _rgba(tmp_path / "obj.png")
-    cfg = ConditionsConfig(num_views=3, num_frames=4, resolution=32, num_steps=2, progress=False)
+    cfg = ConditionsConfig(num_views=3, num_frames=4, resolution=32, num_steps=2, orbit_decoder="image", progress=False)
     with pytest.raises(ValueError, match="orbit_decoder=temporal"):
         make_conditions(tmp_path / "obj.png", cfg, (video, mv))
 

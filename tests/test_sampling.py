@@ -60,7 +60,7 @@ def test_logistic_weight_is_the_papers_s():
         s_paper = 1 - 1 / (1 + math.exp(k * (i / n - s0)))  # the paper's s (video weight)
         m = base_multiview_weight(i, n, "logistic", s0=s0, k=k, fraction="i/N")
         assert math.isclose(1 - m, s_paper, rel_tol=1e-12, abs_tol=1e-12)
-        cfg = SamplingConfig(num_steps=n, weight_schedule="logistic", logistic_s0=s0, logistic_k=k,
+        cfg = SamplingConfig(num_steps=n, weight_schedule="logistic", s0=s0, k=k,
                              step_fraction="i/N", per_view_video_weight=False)
         w_video, w_mv = weights_at(i, cfg, 21)
         assert torch.allclose(w_video, torch.full((21,), s_paper, dtype=torch.float32), atol=1e-6)
@@ -143,7 +143,7 @@ def test_per_view_profile_matches_the_authors_table():
                0.13347406, 0.38873953, 0.68267051, 0.91311939, 1.0]  # 0.5 (1 + cos(2 pi (v+1) / 10.5))
     expect = 1 - 0.75 * (1 - torch.tensor(authors, dtype=torch.float64))
     torch.testing.assert_close(per_view_video_profile(21, 0.75), expect, atol=1e-7, rtol=0)
-    cfg = SamplingConfig(w_multiview_constant=0.6)  # defaults: constant 0.6, per-view on
+    cfg = SamplingConfig(weight_schedule="constant", w_multiview_constant=0.6)  # the authors' constant 0.6, per-view on
     w_video, w_mv = weights_at(3, cfg, 21)
     torch.testing.assert_close(w_video.double(), expect * 0.4, atol=1e-6, rtol=0)
     torch.testing.assert_close(w_mv.double(), 1 - expect * 0.4, atol=1e-6, rtol=0)

@@ -112,9 +112,9 @@ class MetricsConfig(BaseModel):
     hf_clip_model: str = "openai/clip-vit-base-patch32"  # consistent4d definitions: transformers CLIP, a hub id read from the Hugging Face cache only (no download) or a local folder
     lpips_vgg_weights: Path | None = None  # torchvision vgg16-397923af.pth; None: search the torch hub cache
     i3d_weights: Path | None = None  # I3D TorchScript file for FVD; None: search $D2_WEIGHTS_DIR
-    device: str = "cpu"  # torch device the metric networks run on
+    device: str = Field("cpu", json_schema_extra={"no_effect": True})  # torch device the metric networks run on
     resolution: int | None = 512  # images are resized to this square size before scoring (None: native); evaluate() sets it to protocol.resolution
-    batch_size: int = Field(16, ge=1)  # images per forward pass of CLIP / LPIPS
+    batch_size: int = Field(16, ge=1, json_schema_extra={"no_effect": True})  # images per forward pass of CLIP / LPIPS
 
 
 # --------------------------------------------------------------------------- checks

@@ -50,7 +50,7 @@ class Protocol(BaseModel):
     name: str = "consistent4d"  # label printed with the results
     input_azimuth_deg: float = 0.0  # azimuth of the input video (the front view)
     eval_azimuths_deg: list[float] = Field(default_factory=lambda: list(DEFAULT_EVAL_AZIMUTHS))  # views eval_0..eval_{K-1}
-    elevation_deg: float = 0.0  # elevation of every evaluation camera
+    elevation_deg: float = Field(0.0, gt=-90, lt=90)  # elevation of every evaluation camera
     include_front_view: bool = False  # also score the front view (prediction `front/` vs the input frames)
     num_frames: int | None = Field(None, ge=1)  # score ground-truth frames 0..num_frames-1 (None: every frame the asset covers; for `d2 evaluate`, every predicted frame, as the script)
     background: Literal["white", "black"] = "white"  # background the renders are composited on

@@ -17,7 +17,7 @@ import torch
 from prefect import flow
 from pydantic import BaseModel
 
-from d2.config import ParamsError, canonical_key, parse_override, with_overrides
+from d2.config import ParamsError, parse_override, with_overrides
 from d2.flows.benchmark import list_objects, object_jobs, raise_failures, summarize, tables_graph
 from d2.flows.runners import task_runner
 from d2.flows.engine import Job, closing, drive, finish, make_tracker, new_run, open_run_folder, prefect_api_check
@@ -28,14 +28,12 @@ from d2.utils.io import write_json, write_text
 from d2.validation import duplicate_axis_message
 
 
-def parse_grid(items: list[str], root: type[BaseModel] | None = None) -> dict[str, list[Any]]:
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     """``['sampling.s0=0.3,0.5', 'fit.iters=10,20']`` -> ``{'sampling.s0': [0.3, 0.5], ...}``.
 
-    A knob named twice (also once by its alias and once by its full name, under the params
-    model ``root``) is refused: the rows would be labelled with one value and run with the other.
+    A knob named twice is refused: the rows would be labelled with one value and run with the other.
     """
     grid: dict[str, list[Any]] = {}
-    knobs: dict[str, str] = {}  # the full key an axis sets -> the axis as written
     for item in items:
         if "=" not in item:
             raise ParamsError(f"grid axis '{item}' must look like key=v1,v2,...")
@@ -44,10 +42,8 @@ def parse_grid(items: list[str], root: type[BaseModel] | None = None) -> dict[st
         values = [parse_override(f"{key}={v}")[1] for v in raw.split(",") if v.strip() != ""]
         if not values:
             raise ParamsError(f"grid axis '{item}' has no values")
-        knob = canonical_key(key, root)
-        if knob in knobs:
-            raise ParamsError(duplicate_axis_message(knobs[knob], key, knob))
-        knobs[knob] = key
+        if key in grid:
+            raise ParamsError(duplicate_axis_message(key, key, key))
         grid[key] = values
     return grid
 
@@ -56,12 +52,6 @@ def parse_grid(items: list[str], root: type[BaseModel] | None = None) -> dict[st
 def expand_grid(params: BaseModel, grid: dict[str, list[Any]]) -> list[tuple[str, list[str], BaseModel]]:
     """Every grid point as (id, overrides, validated params), validated before any compute."""
     keys = list(grid)
-    knobs: dict[str, str] = {}
-    for key in keys:  # one knob per axis (an alias and its full name are one knob)
-        knob = canonical_key(key, type(params))
-        if knob in knobs:
-            raise ParamsError(duplicate_axis_message(knobs[knob], key, knob))
-        knobs[knob] = key
     points = []
     for i, combo in enumerate(itertools.product(*(grid[k] for k in keys))):
         overrides = [f"{k}={_yaml_value(v)}" for k, v in zip(keys, combo)]

@@ -52,13 +52,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from d2.stages.cameras import OrbitSpec, orbit_azimuths
 from d2.stages.edm import sample_sequences
 from d2.stages.priors import Prior
-from d2.stages.schedules import multiview_cfg_scales, video_cfg_scales
+from d2.stages.schedules import FP32_MAX_SIGMA, SEED_MAX, karras_problem, multiview_cfg_scales, video_cfg_scales
 from d2.utils.io import MIN_IMAGE_SIDE, SUPPORTED_MODES, InputError, pil_to_rgba, read_rgba
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}  # images, frames and views of an input
@@ -72,12 +72,12 @@ class ConditionsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     input_kind: Literal["auto", "image", "video", "orbit"] = "auto"  # how to read the input path
-    num_views: int = Field(21, ge=1)  # V: views of the reference orbit
-    num_frames: int = Field(25, ge=1)  # F: frames of the reference video
-    resolution: int = Field(576, ge=8)  # image side in pixels (the priors' resolution)
-    elevation_deg: float = 10.0  # orbit elevation (authors' main.py default 10; their published run 0; an orbit input's orbit.json overrides it)
-    fov_deg: float = _ORBIT_DEFAULTS.fov_deg  # camera field of view recorded for the fitting stage
-    radius: float = _ORBIT_DEFAULTS.radius  # camera distance recorded for the fitting stage
+    num_views: int = Field(8, ge=1)  # V: views of the reference orbit
+    num_frames: int = Field(8, ge=1)  # F: frames of the reference video
+    resolution: int = Field(16, ge=8)  # image side in pixels (the priors' resolution)
+    elevation_deg: float = Field(10.0, gt=-90, lt=90)  # orbit elevation (authors' main.py default 10; their published run 0; an orbit input's orbit.json overrides it)
+    fov_deg: float = Field(_ORBIT_DEFAULTS.fov_deg, gt=0, lt=180)  # camera field of view recorded for the fitting stage
+    radius: float = Field(_ORBIT_DEFAULTS.radius, gt=0)  # camera distance recorded for the fitting stage (away from the object at the origin)
     framing: Literal["fraction", "own_scale", "keep"] = "fraction"  # image / orbit inputs (authors' published run: fraction 0.9; main.py without a ratio: own_scale); fraction puts every object at one size, which the miniature priors were trained on
     video_framing: Literal["fraction", "own_scale", "keep"] = "fraction"  # video inputs (authors' published run: fraction 0.9, per frame; main.py without a ratio: keep); fraction as for images
     video_box: Literal["union", "per_frame"] = "union"  # video inputs framed by fraction / own_scale: one box (the union) for all frames, or each frame recentred on its own box (authors' published run)
@@ -86,15 +86,15 @@ class ConditionsConfig(BaseModel):
     white_threshold: float = Field(0.08, gt=0, lt=1)  # without alpha: a pixel this far from white is object
     frame_stride: int = Field(1, ge=1)  # take every k-th frame of a video input
     video_orbit_frame: Literal["first", "last"] = "first"  # video input: the frame the reference orbit is sampled from (paper, authors: last); first matches the front-view row, whose video prior starts at its conditioning image
-    orbit_decoder: Literal["image", "temporal"] = "image"  # reference orbit decoded by the multi-view prior's own per-frame decoder (authors: SV3D_p's image decoder) or the temporal video decoder across the views
+    orbit_decoder: Literal["image", "temporal"] = "temporal"  # reference orbit decoded by the multi-view prior's own per-frame decoder (authors: SV3D_p's image decoder) or the temporal video decoder across the views
     store_dtype: Literal["uint8", "float32"] = "uint8"  # images in conditions.pt (authors keep floats: float32); uint8 is 4x smaller and equals the PNG previews
     frame_start: int = Field(0, ge=0)  # first frame of a video input that is used (0: its first frame)
     replace_input_view: bool = True  # put the input image into the sampled orbit's input view
-    num_steps: int = Field(50, ge=1)  # denoising steps of the reference samples
+    num_steps: int = Field(6, ge=1)  # denoising steps of the reference samples
     sigma_min: float = Field(0.002, gt=0)  # Karras sigma_min
-    sigma_max: float = Field(700.0, gt=0)  # Karras sigma_max
+    sigma_max: float = Field(700.0, gt=0, le=FP32_MAX_SIGMA)  # Karras sigma_max (initial noise std sqrt(1 + sigma_max^2) in fp32)
     rho: float = Field(7.0, gt=0)  # Karras rho
-    seed: int = 23  # seed of the reference samples (cond_aug noise and initial noise)
+    seed: int = Field(23, ge=0, le=SEED_MAX)  # seed of the reference samples (cond_aug noise and initial noise)
     fps_id: int = 24  # SVD micro-conditioning fps id
     motion_bucket_id: int = 127  # SVD micro-conditioning motion bucket
     video_cond_aug: float = Field(0.02, ge=0)  # SVD conditioning-image noise
@@ -104,9 +104,16 @@ class ConditionsConfig(BaseModel):
     multiview_cfg: Literal["constant", "triangle"] = "constant"  # multi-view CFG profile (authors: constant)
     multiview_cfg_scale: float = 2.5  # constant value / triangle peak
     multiview_cfg_min: float = 1.0  # triangle ends
-    chunk_size: int = Field(4, ge=1)  # sequences per UNet call
-    decode_chunk: int = Field(10, ge=1)  # frames per decoder call (authors' decoding_t 10; the temporal decoder mixes frames within a call)
-    progress: bool = True  # tqdm bars
+    chunk_size: int = Field(4, ge=1, json_schema_extra={"no_effect": True})  # sequences per UNet call
+    decode_chunk: int = Field(14, ge=1)  # frames per decoder call (authors: 10)
+    progress: bool = Field(True, json_schema_extra={"no_effect": True})  # tqdm bars
+
+    @model_validator(mode="after")
+    def _finite_ramp(self) -> "ConditionsConfig":
+        problem = karras_problem("conditions", self.sigma_min, self.sigma_max, self.rho)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 @dataclass

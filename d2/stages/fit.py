@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -49,35 +49,36 @@ from d2.stages.gaussians import (
     rotation_4d,
 )
 from d2.stages.render import resolve_backend
+from d2.stages.schedules import SEED_MAX
 from d2.utils.io import load_image, load_tensor, save_image, save_tensor, video_plugin, write_json
 
 
 class FitConfig(BaseModel):
-    """Knobs of the 4D Gaussian fit (stage 2); defaults of the training rules are the 4DGS code's."""
+    """Knobs of the 4D Gaussian fit (stage 2); training rules as the 4DGS code, schedule scaled to this 500-iteration CPU demo."""
 
     model_config = ConfigDict(extra="forbid")
 
-    iterations: int = Field(300, ge=0)  # optimisation steps; the paper uses 5000 (the small default suits CPU runs)
+    iterations: int = Field(500, ge=0)  # optimisation steps; the paper uses 5000 (500 fits the demo's 16 px matrices to ~24-25 dB on a CPU)
     batch_size: int = Field(4, ge=1)  # (view, frame) pairs rendered per iteration (4DGS: 2 on D-NeRF, 4 on DyNeRF)
     resolution: int | None = Field(None, ge=11)  # fit at this square size (None: the matrix's own resolution)
-    num_gaussians: int = Field(2000, ge=1)  # Gaussians at initialisation (4DGS: 100k-300k points)
-    max_gaussians: int = Field(1_000_000, ge=1)  # no cloning or splitting once the set has this many
+    num_gaussians: int = Field(800, ge=1)  # Gaussians at initialisation (4DGS: 100k-300k points)
+    max_gaussians: int = Field(3000, ge=1)  # no cloning or splitting once the set has this many (keeps the CPU demo short)
     init: Literal["carve", "random"] = "carve"  # carve: space carving of the matrix itself; random: uniform cube
     init_extent: float = Field(0.6, gt=0)  # half side of the cube initial Gaussians are drawn in (world units)
     init_scales: Literal["knn", "spacing"] = "knn"  # knn: 3DGS's 3-nearest-neighbour rule; spacing: carved spacing / 2
     init_time_scale: float = Field(0.4472135955, gt=0)  # initial temporal std (4DGS: sqrt(T / 5), T = 1)
     init_time_margin: float = Field(0.1, ge=0)  # start times uniform in [-margin, 1 + margin] (4DGS: 0.1)
     init_opacity: float = Field(0.1, gt=0, lt=1)  # initial opacity (4DGS: 0.1)
-    sh_degree: int = Field(3, ge=0, le=3)  # spherical-harmonics degree of the colour (4DGS: 3)
+    sh_degree: int = Field(1, ge=0, le=3)  # spherical-harmonics degree of the colour (4DGS: 3; 1 keeps the demo small)
     time_basis: int = Field(2, ge=0)  # time terms cos(2 pi k (mu_t - t) / T), k = 1..this, on every SH band (4DGS: 2)
     time_period: float = Field(1.0, gt=0)  # T of the colour's time basis (4DGS: the time span, 1 here)
-    sh_increase_every: int = Field(1000, ge=0)  # +1 SH band per this many steps, then +1 time term (0: all at once)
+    sh_increase_every: int = Field(0, ge=0)  # one more SH band every this many iterations, then one more time term (0: all from the start; 4DGS: 1000)
     temporal_cutoff: float = Field(0.05, ge=0, lt=1)  # skip Gaussians whose temporal marginal is <= this (4DGS: 0.05)
     sh_direction: Literal["unsliced", "sliced"] = "unsliced"  # colour's view direction from the 4D mean's xyz (4DGS's CUDA rasterizer); sliced: from the mean at the rendered time (its Python path; exact for moving Gaussians)
     scene_extent: float | None = Field(None, gt=0)  # for rates/thresholds; None: 1.1 x max camera-centroid distance
-    lr_means: float = Field(1.6e-4, ge=0)  # Adam rate of the spatial means, times scene_extent (4DGS: 1.6e-4)
+    lr_means: float = Field(1.6e-3, ge=0)  # Adam rate of the spatial means, times scene_extent (4DGS: 1.6e-4; 10x for a CPU run of hundreds of iterations)
     lr_means_final: float = Field(0.01, gt=0, le=1)  # the spatial rate decays exponentially to lr_means x this (4DGS)
-    lr_means_max_steps: int = Field(30000, ge=1)  # iterations over which that decay runs, constant after (4DGS: 30000)
+    lr_means_max_steps: int = Field(500, ge=1)  # iterations over which that decay runs, constant after (4DGS: 30000)
     lr_time: float | None = Field(None, ge=0)  # constant rate of the means' time, x scene_extent; None: lr_means (4DGS)
     lr_scales: float = Field(5e-3, ge=0)  # learning rate of the 4 log-scales (4DGS: 5e-3)
     lr_quats: float = Field(1e-3, ge=0)  # learning rate of the two rotation quaternions (4DGS: 1e-3)
@@ -90,16 +91,16 @@ class FitConfig(BaseModel):
     lpips_required: bool = False  # true: missing LPIPS weights stop the run; false: fit without, say so in fit.json
     lpips_vgg_weights: Path | None = None  # torchvision vgg16-397923af.pth; None: search as d2.eval.perceptual does
     ssim_padding: Literal["same", "valid"] = "same"  # loss SSIM: same = zero-padded (3DGS), valid = interior windows
-    densify_from: int = Field(500, ge=0)  # densify (clone/split) and prune at iterations after this (4DGS: 500)
-    densify_until: int = Field(15000, ge=0)  # stats, densifying, pruning, opacity resets stop here (4DGS: 15000)
-    densify_every: int = Field(100, ge=1)  # iterations between densification steps (4DGS: 100)
+    densify_from: int = Field(20, ge=0)  # densify (clone/split) and prune at iterations after this (4DGS: 500)
+    densify_until: int = Field(400, ge=0)  # gradient statistics, densification, pruning and opacity resets stop at this iteration (4DGS: 15000)
+    densify_every: int = Field(10, ge=1)  # iterations between densification steps (4DGS: 100)
     densify_grad_threshold: float = Field(2e-4, ge=0)  # mean NDC gradient over seeing views to densify (4DGS: 2e-4)
     dense_fraction: float = Field(0.01, gt=0)  # clone if max spatial scale <= this x scene_extent, else split (4DGS)
     split_scale_divisor: float = Field(1.6, gt=1)  # split children divide all 4 scales by this (4DGS: 0.8 x 2)
     densify_before_step: bool = True  # 4DGS's order: densify/prune/reset before Adam's step, which skips the replaced tensors (no step at a densification, none of the opacities at a reset); false: step first, so no gradient is lost
-    opacity_reset_every: int = Field(3000, ge=0)  # clamp opacities to opacity_reset_value this often (0: never)
+    opacity_reset_every: int = Field(0, ge=0)  # clamp every opacity to opacity_reset_value every this many iterations (0: never; 4DGS: 3000)
     opacity_reset_value: float = Field(0.01, gt=0, lt=1)  # the clamp of an opacity reset (4DGS: 0.01)
-    opacity_reset_at_densify_from: bool = True  # also reset at iteration densify_from (4DGS does on white backgrounds)
+    opacity_reset_at_densify_from: bool = False  # also reset at iteration densify_from (4DGS does on white backgrounds; too short a run to recover here)
     prune_opacity: float = Field(0.005, ge=0, lt=1)  # prune at densification when opacity is below this (4DGS: 0.005)
     prune_screen_size: float = Field(20.0, ge=0)  # after the first periodic reset, prune radii above this (px; 0: off)
     screen_size_prune_fires: bool = False  # false, as 4DGS: densifying zeroes the tracked radii before its prune, so prune_screen_size never acts; true: prune on the radii tracked since the last densification, as the rule reads
@@ -107,12 +108,12 @@ class FitConfig(BaseModel):
     background: float = Field(1.0, ge=0, le=1)  # grey level behind the Gaussians (the matrices are on white)
     exclude_views: list[int] = Field(default_factory=list)  # matrix views (from 0) left out of the fit; []: none
     backend: Literal["auto", "torch", "gsplat"] = "auto"  # rasterizer: auto = gsplat on CUDA, torch otherwise
-    device: str = "auto"  # torch device; auto = cuda when available, else cpu
-    progress: bool = True  # show a progress bar
-    checkpoint_every: int = Field(500, ge=0)  # iterations between checkpoints (0: none); a matching one is resumed
-    seed: int = 0  # seed of initialisation and of the (view, frame) sampling
+    device: str = "cpu"  # torch device; auto = cuda when available, else cpu
+    progress: bool = Field(True, json_schema_extra={"no_effect": True})  # show a progress bar
+    checkpoint_every: int = Field(500, ge=0, json_schema_extra={"no_effect": True})  # iterations between checkpoints (0: none); a matching one is resumed
+    seed: int = Field(0, ge=0, le=SEED_MAX)  # seed of initialisation and of the (view, frame) sampling
     export_ply: bool = True  # write ply/t_XX.ply (one standard 3DGS PLY per frame time)
-    turntable_frames: int = Field(48, ge=0)  # frames of turntable.mp4 (one orbit while time runs 0 -> 1); 0: none
+    turntable_frames: int = Field(16, ge=0)  # frames of turntable.mp4 (one orbit while time runs 0 -> 1); 0: none
     turntable_fps: int = Field(12, ge=1)  # frame rate of turntable.mp4
 
     @field_validator("exclude_views")
@@ -121,6 +122,13 @@ class FitConfig(BaseModel):
         if any(i < 0 for i in v) or len(set(v)) != len(v):
             raise ValueError(f"exclude_views = {v}: give distinct view indices >= 0 (view 0 is the first of the matrix)")
         return sorted(v)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> "FitConfig":
+        if self.lambda_ssim == 0 and self.lambda_lpips == 0 and self.lambda_l1 == 0:
+            raise ValueError("fit.lambda_ssim, fit.lambda_lpips and fit.lambda_l1 are all 0: the fit has no loss to "
+                             "minimise; set fit.lambda_ssim=1 (the default)")
+        return self
 
 
 def fitted_views(cfg: FitConfig, num_views: int) -> list[int]:
@@ -138,12 +146,6 @@ def fitted_views(cfg: FitConfig, num_views: int) -> list[int]:
         raise ValueError(f"fit.exclude_views = {cfg.exclude_views} leaves none of the {num_views} views to fit; "
                          "keep at least one view")
     return kept
-
-
-# fit knobs that do not change the fitted Gaussians (excluded from the resume check; importable by
-# run-level code that keeps such lists)
-RUN_ONLY_FIELDS = frozenset({"progress", "checkpoint_every", "device", "export_ply", "turntable_frames",
-                             "turntable_fps"})
 
 
 class MatrixData(BaseModel):
@@ -584,7 +586,8 @@ def active_degrees(cfg: FitConfig, step: int) -> tuple[int, int]:
 
 
 def _config_hash(cfg: FitConfig) -> str:
-    d = cfg.model_dump(mode="json", exclude=set(RUN_ONLY_FIELDS))
+    no_effect = {n for n, f in FitConfig.model_fields.items() if (f.json_schema_extra or {}).get("no_effect")}
+    d = cfg.model_dump(mode="json", exclude=no_effect)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

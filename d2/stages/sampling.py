@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -27,8 +27,12 @@ from d2.stages.edm import chunks as _chunks
 from d2.stages.edm import edm_sample, sample_sequences  # noqa: F401  (part of this stage's API)
 from d2.stages.priors import Prior, PriorCondition
 from d2.stages.schedules import (
+    EXP_MAX,
+    FP32_MAX_SIGMA,
+    SEED_MAX,
     base_multiview_weight,
     composition_weights,
+    karras_problem,
     karras_sigmas,
     multiview_cfg_scales,
     video_cfg_scales,
@@ -39,21 +43,21 @@ if TYPE_CHECKING:
 
 
 class SamplingConfig(BaseModel):
-    """Knobs of the composed sampler (defaults follow the authors' code; docs/method.md)."""
+    """Knobs of the composed sampler (docs/method.md; the authors' values: params/authors.yaml)."""
 
     model_config = ConfigDict(extra="forbid")
-    num_views: int = Field(21, ge=1)  # V: views of the orbit (must match the conditions)
-    num_frames: int = Field(25, ge=1)  # F: frames of the video (must match the conditions)
-    resolution: int = Field(576, ge=8)  # image side in pixels (must match the priors and the conditions)
-    num_steps: int = Field(50, ge=1)  # N: denoising steps
+    num_views: int = Field(8, ge=1)  # V: views of the orbit (must match the conditions)
+    num_frames: int = Field(8, ge=1)  # F: frames of the video (must match the conditions)
+    resolution: int = Field(16, ge=8)  # image side in pixels (must match the priors and the conditions)
+    num_steps: int = Field(6, ge=1)  # N: denoising steps
     sigma_min: float = Field(0.002, gt=0)  # smallest Karras sigma (before the final 0)
-    sigma_max: float = Field(700.0, gt=0)  # largest Karras sigma; initial noise std = sqrt(1 + sigma_max^2)
+    sigma_max: float = Field(700.0, gt=0, le=FP32_MAX_SIGMA)  # largest Karras sigma; initial noise std = sqrt(1 + sigma_max^2), in fp32
     rho: float = Field(7.0, gt=0)  # Karras rho
     solver: Literal["euler", "heun"] = "euler"  # deterministic ODE solver
-    weight_schedule: Literal["constant", "logistic", "linear", "cosine"] = "constant"  # base multi-view weight m(i): constant, logistic, linear or cosine (authors: constant)
+    weight_schedule: Literal["constant", "logistic", "linear", "cosine"] = "logistic"  # base multi-view weight m(i): constant, logistic, linear or cosine (authors: constant)
     w_multiview_constant: float = Field(0.6, ge=0, le=1)  # m for the constant schedule (authors' sv3d_scale 0.6)
-    logistic_s0: float = 0.5  # logistic midpoint s0 (paper 0.5; authors' code 0.6)
-    logistic_k: float = 20.0  # logistic steepness k (paper 20; authors' code 15)
+    s0: float = Field(0.5, ge=0, le=1)  # logistic midpoint s0, a fraction of the denoising steps (paper 0.5; authors' code 0.6)
+    k: float = Field(20.0, ge=0)  # logistic steepness k; below 0 the multi-view weight would rise, not drop (paper 20; authors' code 15)
     logistic_min: float = Field(0.0, ge=0, le=1)  # m after the drop, logistic / linear / cosine (authors' sv3d_scale_min)
     logistic_max: float = Field(1.0, ge=0, le=1)  # m before the drop, logistic / linear / cosine (authors' sv3d_scale_max)
     step_fraction: Literal["i/(N-1)", "i/N"] = "i/(N-1)"  # progress in the logistic / linear / cosine: authors i/(N-1), paper i/N
@@ -64,25 +68,36 @@ class SamplingConfig(BaseModel):
     multiview_cfg: Literal["constant", "triangle"] = "constant"  # multi-view CFG profile over views
     multiview_cfg_scale: float = 2.5  # constant value / triangle peak
     multiview_cfg_min: float = 1.0  # triangle ends (SV3D's own default 1.0 -> 2.5 -> 1.0)
-    rollback_steps: int = Field(10, ge=0)  # the first steps taken twice (authors: 10 of 50)
+    rollback_steps: int = Field(1, ge=0)  # the first steps taken twice (authors: 10 of 50)
     rollback_noise: Literal["linear", "vp"] = "linear"  # re-added noise std: |sigma - sigma_next| (authors) or sqrt(sigma^2 - sigma_next^2)
-    chunk_size: int = Field(4, ge=1)  # rows / columns per UNet call (CFG doubles the batch); split into equal chunks where possible (one shape per UNet)
-    seed: int = 23  # one seed for the initial noise, cond_aug noise and rollback noise (authors: 23)
+    chunk_size: int = Field(4, ge=1, json_schema_extra={"no_effect": True})  # rows / columns per UNet call (CFG doubles the batch); split into equal chunks where possible (one shape per UNet)
+    seed: int = Field(23, ge=0, le=SEED_MAX)  # one seed for the initial noise, cond_aug noise and rollback noise (authors: 23)
     fps_id: int = 24  # SVD micro-conditioning fps id
     motion_bucket_id: int = 127  # SVD micro-conditioning motion bucket
     video_cond_aug: float = Field(0.02, ge=0)  # noise added to the video prior's conditioning image (SVD)
     multiview_cond_aug: float = Field(1e-5, ge=0)  # noise added to the multi-view prior's conditioning image (SV3D)
-    decode_chunk: int = Field(10, ge=1)  # frames per temporal-decoder call (authors' decoding_t 10; frames mix within a call)
+    decode_chunk: int = Field(14, ge=1)  # frames per temporal-decoder call (authors: 10)
     devices: list[str] = []  # spread each step's rows and columns over these devices (a prior replica on each, e.g. [cuda:0, cuda:1]); [] = priors.device
-    grid_thumb: int = Field(128, ge=8)  # cell side in grid.png / grid.mp4 (a smaller matrix is enlarged by a whole factor)
+    grid_thumb: int = Field(32, ge=8)  # cell side in grid.png / grid.mp4 (a smaller matrix is enlarged by a whole factor)
     video_fps: int = Field(8, ge=1)  # fps of grid.mp4
-    progress: bool = True  # show tqdm bars
+    progress: bool = Field(True, json_schema_extra={"no_effect": True})  # show tqdm bars
+
+    @model_validator(mode="after")
+    def _finite_schedules(self) -> "SamplingConfig":
+        top = self.k * (1.0 - self.s0)
+        if self.weight_schedule == "logistic" and top > EXP_MAX:
+            raise ValueError(f"sampling.k * (1 - sampling.s0) = {top:g} > {EXP_MAX}: exp() in the logistic weight "
+                             "schedule overflows; lower sampling.k (paper 20) or raise sampling.s0")
+        problem = karras_problem("sampling", self.sigma_min, self.sigma_max, self.rho)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 def weights_at(i: int, cfg: SamplingConfig, num_views: int) -> tuple[Tensor, Tensor]:
     """(w_video [V], w_multiview [V]) float32 at step i."""
-    m = base_multiview_weight(i, cfg.num_steps, cfg.weight_schedule, cfg.w_multiview_constant, cfg.logistic_s0,
-                              cfg.logistic_k, cfg.logistic_min, cfg.logistic_max, cfg.step_fraction)
+    m = base_multiview_weight(i, cfg.num_steps, cfg.weight_schedule, cfg.w_multiview_constant, cfg.s0,
+                              cfg.k, cfg.logistic_min, cfg.logistic_max, cfg.step_fraction)
     wv, wm = composition_weights(m, num_views, cfg.per_view_video_weight, cfg.per_view_amplitude)
     return wv.float(), wm.float()
 

@@ -38,6 +38,26 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+EXP_MAX = 709.78  # math.exp overflows above this (log of the largest float64)
+FP32_MAX_SIGMA = 1e30  # the sampler keeps x in fp32 (max 3.4e38); initial noise std = sqrt(1 + sigma_max^2)
+SEED_MAX = 2**63 - 2  # torch.Generator.manual_seed takes 64-bit seeds; seed + 1 is used too
+
+
+def karras_problem(section: str, sigma_min: float, sigma_max: float, rho: float) -> str | None:
+    """Why ``section``'s Karras knobs cannot give a descending, finite ramp (one line), or None."""
+    if sigma_min >= sigma_max:
+        return (f"{section}.sigma_min = {sigma_min:g} >= {section}.sigma_max = {sigma_max:g}: the Karras noise "
+                "levels must descend; make sigma_min < sigma_max")
+    try:
+        hi, lo = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+        ok = lo > 0 and math.isfinite(hi) and lo ** rho > 0 and math.isfinite(hi ** rho)
+    except OverflowError:
+        ok = False
+    if not ok:
+        return (f"{section}.rho = {rho:g}: sigma ** (1/rho) over- or underflows for sigma in "
+                f"[{sigma_min:g}, {sigma_max:g}]; use rho >= 0.1 (Karras 7)")
+    return None
+
 
 def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 700.0, rho: float = 7.0) -> Tensor:
     """Karras et al. noise levels, descending, with a final 0: [num_steps + 1] float64."""

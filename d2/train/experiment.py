@@ -124,6 +124,12 @@ def truth_matrix(scene: Any, v: int, f: int, resolution: int, elevation_deg: flo
     return scene.render(orbit_azimuths(v), frame_times(f), resolution, spec, elevations_deg=[elevation_deg] * v)
 
 
+# the 4DGS code's training schedule and sizes, as this experiment was run
+FOUR_DGS_SCHEDULE = dict(num_gaussians=2000, max_gaussians=1_000_000, sh_degree=3, sh_increase_every=1000, lr_means=1.6e-4,
+                         lr_means_max_steps=30000, densify_from=500, densify_until=15000, densify_every=100,
+                         opacity_reset_every=3000, opacity_reset_at_densify_from=True)
+
+
 def make_video_conditions(video: Tensor, priors: tuple[Prior, Prior], v: int, seed: int, cfg: ExperimentConfig,
                           oracle_orbit: Tensor | None = None) -> Any:
     """Conditions of a monocular-video input (the conditions stage's path, on tensors)."""
@@ -131,7 +137,8 @@ def make_video_conditions(video: Tensor, priors: tuple[Prior, Prior], v: int, se
 
     f = video.shape[0]
     ccfg = ConditionsConfig(num_views=v, num_frames=f, resolution=video.shape[-1], elevation_deg=cfg.elevation_deg,
-                            num_steps=cfg.num_steps, seed=seed, chunk_size=cfg.chunk_size, progress=False)
+                            num_steps=cfg.num_steps, seed=seed, chunk_size=cfg.chunk_size, orbit_decoder="image",
+                            decode_chunk=10, progress=False)
     az = orbit_azimuths(v)
     if oracle_orbit is None:
         orbit = sample_reference_orbit(priors[1], video[0], az, cfg.elevation_deg, ccfg)
@@ -149,11 +156,11 @@ def sampling_config(method: str, v: int, f: int, resolution: int, seed: int, cfg
     from d2.stages.sampling import SamplingConfig
 
     base = dict(num_views=v, num_frames=f, resolution=resolution, num_steps=cfg.num_steps,
-                rollback_steps=cfg.rollback_steps, seed=seed, chunk_size=cfg.chunk_size, progress=False)
+                rollback_steps=cfg.rollback_steps, seed=seed, chunk_size=cfg.chunk_size, decode_chunk=10, progress=False)
     if method == "composed":
         if s0 is not None and k is not None:
-            return SamplingConfig(**base, weight_schedule="logistic", logistic_s0=s0, logistic_k=k)
-        return SamplingConfig(**base)
+            return SamplingConfig(**base, weight_schedule="logistic", s0=s0, k=k)
+        return SamplingConfig(**base, weight_schedule="constant")  # the authors' constant 0.6
     if method == "video_only":
         return SamplingConfig(**base, weight_schedule="constant", w_multiview_constant=0.0, per_view_video_weight=False)
     if method == "multiview_only":
@@ -181,7 +188,8 @@ def fit_and_score(mat: Tensor, scene: Any, work: Path, cfg: ExperimentConfig) ->
     spec = OrbitSpec(elevation_deg=cfg.elevation_deg)
     write_matrix(work / "matrix", mat, orbit_azimuths(v), frame_times(f), spec)
     fcfg = FitConfig(iterations=cfg.fit_iterations, lambda_lpips=0.0, lambda_l1=cfg.fit_l1, backend="torch",
-                     device=cfg.device, progress=False, export_ply=False, turntable_frames=0, checkpoint_every=0)
+                     device=cfg.device, progress=False, export_ply=False, turntable_frames=0, checkpoint_every=0,
+                     **FOUR_DGS_SCHEDULE)
     run_fit(work / "matrix", work / "fit", fcfg)
     render_eval_views(work / "fit", work / "eval", cfg.eval_azimuths_deg, f, res,
                       backend="torch", device=cfg.device)

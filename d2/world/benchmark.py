@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from d2.eval.protocol import DEFAULT_EVAL_AZIMUTHS
 from d2.stages.cameras import OrbitSpec, frame_times
+from d2.stages.schedules import SEED_MAX
 from d2.utils.io import atomic_dir, save_image, write_json
 from d2.world.scenes import MAX_VIEW_RADIUS, Motion, Part, Scene, scene_signature
 
@@ -140,18 +141,18 @@ class PrepareConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     objects: list[str] = Field(default_factory=list)  # benchmark objects to generate; empty = all
-    num_frames: int = Field(32, ge=1)  # frames per video (Consistent4D: 32)
+    num_frames: int = Field(8, ge=1)  # frames per video (Consistent4D: 32)
     resolution: int = Field(64, ge=16)  # square image size in pixels
-    num_gaussians: int = Field(1000, ge=200)  # Gaussians per object (more = smoother surfaces, slower)
+    num_gaussians: int = Field(600, ge=200)  # Gaussians per object (more = smoother surfaces, slower)
     input_azimuth_deg: float = 0.0  # azimuth of the input video
     eval_azimuths_deg: list[float] = Field(default_factory=lambda: list(DEFAULT_EVAL_AZIMUTHS))  # ground-truth views
-    elevation_deg: float = 0.0  # elevation of every camera
-    radius: float = 2.0  # camera distance (OrbitSpec)
-    fov_deg: float = 33.8  # vertical field of view (OrbitSpec)
-    seed: int = 0  # varies the surface sampling of every object
+    elevation_deg: float = Field(0.0, gt=-90, lt=90)  # elevation of every camera
+    radius: float = Field(2.0, gt=0)  # camera distance (OrbitSpec)
+    fov_deg: float = Field(33.8, gt=0, lt=180)  # vertical field of view (OrbitSpec)
+    seed: int = Field(0, ge=0, le=SEED_MAX)  # varies the surface sampling of every object
     backend: str = "auto"  # rasterizer backend: auto | torch | gsplat
     device: str = "cpu"  # torch device of the rendering ("cuda" + backend auto: gsplat)
-    progress: bool = True  # show a progress bar
+    progress: bool = Field(True, json_schema_extra={"no_effect": True})  # show a progress bar
 
 
 def _scene_digest(scenes: list[Scene]) -> str:

@@ -43,7 +43,7 @@ def _small_cfg(**kw) -> FitConfig:
     base = dict(lambda_lpips=0.0, lambda_ssim=1.0, lambda_l1=1.0, progress=False, turntable_frames=0,
                 export_ply=False, checkpoint_every=0, num_gaussians=60, batch_size=2, densify_from=2,
                 densify_every=2, sh_degree=1, sh_increase_every=0, opacity_reset_every=0,
-                opacity_reset_at_densify_from=False, lr_means=1.6e-3)
+                opacity_reset_at_densify_from=not FitConfig().opacity_reset_at_densify_from, lr_means=1.6e-3)
     base.update(kw)
     return FitConfig(**base)
 
@@ -454,8 +454,8 @@ def test_densify_strategy_takes_its_rules_from_the_fit_config() -> None:
     from dataclasses import fields
 
     cfg = _small_cfg(densify_from=7, densify_until=70, densify_every=3, densify_grad_threshold=1e-3,
-                     dense_fraction=0.02, split_scale_divisor=2.0, max_gaussians=99, densify_before_step=False,
-                     opacity_reset_every=11, opacity_reset_value=0.02, opacity_reset_at_densify_from=False,
+                     dense_fraction=0.02, split_scale_divisor=2.0, max_gaussians=99, densify_before_step=not FitConfig().densify_before_step,
+                     opacity_reset_every=11, opacity_reset_value=0.02, opacity_reset_at_densify_from=not FitConfig().opacity_reset_at_densify_from,
                      prune_opacity=0.01, prune_screen_size=5.0, screen_size_prune_fires=True, prune_world_size=0.2)
     gen = torch.Generator()
     strategy = fit_mod.DensifyStrategy.from_config(cfg, 3.0, gen)

@@ -438,52 +438,63 @@ def check_runtime(params: BaseModel, devices: tuple[str, ...], fits: bool, score
     return warnings
 
 
-def duplicate_axis_message(first: str, second: str, knob: str) -> str:
-    """One line refusing two sweep grid axes that set the same knob."""
-    same = f"'{first}' given twice" if first == second else f"'{first}' and '{second}' both set {knob}"
-    return f"sweep grid: {same}; give each knob one --grid axis with all its values"
-
-
-def check_grid(params: BaseModel, items: list[str]) -> list[BaseModel]:
-    """Every point of a sweep grid (``key=v1,v2,...`` axes, as ``d2 sweep --grid``), validated."""
-    axes: list[tuple[str, list[str]]] = []
+def parse_grid(items: list[str], root: type[BaseModel] | None = None) -> dict[str, list[Any]]:
+    """``--grid`` axes, e.g. ``['sampling.s0=0.3,0.5', 'fit.iters=10,20']``, as
+    ``{'sampling.s0': [0.3, 0.5], 'fit.iters': [10, 20]}`` (values parsed as YAML); one axis per
+    knob of the params model ``root`` (see :func:`grid_points`)."""
+    grid: dict[str, list[Any]] = {}
     for item in items:
         if "=" not in item:
             raise InputError(f"grid axis '{item}' must look like key=v1,v2,...")
         key, raw = item.split("=", 1)
-        values = [v for v in raw.split(",") if v.strip() != ""]
+        key = key.strip()
+        try:
+            values = [parse_override(f"{key}={v}")[1] for v in raw.split(",") if v.strip() != ""]
+        except ParamsError as e:
+            raise InputError(f"grid axis '{item}': {_one_line(e)}") from None
         if not values:
             raise InputError(f"grid axis '{item}' has no values")
-        axes.append((key.strip(), values))
-    knobs: dict[str, str] = {}  # the full key an axis sets (aliases resolved) -> the axis as written
-    for key, _ in axes:
-        knob = canonical_key(key, type(params))
+        _one_knob_per_axis([*grid, key], root)
+        grid[key] = values
+    return grid
+
+
+def _one_knob_per_axis(keys: list[str], root: type[BaseModel] | None) -> None:
+    """Two axes that set one knob (also an alias and its full name) are refused: the rows would be
+    labelled with one value and run with the other."""
+    knobs: dict[str, str] = {}  # the full key an axis sets -> the axis as written
+    for key in keys:
+        knob = canonical_key(key, root)
         if knob in knobs:
-            raise InputError(duplicate_axis_message(knobs[knob], key, knob))
+            same = f"'{key}' given twice" if knobs[knob] == key else f"'{knobs[knob]}' and '{key}' both set {knob}"
+            raise InputError(f"sweep grid: {same}; give each knob one --grid axis with all its values")
         knobs[knob] = key
+
+
+def grid_points(params: BaseModel, grid: dict[str, list[Any]]) -> list[tuple[str, list[str], BaseModel]]:
+    """Every point of a sweep grid as (id, overrides, validated params), validated before any compute."""
+    keys = list(grid)
+    _one_knob_per_axis(keys, type(params))
     n = 1
-    for _, values in axes:
+    for values in grid.values():
         n *= len(values)
     if n > MAX_GRID_POINTS:
         raise InputError(f"the sweep grid has {n} points (max {MAX_GRID_POINTS}); use fewer values per axis")
     points = []
-    for combo in itertools.product(*(vals for _, vals in axes)):
-        overrides = [f"{k}={v}" for (k, _), v in zip(axes, combo)]
+    for i, combo in enumerate(itertools.product(*grid.values())):
+        overrides = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in zip(keys, combo)]
+        slug = "_".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
         try:
-            for o in overrides:
-                parse_override(o)
-            points.append(with_overrides(params, overrides))
+            point = with_overrides(params, overrides)
         except ParamsError as e:
             raise InputError(f"sweep point {' '.join(overrides)}: {_one_line(e)}") from None
+        points.append((f"p{i:02d}_" + re.sub(r"[^A-Za-z0-9_.=-]", "-", slug)[:80], overrides, point))
     return points
 
 
-# ---------------------------------------------------------------------------------------
-# the d2 command
-
-
-_SCORING_DEVICES = ("metrics.device",)
-_GENERATION_DEVICES = ("priors.device", "fit.device", "render_eval.device", "metrics.device")
+def check_grid(params: BaseModel, items: list[str]) -> list[BaseModel]:
+    """Every point of a sweep grid (``key=v1,v2,...`` axes, as ``d2 sweep --grid``), validated."""
+    return [p for _, _, p in grid_points(params, parse_grid(items, type(params)))]
 
 
 def _out_is_not_a_file(args: Mapping[str, Any]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from d2.flows import run_benchmark, run_sweep
-from d2.flows.sweep import parse_grid
+from d2.validation import parse_grid
 
 from d2_toy import make_toy, toy_params
 

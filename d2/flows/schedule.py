@@ -24,11 +24,11 @@ from d2.flows.run import flow_params
 
 
 @flow(name="scheduled-benchmark", log_prints=False)
-def scheduled_benchmark(data_dir: str, out_dir: str, params: dict[str, Any]) -> dict[str, Any]:
+def scheduled_benchmark(data_dir: str, out_dir: str, params: dict[str, Any], stages: Any = None) -> dict[str, Any]:
     """The benchmark flow on the task runner ``params`` name. A deployment runs this flow as it is
     defined here (``with_options`` does not travel with it), so the runner is chosen inside."""
-    p, _ = flow_params(params, None)
-    return run_benchmark(data_dir, out_dir, p)
+    p, stages = flow_params(params, stages)
+    return run_benchmark(data_dir, out_dir, p, stages)
 
 
 def build_schedule(params: BaseModel, data_dir: str | Path, out_dir: str | Path, cron: str,

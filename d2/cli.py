@@ -63,7 +63,7 @@ def _print_run(result: dict[str, Any], *lines: str) -> None:
         _print(f"MLflow: run {result['mlflow_run_id']} in {uri}\n  browse: {ui}")
 
 
-def _benchmark(args: argparse.Namespace, p: Any, data: Path, title: str) -> dict[str, Any]:
+def _benchmark(args: argparse.Namespace, p: Any, data: Path, title: str) -> None:
     from d2.flows import list_objects, run_benchmark
 
     total = len(list_objects(data, p.run.objects)) * STAGES_PER_OBJECT + 1
@@ -72,23 +72,21 @@ def _benchmark(args: argparse.Namespace, p: Any, data: Path, title: str) -> dict
     _print_run(result, result.get("table") or json.dumps(result.get("summary", {}), indent=2),
                f"tables: {result['results_dir']}", "turntable videos:",
                *(f"  {obj}: {path}" for obj, path in result["videos"].items()))
-    return result
 
 
 # ---------------------------------------------------------------------------------------
 # Commands
 
 
-def cmd_params(args: argparse.Namespace) -> None:
+def cmd_params(args: argparse.Namespace, p: Any) -> None:
     """Print the validated params (YAML with comments)."""
     from d2.config import render_params_yaml
 
     sys.stdout.write(render_params_yaml(_params(args)))
 
 
-def cmd_prepare(args: argparse.Namespace) -> None:
+def cmd_prepare(args: argparse.Namespace, p: Any) -> None:
     """Write the procedural mini-benchmark."""
-    p = _params(args)
     out = Path(args.out or p.run.data_dir)
     if args.like == "consistent4d":
         from d2.world.benchmark import generate_consistent4d_shape
@@ -111,12 +109,11 @@ def prepare_dataset(p: Any, out: Path) -> Path:
     return generate_benchmark(out, p.prepare.model_copy(update={"progress": p.prepare.progress and p.run.progress}))
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def cmd_generate(args: argparse.Namespace, p: Any) -> None:
     """One input to a 4D asset."""
     from d2.flows import run_asset
     from d2.utils.paths import safe_name
 
-    p = _params(args)
     src = Path(args.input)
     if not src.exists():
         raise FileNotFoundError(f"input not found: {src}")
@@ -134,18 +131,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
                f"turntable video: {Path(outputs['fit']) / 'turntable.mp4'}")
 
 
-def cmd_benchmark(args: argparse.Namespace) -> None:
+def cmd_benchmark(args: argparse.Namespace, p: Any) -> None:
     """A dataset: one asset per object, then the tables."""
-    p = _params(args)
     data = Path(args.data or p.run.data_dir)
     _benchmark(args, p, data, f"benchmark {data.name}")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def cmd_demo(args: argparse.Namespace, p: Any) -> None:
     """Prepare the mini-benchmark if missing, run the benchmark on CPU, print the results."""
     from d2.flows import list_objects
 
-    p = _params(args)
     data = Path(args.data or p.run.data_dir)
     t0 = time.perf_counter()
     if not (data / "meta.json").exists():
@@ -160,12 +155,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _print(f"demo total {time.perf_counter() - t0:.1f} s")
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
+def cmd_sweep(args: argparse.Namespace, p: Any) -> None:
     """A grid of overrides: one benchmark per point, sharing unchanged stages."""
     from d2.flows import list_objects, run_sweep
     from d2.validation import grid_points, parse_grid
 
-    p = _params(args)
     grid = parse_grid(args.grid, type(p))
     data = Path(args.data or p.run.data_dir)
     points = len(grid_points(p, grid))
@@ -175,7 +169,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     _print_run(result, result["table"])
 
 
-def cmd_report(args: argparse.Namespace) -> None:
+def cmd_report(args: argparse.Namespace, p: Any) -> None:
     """Rebuild the tables of a benchmark or sweep folder (no compute)."""
     from d2.reports.html import build_html_report
     from d2.reports.run_report import build_report
@@ -187,20 +181,18 @@ def cmd_report(args: argparse.Namespace) -> None:
     _print(f"report written to {out['out_dir']} (open {page} in a browser)")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
+def cmd_evaluate(args: argparse.Namespace, p: Any) -> None:
     """Score predictions against ground truth (Consistent4D layout)."""
     from d2.eval.benchmark import evaluate_command
 
-    p = _params(args)
     evaluate_command(args.pred, args.gt, out=args.out, require_metrics=args.require_metrics or (),
                      protocol=p.protocol, metrics_cfg=p.metrics, progress=p.run.progress, print_fn=_print)
 
 
-def cmd_schedule(args: argparse.Namespace) -> None:
+def cmd_schedule(args: argparse.Namespace, p: Any) -> None:
     """Serve the benchmark on a cron schedule from this process, or register it for a work pool."""
     from d2.flows.schedule import build_schedule, serve_schedule
 
-    p = _params(args)
     dep = build_schedule(p, Path(args.data or p.run.data_dir), Path(args.out), args.cron, args.name, args.timezone,
                          args.work_pool)
     api = os.environ.get("PREFECT_API_URL")
@@ -235,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "diffusion scores, as cached Prefect flows tracked in MLflow and DVC.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def command(fn: Callable[[argparse.Namespace], None], help: str, **flags: dict[str, Any]) -> None:
+    def command(fn: Callable[[argparse.Namespace, Any], None], help: str, **flags: dict[str, Any]) -> None:
         sp = sub.add_parser(fn.__name__.removeprefix("cmd_"), help=help)
         for flag, kwargs in flags.items():
             sp.add_argument("--" + flag.replace("_", "-"), **kwargs)
@@ -291,17 +283,19 @@ def quiet_library_bars(no_progress: bool) -> None:
         os.environ["TQDM_DISABLE"] = "1"
 
 
-def _preflight(args: argparse.Namespace) -> None:
-    """Params, inputs and datasets checked before any command starts (d2.validation); warnings on stderr."""
+def _preflight(args: argparse.Namespace) -> Any:
+    """The validated params (None for ``d2 report``, which reads a run folder), inputs and datasets
+    checked before the command starts (:mod:`d2.validation`, :mod:`d2.preflight`); warnings on stderr."""
+    from d2.preflight import check_environment
     from d2.validation import preflight
 
-    if args.command != "report":
-        params = _params(args)
-        for warning in preflight(args.command, vars(args), params):
-            print(f"d2 {args.command}: warning: {warning}", file=sys.stderr)
-        from d2.preflight import check_environment
-
-        check_environment(args.command, vars(args), params)  # folders, stores, disk, memory, cluster
+    if args.command == "report":
+        return None
+    params = _params(args)
+    for warning in preflight(args.command, vars(args), params):
+        print(f"d2 {args.command}: warning: {warning}", file=sys.stderr)
+    check_environment(args.command, vars(args), params)  # folders, stores, disk, memory, cluster
+    return params
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -319,8 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         install_handlers(f"d2 {args.command}: interrupted again: stopped at once{where}")
     try:
-        _preflight(args)
-        args.fn(args)
+        args.fn(args, _preflight(args))
         sys.stdout.flush()  # a closed pipe fails here, where it is handled, not at exit
         return 0
     except (ParamsError, InputError) as e:

@@ -497,6 +497,14 @@ def check_grid(params: BaseModel, items: list[str]) -> list[BaseModel]:
     return [p for _, _, p in grid_points(params, parse_grid(items, type(params)))]
 
 
+# ---------------------------------------------------------------------------------------
+# the d2 command
+
+
+_SCORING_DEVICES = ("metrics.device",)
+_GENERATION_DEVICES = ("priors.device", "fit.device", "render_eval.device", "metrics.device")
+
+
 def _out_is_not_a_file(args: Mapping[str, Any]) -> None:
     out = args.get("out")
     if out and Path(out).expanduser().is_file():

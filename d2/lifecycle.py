@@ -68,7 +68,11 @@ def _server_log() -> Any:
 
 def _server_class() -> type:
     """Prefect's ``SubprocessASGIServer`` whose process runs in its own session. Instances are
-    shared with Prefect's class (one per port), so Prefect's client finds and reuses it."""
+    shared with Prefect's class (one per port), so Prefect's client finds and reuses it.
+
+    Prefect has no public way to start its ephemeral server in a session of its own, so this and
+    :func:`_servers` are the only places that use its internals (``_run_uvicorn_command``,
+    ``_instances``)."""
     import prefect.server.api.server as server_mod
 
     class SessionASGIServer(server_mod.SubprocessASGIServer):

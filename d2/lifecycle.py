@@ -8,10 +8,10 @@ starts (Dask and Ray workers), so they use it instead of starting servers of the
 the server prints goes to ``$PREFECT_HOME/server.log``, not to the terminal.
 
 Interrupts: the first SIGINT or SIGTERM raises ``KeyboardInterrupt`` in the main thread (the
-flow's :func:`d2.flows.engine.closing` marks the run ``interrupted`` and its MLflow runs KILLED);
+flow's :func:`d2.flows.run.run_scope` marks the run ``interrupted`` and its MLflow runs KILLED);
 a second one lets that cleanup finish but bounds it: if the process has not ended
 :data:`SECOND_SIGNAL_DEADLINE` seconds later, whatever is still ``running`` is marked the same way
-(:func:`d2.flows.engine.abandon_runs`) and the process ends with 130. The signal handler itself never
+(:func:`d2.flows.run.abandon_runs`) and the process ends with 130. The signal handler itself never
 writes to MLflow: it runs on the main thread, which may be inside an MLflow transaction at that
 moment (the cleanup's own KILLED updates), and a write from the handler would wait on that lock.
 """
@@ -25,23 +25,6 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
-
-WATCHDOG = """
-import os, signal, sys, time
-parent, server = int(sys.argv[1]), int(sys.argv[2])
-while os.getppid() == parent:
-    try:
-        os.kill(server, 0)
-    except OSError:
-        sys.exit(0)
-    time.sleep(0.5)
-for sig in (signal.SIGTERM, signal.SIGKILL):
-    try:
-        os.kill(server, sig)
-    except OSError:
-        sys.exit(0)
-    time.sleep(5)
-"""
 
 STOP_GRACE_SECONDS = 3.0  # a server that has not stopped this long after SIGTERM is killed
 QUICK_MLFLOW_SECONDS = 2.0  # what a forced end still gives MLflow before the process ends
@@ -85,7 +68,11 @@ def _server_log() -> Any:
 
 def _server_class() -> type:
     """Prefect's ``SubprocessASGIServer`` whose process runs in its own session. Instances are
-    shared with Prefect's class (one per port), so Prefect's client finds and reuses it."""
+    shared with Prefect's class (one per port), so Prefect's client finds and reuses it.
+
+    Prefect has no public way to start its ephemeral server in a session of its own, so this and
+    :func:`_servers` are the only places that use its internals (``_run_uvicorn_command``,
+    ``_instances``)."""
     import prefect.server.api.server as server_mod
 
     class SessionASGIServer(server_mod.SubprocessASGIServer):
@@ -125,10 +112,29 @@ def start_prefect() -> None:
     proc = server.server_process
     if proc is not None and proc.pid not in _watchdogs:
         _watchdogs[proc.pid] = subprocess.Popen(
-            [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(proc.pid)],
+            [sys.executable, "-I", __file__, str(os.getpid()), str(proc.pid)],  # runs watchdog()
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _exported_url = server.api_url
     os.environ["PREFECT_API_URL"] = _exported_url  # Dask / Ray workers use this server, start none
+
+
+def watchdog(parent: int, server: int) -> None:
+    """Stop process ``server`` (SIGTERM, then SIGKILL) once process ``parent`` is gone; returns
+    when the server exits. Runs in a process of its own, in a session of its own."""
+    import time
+
+    while os.getppid() == parent:
+        try:
+            os.kill(server, 0)
+        except OSError:
+            return
+        time.sleep(0.5)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(server, sig)
+        except OSError:
+            return
+        time.sleep(5)
 
 
 def stop_prefect(now: bool = False) -> None:
@@ -225,10 +231,7 @@ def _on_signal(signum: int, frame: Any) -> None:
     if Interrupts.count == 1:
         Interrupts.name = name
         quiet_prefect_runs()  # Prefect's "Crash detected!" would repeat the one line d2 prints
-        engine = sys.modules.get("d2.flows.engine")
-        if engine is not None:
-            engine.INTERRUPTED.append(name)  # the driver stops at its next check
-        raise KeyboardInterrupt(name)
+        raise KeyboardInterrupt(name)  # and the flows' driver stops at its next check of interrupted()
     if Interrupts.count == 2:  # the cleanup goes on; a watchdog ends the process if it takes too long
         try:
             print(f"interrupted again: finishing the cleanup, at most {SECOND_SIGNAL_DEADLINE:g} s more",
@@ -256,15 +259,15 @@ def quit_now() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    engine = sys.modules.get("d2.flows.engine")
-    if engine is not None:
+    runs = sys.modules.get("d2.flows.run")  # loaded when this process runs a flow
+    if runs is not None:
         reason = f"interrupted by {Interrupts.name or 'a signal'}, then again (stopped at once)"
         try:
-            ids = engine.abandon_runs(reason)
+            ids = runs.abandon_runs(reason)
         except Exception:  # noqa: BLE001  (exiting anyway)
             ids = []
         if ids:
-            t = threading.Thread(target=engine.kill_mlflow_runs, args=(ids, reason), daemon=True)
+            t = threading.Thread(target=runs.close_open_runs, args=(ids, "KILLED", reason), daemon=True)
             t.start()
             t.join(QUICK_MLFLOW_SECONDS)
     stop_prefect(now=True)
@@ -274,3 +277,7 @@ def quit_now() -> None:
     except (OSError, ValueError):
         pass
     os._exit(130)
+
+
+if __name__ == "__main__":  # the watchdog process start_prefect starts
+    watchdog(int(sys.argv[1]), int(sys.argv[2]))

@@ -18,8 +18,11 @@ Frames are named as :mod:`d2.stages.conditions` reads them (:func:`~d2.stages.co
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -238,39 +241,48 @@ def check_runtime(params: BaseModel, devices: tuple[str, ...], fits: bool, score
     return warnings
 
 
-def duplicate_axis_message(first: str, second: str, knob: str) -> str:
-    """One line refusing two sweep grid axes that set the same knob."""
-    same = f"'{first}' given twice" if first == second else f"'{first}' and '{second}' both set {knob}"
-    return f"sweep grid: {same}; give each knob one --grid axis with all its values"
-
-
-def check_grid(params: BaseModel, items: list[str]) -> list[BaseModel]:
-    """Every point of a sweep grid (``key=v1,v2,...`` axes, as ``d2 sweep --grid``), validated."""
-    axes: list[tuple[str, list[str]]] = []
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """``--grid`` axes, e.g. ``['sampling.s0=0.3,0.5', 'fit.iters=10,20']``, as
+    ``{'sampling.s0': [0.3, 0.5], 'fit.iters': [10, 20]}`` (values parsed as YAML). A knob given
+    twice is refused: the rows would be labelled with one value and run with the other."""
+    grid: dict[str, list[Any]] = {}
     for item in items:
         if "=" not in item:
             raise InputError(f"grid axis '{item}' must look like key=v1,v2,...")
         key, raw = item.split("=", 1)
-        values = [v for v in raw.split(",") if v.strip() != ""]
+        key = key.strip()
+        try:
+            values = [parse_override(f"{key}={v}")[1] for v in raw.split(",") if v.strip() != ""]
+        except ParamsError as e:
+            raise InputError(f"grid axis '{item}': {_one_line(e)}") from None
         if not values:
             raise InputError(f"grid axis '{item}' has no values")
-        axes.append((key.strip(), values))
-    keys = [key for key, _ in axes]
-    for i, key in enumerate(keys):
-        if key in keys[:i]:
-            raise InputError(duplicate_axis_message(key, key, key))
+        if key in grid:
+            raise InputError(f"sweep grid: '{key}' given twice; give each knob one --grid axis with all its values")
+        grid[key] = values
+    return grid
+
+
+def grid_points(params: BaseModel, grid: dict[str, list[Any]]) -> list[tuple[str, list[str], BaseModel]]:
+    """Every point of a sweep grid as (id, overrides, validated params), validated before any compute."""
+    keys = list(grid)
     n = 1
-    for _, values in axes:
+    for values in grid.values():
         n *= len(values)
     if n > MAX_GRID_POINTS:
         raise InputError(f"the sweep grid has {n} points (max {MAX_GRID_POINTS}); use fewer values per axis")
     points = []
-    for combo in itertools.product(*(vals for _, vals in axes)):
-        overrides = [f"{k}={v}" for (k, _), v in zip(axes, combo)]
+    for i, combo in enumerate(itertools.product(*grid.values())):
+        overrides = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in zip(keys, combo)]
+        slug = "_".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
         try:
-            for o in overrides:
-                parse_override(o)
-            points.append(with_overrides(params, overrides))
+            point = with_overrides(params, overrides)
         except ParamsError as e:
             raise InputError(f"sweep point {' '.join(overrides)}: {_one_line(e)}") from None
+        points.append((f"p{i:02d}_" + re.sub(r"[^A-Za-z0-9_.=-]", "-", slug)[:80], overrides, point))
     return points
+
+
+def check_grid(params: BaseModel, items: list[str]) -> list[BaseModel]:
+    """Every point of a sweep grid (``key=v1,v2,...`` axes, as ``d2 sweep --grid``), validated."""
+    return [p for _, _, p in grid_points(params, parse_grid(items))]

@@ -17,7 +17,7 @@ ALLOWED = {
     "world": {"world", "stages", "eval"},
     "train": {"train", "stages", "eval", "world"},
     "tasks": {"tasks", "stages", "eval", "world"},
-    "reports": {"reports", "stages"},  # pages over a run folder's files
+    "reports": {"reports", "stages", "eval"},  # pages and tables over a run folder's files
     "flows": {"flows", "tasks", "stages", "eval", "world", "reports"},
 }
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import yaml
+
 from d2_toy import write_tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,3 +68,69 @@ def test_dvc_repro_then_nothing_to_do_then_exp_run(tmp_path):
     assert stages["conditions"] == "cached" and stages["sampling"] == "computed"
     r = _run([str(BIN / "dvc"), "exp", "show", "--csv"], repo, env)
     assert "sampling.s0" in r.stdout and "0.3" in r.stdout
+
+
+# What each DVC stage's command imports: the CLI, what its command function imports, and for the
+# benchmark the code of every stage it runs (the stage specs' modules, imported in the tasks).
+STAGE_IMPORTS = {
+    "prepare": "import d2.cli, d2.preflight, d2.validation, d2.world.benchmark",
+    "benchmark": ("import importlib, d2.cli, d2.preflight, d2.validation, d2.flows, d2.reports.html\n"
+                  "from d2.tasks.stages import STAGES\n"
+                  "for spec in STAGES.specs.values():\n    [importlib.import_module(m) for m in spec.modules]"),
+    "report": "import d2.cli, d2.reports.run_report, d2.reports.html",
+}
+
+
+def imported_files(code: str) -> set[str]:
+    """The d2 source files (relative to the repo) a fresh interpreter has loaded after ``code``."""
+    script = code + ("\nimport sys\nprint('\\n'.join(sorted({m.__file__ for n, m in sys.modules.items()"
+                     " if n.split('.')[0] == 'd2'})))")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    return {str(Path(f).relative_to(ROOT)) for f in r.stdout.split()}
+
+
+def test_each_stage_depends_on_every_module_its_command_imports():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for stage, code in STAGE_IMPORTS.items():
+        deps = [d for d in stages[stage]["deps"] if d.startswith("d2")]
+        files = imported_files(code) | {"d2/params_default.yaml"}  # the shipped params, read by d2.config
+        assert "d2/flows/run.py" in files or stage != "benchmark"  # the import list is the real one
+        uncovered = sorted(f for f in files if not any(f == d or f.startswith(d + "/") for d in deps))
+        assert uncovered == [], f"dvc.yaml stage {stage} misses deps on {uncovered}"
+    # and no more than that: the procedural data does not depend on the flows, nor the benchmark on training
+    assert not any(d.startswith(("d2/flows", "d2/tasks", "d2/reports")) for d in stages["prepare"]["deps"])
+    assert not any(d.startswith("d2/train") for s in ("prepare", "benchmark", "report") for d in stages[s]["deps"])
+
+
+def test_dvc_status_sees_an_edit_of_the_code_a_stage_runs(tmp_path):
+    """Outputs recorded as they are (``dvc commit``, nothing run); then edits one at a time, each undone."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
+    shutil.copytree(ROOT / "d2", repo / "d2", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for out in ("mini", "priors", "runs/benchmark", "report"):
+        (repo / "data" / out).mkdir(parents=True)
+        (repo / "data" / out / "f").write_text(out)
+    (repo / "data" / "metrics.json").write_text("{}")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
+    _run([str(BIN / "dvc"), "init", "-q", "--no-scm"], repo, env)
+    _run([str(BIN / "dvc"), "config", "core.site_cache_dir", str(tmp_path / "site_cache")], repo, env)
+    _run([str(BIN / "dvc"), "commit", "-f", "-q", "prepare", "benchmark", "report"], repo, env)
+
+    def changed_after_editing(module: str) -> set[str]:
+        path = repo / module
+        text = path.read_text()
+        path.write_text(text + "\n# an edit\n")
+        try:
+            status = json.loads(_run([str(BIN / "dvc"), "status", "--json"], repo, env).stdout)
+        finally:
+            path.write_text(text)
+        return set(status) - {"train_priors"}
+
+    for module in ("d2/config.py", "d2/utils/io.py", "d2/validation.py"):
+        assert changed_after_editing(module) == {"prepare", "benchmark", "report"}, module
+    assert changed_after_editing("d2/reports/html.py") == {"benchmark", "report"}
+    assert changed_after_editing("d2/flows/graph.py") == {"benchmark"}
+    assert changed_after_editing("d2/train/data.py") == set()

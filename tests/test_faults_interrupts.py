@@ -156,32 +156,33 @@ def assert_interrupted(run: Run, rc: int, err: str, elapsed: float, codes=(130,)
 
 
 class InterruptAfterFirstStage:
-    """A progress listener that does what the signal handler does once the first stage is done."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
+    """A progress listener that records a SIGINT as the signal handler does, once the first stage is done."""
 
     def stage_started(self, obj: str, stage: str) -> None:
         pass
 
     def stage_finished(self, result) -> None:
-        if not self.engine.INTERRUPTED:
-            self.engine.INTERRUPTED.append("SIGINT")
+        from d2.lifecycle import Interrupts
+
+        Interrupts.count, Interrupts.name = 1, "SIGINT"
 
 
 def test_an_interrupted_sweep_ends_every_manifest_and_mlflow_run_it_opened(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from d2.flows import engine
-    from d2.flows.sweep import parse_grid, run_sweep
+    from d2.flows import run as runs
+    from d2.flows.sweep import run_sweep
+    from d2.lifecycle import Interrupts
     from d2.tasks.manifest import LISTENERS
+    from d2.validation import parse_grid
 
     toy = make_toy(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("D2_MLFLOW_ARTIFACTS", str(tmp_path / "mlruns"))
-    monkeypatch.setattr(engine, "INTERRUPTED", [])
-    listener = InterruptAfterFirstStage(engine)
+    monkeypatch.setattr(Interrupts, "count", 0)  # restored after the test, as the listener changes them
+    monkeypatch.setattr(Interrupts, "name", "")
+    listener = InterruptAfterFirstStage()
     LISTENERS.append(listener)
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -193,7 +194,7 @@ def test_an_interrupted_sweep_ends_every_manifest_and_mlflow_run_it_opened(tmp_p
         m = load(path)
         assert m["status"] == "interrupted" and m["error"] == "interrupted by SIGINT", path
     assert len(list((tmp_path / "sweep" / "points").glob("*/manifest.json"))) == 2
-    assert engine.ACTIVE == {}
+    assert runs.ACTIVE == {}
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("cut").experiment_id])
     assert len(runs) == 1 + 2 + 4  # the sweep, its points, their objects

@@ -256,7 +256,7 @@ def test_memory_and_disk_estimates(world, monkeypatch):
 
 def test_a_failed_copy_into_the_run_folder_leaves_no_temporary_copy(tmp_path, monkeypatch):
     """A full disk while copying a stage's outputs: the run folder keeps what it had, no ``.tmp``."""
-    from d2.flows import engine
+    from d2.flows import run as engine
 
     src = tmp_path / "cache" / "out"
     src.mkdir(parents=True)

@@ -139,19 +139,18 @@ def test_a_sweep_naming_one_knob_twice_is_refused_in_one_line_before_any_work(ax
 
 
 def test_grid_parsing_and_checking_refuse_a_knob_named_twice():
-    from d2.config import ParamsError, load_params
-    from d2.flows.sweep import expand_grid, parse_grid
-    from d2.validation import InputError, check_grid
+    from d2.config import load_params
+    from d2.validation import InputError, check_grid, grid_points, parse_grid
 
     p = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    with pytest.raises(ParamsError, match="'sampling.s0' given twice"):
+    with pytest.raises(InputError, match="'sampling.s0' given twice"):
         parse_grid(["sampling.s0=0.3", "sampling.s0=0.5"])
     with pytest.raises(InputError, match="'sampling.k' given twice"):
         check_grid(p, ["sampling.k=10", " sampling.k=20"])
-    with pytest.raises(ParamsError, match="unknown parameter 'sampling.logistic_s0'"):  # one name per knob
-        expand_grid(p, parse_grid(["sampling.logistic_s0=0.5"]))
+    with pytest.raises(InputError, match="unknown parameter 'sampling.logistic_s0'"):  # one name per knob
+        grid_points(p, parse_grid(["sampling.logistic_s0=0.5"]))
     # distinct knobs are one point per combination, each row labelled with the value it ran
-    points = expand_grid(p, parse_grid(["sampling.s0=0.3,0.5", "sampling.k=10"]))
+    points = grid_points(p, parse_grid(["sampling.s0=0.3,0.5", "sampling.k=10"]))
     assert [(pid, q.sampling.s0, q.sampling.k) for pid, _, q in points] == [
         ("p00_s0=0.3_k=10", 0.3, 10.0), ("p01_s0=0.5_k=10", 0.5, 10.0)]
 

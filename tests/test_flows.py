@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from d2.flows import run_benchmark, run_sweep
-from d2.flows.sweep import parse_grid
+from d2.validation import parse_grid
 
 from d2_toy import make_toy, toy_params
 
@@ -145,13 +145,60 @@ def test_schedule_builds_a_cron_deployment(toy, tmp_path):
     from d2.flows.schedule import build_schedule
 
     dep = build_schedule(toy_params(tmp_path), toy.data, tmp_path / "nightly", "0 3 * * *")
-    assert dep.schedules[0].schedule.cron == "0 3 * * *"
+    assert dep.schedules[0].schedule.cron == "0 3 * * *" and dep.work_pool_name is None
     assert dep.parameters["out_dir"] == str((tmp_path / "nightly").resolve())
     assert dep.parameters["params"]["sampling"]["s0"] == 0.5
     with pytest.raises(Exception):
         build_schedule(toy_params(tmp_path), toy.data, tmp_path / "nightly", "not a cron")
     with pytest.raises(ValueError, match="benchmark dataset not found"):
         build_schedule(toy_params(tmp_path), tmp_path / "no-data", tmp_path / "nightly", "0 3 * * *")
+
+
+def scheduled_run(dep, stages) -> dict:
+    """The deployment's flow run once as its runner would run it: the flow imported by the
+    deployment's entry point (a module path), called with the deployment's parameters."""
+    import importlib
+
+    module, _, name = dep.entrypoint.rpartition(".")
+    return getattr(importlib.import_module(module), name)(**dep.parameters, stages=stages)
+
+
+@pytest.mark.parametrize("runner", ["threads", "dask"])
+def test_a_scheduled_run_uses_the_configured_runner(toy, tmp_path, runner):
+    """``d2 schedule`` honours run.runner and run.address: with ``dask`` every stage of a scheduled
+    run is a task on the Dask cluster at run.address; with ``threads`` none is."""
+    from distributed import LocalCluster
+
+    from d2.flows.schedule import build_schedule
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        p = toy_params(tmp_path, f"run.runner={runner}", f"run.address={cluster.scheduler_address}")
+        dep = build_schedule(p, toy.data, tmp_path / "nightly", "0 3 * * *")
+        r = scheduled_run(dep, toy.stages)
+        # stage tasks the cluster finished (each prefix's count of transitions into memory)
+        on_dask = sum(prefix.state_counts["memory"] for prefix in cluster.scheduler.task_prefixes.values())
+    assert load(r["manifest"])["totals"]["computed"] == 11
+    assert on_dask == (11 if runner == "dask" else 0)
+
+
+def test_schedule_registers_the_deployment_for_a_work_pool(toy, tmp_path):
+    """``d2 schedule --work-pool NAME``: the deployment is registered for that pool, its flow named
+    by module path (what the pool's workers import), on the cron schedule."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from d2.flows.schedule import build_schedule, serve_schedule
+
+    pool = f"pool-{tmp_path.name}"[:60]
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        dep = build_schedule(toy_params(tmp_path), toy.data, tmp_path / "nightly", "0 3 * * *", name="n",
+                             work_pool=pool)
+        serve_schedule(dep)
+        stored = client.read_deployment_by_name("scheduled-benchmark/n")
+    assert stored.work_pool_name == pool and stored.entrypoint == "d2.flows.schedule.scheduled_benchmark"
+    assert stored.schedules[0].schedule.cron == "0 3 * * *"
+    assert stored.parameters["out_dir"] == str((tmp_path / "nightly").resolve())
 
 
 def test_failed_stage_fails_the_run_and_is_recorded(toy, tmp_path):

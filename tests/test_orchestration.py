@@ -18,7 +18,7 @@ import pytest
 from d2.cli import main
 from d2.config import load_params
 from d2.flows import run_benchmark
-from d2.flows.engine import RunFolderBusy, open_run_folder
+from d2.flows.run import RunFolderBusy, open_run_folder
 from d2.tasks.cache import run_stage, store_dir, verify_entry
 from d2.tasks.stages import STAGES
 

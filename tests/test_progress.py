@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from d2.cli import STARTING, ProgressDisplay
+from d2.tasks.progress import STARTING, ProgressDisplay
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -118,8 +118,7 @@ def test_a_sweep_over_the_four_weight_schedules_validates():
     """``d2 sweep --grid sampling.weight_schedule=constant,linear,cosine,logistic``: every point is a valid
     parameter set (validated, no compute), each with its schedule; a misspelt schedule is refused by name."""
     from d2.config import ParamsError, load_params
-    from d2.flows.sweep import expand_grid, parse_grid
-    from d2.validation import InputError, check_grid
+    from d2.validation import InputError, check_grid, grid_points, parse_grid
 
     axis = "sampling.weight_schedule=constant,linear,cosine,logistic"
     for preset in ("authors", "paper"):
@@ -128,7 +127,7 @@ def test_a_sweep_over_the_four_weight_schedules_validates():
         base = load_params(preset_path(preset))
         points = check_grid(base, [axis])
         assert [p.sampling.weight_schedule for p in points] == ["constant", "linear", "cosine", "logistic"]
-        expanded = expand_grid(base, parse_grid([axis]))
+        expanded = grid_points(base, parse_grid([axis]))
         assert [ov for _, ov, _ in expanded] == [[f"sampling.weight_schedule={s}"] for s in
                                                  ("constant", "linear", "cosine", "logistic")]
         assert all(p.sampling.model_dump(exclude={"weight_schedule"}) == base.sampling.model_dump(

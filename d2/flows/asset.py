@@ -12,15 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import flow
 from pydantic import BaseModel
 
-from d2.flows.runners import task_runner
-from d2.flows.engine import (Graph, Job, Stage, closing, drive, failures, make_tracker, new_run, open_run_folder,
-                             prefect_api_check, safe_name)
-from d2.reports.html import track_report, write_run_report
-from d2.tasks.stages import STAGES, StageSet
+from d2.flows.graph import Graph, Job, Stage, drive, raise_failures
+from d2.flows.run import flow_params, run_scope
+from d2.flows.runners import with_runner
+from d2.tasks.stages import StageSet
+from d2.utils.paths import safe_name
 
 
 def asset_graph(input_path: str | Path, gt_dir: str | Path | None = None, score_front_view: bool = False) -> Graph:
@@ -46,35 +45,23 @@ def object_graph(params: BaseModel, input_path: str | Path, gt_dir: str | Path |
 def asset_flow(input_path: str, out_dir: str, params: dict[str, Any], gt_dir: str | None = None,
                name: str | None = None, stages: Any = None) -> dict[str, Any]:
     """conditions -> sampling -> fit -> render_eval (-> metrics with ground truth) for one input."""
-    stages: StageSet = stages or STAGES
-    p = stages.params_model.model_validate(params)
-    torch.set_num_threads(p.run.threads_per_task)
+    p, stages = flow_params(params, stages)
     src = Path(input_path)
     if not src.exists():
         raise FileNotFoundError(f"input not found: {src}")
     obj = safe_name(name or src.stem, "--name")
     if stages.check_input is not None:
         stages.check_input(src, p, gt_dir)
-    with open_run_folder(Path(out_dir)) as run_dir:
-        run = new_run(run_dir, "asset", p, stages, {"input": str(src), "gt": gt_dir},
-                      tracker=make_tracker(p, "asset", f"asset/{obj}"))
-        with closing(run):
-            job = Job(run, obj, object_graph(p, src, gt_dir), input_path=str(src))
-            drive([job], p.run.max_parallel, prefect_api_check())
-            if failures([job]):
-                raise RuntimeError(f"{obj} failed: {job.error}")
-        report = write_run_report(run.run_dir)
-        track_report(run.tracker, report)
-    return {"run_dir": str(run.run_dir), "manifest": str(run.run_dir / "manifest.json"), "object": obj,
-            "report": report,
-            "outputs": {s: str(r.out_dir) for s, r in job.results.items()},
-            "mlflow_run_id": run.tracker.run_id if run.tracker else None}
+    with run_scope(out_dir, "asset", p, stages, {"input": str(src), "gt": gt_dir}, f"asset/{obj}") as run:
+        job = Job(run, obj, object_graph(p, src, gt_dir), input_path=str(src))
+        drive([job], p.run.max_parallel)
+        raise_failures([job])
+    return run.result(object=obj, outputs={s: str(r.out_dir) for s, r in job.results.items()})
 
 
 def run_asset(input_path: str | Path, out_dir: str | Path, params: BaseModel, gt_dir: str | Path | None = None,
               name: str | None = None, stages: StageSet | None = None) -> dict[str, Any]:
     """Run the asset flow (validated ``params``; the name is checked before anything starts)."""
     safe_name(name or Path(input_path).stem, "--name")
-    f = asset_flow.with_options(task_runner=task_runner(params))
-    return f(str(input_path), str(out_dir), params.model_dump(mode="json"),
-             None if gt_dir is None else str(gt_dir), name, stages)
+    return with_runner(asset_flow, params)(str(input_path), str(out_dir), params.model_dump(mode="json"),
+                                           None if gt_dir is None else str(gt_dir), name, stages)

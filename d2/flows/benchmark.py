@@ -8,22 +8,21 @@ Dataset layout (Consistent4D, as ``d2 prepare`` writes it): ``<data>/input/<obje
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import flow
 from pydantic import BaseModel
 
 from d2.flows.asset import object_graph
-from d2.flows.runners import task_runner
-from d2.flows.engine import (Graph, Job, Run, Stage, closing, drive, failures, make_tracker, new_run,
-                             open_run_folder, prefect_api_check, safe_name)
-from d2.reports.html import track_report, write_run_report
-from d2.tasks.stages import STAGES, StageSet
+from d2.flows.graph import Graph, Job, Stage, drive, raise_failures
+from d2.flows.run import Run, flow_params, run_scope
+from d2.flows.runners import with_runner
+from d2.tasks.stages import StageSet
 from d2.tasks.tracking import flat_numbers
 from d2.utils.io import write_json
+from d2.utils.paths import safe_name
+from d2.validation import InputError, dataset_objects
 
 GENERATION_STAGES = ("conditions", "sampling", "fit")  # what "generation time" adds up
 
@@ -31,8 +30,6 @@ GENERATION_STAGES = ("conditions", "sampling", "fit")  # what "generation time" 
 def list_objects(data_dir: str | Path, only: list[str] | None = None) -> list[str]:
     """Object names of a dataset (folders of ``<data>/input``, ``run.objects`` when given), each a
     plain folder name with a ground-truth folder (:class:`d2.validation.InputError` otherwise)."""
-    from d2.validation import InputError, dataset_objects
-
     data = Path(data_dir)
     names = dataset_objects(data, only)
     for n in names:
@@ -40,6 +37,14 @@ def list_objects(data_dir: str | Path, only: list[str] | None = None) -> list[st
         if not (data / "gt" / n).is_dir():
             raise InputError(f"object '{n}' has no ground truth folder {data / 'gt' / n}")
     return names
+
+
+def checked_objects(data: Path, params: BaseModel, stages: StageSet) -> list[str]:
+    """:func:`list_objects`, and the stage set's check of the dataset under ``params``."""
+    objects = list_objects(data, params.run.objects)
+    if stages.check_dataset is not None:
+        stages.check_dataset(data, params, objects)
+    return objects
 
 
 def object_jobs(run: Run, data_dir: Path, objects: list[str]) -> list[Job]:
@@ -78,7 +83,7 @@ def link_predictions(run_dir: Path, objects: list[str]) -> None:
 
 def summarize(run: Run, jobs: list[Job], tables: Job, dataset: str) -> dict[str, Any]:
     """Name ``dataset`` (the scored data as the user gave it) in the run's tables, write
-    ``metrics.json``, log the tables to MLflow, return the flow's result."""
+    ``metrics.json``, log the tables to MLflow, return what the flow adds to its result."""
     res = tables.results["tables"]
     table = res.info.get("table", "")
     if run.stages.label_tables is not None:
@@ -87,67 +92,36 @@ def summarize(run: Run, jobs: list[Job], tables: Job, dataset: str) -> dict[str,
     summary = res.info.get("summary", {})
     write_json(run.run_dir / "metrics.json", summary)
     if run.tracker is not None:
-        run.tracker.log_metrics(run.tracker.run_id, {**flat_numbers(summary), **fit_headline(jobs)})
+        fit = {f"fit.{k}": sum(v) / len(v) for k in ("matrix_psnr", "train_psnr")  # mean over objects
+               if (v := [float(j.results["fit"].info[k]) for j in jobs
+                         if isinstance(j.results["fit"].info.get(k), (int, float))])}
+        run.tracker.log_metrics(run.tracker.run_id, {**flat_numbers(summary), **fit})
         run.tracker.log_artifacts(run.tracker.run_id, [(p, "results") for p in sorted(res.out_dir.glob("*"))
                                                        if p.is_file()])
-    return {"run_dir": str(run.run_dir), "manifest": str(run.run_dir / "manifest.json"),
-            "results_dir": str(res.out_dir), "summary": summary, "table": table,
-            "objects": [j.obj for j in jobs],
+    return {"results_dir": str(res.out_dir), "summary": summary, "table": table, "objects": [j.obj for j in jobs],
             "per_object": {j.obj: flat_numbers(j.results["metrics"].info.get("metrics", {})) for j in jobs},
-            "videos": {j.obj: str(j.results["fit"].out_dir / "turntable.mp4") for j in jobs},
-            "mlflow_run_id": run.tracker.run_id if run.tracker else None}
-
-
-def fit_headline(jobs: list[Job]) -> dict[str, float]:
-    """Mean over objects of the fit's numbers (``fit.matrix_psnr``, ``fit.train_psnr``) for MLflow."""
-    out: dict[str, float] = {}
-    for key in ("matrix_psnr", "train_psnr"):
-        vals = [float(j.results["fit"].info[key]) for j in jobs
-                if "fit" in j.results and isinstance(j.results["fit"].info.get(key), (int, float))]
-        if vals:
-            out[f"fit.{key}"] = sum(vals) / len(vals)
-    return out
-
-
-def raise_failures(jobs: list[Job]) -> None:
-    """Fail the run (after every object ended) when any object failed."""
-    failed = failures(jobs)
-    if failed:
-        raise RuntimeError(f"{len(failed)} object(s) failed:\n  " + "\n  ".join(failed))
+            "videos": {j.obj: str(j.results["fit"].out_dir / "turntable.mp4") for j in jobs}}
 
 
 @flow(name="benchmark", log_prints=False)
 def benchmark_flow(data_dir: str, out_dir: str, params: dict[str, Any], stages: Any = None) -> dict[str, Any]:
     """objects -> [asset ∥ asset ∥ ...] -> tables, tracked as an MLflow parent run with a child per object."""
-    stages: StageSet = stages or STAGES
-    p = stages.params_model.model_validate(params)
-    torch.set_num_threads(p.run.threads_per_task)
+    p, stages = flow_params(params, stages)
     data = Path(data_dir)
-    objects = list_objects(data, p.run.objects)
-    if stages.check_dataset is not None:
-        stages.check_dataset(data, p, objects)
-    with open_run_folder(Path(out_dir)) as run_dir:
-        tracker = make_tracker(p, "benchmark", f"benchmark/{run_dir.name}",
-                               {"data_dir": str(data_dir), "out_dir": str(out_dir)})
-        run = new_run(run_dir, "benchmark", p, stages, {"data": str(data), "objects_list": objects}, tracker)
-        with closing(run):
-            jobs = object_jobs(run, data, objects)
-            drive(jobs, p.run.max_parallel, prefect_api_check())
-            raise_failures(jobs)
-            tables = Job(run, "_benchmark", tables_graph(run, data, jobs))
-            drive([tables], 1, prefect_api_check())
-            raise_failures([tables])
-            result = summarize(run, jobs, tables, str(data_dir))
-        t_report = time.perf_counter()
-        result["report"] = write_run_report(run.run_dir)
-        track_report(run.tracker, result["report"])
-        result["report_seconds"] = round(time.perf_counter() - t_report, 3)
-    result["flow_wall_seconds"] = run.recorder.meta["flow_wall_seconds"]
-    return result
+    objects = checked_objects(data, p, stages)
+    with run_scope(out_dir, "benchmark", p, stages, {"data": str(data), "objects_list": objects},
+                   mlflow_params={"data_dir": str(data_dir), "out_dir": str(out_dir)}) as run:
+        jobs = object_jobs(run, data, objects)
+        drive(jobs, p.run.max_parallel)
+        raise_failures(jobs)
+        tables = Job(run, "_benchmark", tables_graph(run, data, jobs))
+        drive([tables], 1)
+        raise_failures([tables])
+        summary = summarize(run, jobs, tables, str(data_dir))
+    return run.result(**summary)
 
 
 def run_benchmark(data_dir: str | Path, out_dir: str | Path, params: BaseModel,
                   stages: StageSet | None = None) -> dict[str, Any]:
-    """Run the benchmark flow with ``run.max_parallel`` stage tasks at a time."""
-    f = benchmark_flow.with_options(task_runner=task_runner(params))
-    return f(str(data_dir), str(out_dir), params.model_dump(mode="json"), stages)
+    """Run the benchmark flow with ``run.max_parallel`` stage tasks at a time on ``run.runner``."""
+    return with_runner(benchmark_flow, params)(str(data_dir), str(out_dir), params.model_dump(mode="json"), stages)

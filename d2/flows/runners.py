@@ -32,7 +32,10 @@ from pydantic import BaseModel
 class StageThreadRunner(ThreadPoolTaskRunner):
     """Prefect's thread-pool task runner that, when the flow ends with an error or Ctrl-C, does
     not wait for the stages still running in its threads (their results would be dropped anyway;
-    an unfinished stage leaves no ``done.json``, so nothing half-written is ever a result)."""
+    an unfinished stage leaves no ``done.json``, so nothing half-written is ever a result).
+
+    Prefect offers no public way to leave a task runner without waiting, so this uses its private
+    ``_executor`` and ``_cancel_events``; it is the only place that does."""
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
         if exc_type is None or self._executor is None:
@@ -85,6 +88,11 @@ def keep_scratch_in_project() -> None:
     """torch's compile cache (``torchinductor_<user>``, created when torch._dynamo is imported) in
     the project's state folder, not the system temp folder; inherited by worker processes."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(state_dir() / "torchinductor"))
+
+
+def with_runner(flow: Any, params: BaseModel) -> Any:
+    """``flow`` on the task runner ``params.run`` asks for."""
+    return flow.with_options(task_runner=task_runner(params))
 
 
 def task_runner(params: BaseModel) -> Any:

@@ -1,10 +1,14 @@
-"""Scheduled benchmark runs (e.g. nightly) as a Prefect deployment served by this process.
+"""Scheduled benchmark runs (e.g. nightly) as a Prefect deployment.
 
-``d2 schedule --cron "0 3 * * *" --out runs/nightly`` serves the ``benchmark`` flow with the
-validated params of the command line; every scheduled run writes into the same folder, so
-with the stage cache a night without code or params changes computes nothing, and MLflow
-keeps one parent run per night. Point ``PREFECT_API_URL`` at a running ``prefect server
-start`` to see the schedule and its runs in the Prefect UI.
+``d2 schedule --cron "0 3 * * *" --out runs/nightly`` serves, from this process, the
+``scheduled-benchmark`` flow with the validated params of the command line; with
+``--work-pool NAME`` the deployment is registered for that Prefect work pool instead, whose
+workers import the flow by its module path (``d2`` installed there). Either way a scheduled run
+is :func:`d2.flows.benchmark.run_benchmark` on ``run.runner`` (threads, or a Dask or Ray cluster
+at ``run.address``). Every scheduled run writes into the same folder, so with the stage cache a
+night without code or params changes computes nothing, and MLflow keeps one parent run per
+night. Point ``PREFECT_API_URL`` at a running ``prefect server start`` to see the schedule and
+its runs in the Prefect UI.
 """
 
 from __future__ import annotations
@@ -12,19 +16,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from prefect import flow
 from pydantic import BaseModel
 
-from d2.flows.benchmark import benchmark_flow, list_objects
+from d2.flows.benchmark import list_objects, run_benchmark
+from d2.flows.run import flow_params
+
+
+@flow(name="scheduled-benchmark", log_prints=False)
+def scheduled_benchmark(data_dir: str, out_dir: str, params: dict[str, Any], stages: Any = None) -> dict[str, Any]:
+    """The benchmark flow on the task runner ``params`` name. A deployment runs this flow as it is
+    defined here (``with_options`` does not travel with it), so the runner is chosen inside."""
+    p, stages = flow_params(params, stages)
+    return run_benchmark(data_dir, out_dir, p, stages)
 
 
 def build_schedule(params: BaseModel, data_dir: str | Path, out_dir: str | Path, cron: str,
-                   name: str = "nightly-benchmark", timezone: str | None = None) -> Any:
-    """A Prefect deployment of the benchmark flow on ``cron`` (checked before anything is served)."""
-    list_objects(data_dir, params.run.objects)  # the dataset must exist now, not at 3 a.m.
+                   name: str = "nightly-benchmark", timezone: str | None = None,
+                   work_pool: str | None = None) -> Any:
+    """A Prefect deployment of the benchmark on ``cron`` (checked before anything is served), for
+    ``work_pool`` when given."""
+    from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
-    return benchmark_flow.to_deployment(
-        name=name, schedule=Cron(cron, timezone=timezone or "UTC"),
+    list_objects(data_dir, params.run.objects)  # the dataset must exist now, not at 3 a.m.
+    return scheduled_benchmark.to_deployment(
+        name=name, schedule=Cron(cron, timezone=timezone or "UTC"), work_pool_name=work_pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
         parameters={"data_dir": str(Path(data_dir).resolve()), "out_dir": str(Path(out_dir).resolve()),
                     "params": params.model_dump(mode="json")},
         description=f"d2 benchmark of {data_dir} into {out_dir} on '{cron}'",
@@ -32,7 +50,12 @@ def build_schedule(params: BaseModel, data_dir: str | Path, out_dir: str | Path,
 
 
 def serve_schedule(deployment: Any) -> None:
-    """Serve the deployment (blocks; Ctrl-C stops)."""
-    from prefect import serve
+    """Serve the deployment from this process (blocks; Ctrl-C stops), or, when it names a work
+    pool, register it there (that pool's workers run it)."""
+    from prefect import deploy, serve
 
-    serve(deployment)
+    if deployment.work_pool_name:
+        deploy(deployment, work_pool_name=deployment.work_pool_name, build=False, push=False,
+               print_next_steps_message=False, ignore_warnings=True)
+    else:
+        serve(deployment)

@@ -10,14 +10,19 @@ when the experiment is created.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
-import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from pydantic import BaseModel
+
+from d2.config import flatten_params, params_hash
 from d2.env import project_root
+from d2.tasks.manifest import StageResult
 
 _MAX_PARAM_LEN = 6000
 
@@ -57,34 +62,43 @@ def _clean_key(key: str) -> str:
     return "".join(c if (c.isalnum() or c in "_-./ ") else "_" for c in key)[:250]
 
 
+def experiment_id(client: Any, name: str) -> str:
+    """The id of MLflow experiment ``name``, created (artifacts under ``D2_MLFLOW_ARTIFACTS``) when missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = Path(os.environ.get("D2_MLFLOW_ARTIFACTS", project_root() / "mlruns")) / name
+    try:
+        return client.create_experiment(name, artifact_location=location.as_uri())
+    except Exception:  # noqa: BLE001  (created meanwhile by another process)
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
 class Tracker:
-    """A parent MLflow run and its children, all addressed by explicit run ids."""
+    """One MLflow run (a benchmark's, a sweep's or a sweep point's) and its children, addressed by
+    explicit run ids. With ``parent`` the run is a child of that one (``experiment`` unused)."""
 
     def __init__(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
                  parent: "Tracker | None" = None) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.client = parent.client if parent is not None else MlflowClient()
-        self.tracking_uri = self.client.tracking_uri
-        self._lock = threading.Lock()
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = Path(os.environ.get("D2_MLFLOW_ARTIFACTS", project_root() / "mlruns")) / experiment
-            try:
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location.as_uri())
-            except Exception:  # noqa: BLE001  (created meanwhile by another process)
-                exp = self.client.get_experiment_by_name(experiment)
-                if exp is None:
-                    raise
-                self.experiment_id = exp.experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
         if parent is not None:
-            tags = {**tags, "mlflow.parentRunId": parent.run_id}
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
-        self.run_id = run.info.run_id
-        self.log_params(self.run_id, params)
-        self.tags = tags
+            self.client, self.experiment_id, self.tags = parent.client, parent.experiment_id, {**parent.tags, **tags}
+            self.run_id = parent.child(run_name, params, tags)
+        else:
+            from mlflow.tracking import MlflowClient
+
+            self.client, self.tags = MlflowClient(), tags
+            self.experiment_id = experiment_id(self.client, experiment)
+            self.run_id = self._create(run_name, params, tags)
+        self.tracking_uri = self.client.tracking_uri
+
+    def _create(self, name: str, params: dict[str, Any] | None, tags: dict[str, str]) -> str:
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        if params:
+            self.log_params(run_id, params)
+        return run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         """Log params (stringified, long values cut) in one batch."""
@@ -95,19 +109,12 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i: i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
-        """Log finite metrics in batches."""
-        from mlflow.entities import Metric
-        import time
-
-        ts = int(time.time() * 1000)
-        items = [Metric(_clean_key(k), float(v), ts, 0) for k, v in metrics.items() if math.isfinite(float(v))]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(run_id, metrics=items[i: i + 500])
+        """Log the finite ones of ``metrics``."""
+        self.log_curves(run_id, {k: [(0, v)] for k, v in metrics.items()})
 
     def log_curves(self, run_id: str, curves: dict[str, list[tuple[int, float]]]) -> None:
-        """Log metric histories: ``name -> [(step, value), ...]`` (MLflow plots them against the step)."""
+        """Log metric histories: ``name -> [(step, value), ...]`` (finite values, in batches)."""
         from mlflow.entities import Metric
-        import time
 
         ts = int(time.time() * 1000)
         items = [Metric(_clean_key(k), float(v), ts, int(step)) for k, pts in curves.items() for step, v in pts
@@ -116,12 +123,8 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i: i + 500])
 
     def child(self, name: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> str:
-        """Start a child run of the parent; returns its run id."""
-        all_tags = {**self.tags, **(tags or {}), "mlflow.parentRunId": self.run_id}
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-        if params:
-            self.log_params(run.info.run_id, params)
-        return run.info.run_id
+        """Start a child run of this one; returns its run id."""
+        return self._create(name, params, {**self.tags, **(tags or {}), "mlflow.parentRunId": self.run_id})
 
     def log_artifacts(self, run_id: str, files: Iterable[tuple[Path, str]]) -> None:
         """Upload ``(file, artifact folder)`` pairs that exist."""
@@ -129,19 +132,10 @@ class Tracker:
             if Path(path).is_file():
                 self.client.log_artifact(run_id, str(path), artifact_path=folder)
 
-    def nested(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> "Tracker":
-        """A child run of this one, as a Tracker whose own children nest under it."""
-        exp = self.client.get_experiment(self.experiment_id)
-        return Tracker(exp.name, run_name, params, {**self.tags, **tags}, parent=self)
-
     def end(self, run_id: str, ok: bool | str) -> None:
         """End a run FINISHED (``True``), FAILED (``False``) or with an MLflow status (``'KILLED'``)."""
         status = ok if isinstance(ok, str) else ("FINISHED" if ok else "FAILED")
         self.client.set_terminated(run_id, status=status)
-
-    def finish(self, ok: bool | str) -> None:
-        """End the parent run."""
-        self.end(self.run_id, ok)
 
 
 def close_open_runs(run_ids: Iterable[str], status: str, reason: str, client: Any = None) -> list[str]:
@@ -167,7 +161,65 @@ def close_open_runs(run_ids: Iterable[str], status: str, reason: str, client: An
     return ended
 
 
-def fail_stale_runs(run_ids: Iterable[str], reason: str) -> list[str]:
-    """Mark the MLflow runs among ``run_ids`` that are still RUNNING as FAILED (their process died).
-    Returns the ids it marked; no-op when MLflow cannot be reached."""
-    return close_open_runs(run_ids, "FAILED", reason)
+def prefect_flow_run_id() -> str:
+    """The id of the Prefect flow run this code runs in ('' outside a flow)."""
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id or "")
+    except Exception:  # noqa: BLE001  (outside a flow)
+        return ""
+
+
+def make_tracker(params: BaseModel, kind: str, run_name: str, extra_params: dict | None = None,
+                 parent: Tracker | None = None, tags: dict[str, str] | None = None) -> Tracker | None:
+    """An MLflow run (None when ``run.mlflow`` is off): a parent run, or a child of ``parent``."""
+    if not params.run.mlflow:
+        return None
+    all_params = {**flatten_params(params), **(extra_params or {})}
+    if parent is not None:
+        return Tracker("", run_name, all_params, {"d2.kind": kind, **(tags or {})}, parent=parent)
+    base_tags = {"git_commit": git_commit(), "params_hash": params_hash(params),
+                 "prefect_flow_run_id": prefect_flow_run_id(), "d2.kind": kind, **(tags or {})}
+    return Tracker(params.run.mlflow_experiment, run_name, all_params, base_tags)
+
+
+FIT_NUMBERS = ("matrix_psnr", "train_psnr", "motion_matrix", "motion_fit", "num_gaussians")
+
+
+def log_object(tracker: Tracker, run_id: str, done: dict[str, StageResult], ok: bool) -> None:
+    """An object's MLflow run: per-stage seconds, its scores, the fit's numbers, the curves of the fit
+    and the sampler, the matrix grid, the turntable video and the metrics file; then ended."""
+    metrics = {f"seconds.{s}": r.seconds for s, r in done.items()}
+    metrics.update({f"compute_seconds.{s}": r.compute_seconds for s, r in done.items()})
+    metrics.update({f"cached.{s}": float(r.status == "cached") for s, r in done.items()})
+    files = []
+    if "sampling" in done:
+        files += [(done["sampling"].out_dir / n, "matrix") for n in ("grid.png", "grid.mp4")]
+    if "fit" in done:  # how well the fit reproduces its own matrix, and how much motion it kept
+        metrics.update(flat_numbers({k: done["fit"].info.get(k) for k in FIT_NUMBERS}, "fit."))
+        files.append((done["fit"].out_dir / "turntable.mp4", "fit"))
+    if "metrics" in done:
+        metrics.update(flat_numbers(done["metrics"].info.get("metrics", {})))
+        files.append((done["metrics"].out_dir / "metrics.json", "metrics"))
+    tracker.log_metrics(run_id, metrics)
+    tracker.log_curves(run_id, stage_curves(done))
+    tracker.log_artifacts(run_id, files)
+    tracker.end(run_id, ok)
+
+
+def stage_curves(done: dict[str, StageResult]) -> dict[str, list[tuple[int, float]]]:
+    """Per-iteration curves of an object: the fit's loss, PSNR and Gaussian count (``fit.json``
+    ``curve``), the sampler's noise level and latent spread per step (``matrix.json`` ``steps``)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for stage, file, rows, x, names in (("fit", "fit.json", "curve", "iteration", ("loss", "psnr", "num")),
+                                        ("sampling", "matrix.json", "steps", "step", ("sigma", "x_std"))):
+        if stage not in done:
+            continue
+        try:
+            data = json.loads((done[stage].out_dir / file).read_text()).get(rows, [])
+        except (OSError, ValueError):
+            continue
+        for name in names:
+            curves[f"{stage}.curve.{name}"] = [(int(r[x]), float(r[name])) for r in data if name in r]
+    return curves

@@ -1,6 +1,6 @@
 """``d2 report``: the tables of a finished benchmark or sweep folder, rebuilt without compute.
 
-Benchmark folder -> ``results.{md,csv,tex,json}``, ``table2.*`` (the evaluation issue's
+Benchmark folder -> ``results.{md,csv,tex,json}``, ``table2.*`` (the evaluation's
 tables), ``timing.md`` (per-stage seconds, computed vs cached) and ``metrics.json``.
 Sweep folder -> ``ablation.{md,csv,tex}`` (one row per point), ``figure.png`` (one row per
 point: the first object's evaluation views at the middle frame), ``timing.md``, ``metrics.json``.
@@ -56,7 +56,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None, metrics_path: Path 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "timing.md", _timing_markdown(manifest))
     if manifest["kind"] == "sweep":
-        metrics, table = _sweep_report(run_dir, out_dir, manifest)
+        metrics, table = sweep_report(run_dir, out_dir, manifest["points"])
     else:
         from d2.eval.tables import load_results
 
@@ -69,23 +69,25 @@ def build_report(run_dir: Path, out_dir: Path | None = None, metrics_path: Path 
     return {"out_dir": str(out_dir), "table_path": str(table), "metrics": metrics}
 
 
-def _sweep_report(run_dir: Path, out_dir: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+def sweep_report(run_dir: Path, out_dir: Path, points: dict[str, list[str]]) -> tuple[dict[str, Any], Path]:
+    """The ablation table of a sweep's ``points`` (id -> overrides) and its figure grid (one row per
+    point: the first object's evaluation views at the middle frame) in ``out_dir``."""
     import torch
 
     from d2.eval.tables import AblationPoint, load_results, write_ablation_table, write_figure_grid
     from d2.utils.io import load_image
 
-    points: list[AblationPoint] = []
+    table_rows: list[AblationPoint] = []
     metrics: dict[str, Any] = {}
-    rows: list[torch.Tensor] = []
+    images: list[torch.Tensor] = []
     labels: list[str] = []
     requested: list[str] = []
-    for pid, overrides in manifest["points"].items():
+    for pid, overrides in points.items():
         pdir = run_dir / "points" / pid
         results = load_results(pdir / "results")
         requested = requested or list(results.metrics)
         params = dict(o.split("=", 1) for o in overrides)
-        points.append(AblationPoint(label=pid, params=params, metrics=results.mean, unavailable=results.unavailable,
+        table_rows.append(AblationPoint(label=pid, params=params, metrics=results.mean, unavailable=results.unavailable,
                                     time_s=results.generation_time_s))
         metrics[pid] = {"params": params, "mean": results.mean}
         obj = results.objects[0] if results.objects else None
@@ -97,10 +99,10 @@ def _sweep_report(run_dir: Path, out_dir: Path, manifest: dict[str, Any]) -> tup
                 frames = sorted(v.glob("*.png"), key=lambda p: int(p.stem))
                 if frames:
                     imgs.append(load_image(frames[len(frames) // 2]))
-            if imgs and (not rows or rows[0].shape[0] == len(imgs)):
-                rows.append(torch.stack(imgs))  # [K, 3, H, W]
+            if imgs and (not images or images[0].shape[0] == len(imgs)):
+                images.append(torch.stack(imgs))  # [K, 3, H, W]
                 labels.append(pid)
-    files = write_ablation_table(points, out_dir, requested)
-    if rows and len({tuple(r.shape) for r in rows}) == 1:
-        write_figure_grid(torch.stack(rows), out_dir / "figure.png", row_labels=labels)
+    files = write_ablation_table(table_rows, out_dir, requested)
+    if images and len({tuple(r.shape) for r in images}) == 1:
+        write_figure_grid(torch.stack(images), out_dir / "figure.png", row_labels=labels)
     return metrics, files["md"]

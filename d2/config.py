@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import inspect
 import json
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import to_jsonable_python
 
 from d2.eval.metrics import MetricsConfig
 from d2.eval.protocol import Protocol
@@ -29,6 +32,7 @@ from d2.stages.conditions import ConditionsConfig
 from d2.stages.fit import FitConfig, fitted_views
 from d2.stages.priors import PriorsConfig
 from d2.stages.sampling import SamplingConfig
+from d2.utils.bounded_yaml import YAMLLimitError, load_bounded_yaml, yaml_problem
 from d2.world.benchmark import PrepareConfig
 
 DEFAULT_PARAMS = "params.yaml"
@@ -119,42 +123,15 @@ class Params(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------
-# Key checking and overrides
+# Reading, overriding and validating; pydantic refuses unknown keys (extra="forbid")
 
 
 def _field_model(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model class of a field annotation (also through Optional[...])."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
+    for t in (annotation, *(getattr(annotation, "__args__", ()) or ())):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
     return None
-
-
-def _unknown_key_error(key: str, model: type[BaseModel], prefix: str) -> ParamsError:
-    known = list(model.model_fields)
-    where = prefix.rstrip(".") or "params"
-    last = key.split(".")[-1]
-    near = [f for f in known if last.endswith("_" + f)] or difflib.get_close_matches(last, known, n=1)
-    if near:
-        return ParamsError(f"unknown parameter '{prefix}{key}'. Did you mean '{prefix}{near[0]}'?")
-    return ParamsError(f"unknown parameter '{prefix}{key}': {where} has {', '.join(known)}")
-
-
-def check_keys(data: dict, model: type[BaseModel] | None = None, prefix: str = "") -> None:
-    """Raise :class:`ParamsError` for any key of ``data`` that ``model`` (default Params) lacks."""
-    model = Params if model is None else model
-    if not isinstance(data, dict):
-        raise ParamsError(f"'{prefix.rstrip('.') or 'params'}' must be a mapping, got {type(data).__name__}")
-    for key, value in data.items():
-        if key not in model.model_fields:
-            raise _unknown_key_error(str(key), model, prefix)
-        sub = _field_model(model.model_fields[key].annotation)
-        if sub is not None and value is None:  # an empty section (`fit:` with nothing under it)
-            data[key] = {}
-        elif sub is not None and isinstance(value, dict):
-            check_keys(value, sub, f"{prefix}{key}.")
 
 
 def no_effect_keys(model: type[BaseModel] = Params, prefix: str = "") -> tuple[str, ...]:
@@ -171,104 +148,46 @@ def no_effect_keys(model: type[BaseModel] = Params, prefix: str = "") -> tuple[s
 
 
 NO_EFFECT = no_effect_keys()  # left out of every cache key
+MAX_PARAMS_BYTES = 1 << 20  # a params file larger than this is refused (params.yaml is ~20 KB)
+MAX_ERRORS_SHOWN = 8  # validation problems listed in one message
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'sampling.s0=0.3'`` -> (['sampling', 's0'], 0.3); the value is parsed as YAML."""
     if "=" not in text:
         raise ParamsError(f"override '{text}' must look like key=value (e.g. sampling.s0=0.3)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
+    key, raw = (s.strip() for s in text.split("=", 1))
     if not key or any(not part for part in key.split(".")):
         raise ParamsError(f"override '{text}': bad key '{key}'")
     try:
-        value = safe_yaml_load(raw) if raw.strip() else ""
+        return key.split("."), load_bounded_yaml(raw) if raw else ""
     except yaml.YAMLError as e:
-        raise ParamsError(f"override '{text}': value is not valid YAML ({_yaml_problem(e)})") from None
-    except ParamsError as e:
+        raise ParamsError(f"override '{text}': value is not valid YAML ({yaml_problem(e)})") from None
+    except YAMLLimitError as e:
         raise ParamsError(f"override '{key}=...': {e}") from None
-    return key.split("."), value
 
 
-def apply_override(data: dict, path: list[str], value: Any, root: type[BaseModel] | None = None) -> None:
-    """Set ``data[path[0]][path[1]]... = value`` after checking every key exists in ``root`` (Params)."""
-    model: type[BaseModel] | None = Params if root is None else root
-    node = data
-    for i, part in enumerate(path):
-        prefix = ".".join(path[:i]) + ("." if i else "")
-        if model is None:
-            raise ParamsError(f"unknown parameter '{'.'.join(path)}': '{prefix.rstrip('.')}' is not a section")
-        if part not in model.model_fields:
-            raise _unknown_key_error(part, model, prefix)
-        if i == len(path) - 1:
-            node[part] = value
-            return
-        model = _field_model(model.model_fields[part].annotation)
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-
-
-MAX_PARAMS_BYTES = 1 << 20  # a params file larger than this is refused (params.yaml is ~20 KB)
-MAX_YAML_DEPTH = 32  # nesting of mappings and lists in a params file or a --set value
-MAX_YAML_EXPANDED = 1 << 21  # characters of a params document once its aliases are expanded (billion laughs)
-MAX_ERRORS_SHOWN = 8  # validation problems listed in one message
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that refuses, while composing and before anything is built, a
-    document nested deeper than :data:`MAX_YAML_DEPTH` or whose aliases expand to more than
-    :data:`MAX_YAML_EXPANDED` characters."""
-
-    def __init__(self, stream: Any) -> None:
-        super().__init__(stream)
-        self._depth = 0
-        self._sizes: dict[int, int] = {}  # id(node) -> its expanded size (aliases reuse the node)
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        self._depth += 1
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                raise ParamsError(f"nested deeper than {MAX_YAML_DEPTH} levels; params hold sections "
-                                  "and keys, not deep structures")
-            node = super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-        if id(node) not in self._sizes:
-            if isinstance(node, yaml.ScalarNode):
-                size = 1 + len(node.value)
-            elif isinstance(node, yaml.SequenceNode):
-                size = 1 + sum(self._sizes.get(id(c), 1) for c in node.value)
-            else:
-                size = 1 + sum(self._sizes.get(id(k), 1) + self._sizes.get(id(v), 1) for k, v in node.value)
-            self._sizes[id(node)] = size
-            if size > MAX_YAML_EXPANDED:
-                raise ParamsError(f"aliases (*name) expand to more than {MAX_YAML_EXPANDED:,} characters; "
-                                  "write the values out instead of repeating aliases")
-        return node
-
-
-_DEEP_FLOW = re.compile(r"[\[{](?:\s*[\[{]){%d}" % MAX_YAML_DEPTH)  # more than MAX_YAML_DEPTH brackets opened in a row
-
-
-def safe_yaml_load(text: str) -> Any:
-    """``yaml.safe_load`` with depth and alias-expansion limits (:class:`ParamsError` beyond them)."""
-    if _DEEP_FLOW.search(text):  # refused before PyYAML's scanner looks ahead over the brackets
-        raise ParamsError(f"nested deeper than {MAX_YAML_DEPTH} levels; params hold sections and keys, not deep "
-                          "structures")
-    loader = _BoundedLoader(text)
+def _validate(model: type[BaseModel], data: dict, overrides: list[str], source: str) -> Any:
+    """``model`` from ``data`` with the ``key=value`` overrides set in it; one :class:`ParamsError` line otherwise."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
     try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
+        return model.model_validate(data)
+    except ValidationError as e:
+        errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")  # unknown keys first
+        problems = list(dict.fromkeys(_problem(err, model) for err in errors))
+        more = f" (+{len(problems) - 1} more: {'; '.join(problems[1:MAX_ERRORS_SHOWN])})" if len(problems) > 1 else ""
+        raise ParamsError(f"{source}: {problems[0]}{more}") from None
 
 
 def short_repr(value: Any, limit: int = 60) -> str:
     """A repr of at most about ``limit`` characters that never walks a whole large structure."""
-    import reprlib
-
     r = reprlib.Repr()
     r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 2, 4, 4, 4, 4
     r.maxstring, r.maxother, r.maxlong = limit, limit, limit
@@ -276,95 +195,66 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit + 5 else text[:limit] + "..."
 
 
-def _field_at(root: type[BaseModel], loc: tuple) -> tuple[type[BaseModel], str] | None:
-    """(model, field name) of the field at error location ``loc`` of ``root``, if ``loc`` names one."""
-    model: type[BaseModel] | None = root
-    for i, part in enumerate(loc):
-        if model is None or part not in model.model_fields:
-            return None
-        if i == len(loc) - 1:
-            return model, str(part)
-        model = _field_model(model.model_fields[part].annotation)
-    return None
-
-
-def _num(x: float) -> str:
-    return str(x) if isinstance(x, int) else f"{x:g}"
-
-
-def _range_text(model: type[BaseModel], name: str) -> str:
+def _range_text(field: Any) -> str:
     """``is outside [0, 1]``, ``must be > 0``, ... from the field's constraints."""
-    bounds = {kind: getattr(c, kind) for c in model.model_fields[name].metadata for kind in ("ge", "gt", "le", "lt")
-              if getattr(c, kind, None) is not None}
-    lo, lo_open = (bounds["gt"], True) if "gt" in bounds else (bounds.get("ge"), False)
-    hi, hi_open = (bounds["lt"], True) if "lt" in bounds else (bounds.get("le"), False)
+    b = {kind: getattr(c, kind) for c in field.metadata for kind in ("ge", "gt", "le", "lt")
+         if getattr(c, kind, None) is not None}
+    num = lambda x: str(x) if isinstance(x, int) else f"{x:g}"  # noqa: E731
+    lo, lo_open = (b["gt"], True) if "gt" in b else (b.get("ge"), False)
+    hi, hi_open = (b["lt"], True) if "lt" in b else (b.get("le"), False)
     if lo is None:
-        return f"must be {'<' if hi_open else '<='} {_num(hi)}"
+        return f"must be {'<' if hi_open else '<='} {num(hi)}"
     if hi is None:
-        return f"must be {'>' if lo_open else '>='} {_num(lo)}"
-    return f"is outside {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
-
-
-BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+        return f"must be {'>' if lo_open else '>='} {num(lo)}"
+    return f"is outside {'(' if lo_open else '['}{num(lo)}, {num(hi)}{')' if hi_open else ']'}"
 
 
 def _problem(err: Any, root: type[BaseModel]) -> str:
     """One validation error in one line naming the knob, the value, the allowed range and why."""
-    key = ".".join(str(x) for x in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    at = _field_at(root, err["loc"])
-    if err["type"] in BOUND_ERRORS and at is not None:
-        model, name = at
-        value = err.get("input")
-        if model.model_fields[name].annotation is float and isinstance(value, (int, str)):
+    loc, value = tuple(map(str, err["loc"])), err.get("input")
+    key, msg = ".".join(loc), err["msg"].removeprefix("Value error, ")
+    section: type[BaseModel] | None = root
+    for part in loc[:-1]:  # the model holding the knob at loc
+        f = section.model_fields.get(part) if section else None
+        section = _field_model(f.annotation) if f else None
+    field = section.model_fields.get(loc[-1]) if section and loc else None
+    leaf = field is not None and _field_model(field.annotation) is None
+    if err["type"] == "extra_forbidden" and section is not None:
+        known, name, where = list(section.model_fields), loc[-1], ".".join(loc[:-1])
+        near = [f for f in known if name.endswith("_" + f)] or difflib.get_close_matches(name, known, n=1)
+        if near:
+            return f"unknown parameter '{key}'. Did you mean '{where + '.' if where else ''}{near[0]}'?"
+        return f"unknown parameter '{key}': {where or 'params'} has {', '.join(known)}"
+    if err["type"] == "value_error" and (not leaf or msg.startswith(key)):
+        return msg  # a check's own message names the knobs
+    if leaf and isinstance(value, dict) and err["type"].endswith("_type"):
+        return f"unknown parameter '{key}.{next(iter(value), '')}': '{key}' is not a section"
+    if leaf and err["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        if field.annotation is float and isinstance(value, (int, str)):
             value = float(value)  # as validated (YAML reads 1e200 as a string, 0 as an int)
-        why = field_comments(model).get(name, "")
-        return f"{key} = {value!r} {_range_text(model, name)}" + (f": {why}" if why else "")
-    if err["type"] == "value_error" and (at is None or _field_model(at[0].model_fields[at[1]].annotation)):
-        return msg  # a section's own check: its message names the knobs
-    return f"{key}: {msg} (got {short_repr(err.get('input'))})"
-
-
-def _format_validation_error(e: ValidationError, source: str, root: type[BaseModel] = Params) -> str:
-    problems = list(dict.fromkeys(_problem(err, root) for err in e.errors()))
-    shown = problems[1:MAX_ERRORS_SHOWN]
-    more = f" (+{len(problems) - 1} more: {'; '.join(shown)})" if len(problems) > 1 else ""
-    return f"invalid parameter: {problems[0]}{more} (in {source})"
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """A YAML error in one line: the problem and where."""
-    problem = getattr(e, "problem", None)
-    mark = getattr(e, "problem_mark", None)
-    if problem and mark is not None:
-        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
-    return " ".join(str(e).split())
+        why = field_comments(section).get(loc[-1], "")
+        return f"{key} = {value!r} {_range_text(field)}" + (f": {why}" if why else "")
+    return f"{key}: {msg} (got {short_repr(value)})"
 
 
 def _read_yaml_mapping(p: Path) -> dict:
     try:
-        size = p.stat().st_size
-    except OSError as e:
-        raise ParamsError(f"{p}: cannot read the params file ({e.strerror or e})") from None
-    if size > MAX_PARAMS_BYTES:
-        raise ParamsError(f"{p}: {size / 1e6:.1f} MB, over the {MAX_PARAMS_BYTES >> 20} MB limit of a params file "
-                          "(params.yaml is ~20 KB); give the params file, not a data file")
-    try:
+        if p.stat().st_size > MAX_PARAMS_BYTES:
+            raise ParamsError(f"{p}: {p.stat().st_size / 1e6:.1f} MB, over the {MAX_PARAMS_BYTES >> 20} MB limit of "
+                              "a params file (params.yaml is ~20 KB); give the params file, not a data file")
         with open(p, "rb") as f:
-            loaded = safe_yaml_load(f.read(MAX_PARAMS_BYTES + 1).decode("utf-8"))
+            loaded = load_bounded_yaml(f.read(MAX_PARAMS_BYTES + 1).decode("utf-8"))
     except yaml.YAMLError as e:
-        raise ParamsError(f"{p}: not valid YAML ({_yaml_problem(e)})") from None
+        raise ParamsError(f"{p}: not valid YAML ({yaml_problem(e)})") from None
     except UnicodeDecodeError:
         raise ParamsError(f"{p}: not a text file (a YAML params file is expected)") from None
-    except ParamsError as e:
+    except YAMLLimitError as e:
         raise ParamsError(f"{p}: {e}") from None
     except OSError as e:
         raise ParamsError(f"{p}: cannot read the params file ({e.strerror or e})") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
+    if not isinstance(loaded, (dict, type(None))):
         raise ParamsError(f"{p}: the top level must be a mapping of sections")
-    return loaded
+    return loaded or {}
 
 
 def load_params(path: str | os.PathLike | None = DEFAULT_PARAMS, overrides: Iterable[str] = ()) -> Params:
@@ -379,38 +269,22 @@ def load_params(path: str | os.PathLike | None = DEFAULT_PARAMS, overrides: Iter
     if path is not None:
         p = Path(path)
         if p.is_file():
-            data = _read_yaml_mapping(p)
-            source = str(p)
+            data, source = _read_yaml_mapping(p), str(p)
         elif p.exists():
             raise ParamsError(f"params file {p} is not a file")
         elif str(path) != DEFAULT_PARAMS:
             raise ParamsError(f"params file not found: {p}")
-        else:
-            source = f"the defaults (no {DEFAULT_PARAMS} here)"
-    try:
-        check_keys(data)
-    except ParamsError as e:
-        raise ParamsError(f"{source}: {e}") from None
     overrides = list(overrides)
-    for text in overrides:
-        path_keys, value = parse_override(text)
-        apply_override(data, path_keys, value)
     if overrides:
-        source += " + --set " + " ".join(overrides)
-    try:
-        return Params.model_validate(data)
-    except ValidationError as e:
-        raise ParamsError(_format_validation_error(e, source)) from None
+        source = ("" if source == "the defaults" else source + " + ") + "--set " + " ".join(overrides)
+    data = {k: v for k, v in data.items() if v is not None}  # an empty section (`fit:` alone) keeps its defaults
+    return _validate(Params, data, overrides, source)
 
 
-def _get(params: BaseModel, key: str) -> Any:
-    """The attribute at dotted ``key`` of ``params``, None where it has none."""
-    node: Any = params
-    for part in key.split("."):
-        if node is None or not hasattr(node, part):
-            return None
-        node = getattr(node, part)
-    return node
+def with_overrides(params: BaseModel, overrides: Iterable[str]) -> BaseModel:
+    """A copy of validated ``params`` with ``key=value`` overrides applied and re-validated."""
+    overrides = list(overrides)
+    return _validate(type(params), params.model_dump(mode="json"), overrides, " ".join(overrides))
 
 
 def available_presets() -> list[str]:
@@ -429,44 +303,32 @@ def preset_path(name: str) -> Path:
     return path
 
 
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{'sampling.s0': 0.5, ...}``: every leaf of nested dicts as a dotted key (an empty dict below the top is a leaf)."""
+    if not isinstance(node, dict) or (prefix and not node):
+        return {prefix.rstrip("."): node}
+    return {k: v for name, child in node.items() for k, v in _leaves(child, f"{prefix}{name}.").items()}
+
+
 def overlay_overrides(path: str | os.PathLike = REHEARSAL_OVERLAY) -> list[str]:
     """A partial params file (an overlay such as ``params/overlays/rehearsal.yaml``) as ``key=value``
     overrides, applied after a params file like ``--set``."""
-    data = _read_yaml_mapping(Path(path))
-
-    def flat(d: dict, prefix: str = "") -> list[str]:
-        out: list[str] = []
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out += flat(v, f"{prefix}{k}.")
-            else:
-                out.append(f"{prefix}{k}={json.dumps(v)}")
-        return out
-
-    return flat(data)
+    return [f"{k}={json.dumps(v)}" for k, v in _leaves(_read_yaml_mapping(Path(path))).items()]
 
 
-def with_overrides(params: BaseModel, overrides: Iterable[str]) -> BaseModel:
-    """A copy of validated ``params`` with ``key=value`` overrides applied and re-validated."""
-    data = params.model_dump(mode="json")
-    overrides = list(overrides)
-    for text in overrides:
-        path_keys, value = parse_override(text)
-        apply_override(data, path_keys, value, type(params))
-    try:
-        return type(params).model_validate(data)
-    except ValidationError as e:
-        raise ParamsError(_format_validation_error(e, "--set " + " ".join(overrides), type(params))) from None
+def flatten_params(params: BaseModel) -> dict[str, Any]:
+    """``{'sampling.s0': 0.5, ...}``: every leaf as a dotted key (for MLflow params)."""
+    return _leaves(params.model_dump(mode="json"))
 
 
 def get_param(params: BaseModel, key: str) -> Any:
     """The value at dotted ``key`` (e.g. ``'sampling.s0'``) as JSON-compatible data."""
-    node: Any = params.model_dump(mode="json")
+    node: Any = params
     for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
+        if not isinstance(node, BaseModel) or part not in type(node).model_fields:
             raise ParamsError(f"unknown parameter '{key}'")
-        node = node[part]
-    return node
+        node = getattr(node, part)
+    return to_jsonable_python(node)
 
 
 def params_subset_hash(params: BaseModel, keys: Iterable[str], ignore: Iterable[str] = ()) -> str:
@@ -475,7 +337,6 @@ def params_subset_hash(params: BaseModel, keys: Iterable[str], ignore: Iterable[
     ``ignore`` names leaf keys to leave out: a bare name (``'progress'``) anywhere in the
     subset, or a dotted key (``'metrics.batch_size'``); for knobs that cannot change results.
     """
-    subset = {k: get_param(params, k) for k in sorted(set(keys))}
     ignore = set(ignore)
 
     def strip(node: Any, prefix: str) -> Any:
@@ -484,7 +345,7 @@ def params_subset_hash(params: BaseModel, keys: Iterable[str], ignore: Iterable[
                     if k not in ignore and f"{prefix}{k}" not in ignore}
         return node
 
-    subset = {k: strip(v, f"{k}.") for k, v in subset.items()}
+    subset = {k: strip(get_param(params, k), f"{k}.") for k in sorted(set(keys))}
     blob = json.dumps(subset, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -494,72 +355,38 @@ def params_hash(params: BaseModel) -> str:
     return params_subset_hash(params, [k for k in type(params).model_fields if k != "run"])
 
 
-def flatten_params(params: BaseModel) -> dict[str, Any]:
-    """``{'sampling.s0': 0.5, ...}``: every leaf as a dotted key (for MLflow params)."""
-    out: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            out[prefix.rstrip(".")] = node
-
-    walk(params.model_dump(mode="json"), "")
-    return out
-
-
 # ---------------------------------------------------------------------------------------
 # A commented params.yaml from the models (the comment of each field is its source comment)
 
 
 def field_comments(model: type[BaseModel]) -> dict[str, str]:
     """``{field: comment}`` from the ``name: type = default  # comment`` lines of ``model``."""
-    import inspect
-
     out: dict[str, str] = {}
-    for cls in reversed(model.__mro__):
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or cls is BaseModel:
-            continue
+    for cls in reversed(model.__mro__[:model.__mro__.index(BaseModel)]):  # a subclass's comments win
         try:
             src = inspect.getsource(cls)
         except (OSError, TypeError):
             continue
-        for m in re.finditer(r"^\s+(\w+)\s*:[^\n#]*#\s*(.+)$", src, flags=re.M):
-            out[m.group(1)] = m.group(2).strip()
-    for name, f in model.model_fields.items():
-        if name not in out and f.description:
-            out[name] = f.description
+        out.update(re.findall(r"^\s+(\w+)\s*:[^\n#]*#\s*(.+?)\s*$", src, flags=re.M))
     return out
 
 
-def render_params_yaml(params: BaseModel | None = None) -> str:
-    """YAML text of ``params`` (default: all defaults) with one comment per field."""
+def render_params_yaml(params: BaseModel | None = None, indent: int = 0) -> str:
+    """YAML text of ``params`` (default: all defaults) with one comment per field; a top-level
+    section is commented with its class's docstring."""
     params = Params() if params is None else params
-    lines: list[str] = []
-
-    def emit(model_obj: BaseModel, indent: int) -> None:
-        comments = field_comments(type(model_obj))
-        for name in type(model_obj).model_fields:
-            value = getattr(model_obj, name)
-            pad = " " * indent
-            comment = comments.get(name, "")
-            if isinstance(value, BaseModel):
-                lines.append(f"{pad}{name}:" + (f"  # {comment}" if comment else ""))
-                emit(value, indent + 2)
-                continue
-            dumped = value.value if hasattr(value, "value") and not isinstance(value, (int, float, str)) else value
-            text = yaml.safe_dump(json.loads(json.dumps(dumped, default=str)), default_flow_style=True,
-                                  width=10_000).strip()
-            text = text.removesuffix("...").strip()
-            lines.append(f"{pad}{name}: {text}" + (f"  # {comment}" if comment else ""))
-
-    for section in type(params).model_fields:
-        sub = getattr(params, section)
-        doc = (type(sub).__doc__ or "").strip().splitlines()
-        lines.append("")
-        lines.append(f"{section}:" + (f"  # {doc[0]}" if doc else ""))
-        emit(sub, 2)
+    comments, dump, lines = field_comments(type(params)), params.model_dump(mode="json"), []
+    for name in type(params).model_fields:
+        value, pad = getattr(params, name), " " * indent
+        if isinstance(value, BaseModel):
+            note = (type(value).__doc__ or "").strip().split("\n")[0] if indent == 0 else comments.get(name, "")
+            lines += [""] * (indent == 0) + [f"{pad}{name}:" + (f"  # {note}" if note else "")]
+            lines.append(render_params_yaml(value, indent + 2))
+        else:
+            text = yaml.safe_dump(dump[name], default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+            lines.append(f"{pad}{name}: {text}" + (f"  # {comments[name]}" if name in comments else ""))
+    if indent:
+        return "\n".join(lines)
     return ("# Every knob of Diffusion² (validated by d2/config.py before any compute), written by `d2 params`.\n"
             "# Override any key with `--set key=value` or `dvc exp run -S key=value`; presets: params/ "
             "(docs/presets.md).\n" + "\n".join(lines) + "\n")

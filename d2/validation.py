@@ -1,24 +1,15 @@
 """Checks of params against the inputs, datasets, priors and devices, run before any compute
-(no Prefect, no model loads); :mod:`d2.preflight` runs them, then checks the machine.
-
-Every problem is raised as one :class:`InputError` whose message is one line (two at most)
-naming the file or the key, the problem, and what to do. The functions are pure apart from
-reading the files they check:
-
-    check_input(path, params, gt_dir)    one object's input (read as the conditions stage reads it) and ground truth
-    check_gt(gt_dir, params)             one object's ground truth (``eval_k/<i>.png``)
-    check_dataset(data_dir, params)      a benchmark: every object's input and ground truth
-    check_priors(params)                 backend names, miniature weights present, resolutions
-    check_runtime(params, ...)           torch devices, LPIPS weights of the fit, weight files
-    check_grid(params, items)            every point of a sweep grid
-
-Frames are named as :mod:`d2.stages.conditions` reads them (:func:`~d2.stages.conditions.list_frames`).
+(no Prefect, no model loads); :mod:`d2.preflight` runs them, then checks the machine. Each
+problem is one :class:`InputError` line naming the file or the key, the problem, and what to
+do. The functions are pure apart from reading the files they check; frames are named as
+:mod:`d2.stages.conditions` reads them (:func:`~d2.stages.conditions.list_frames`).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -26,17 +17,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from d2.config import ParamsError, parse_override, with_overrides
+from d2.config import ParamsError, get_param, parse_override, with_overrides
 from d2.stages import conditions as C
 from d2.utils.io import InputError
 
 MAX_GRID_POINTS = 4096  # a sweep grid larger than this is refused (each point is a whole benchmark)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return " ".join(lines[:2]) if len(lines) <= 2 else f"{lines[0]} {lines[1]} ..."
 
 
 def check_input(path: str | os.PathLike, params: BaseModel, gt_dir: str | os.PathLike | None = None,
@@ -153,30 +138,23 @@ def check_dataset(data_dir: str | os.PathLike, params: BaseModel, objects: list[
 
 
 def check_priors(params: BaseModel) -> None:
-    """Backend names exist, miniature weights are present, and the priors' resolution is the
-    conditions' (found from configs and ``d2_prior.json`` only; nothing is loaded)."""
-    from d2.stages.priors import BACKENDS, read_prior_meta
+    """Miniature weights are present, and the priors' resolution is the conditions' (found from
+    configs and ``d2_prior.json`` only; nothing is loaded). Backend names are the config's check."""
+    from d2.stages.priors import mini_prior_dir, read_prior_meta
 
     cfg = params.priors
     want = params.conditions.resolution
     for family in ("video", "multiview"):
-        key = f"priors.{family}_backend" if getattr(cfg, f"{family}_backend") else "priors.backend"
         name = getattr(cfg, f"{family}_backend") or cfg.backend
-        if name not in BACKENDS:
-            raise InputError(f"{key} = {name!r} is not a priors backend; known: {', '.join(sorted(BACKENDS))}")
         res, where = None, ""
-        if name == "tiny":
-            res, where = cfg.tiny.resolution, "priors.tiny.resolution"
-        elif name == "gaussian":
-            res, where = cfg.gaussian.resolution, "priors.gaussian.resolution"
+        if name in ("tiny", "gaussian"):
+            res, where = getattr(cfg, name).resolution, f"priors.{name}.resolution"
         elif name == "mini":
-            from d2.stages.priors import mini_prior_dir
-
             folder = mini_prior_dir(cfg, family)
             try:
                 meta = read_prior_meta(folder)
             except (ValueError, OSError) as e:
-                raise InputError(_one_line(e)) from None
+                raise InputError(" ".join(str(e).split())) from None
             if meta is None:
                 raise InputError(f"{folder / 'd2_prior.json'}: the miniature {family} prior is missing; train it with "
                                  "`python -m d2.train.priors --out data/priors` or set priors.backend")
@@ -213,11 +191,9 @@ TORCHSCRIPT_NOTE = ("is loaded with torch.jit.load: a TorchScript file is code t
 def check_runtime(params: BaseModel, devices: tuple[str, ...], fits: bool, scores: bool) -> list[str]:
     """Torch devices exist; the fit's LPIPS weights exist when it needs them; explicit
     metric weight files exist. Returns warnings (TorchScript files named by the user)."""
-    from d2.config import _get
-
     warnings: list[str] = []
     for key in devices:
-        value = _get(params, key)
+        value = get_param(params, key)
         if isinstance(value, str):
             _check_device(key, value)
     if fits and params.fit.lambda_lpips > 0 and params.fit.lpips_required:  # else the fit goes without, says fit.json
@@ -254,7 +230,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         try:
             values = [parse_override(f"{key}={v}")[1] for v in raw.split(",") if v.strip() != ""]
         except ParamsError as e:
-            raise InputError(f"grid axis '{item}': {_one_line(e)}") from None
+            raise InputError(f"grid axis '{item}': {e}") from None
         if not values:
             raise InputError(f"grid axis '{item}' has no values")
         if key in grid:
@@ -266,9 +242,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 def grid_points(params: BaseModel, grid: dict[str, list[Any]]) -> list[tuple[str, list[str], BaseModel]]:
     """Every point of a sweep grid as (id, overrides, validated params), validated before any compute."""
     keys = list(grid)
-    n = 1
-    for values in grid.values():
-        n *= len(values)
+    n = math.prod(map(len, grid.values()))
     if n > MAX_GRID_POINTS:
         raise InputError(f"the sweep grid has {n} points (max {MAX_GRID_POINTS}); use fewer values per axis")
     points = []
@@ -278,7 +252,7 @@ def grid_points(params: BaseModel, grid: dict[str, list[Any]]) -> list[tuple[str
         try:
             point = with_overrides(params, overrides)
         except ParamsError as e:
-            raise InputError(f"sweep point {' '.join(overrides)}: {_one_line(e)}") from None
+            raise InputError(f"sweep point {e}") from None  # its message starts with the overrides
         points.append((f"p{i:02d}_" + re.sub(r"[^A-Za-z0-9_.=-]", "-", slug)[:80], overrides, point))
     return points
 

@@ -308,7 +308,7 @@ CORPUS: list[Case] = [
     Case("nothing to score", par("protocol.eval_azimuths_deg=[]"), "eval_azimuths_deg must not be empty"),
     Case("sweep point out of bounds", lambda t: ("sweep", {"data": str(dataset(t / "ds")), "out": str(t / "r"),
                                                             "grid": ["sampling.s0=0.3,2"]}, P, []),
-         "sweep point sampling.s0=2: invalid parameter: sampling.s0 = 2"),
+         "sweep point sampling.s0=2: sampling.s0 = 2.0 is outside [0, 1]"),
     # params files
     Case("typo in a key", par(text="sampling:\n  num_stpes: 3\n"), "Did you mean 'sampling.num_steps'"),
     Case("YAML syntax error", par(text="sampling: [unclosed\n"), "not valid YAML"),

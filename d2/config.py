@@ -304,7 +304,7 @@ def preset_path(name: str) -> Path:
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    """``{'sampling.s0': 0.5, ...}``: every leaf of nested dicts as a dotted key (an empty dict below the top is a leaf)."""
+    """``{'sampling.s0': 0.5, ...}``: every leaf of nested dicts as a dotted key (an empty dict inside is a leaf)."""
     if not isinstance(node, dict) or (prefix and not node):
         return {prefix.rstrip("."): node}
     return {k: v for name, child in node.items() for k, v in _leaves(child, f"{prefix}{name}.").items()}

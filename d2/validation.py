@@ -109,15 +109,9 @@ def dataset_objects(data_dir: str | os.PathLike, only: list[str] | None = None) 
 
 
 def check_dataset(data_dir: str | os.PathLike, params: BaseModel, objects: list[str] | None = None) -> list[str]:
-    """Check a whole benchmark dataset before the first stage; return its objects.
-
-    Every object's input video (``input/<o>``: frame count and numbers, every used frame's
-    header and file structure, one size, an object in the first frame) and every ground-truth
-    view and frame the protocol scores (``gt/<o>/eval_k/<i>.png``: present, readable, not
-    degenerate). All problems are collected; the :class:`InputError` names the first and counts
-    the rest. Pixels are decoded only for the first input frame, so a Consistent4D-sized set
-    (7 objects, 4 x 32 ground-truth frames at 512 px) is checked in well under a second.
-    """
+    """Every object's input (:func:`check_input`, pixels decoded for the first frame only) and ground
+    truth, before the first stage; returns the objects. The :class:`InputError` names the first
+    problem and counts the rest. A Consistent4D-sized set is checked in well under a second."""
     data = Path(data_dir).expanduser()
     names = dataset_objects(data, objects if objects is not None else list(params.run.objects))
     problems: list[str] = []
@@ -184,10 +178,6 @@ def _check_device(key: str, value: str) -> None:
         raise InputError(f"{key} = {value!r}: device type {dev.type!r} is not supported; use cpu or cuda")
 
 
-TORCHSCRIPT_NOTE = ("is loaded with torch.jit.load: a TorchScript file is code that runs when loaded; "
-                    "use only a file you trust (prefer .safetensors where the metric reads it)")
-
-
 def check_runtime(params: BaseModel, devices: tuple[str, ...], fits: bool, scores: bool) -> list[str]:
     """Torch devices exist; the fit's LPIPS weights exist when it needs them; explicit
     metric weight files exist. Returns warnings (TorchScript files named by the user)."""
@@ -213,7 +203,9 @@ def check_runtime(params: BaseModel, devices: tuple[str, ...], fits: bool, score
             if not Path(value).expanduser().is_file():
                 raise InputError(f"{key} = {value}: file not found; fix the path or set {key}=null to search caches")
             if key == "metrics.i3d_weights" or (key == "metrics.clip_weights" and Path(value).suffix == ".pt"):
-                warnings.append(f"{key} ({value}) {TORCHSCRIPT_NOTE}")
+                warnings.append(f"{key} ({value}) is loaded with torch.jit.load: a TorchScript file is code that "
+                                "runs when loaded; use only a file you trust (prefer .safetensors where the metric "
+                                "reads it)")
     return warnings
 
 

@@ -40,6 +40,8 @@ def warm_imports() -> None:
     """Import the model libraries the stages build from, once per process and under a lock, before
     stages build models in parallel threads: transformers and diffusers resolve their names lazily,
     and two threads resolving them at once can fail (``cannot import name ... from 'transformers'``)."""
+    if "warm" in _models:
+        return
     with _models_lock:
         if "warm" in _models:
             return
@@ -57,6 +59,8 @@ def warm_imports() -> None:
 def _built_once(key: str, build: Callable[[], Any]) -> Any:
     """``build()``, once per process for ``key`` (a long-lived worker builds its models once, whatever
     number of objects it runs)."""
+    if key in _models:  # built: no wait behind another model being built
+        return _models[key]
     warm_imports()
     with _models_lock:
         if key not in _models:

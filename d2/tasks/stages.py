@@ -205,14 +205,10 @@ def compute_tables(inputs: dict[str, Path], out: Path, params: BaseModel) -> dic
     if "fvd" in requested:
         proto = params.protocol
         fvd_cfg = params.metrics.model_copy(update={"metrics": ["fvd"], "resolution": proto.resolution})
-        suite = get_metric_suite(fvd_cfg, proto.metric_definitions)
-        if "fvd" in suite.unavailable:
-            unavailable["fvd"] = suite.unavailable["fvd"]
-        else:
-            fvd, reason = pooled_fvd({o: inputs[f"pred:{o}"] for o in objects}, {o: inputs[f"gt:{o}"] for o in objects},
-                                     proto, suite)
-            if reason:
-                unavailable["fvd"] = reason
+        fvd, reason = pooled_fvd({o: inputs[f"pred:{o}"] for o in objects}, {o: inputs[f"gt:{o}"] for o in objects},
+                                 proto, get_metric_suite(fvd_cfg, proto.metric_definitions))  # reason: unavailable
+        if reason:
+            unavailable["fvd"] = reason
     # no dataset label here: the entry is keyed on the ground truth's content, not on where it lies;
     # the run labels its copy with the dataset as the user named it (label_dataset)
     results = merge_results(parts, params.protocol, requested, fvd=fvd,

@@ -141,7 +141,7 @@ def test_keys_follow_the_code_a_stage_runs(tmp_path):
         def versions():
             return {n: code_version(list(s.modules), [s.compute]) for n, s in SPECS.items()}
         out = [versions()]
-        priors = root / "d2" / "stages" / "priors.py"
+        priors = root / "d2" / "stages" / "priors" / "mini.py"
         priors.write_text(priors.read_text().replace('    folder = mini_prior_dir(cfg, family)',
                                                      '    folder = mini_prior_dir(cfg, family)  # edited'))
         out.append(versions())

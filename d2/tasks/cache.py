@@ -1,28 +1,17 @@
 """The content-addressed stage cache: keys, entries, verification, locks.
 
-A stage's **key** is the sha256 of
+A stage's **key** hashes the content of its input artifacts (not their paths), the params it
+reads (less :data:`d2.config.NO_EFFECT`) and its code: the source of its ``compute`` wrapper
+and of every ``d2`` module its stage modules import, transitively (imports inside functions too).
 
-* the content hash of each of its input artifacts (files or folders; paths do not count),
-* the params it reads, without the knobs that cannot change a result
-  (:data:`d2.config.NO_EFFECT`),
-* the version of its code: the source of its ``compute`` wrapper and of its stage modules
-  with every ``d2`` module they import (transitively, imports inside functions included;
-  :func:`d2.stages.priors.build_prior` names every priors backend, so their modules are in it).
+Its **entry** is ``<cache>/<stage>/<key>/``: ``out/`` holds the files and ``done.json``, written
+last, records each file's size, mtime and sha256 and a digest of that list. A folder without a
+valid ``done.json`` is an unfinished attempt (the next one computes in place and may resume).
+A hit is verified before it is served (:func:`verify_entry`); anything else is a logged miss.
 
-Its **entry** is ``<cache>/<stage>/<key>/``: ``out/`` holds the stage's files, ``done.json``
-is written last and records every file's size, mtime and sha256 plus a digest of that list.
-A folder without a valid ``done.json`` is never a result (an interrupted or failed attempt:
-the next attempt computes in place and may resume from what it left, e.g. a checkpoint).
-
-A hit is **verified** before it is served (:func:`verify_entry`): ``done.json`` parses and its
-digest matches its file list, ``out/`` holds exactly those files at those sizes, and files
-whose mtime changed hash as recorded (``run.verify_cache: full`` rehashes every file).
-Anything else is a miss, recomputed, and the reason is logged.
-
-:func:`run_stage` is the one lookup: it computes the key once, verifies the entry once under
-the key's ``flock`` (``<cache>/.locks/<stage>-<key>.lock``), and serves or computes it. The
-entry is the only record of a result: nothing else (no Prefect result record) can disagree
-with it, and nothing in the cache names a path, so it can be copied, moved or mounted anywhere.
+:func:`run_stage` is the one lookup: key once, verify once under the key's ``flock``, serve or
+compute. The entry is the only record of a result and names no path, so the cache can be
+copied, moved or mounted anywhere.
 """
 
 from __future__ import annotations
@@ -30,6 +19,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -37,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,41 +41,27 @@ from d2.utils.io import strict_json, write_json
 log = logging.getLogger("d2.cache")
 
 RECORD_FORMAT = 2  # version of done.json's layout (older records are misses)
-LOCKS = ".locks"  # one flock file per key under the cache root
 
 # ---------------------------------------------------------------------------------------
 # Content hashes of artifacts
-
-_hash_memo: dict[tuple[str, int, int], str] = {}
-_hash_lock = threading.Lock()
 
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes (remembered per process by path, size and mtime)."""
     st = path.stat()
-    memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    with _hash_lock:
-        hit = _hash_memo.get(memo_key)
-    if hit is not None:
-        return hit
-    h = hashlib.sha256()
+    return _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    with _hash_lock:
-        _hash_memo[memo_key] = digest
-    return digest
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def visible_files(folder: Path) -> list[Path]:
     """Files below ``folder`` in sorted order, hidden ones (``.name`` anywhere in the path) left out."""
-    out = []
-    for f in sorted(folder.rglob("*")):
-        rel = f.relative_to(folder)
-        if not any(part.startswith(".") for part in rel.parts) and f.is_file():
-            out.append(f)
-    return out
+    return [f for f in sorted(folder.rglob("*"))
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts)]
 
 
 def listing_digest(files: Mapping[str, str]) -> str:
@@ -98,11 +73,8 @@ def listing_digest(files: Mapping[str, str]) -> str:
 
 
 def hash_path(path: str | os.PathLike) -> str:
-    """Content hash of a file (sha256 of its bytes) or a folder (:func:`listing_digest`).
-
-    A cache entry's ``out/`` folder reads the digest its ``done.json`` recorded (it was
-    verified when it was served).
-    """
+    """Content hash of a file (sha256 of its bytes) or a folder (:func:`listing_digest`); a cache
+    entry's ``out/`` reads the digest its ``done.json`` recorded (verified when it was served)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"input artifact not found: {p}")
@@ -121,33 +93,24 @@ def hash_path(path: str | os.PathLike) -> str:
 # ---------------------------------------------------------------------------------------
 # Code versions
 
-_ast_memo: dict[tuple[str, int, int], tuple[bytes, list[str]]] = {}
-_top_memo: dict[str, list[Path]] = {}
+
+@functools.lru_cache(maxsize=None)
+def _package_dirs(top: str) -> tuple[Path, ...]:
+    """Where top-level package ``top`` lives (found without importing it), or nothing."""
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return ()
+    return tuple(Path(p) for p in spec.submodule_search_locations or ()) if spec is not None else ()
 
 
 def _module_file(name: str) -> Path | None:
-    """The source file of module ``name``, found without importing it (only its top-level
-    package is looked up), so that a cache hit never imports a heavy stage."""
+    """The source file of module ``name``, found without importing it, so that a cache hit never
+    imports a heavy stage."""
     top, _, rest = name.partition(".")
-    if top not in _top_memo:
-        try:
-            spec = importlib.util.find_spec(top)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None:
-            _top_memo[top] = []
-        elif spec.submodule_search_locations:
-            _top_memo[top] = [Path(p) for p in spec.submodule_search_locations]
-        elif spec.origin and spec.origin.endswith(".py"):
-            _top_memo[top] = [Path(spec.origin)]
-        else:
-            _top_memo[top] = []
-    for base in _top_memo[top]:
-        if base.is_file():  # a single-file top-level module
-            return base if not rest else None
-        parts = rest.split(".") if rest else []
-        candidate = base.joinpath(*parts)
-        for path in (candidate.with_suffix(".py") if parts else None, candidate / "__init__.py"):
+    for base in _package_dirs(top):
+        candidate = base.joinpath(*rest.split(".")) if rest else base
+        for path in (candidate.with_suffix(".py") if rest else None, candidate / "__init__.py"):
             if path is not None and path.is_file():
                 return path
     return None
@@ -156,9 +119,11 @@ def _module_file(name: str) -> Path | None:
 def _imports_of(name: str, path: Path) -> tuple[bytes, list[str]]:
     """(source bytes, absolute names of the modules it imports anywhere in the file)."""
     st = path.stat()
-    memo_key = (str(path), st.st_size, st.st_mtime_ns)
-    if memo_key in _ast_memo:
-        return _ast_memo[memo_key]
+    return _parse(name, path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(name: str, path: Path, size: int, mtime_ns: int) -> tuple[bytes, list[str]]:
     src = path.read_bytes()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: list[str] = []
@@ -174,7 +139,6 @@ def _imports_of(name: str, path: Path) -> tuple[bytes, list[str]]:
                 mod = node.module or ""
             found.append(mod)
             found += [f"{mod}.{a.name}" for a in node.names]  # `from pkg import module`
-    _ast_memo[memo_key] = (src, found)
     return src, found
 
 
@@ -254,21 +218,9 @@ def stage_key(spec: StageSpec, inputs: Mapping[str, str | os.PathLike], params: 
 # Entries
 
 
-def file_records(out: Path) -> dict[str, list]:
-    """``relative path -> [size, mtime_ns, sha256]`` of every visible file below ``out``."""
-    recs = {}
-    for f in visible_files(out):
-        st = f.stat()
-        recs[f.relative_to(out).as_posix()] = [st.st_size, st.st_mtime_ns, file_sha256(f)]
-    return recs
-
-
 def verify_entry(entry: Path, full: bool = False) -> tuple[dict | None, str]:
-    """``(record, '')`` when ``entry`` holds a complete, unmodified result, else ``(None, reason)``.
-
-    Cheap by default: sizes, the recorded digest, and a rehash of files whose mtime changed;
-    ``full`` rehashes every file.
-    """
+    """``(record, '')`` when ``entry`` holds a complete, unmodified result, else ``(None, reason)``:
+    sizes, the recorded digest, and a rehash of files whose mtime changed (``full``: of every file)."""
     done = entry / "done.json"
     if not done.exists():
         return None, "no result yet" if not entry.exists() else f"no done.json in {entry} (an unfinished attempt)"
@@ -296,18 +248,10 @@ def verify_entry(entry: Path, full: bool = False) -> tuple[dict | None, str]:
     return record, ""
 
 
-def entry_dir(cache_dir: str | os.PathLike, stage: str, key: str) -> Path:
-    """``<cache>/<stage>/<key>``: where a stage's entry lives under the cache root in use."""
-    return Path(cache_dir) / stage / key
-
-
 def store_dir(cache_dir: str | os.PathLike, result: Mapping[str, Any]) -> Path:
-    """The ``out/`` folder of a stage result (:func:`result_from_record`) under ``cache_dir``.
-
-    Results name no path: the cache root is the one this run uses, so a cache that was copied,
-    moved or mounted at another path serves its files from where it is now.
-    """
-    return entry_dir(cache_dir, result["stage"], result["key"]) / "out"
+    """The ``out/`` folder of a stage result (:func:`result_from_record`) under the cache root this
+    run uses (a cache copied, moved or mounted elsewhere serves its files from where it is now)."""
+    return Path(cache_dir) / result["stage"] / result["key"] / "out"
 
 
 def result_from_record(record: dict, status: str) -> dict[str, Any]:
@@ -322,19 +266,14 @@ def result_from_record(record: dict, status: str) -> dict[str, Any]:
 
 def cache_writable(folder: Path) -> bool:
     """Whether this process may write into the cache root (a read-only cache only serves hits)."""
-    probe = folder if folder.exists() else folder.parent
-    return os.access(probe, os.W_OK)
+    return os.access(folder if folder.exists() else folder.parent, os.W_OK)
 
 
 @contextlib.contextmanager
 def key_lock(cache_dir: Path, name: str) -> Iterator[None]:
-    """Hold ``<cache>/.locks/<name>.lock`` exclusively while the block runs.
-
-    ``flock`` excludes other threads, processes and machines (on filesystems with working
-    ``flock``, e.g. NFSv4); the kernel drops it when its process dies, so a killed worker
-    never leaves a key locked.
-    """
-    path = cache_dir / LOCKS / f"{name}.lock"
+    """Hold ``<cache>/.locks/<name>.lock`` exclusively while the block runs: ``flock`` excludes other
+    threads, processes and machines (where ``flock`` works, e.g. NFSv4), and dies with its process."""
+    path = cache_dir / ".locks" / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -358,7 +297,7 @@ def run_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str | os.PathLike]
     cache_dir = Path(cache_dir)
     paths = stage_inputs(spec, inputs, params)
     key, ingredients = stage_key(spec, paths, params)
-    entry = entry_dir(cache_dir, spec.name, key)
+    entry = cache_dir / spec.name / key
     writable = cache_writable(cache_dir)
     with key_lock(cache_dir, f"{spec.name}-{key}") if writable else contextlib.nullcontext():
         if params.run.use_cache:
@@ -377,12 +316,6 @@ def run_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str | os.PathLike]
         return _compute(spec, obj, paths, params, entry, key, ingredients, progress_path)
 
 
-def _remove_if_empty(*folders: Path) -> None:
-    for d in folders:
-        with contextlib.suppress(OSError):
-            d.rmdir()
-
-
 def _compute(spec: StageSpec, obj: str, paths: dict[str, Path], params: BaseModel, entry: Path, key: str,
              ingredients: dict, progress_path: Path | None) -> dict[str, Any]:
     """Compute a stage into ``entry/out`` (resuming from what a failed attempt left there) and
@@ -399,14 +332,14 @@ def _compute(spec: StageSpec, obj: str, paths: dict[str, Path], params: BaseMode
     set_progress_file(progress_path)
     try:
         info = spec.compute(paths, out, params) or {}
-    except Exception as e:
-        with contextlib.suppress(OSError, ValueError):
-            earlier = json.loads(attempts_log.read_text()) if attempts_log.exists() else []
-            write_json(attempts_log, earlier + [f"{type(e).__name__}: {e}"])
-        _remove_if_empty(out, entry)
-        raise
-    except BaseException:
-        _remove_if_empty(out, entry)
+    except BaseException as e:
+        if isinstance(e, Exception):
+            with contextlib.suppress(OSError, ValueError):
+                earlier = json.loads(attempts_log.read_text()) if attempts_log.exists() else []
+                write_json(attempts_log, earlier + [f"{type(e).__name__}: {e}"])
+        for d in (out, entry):  # no empty folder left behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
     finally:
         set_progress_file(None)
@@ -416,8 +349,9 @@ def _compute(spec: StageSpec, obj: str, paths: dict[str, Path], params: BaseMode
         attempts_log.unlink()
     record = {"format": RECORD_FORMAT, "stage": spec.name, "object": obj, "key": key, "ingredients": ingredients,
               "compute_seconds": round(time.perf_counter() - tc, 4),
-              "info": strict_json(json.loads(json.dumps(info, default=str))), "files": file_records(out),
-              "failed_attempts": failed}
+              "info": strict_json(json.loads(json.dumps(info, default=str))), "failed_attempts": failed,
+              "files": {f.relative_to(out).as_posix(): [f.stat().st_size, f.stat().st_mtime_ns, file_sha256(f)]
+                        for f in visible_files(out)}}  # what verify_entry checks
     record["content_hash"] = listing_digest({k: v[2] for k, v in record["files"].items()})
     write_json(entry / "done.json", record)
     return result_from_record(record, "computed")

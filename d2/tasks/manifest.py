@@ -1,8 +1,8 @@
 """The run manifest: for every object and stage, computed or cached, seconds, key, outputs.
 
-A :class:`Recorder` collects :class:`StageResult`s from any thread and
-writes ``DIR/manifest.json`` atomically (after every stage, so a crashed run still tells
-what it did). Listeners (the progress display) hear about every stage start and end.
+A :class:`Recorder` collects :class:`StageResult`s from any thread and rewrites
+``DIR/manifest.json`` after every stage (a crashed run still tells what it did). Its listeners
+(the progress display) hear about every stage start, progress report and end.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from d2.utils.io import write_json
 
@@ -46,34 +46,23 @@ class StageResult:
 
     def to_json(self) -> dict[str, Any]:
         """JSON form for the manifest."""
-        return {
-            "stage": self.stage, "object": self.object, "status": self.status, "key": self.key,
-            "seconds": round(self.seconds, 4), "compute_seconds": round(self.compute_seconds, 4),
-            "out_dir": str(self.out_dir), "store_dir": str(self.store_dir), "outputs": self.outputs,
-            "info": self.info,
-        }
-
-
-class Listener(Protocol):
-    """Gets told about stage starts and ends (e.g. a progress display)."""
-
-    def stage_started(self, obj: str, stage: str) -> None: ...
-
-    def stage_finished(self, result: StageResult) -> None: ...
+        return {**dataclasses.asdict(self), "seconds": round(self.seconds, 4),
+                "compute_seconds": round(self.compute_seconds, 4),
+                "out_dir": str(self.out_dir), "store_dir": str(self.store_dir)}
 
 
 class Recorder:
     """Thread-safe collector of stage results for one run folder."""
 
     def __init__(self, run_dir: str | Path, kind: str, meta: dict[str, Any] | None = None,
-                 listeners: list[Listener] | None = None, forward_to: "Recorder | None" = None,
+                 listeners: list[Any] | None = None, forward_to: "Recorder | None" = None,
                  prefix: str = "") -> None:
         self.forward_to = forward_to  # a parent recorder (a sweep's) that also gets every result
         self.prefix = prefix  # prepended to object names in the parent ('p00/')
         self.run_dir = Path(run_dir)
         self.kind = kind
         self.meta: dict[str, Any] = dict(meta or {})
-        self.listeners: list[Listener] = list(listeners or [])
+        self.listeners: list[Any] = list(listeners or [])
         self.results: list[StageResult] = []
         self.errors: list[dict[str, str]] = []
         self.status = "running"
@@ -83,18 +72,20 @@ class Recorder:
         self._t0 = time.perf_counter()
         self.started = time.time()
 
+    def _tell(self, event: str, *args: Any) -> None:
+        for lst in self.listeners:
+            if hasattr(lst, event):  # a listener may skip progress reports
+                getattr(lst, event)(*args)
+
     def started_stage(self, obj: str, stage: str) -> None:
         """Tell the listeners a stage began."""
-        for lst in self.listeners:
-            lst.stage_started(obj, stage)
+        self._tell("stage_started", obj, stage)
         if self.forward_to is not None:
             self.forward_to.started_stage(self.prefix + obj, stage)
 
     def stage_progress(self, obj: str, stage: str, info: dict[str, Any]) -> None:
         """Tell the listeners how far a computing stage is (``step``, ``steps``, ``started``, numbers)."""
-        for lst in self.listeners:
-            if hasattr(lst, "stage_progress"):
-                lst.stage_progress(obj, stage, info)
+        self._tell("stage_progress", obj, stage, info)
         if self.forward_to is not None:
             self.forward_to.stage_progress(self.prefix + obj, stage, info)
 
@@ -102,8 +93,7 @@ class Recorder:
         """Record one stage execution and rewrite the manifest."""
         with self._lock:
             self.results.append(result)
-        for lst in self.listeners:
-            lst.stage_finished(result)
+        self._tell("stage_finished", result)
         self.write()
         if self.forward_to is not None:
             self.forward_to.add(dataclasses.replace(result, object=self.prefix + result.object))
@@ -117,15 +107,6 @@ class Recorder:
         if self.forward_to is not None:
             self.forward_to.add_error(self.prefix + obj, stage, error)
 
-    def counts(self, stage: str | None = None) -> dict[str, int]:
-        """{'computed': n, 'cached': m} over all results (of one stage when given)."""
-        out = {"computed": 0, "cached": 0}
-        with self._lock:
-            for r in self.results:
-                if stage is None or r.stage == stage:
-                    out[r.status] += 1
-        return out
-
     def to_json(self) -> dict[str, Any]:
         """The manifest document."""
         with self._lock:
@@ -134,9 +115,8 @@ class Recorder:
         objects: dict[str, dict[str, Any]] = {}
         for r in results:
             objects.setdefault(r.object, {})[r.stage] = r.to_json()
-        totals = {"computed": sum(r.status == "computed" for r in results),
-                  "cached": sum(r.status == "cached" for r in results),
-                  "stage_seconds": round(sum(r.seconds for r in results), 4)}
+        totals = {s: sum(r.status == s for r in results) for s in ("computed", "cached")}
+        totals["stage_seconds"] = round(sum(r.seconds for r in results), 4)
         return {"kind": self.kind, "status": self.status, "started": self.started,
                 "wall_seconds": round(time.perf_counter() - self._t0, 4), "totals": totals,
                 **self.meta, "objects": objects, "stages": [r.to_json() for r in results], "errors": errors}
@@ -160,5 +140,5 @@ class Recorder:
 
 # Listeners every new top-level Recorder gets, in the process running the flow (the CLI's
 # progress display registers itself here while a command runs).
-LISTENERS: list[Listener] = []
+LISTENERS: list[Any] = []
 

@@ -1,16 +1,10 @@
 """The Prefect task that runs one stage of one object in the stage cache.
 
-The task is a pure function of serializable arguments: the stage set (pickled by reference),
-the stage's name, the object's name, input paths, the validated params as a dict and the
-cache root. It returns a small JSON dict (stage, key, status, file list, timings, the stage's
-info; no path: the caller finds the files at ``<its cache root>/<stage>/<key>/out``) and
-touches nothing outside the cache; the flow that called it records the manifest, MLflow and
-the run folder's copy. So it runs the same in a thread, in another process or on another
-machine that sees the cache, wherever that machine mounts it.
-
-The lookup is the stage cache's (:func:`d2.tasks.cache.run_stage`); Prefect keeps no cache or
-result records of its own. A hit ends its task run in a ``Completed`` state named ``Cached``,
-as a Prefect cache hit shows in the UI; its result is the same dict.
+A pure function of serializable arguments (the stage set, pickled by reference; names, input
+paths, params as a dict, the cache root) that touches nothing outside the cache and returns
+:func:`d2.tasks.cache.run_stage`'s small JSON dict, so it runs the same in a thread, another
+process or another machine that sees the cache. Prefect keeps no cache or result of its own: a
+hit ends the task run in a ``Completed`` state named ``Cached``, as a Prefect cache hit shows.
 """
 
 from __future__ import annotations

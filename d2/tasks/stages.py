@@ -12,7 +12,7 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel
 
@@ -32,16 +32,18 @@ class StageSet:
     label_tables: Any = None  # (run's tables folder, dataset as the user named it) -> its table (markdown)
 
 
-_warm_lock = threading.Lock()
-_warm_done: list[bool] = []
+_models: dict[str, Any] = {}
+_models_lock = threading.Lock()
 
 
 def warm_imports() -> None:
     """Import the model libraries the stages build from, once per process and under a lock, before
     stages build models in parallel threads: transformers and diffusers resolve their names lazily,
     and two threads resolving them at once can fail (``cannot import name ... from 'transformers'``)."""
-    with _warm_lock:
-        if _warm_done:
+    if "warm" in _models:
+        return
+    with _models_lock:
+        if "warm" in _models:
             return
         import diffusers
         import transformers
@@ -51,24 +53,26 @@ def warm_imports() -> None:
                                            "CLIPVisionModelWithProjection", "CLIPModel"))):
             for name in names:
                 getattr(lib, name)
-        _warm_done.append(True)
+        _models["warm"] = True
 
 
-_priors_memo: dict[str, Any] = {}
-_priors_lock = threading.Lock()
+def _built_once(key: str, build: Callable[[], Any]) -> Any:
+    """``build()``, once per process for ``key`` (a long-lived worker builds its models once, whatever
+    number of objects it runs)."""
+    if key in _models:  # built: no wait behind another model being built
+        return _models[key]
+    warm_imports()
+    with _models_lock:
+        if key not in _models:
+            _models[key] = build()
+        return _models[key]
 
 
 def get_priors(params: BaseModel, device: str | None = None) -> tuple[Any, Any]:
-    """``load_priors(params.priors, device)``, built once per process for each priors config and device
-    (a long-lived worker loads and compiles its priors once, whatever number of objects it runs)."""
+    """``load_priors(params.priors, device)``, built once per process for each priors config and device."""
     from d2.stages.priors import load_priors
 
-    warm_imports()
-    key = params.priors.model_dump_json() + f"|{device}"
-    with _priors_lock:
-        if key not in _priors_memo:
-            _priors_memo[key] = load_priors(params.priors, device)
-        return _priors_memo[key]
+    return _built_once(f"priors|{params.priors.model_dump_json()}|{device}", lambda: load_priors(params.priors, device))
 
 
 def prior_weights(params: BaseModel) -> dict[str, Path]:
@@ -127,9 +131,7 @@ def compute_fit(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
 
     warm_imports()
     summary = run_fit(inputs["matrix"], out, _quiet(params.fit), on_step=reporter())
-    summary = json.loads(json.dumps(summary, default=str)) if isinstance(summary, dict) else {}
-    summary.update(record_matrix_fit(out, inputs["matrix"]))
-    return summary
+    return {**summary, **record_matrix_fit(out, inputs["matrix"])}
 
 
 def asset_frames(conditions_dir: Path, params: BaseModel) -> dict[int, float]:
@@ -162,21 +164,13 @@ def compute_render_eval(inputs: dict[str, Path], out: Path, params: BaseModel) -
     return {"images": len(paths), "frames": sorted(frames)}
 
 
-_suite_memo: dict[str, Any] = {}
-_suite_lock = threading.Lock()
-
-
 def get_metric_suite(cfg: BaseModel, definitions: str) -> Any:
     """``build_metric_suite(cfg, definitions=...)``, built once per process for each metrics config
     and set of metric definitions (the protocol's)."""
     from d2.eval.metrics import build_metric_suite
 
-    warm_imports()
-    key = cfg.model_dump_json() + f"|{definitions}"
-    with _suite_lock:
-        if key not in _suite_memo:
-            _suite_memo[key] = build_metric_suite(cfg, definitions=definitions)
-        return _suite_memo[key]
+    return _built_once(f"metrics|{cfg.model_dump_json()}|{definitions}",
+                       lambda: build_metric_suite(cfg, definitions=definitions))
 
 
 def compute_metrics(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
@@ -211,14 +205,10 @@ def compute_tables(inputs: dict[str, Path], out: Path, params: BaseModel) -> dic
     if "fvd" in requested:
         proto = params.protocol
         fvd_cfg = params.metrics.model_copy(update={"metrics": ["fvd"], "resolution": proto.resolution})
-        suite = get_metric_suite(fvd_cfg, proto.metric_definitions)
-        if "fvd" in suite.unavailable:
-            unavailable["fvd"] = suite.unavailable["fvd"]
-        else:
-            fvd, reason = pooled_fvd({o: inputs[f"pred:{o}"] for o in objects}, {o: inputs[f"gt:{o}"] for o in objects},
-                                     proto, suite)
-            if reason:
-                unavailable["fvd"] = reason
+        fvd, reason = pooled_fvd({o: inputs[f"pred:{o}"] for o in objects}, {o: inputs[f"gt:{o}"] for o in objects},
+                                 proto, get_metric_suite(fvd_cfg, proto.metric_definitions))  # reason: unavailable
+        if reason:
+            unavailable["fvd"] = reason
     # no dataset label here: the entry is keyed on the ground truth's content, not on where it lies;
     # the run labels its copy with the dataset as the user named it (label_dataset)
     results = merge_results(parts, params.protocol, requested, fvd=fvd,

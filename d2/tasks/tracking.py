@@ -10,11 +10,13 @@ when the experiment is created.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -44,17 +46,12 @@ def git_commit() -> str:
 def flat_numbers(obj: Any, prefix: str = "") -> dict[str, float]:
     """Every finite number in a nested dict/list as ``{'a.b.0': x}``."""
     out: dict[str, float] = {}
-    if isinstance(obj, bool):
-        out[prefix.rstrip(".")] = float(obj)
-    elif isinstance(obj, (int, float)):
+    if isinstance(obj, (int, float)):  # bools too
         if math.isfinite(float(obj)):
             out[prefix.rstrip(".")] = float(obj)
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
+    elif isinstance(obj, (dict, list, tuple)):
+        for k, v in obj.items() if isinstance(obj, dict) else enumerate(obj):
             out.update(flat_numbers(v, f"{prefix}{k}."))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(flat_numbers(v, f"{prefix}{i}."))
     return out
 
 
@@ -77,36 +74,34 @@ def experiment_id(client: Any, name: str) -> str:
         return exp.experiment_id
 
 
+def _start_run(client: Any, experiment: str, name: str, params: dict[str, Any] | None, tags: dict[str, str]) -> str:
+    """Create a run with ``tags`` and log ``params`` (stringified, long values cut) in batches; its id."""
+    from mlflow.entities import Param
+
+    run_id = client.create_run(experiment, run_name=name, tags=tags).info.run_id
+    items = [Param(_clean_key(k), str(v)[:_MAX_PARAM_LEN]) for k, v in (params or {}).items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i: i + 100])
+    return run_id
+
+
+@dataclass
 class Tracker:
-    """One MLflow run (a benchmark's, a sweep's or a sweep point's) and its children, addressed by
-    explicit run ids. With ``parent`` the run is a child of that one (``experiment`` unused)."""
+    """One MLflow run (a benchmark's, a sweep's or a sweep point's), addressed by its explicit id."""
 
-    def __init__(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
-                 parent: "Tracker | None" = None) -> None:
-        if parent is not None:
-            self.client, self.experiment_id, self.tags = parent.client, parent.experiment_id, {**parent.tags, **tags}
-            self.run_id = parent.child(run_name, params, tags)
-        else:
-            from mlflow.tracking import MlflowClient
+    client: Any  # an MlflowClient
+    experiment_id: str
+    run_id: str
+    tags: dict[str, str]  # its tags, which its children inherit
 
-            self.client, self.tags = MlflowClient(), tags
-            self.experiment_id = experiment_id(self.client, experiment)
-            self.run_id = self._create(run_name, params, tags)
-        self.tracking_uri = self.client.tracking_uri
+    @property
+    def tracking_uri(self) -> str:
+        return self.client.tracking_uri
 
-    def _create(self, name: str, params: dict[str, Any] | None, tags: dict[str, str]) -> str:
-        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
-        if params:
-            self.log_params(run_id, params)
-        return run_id
-
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        """Log params (stringified, long values cut) in one batch."""
-        from mlflow.entities import Param
-
-        items = [Param(_clean_key(k), str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i: i + 100])
+    def child(self, name: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> str:
+        """Start a child run of this one; returns its run id."""
+        return _start_run(self.client, self.experiment_id, name, params,
+                          {**self.tags, **(tags or {}), "mlflow.parentRunId": self.run_id})
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
         """Log the finite ones of ``metrics``."""
@@ -121,10 +116,6 @@ class Tracker:
                  if math.isfinite(float(v))]
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i: i + 500])
-
-    def child(self, name: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> str:
-        """Start a child run of this one; returns its run id."""
-        return self._create(name, params, {**self.tags, **(tags or {}), "mlflow.parentRunId": self.run_id})
 
     def log_artifacts(self, run_id: str, files: Iterable[tuple[Path, str]]) -> None:
         """Upload ``(file, artifact folder)`` pairs that exist."""
@@ -148,16 +139,14 @@ def close_open_runs(run_ids: Iterable[str], status: str, reason: str, client: An
             from mlflow.tracking import MlflowClient
 
             client = MlflowClient()
-        for rid in dict.fromkeys(run_ids):
-            try:
-                if client.get_run(rid).info.status == "RUNNING":
-                    client.set_tag(rid, "d2.failure", str(reason)[:5000])
-                    client.set_terminated(rid, status=status)
-                    ended.append(rid)
-            except Exception:  # noqa: BLE001  (a run deleted meanwhile)
-                continue
     except Exception:  # noqa: BLE001  (tracking must never block a run from ending or starting)
-        pass
+        return ended
+    for rid in dict.fromkeys(run_ids):
+        with contextlib.suppress(Exception):  # a run deleted meanwhile, or MLflow out of reach
+            if client.get_run(rid).info.status == "RUNNING":
+                client.set_tag(rid, "d2.failure", str(reason)[:5000])
+                client.set_terminated(rid, status=status)
+                ended.append(rid)
     return ended
 
 
@@ -177,11 +166,17 @@ def make_tracker(params: BaseModel, kind: str, run_name: str, extra_params: dict
     if not params.run.mlflow:
         return None
     all_params = {**flatten_params(params), **(extra_params or {})}
+    tags = {"d2.kind": kind, **(tags or {})}
     if parent is not None:
-        return Tracker("", run_name, all_params, {"d2.kind": kind, **(tags or {})}, parent=parent)
-    base_tags = {"git_commit": git_commit(), "params_hash": params_hash(params),
-                 "prefect_flow_run_id": prefect_flow_run_id(), "d2.kind": kind, **(tags or {})}
-    return Tracker(params.run.mlflow_experiment, run_name, all_params, base_tags)
+        return Tracker(parent.client, parent.experiment_id, parent.child(run_name, all_params, tags),
+                       {**parent.tags, **tags})
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    tags = {"git_commit": git_commit(), "params_hash": params_hash(params), "prefect_flow_run_id": prefect_flow_run_id(),
+            **tags}
+    experiment = experiment_id(client, params.run.mlflow_experiment)
+    return Tracker(client, experiment, _start_run(client, experiment, run_name, all_params, tags), tags)
 
 
 FIT_NUMBERS = ("matrix_psnr", "train_psnr", "motion_matrix", "motion_fit", "num_gaussians")
@@ -189,7 +184,7 @@ FIT_NUMBERS = ("matrix_psnr", "train_psnr", "motion_matrix", "motion_fit", "num_
 
 def log_object(tracker: Tracker, run_id: str, done: dict[str, StageResult], ok: bool) -> None:
     """An object's MLflow run: per-stage seconds, its scores, the fit's numbers, the curves of the fit
-    and the sampler, the matrix grid, the turntable video and the metrics file; then ended."""
+    and the sampler, the matrix grid, the turntable video and the scores file; then ended."""
     metrics = {f"seconds.{s}": r.seconds for s, r in done.items()}
     metrics.update({f"compute_seconds.{s}": r.compute_seconds for s, r in done.items()})
     metrics.update({f"cached.{s}": float(r.status == "cached") for s, r in done.items()})
@@ -201,7 +196,7 @@ def log_object(tracker: Tracker, run_id: str, done: dict[str, StageResult], ok: 
         files.append((done["fit"].out_dir / "turntable.mp4", "fit"))
     if "metrics" in done:
         metrics.update(flat_numbers(done["metrics"].info.get("metrics", {})))
-        files.append((done["metrics"].out_dir / "metrics.json", "metrics"))
+        files += [(done["metrics"].out_dir / n, "metrics") for n in done["metrics"].outputs]  # its scores file
     tracker.log_metrics(run_id, metrics)
     tracker.log_curves(run_id, stage_curves(done))
     tracker.log_artifacts(run_id, files)

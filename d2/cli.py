@@ -7,71 +7,47 @@ overrides and validates everything before any compute. Runs write ``DIR/manifest
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from d2.lifecycle import install_handlers, interrupted, restore_handlers, server_problem, start_prefect, stop_prefect
 
 STAGES_PER_OBJECT = 5  # conditions, sampling, fit, render_eval, metrics: what the progress display counts
 
 
-def _params(args: argparse.Namespace) -> Any:
-    from d2.config import load_params, overlay_overrides, preset_path
-
-    overrides = (overlay_overrides() if args.rehearse else []) + list(args.set) + \
-        (["run.progress=false"] if args.no_progress else [])
-    return load_params(preset_path(args.preset) if args.preset else args.params, overrides)
+_print = functools.partial(print, flush=True)
 
 
-def _print(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def _run_flow(args: argparse.Namespace, p: Any, total: int, title: str, run: Callable[[], dict]) -> dict[str, Any]:
+def _run_flow(args: argparse.Namespace, p: Any, total: int, title: str, run: Callable[[], dict],
+              describe: Callable[[dict], Iterable[str]]) -> None:
     """``run()`` (a flow) with the run folder ``--out`` locked first (refused at once when another
     live run holds it; the flow adopts the lock), then the Prefect server started, under a progress
-    display of ``total`` stages."""
+    display of ``total`` stages; then ``describe(result)`` and where the run's manifest, report and
+    MLflow run are."""
     from d2.preflight import hold_run_folder
     from d2.tasks.progress import ProgressDisplay
 
     hold_run_folder(args.out)
     start_prefect()
     with ProgressDisplay(total, title, p.run.progress):
-        return run()
-
-
-def _print_run(result: dict[str, Any], *lines: str) -> None:
-    """``lines``, then where the run's manifest, report and MLflow run are."""
-    for line in lines:
-        _print(line)
+        result = run()
     m = json.loads(Path(result["manifest"]).read_text())
-    t = m["totals"]
-    _print(f"run folder: {result['run_dir']} (stages computed {t['computed']}, cached {t['cached']}; "
-           f"wall {m.get('flow_wall_seconds', m['wall_seconds']):.1f} s)")
-    page = result.get("report")
-    _print(f"report: {page} (open it in a browser; no server needed)" if page else "report: not written (see above)")
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not result.get("mlflow_run_id"):
-        _print("MLflow: off (run.mlflow=false)")
-    else:
-        ui = f".venv/bin/mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"mlflow ui ({uri})"
-        _print(f"MLflow: run {result['mlflow_run_id']} in {uri}\n  browse: {ui}")
-
-
-def _benchmark(args: argparse.Namespace, p: Any, data: Path, title: str) -> None:
-    from d2.flows import list_objects, run_benchmark
-
-    total = len(list_objects(data, p.run.objects)) * STAGES_PER_OBJECT + 1
-    result = _run_flow(args, p, total, title, lambda: run_benchmark(data, args.out, p))
-    _print()
-    _print_run(result, result.get("table") or json.dumps(result.get("summary", {}), indent=2),
-               f"tables: {result['results_dir']}", "turntable videos:",
-               *(f"  {obj}: {path}" for obj, path in result["videos"].items()))
+    page, uri, run_id = result.get("report"), os.environ.get("MLFLOW_TRACKING_URI", ""), result.get("mlflow_run_id")
+    ui = f".venv/bin/mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"mlflow ui ({uri})"
+    for line in ["", *describe(result),
+                 f"run folder: {result['run_dir']} (stages computed {m['totals']['computed']}, cached "
+                 f"{m['totals']['cached']}; wall {m.get('flow_wall_seconds', m['wall_seconds']):.1f} s)",
+                 f"report: {page} (open it in a browser; no server needed)" if page else
+                 "report: not written (see above)",
+                 f"MLflow: run {run_id} in {uri}\n  browse: {ui}" if run_id else "MLflow: off (run.mlflow=false)"]:
+        _print(line)
 
 
 # ---------------------------------------------------------------------------------------
@@ -82,7 +58,7 @@ def cmd_params(args: argparse.Namespace, p: Any) -> None:
     """Print the validated params (YAML with comments)."""
     from d2.config import render_params_yaml
 
-    sys.stdout.write(render_params_yaml(_params(args)))
+    sys.stdout.write(render_params_yaml(p))
 
 
 def cmd_prepare(args: argparse.Namespace, p: Any) -> None:
@@ -112,29 +88,31 @@ def prepare_dataset(p: Any, out: Path) -> Path:
 def cmd_generate(args: argparse.Namespace, p: Any) -> None:
     """One input to a 4D asset."""
     from d2.flows import run_asset
-    from d2.utils.paths import safe_name
 
-    src = Path(args.input)
-    if not src.exists():
-        raise FileNotFoundError(f"input not found: {src}")
-    safe_name(args.name or src.stem, "--name")
-    result = _run_flow(args, p, STAGES_PER_OBJECT - (0 if args.gt else 1), f"generate {src.name}",
-                       lambda: run_asset(src, args.out, p, gt_dir=args.gt, name=args.name))
-    outputs = result["outputs"]
-    try:
-        conditions = json.loads((Path(outputs["conditions"]) / "conditions.json").read_text())
-        reading = str((conditions.get("input_reading") or {}).get("summary", ""))
-    except (OSError, KeyError, ValueError):
-        reading = ""
-    _print_run(result, *([f"input read as: {reading}"] if reading else []),
-               *(f"  {stage}: {path}" for stage, path in outputs.items()),
-               f"turntable video: {Path(outputs['fit']) / 'turntable.mp4'}")
+    src = Path(args.input)  # its existence and the object name: checked by the preflight
+
+    def describe(result: dict) -> Iterator[str]:
+        outputs = result["outputs"]
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            conditions = json.loads((Path(outputs["conditions"]) / "conditions.json").read_text())
+            if reading := str((conditions.get("input_reading") or {}).get("summary", "")):
+                yield f"input read as: {reading}"
+        yield from (f"  {stage}: {path}" for stage, path in outputs.items())
+        yield f"turntable video: {Path(outputs['fit']) / 'turntable.mp4'}"
+
+    _run_flow(args, p, STAGES_PER_OBJECT - (0 if args.gt else 1), f"generate {src.name}",
+              lambda: run_asset(src, args.out, p, gt_dir=args.gt, name=args.name), describe)
 
 
 def cmd_benchmark(args: argparse.Namespace, p: Any) -> None:
     """A dataset: one asset per object, then the tables."""
+    from d2.flows import list_objects, run_benchmark
+
     data = Path(args.data or p.run.data_dir)
-    _benchmark(args, p, data, f"benchmark {data.name}")
+    total = len(list_objects(data, p.run.objects)) * STAGES_PER_OBJECT + 1
+    _run_flow(args, p, total, f"{args.command} {data.name}", lambda: run_benchmark(data, args.out, p),
+              lambda r: [r.get("table") or json.dumps(r.get("summary", {}), indent=2), f"tables: {r['results_dir']}",
+                         "turntable videos:", *(f"  {obj}: {path}" for obj, path in r["videos"].items())])
 
 
 def cmd_demo(args: argparse.Namespace, p: Any) -> None:
@@ -151,7 +129,7 @@ def cmd_demo(args: argparse.Namespace, p: Any) -> None:
            f"video={p.priors.video_backend or p.priors.backend} multiview={p.priors.multiview_backend or p.priors.backend}, "
            f"V={p.sampling.num_views} F={p.sampling.num_frames} {p.sampling.resolution}px, "
            f"{p.sampling.num_steps} steps, fit {p.fit.iterations} it, max_parallel={p.run.max_parallel}")
-    _benchmark(args, p, data, "demo")
+    cmd_benchmark(args, p)
     _print(f"demo total {time.perf_counter() - t0:.1f} s")
 
 
@@ -164,9 +142,8 @@ def cmd_sweep(args: argparse.Namespace, p: Any) -> None:
     data = Path(args.data or p.run.data_dir)
     points = len(grid_points(p, grid))
     total = points * (len(list_objects(data, p.run.objects)) * STAGES_PER_OBJECT + 1)
-    result = _run_flow(args, p, total, f"sweep {points} points", lambda: run_sweep(data, args.out, p, grid))
-    _print()
-    _print_run(result, result["table"])
+    _run_flow(args, p, total, f"sweep {points} points", lambda: run_sweep(data, args.out, p, grid),
+              lambda r: [r["table"]])
 
 
 def cmd_report(args: argparse.Namespace, p: Any) -> None:
@@ -197,9 +174,9 @@ def cmd_schedule(args: argparse.Namespace, p: Any) -> None:
                          args.work_pool)
     api = os.environ.get("PREFECT_API_URL")
     where = f"registered for work pool '{args.work_pool}'" if args.work_pool else "served from this process"
+    api = f"Prefect API {api}" if api else "no PREFECT_API_URL: an ephemeral server, no UI"
     _print(f"deployment '{dep.name}' of the benchmark on '{args.cron}' into {args.out}, on run.runner="
-           f"{p.run.runner}, {where}" + (f" (Prefect API {api})" if api else " (no PREFECT_API_URL: an ephemeral "
-                                                                              "server, no UI)"))
+           f"{p.run.runner}, {where} ({api})")
     serve_schedule(dep)
 
 
@@ -286,11 +263,14 @@ def quiet_library_bars(no_progress: bool) -> None:
 def _preflight(args: argparse.Namespace) -> Any:
     """The validated params (None for ``d2 report``, which reads a run folder), inputs and datasets
     checked before the command starts (:mod:`d2.preflight`: the data, then the machine); warnings on stderr."""
+    from d2.config import load_params, overlay_overrides, preset_path
     from d2.preflight import preflight
 
     if args.command == "report":
         return None
-    params = _params(args)
+    overrides = [*(overlay_overrides() if args.rehearse else []), *args.set,
+                 *(["run.progress=false"] if args.no_progress else [])]
+    params = load_params(preset_path(args.preset) if args.preset else args.params, overrides)
     for warning in preflight(args.command, vars(args), params):
         print(f"d2 {args.command}: warning: {warning}", file=sys.stderr)
     return params
@@ -314,33 +294,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.fn(args, _preflight(args))
         sys.stdout.flush()  # a closed pipe fails here, where it is handled, not at exit
         return 0
-    except (ParamsError, InputError) as e:
-        if os.environ.get("D2_DEBUG"):
-            raise
-        print(f"d2 {args.command}: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # the reader went away (`d2 params | head`): what it read is all it wanted
-        _quiet_stdout()
+        with contextlib.suppress(OSError, ValueError):  # no failing flush at exit: stdout to /dev/null
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except Exception as e:  # noqa: BLE001  (one clear line; D2_DEBUG=1 shows the traceback)
-        if interrupted():  # an error the interrupt caused (a library cut short)
-            _exit_interrupted(args, where)
-        if os.environ.get("D2_DEBUG"):
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or type(e).__name__ == "TerminationSignal" or interrupted():
+            _exit_interrupted(args, where)  # Ctrl-C, SIGTERM, or an error they caused (a library cut short)
+        if os.environ.get("D2_DEBUG") or not isinstance(e, Exception):
             raise
+        if isinstance(e, (ParamsError, InputError)):
+            print(f"d2 {args.command}: {e}", file=sys.stderr)
+            return 2
         print(f"d2 {args.command}: {server_problem() or f'{type(e).__name__}: {e}'}", file=sys.stderr)
         if out and (Path(out) / "manifest.json").is_file():
             print(f"(what ran is in {Path(out) / 'manifest.json'}; D2_DEBUG=1 shows the traceback)", file=sys.stderr)
-        if argv is None and (_busy_threads() or server_problem()):
-            # the console script: stages still computing are dropped, not awaited
+        busy = any(t is not threading.current_thread() and not t.daemon and t.is_alive() for t in threading.enumerate())
+        if argv is None and (busy or server_problem()):
+            # the console script: stages still computing in other threads are dropped, not awaited
             sys.stdout.flush()
             sys.stderr.flush()
             stop_prefect()
             os._exit(1)
         return 1
-    except BaseException as e:
-        if isinstance(e, KeyboardInterrupt) or type(e).__name__ == "TerminationSignal" or interrupted():
-            _exit_interrupted(args, where)  # Ctrl-C, SIGTERM (Prefect's TerminationSignal in a flow)
-        raise
     finally:
         restore_handlers()  # when called in-process (tests), the caller's handlers are back
 
@@ -348,29 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _exit_interrupted(args: argparse.Namespace, where: str) -> None:
     """One line, the Prefect server stopped, exit 130 now (threads still computing a stage are
     dropped, not awaited)."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         print(f"d2 {args.command}: interrupted{where} (rerun to continue: finished stages are cached)",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
-    except (OSError, ValueError):
-        pass
     stop_prefect()
     os._exit(130)
-
-
-def _quiet_stdout() -> None:
-    """Point stdout at /dev/null so that the interpreter's last flush does not fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
-        pass
-
-
-def _busy_threads() -> bool:
-    """Whether non-daemon threads besides this one are alive (stage tasks still computing)."""
-    return any(t is not threading.current_thread() and not t.daemon and t.is_alive() for t in threading.enumerate())
 
 
 if __name__ == "__main__":

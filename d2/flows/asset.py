@@ -22,23 +22,17 @@ from d2.tasks.stages import StageSet
 from d2.utils.paths import safe_name
 
 
-def asset_graph(input_path: str | Path, gt_dir: str | Path | None = None, score_front_view: bool = False) -> Graph:
+def object_graph(params: BaseModel, input_path: str | Path, gt_dir: str | Path | None) -> Graph:
     """The stages of one object. Each ``yield`` runs a stage and gives back its output folder."""
-    conditions = yield Stage("conditions", {"input": input_path})
+    conditions = yield Stage("conditions", {"input": str(input_path)})
     matrix = yield Stage("sampling", {"conditions": conditions})
     gaussians = yield Stage("fit", {"matrix": matrix})
     renders = yield Stage("render_eval", {"gaussians": gaussians, "conditions": conditions})
     if gt_dir is not None:
-        scored = {"pred": renders, "gt": gt_dir}
-        if score_front_view:  # the input view is scored against the input frames
-            scored["input"] = input_path
+        scored = {"pred": renders, "gt": str(gt_dir)}
+        if getattr(getattr(params, "protocol", None), "include_front_view", False):
+            scored["input"] = str(input_path)  # the input view is scored against the input frames
         yield Stage("metrics", scored)
-
-
-def object_graph(params: BaseModel, input_path: str | Path, gt_dir: str | Path | None) -> Graph:
-    """:func:`asset_graph` with the protocol's choice of scoring the front view."""
-    front = bool(getattr(getattr(params, "protocol", None), "include_front_view", False))
-    return asset_graph(str(input_path), None if gt_dir is None else str(gt_dir), front)
 
 
 @flow(name="asset", log_prints=False)
@@ -61,7 +55,6 @@ def asset_flow(input_path: str, out_dir: str, params: dict[str, Any], gt_dir: st
 
 def run_asset(input_path: str | Path, out_dir: str | Path, params: BaseModel, gt_dir: str | Path | None = None,
               name: str | None = None, stages: StageSet | None = None) -> dict[str, Any]:
-    """Run the asset flow (validated ``params``; the name is checked before anything starts)."""
-    safe_name(name or Path(input_path).stem, "--name")
+    """Run the asset flow on ``run.runner`` (validated ``params``)."""
     return with_runner(asset_flow, params)(str(input_path), str(out_dir), params.model_dump(mode="json"),
                                            None if gt_dir is None else str(gt_dir), name, stages)

@@ -71,14 +71,11 @@ def link_predictions(run_dir: Path, objects: list[str]) -> None:
     Consistent4D layout, for ``d2 evaluate --pred run_dir/pred --gt <data>``."""
     pred = run_dir / "pred"
     pred.mkdir(parents=True, exist_ok=True)
-    for stale in pred.iterdir():  # objects of an earlier run into the same folder
-        if stale.is_symlink() and stale.name not in objects:
-            stale.unlink()
+    for old in pred.iterdir():  # links of this run into the same folder, or of an earlier one
+        if old.is_symlink() or old.is_file():
+            old.unlink()
     for obj in objects:
-        link = pred / safe_name(obj)
-        if link.is_symlink() or link.is_file():
-            link.unlink()
-        link.symlink_to(Path("..") / "objects" / obj / "render_eval", target_is_directory=True)
+        (pred / safe_name(obj)).symlink_to(Path("..") / "objects" / obj / "render_eval", target_is_directory=True)
 
 
 def summarize(run: Run, jobs: list[Job], tables: Job, dataset: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Stage graphs and their driver.
 
-A per-object graph is a generator (see :func:`d2.flows.asset.asset_graph`): it yields a
+A per-object graph is a generator (see :func:`d2.flows.asset.object_graph`): it yields a
 :class:`Stage` (a stage name and its inputs) and receives that stage's cache folder once it
 is done. :func:`drive` advances many graphs at once: it submits each stage task to the
 flow's task runner only when its inputs are ready (no worker ever waits on another), at most
@@ -19,7 +19,7 @@ from typing import Any, Generator
 
 from d2.config import get_param
 from d2.flows.run import Run, place
-from d2.flows.runners import gpu_request, wants_gpu
+from d2.flows.runners import gpu_request
 from d2.lifecycle import Interrupts, interrupted, server_problem
 from d2.tasks.cache import store_dir
 from d2.tasks.manifest import StageResult
@@ -126,7 +126,7 @@ def submit(job: Job, stage: Stage) -> Any:
     with contextlib.suppress(OSError):
         progress.unlink()
     task = configured_task(stage.name, job.obj, p, run.label)
-    with gpu_request(p) if wants_gpu(p, device) else contextlib.nullcontext():
+    with gpu_request(p, device):
         return task.submit(**task_arguments(run.stages, stage.name, job.obj, stage.inputs, p, run.cache_dir, progress))
 
 

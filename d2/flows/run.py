@@ -33,8 +33,6 @@ from d2.utils.paths import RunFolderLocked, adopt_run_folder_lock, inside, lock_
 # The recorders of the runs in progress in this process: what a second Ctrl-C marks on its way out.
 ACTIVE: dict[int, Recorder] = {}
 
-MLFLOW_STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}  # any other end: FAILED
-
 
 class RunFolderBusy(RuntimeError):
     """Another live run is writing into the run folder."""
@@ -176,7 +174,7 @@ def finish(run: Run, status: str, error: str | None = None, t0: float | None = N
     run.recorder.finish(status, error)
     ACTIVE.pop(id(run.recorder), None)
     if run.tracker is not None:
-        mlflow_status = MLFLOW_STATUS.get(status, "FAILED")
+        mlflow_status = {"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED")
         try:
             run.tracker.end(run.tracker.run_id, mlflow_status)
             if status != "completed":
@@ -207,8 +205,9 @@ def abandon_runs(reason: str) -> list[str]:
 
 @contextlib.contextmanager
 def open_run_folder(run_dir: Path) -> Iterator[Path]:
-    """Lock ``run_dir`` for one run (refused at once when another live run holds it) and fail
-    the manifest and MLflow runs of a run that died there without finishing."""
+    """Lock ``run_dir`` for one run (refused at once when another live run holds it). A manifest
+    still 'running' in a folder whose lock we hold belongs to a dead process: it becomes 'failed'
+    (a copy kept as ``manifest.dead.json``), and so do its MLflow runs."""
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = adopt_run_folder_lock(run_dir)  # taken by the command before Prefect started
     if fd is None:
@@ -217,30 +216,21 @@ def open_run_folder(run_dir: Path) -> Iterator[Path]:
         except RunFolderLocked as e:
             raise RunFolderBusy(str(e)) from None
     try:
-        fail_dead_run(run_dir)
+        for path in [run_dir / "manifest.json", *sorted(run_dir.glob("points/*/manifest.json"))]:
+            with contextlib.suppress(OSError, ValueError):
+                m = json.loads(path.read_text())
+                if m.get("status") == "running":
+                    reason = (f"the process that ran it (pid {m.get('pid')} on {m.get('host')}) died before "
+                              "finishing (killed, or the machine went down)")
+                    m["status"] = "failed"
+                    m.setdefault("errors", []).append({"object": "", "stage": "", "error": reason})
+                    m["mlflow_marked_failed"] = close_open_runs(m.get("mlflow_runs", []), "FAILED", reason)
+                    write_json(path.with_name("manifest.dead.json"), m)
+                    write_json(path, m)
         yield run_dir
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-def fail_dead_run(run_dir: Path) -> None:
-    """A manifest still 'running' in a folder whose lock we hold belongs to a dead process:
-    keep it as ``manifest.dead.json`` with status 'failed', and fail its MLflow runs."""
-    for path in [run_dir / "manifest.json", *sorted(run_dir.glob("points/*/manifest.json"))]:
-        try:
-            m = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if m.get("status") != "running":
-            continue
-        reason = (f"the process that ran it (pid {m.get('pid')} on {m.get('host')}) died before finishing "
-                  "(killed, or the machine went down)")
-        m["status"] = "failed"
-        m.setdefault("errors", []).append({"object": "", "stage": "", "error": reason})
-        m["mlflow_marked_failed"] = close_open_runs(m.get("mlflow_runs", []), "FAILED", reason)
-        write_json(path.with_name("manifest.dead.json"), m)
-        write_json(path, m)
 
 
 def place(src: Path, dst: Path, run_dir: Path) -> None:
@@ -250,21 +240,19 @@ def place(src: Path, dst: Path, run_dir: Path) -> None:
     dst = inside(run_dir, dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    if tmp.is_symlink() or tmp.is_file():
-        tmp.unlink()
-    elif tmp.exists():
-        shutil.rmtree(tmp)
+    remove(tmp)
     try:
         shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*"))
     except BaseException:  # a full disk, Ctrl-C: no half copy is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if dst.is_symlink() or dst.is_file():
-        dst.unlink()
-    elif dst.exists():
-        old = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.old")
-        os.replace(dst, old)
+    remove(dst)
     os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old)
+
+
+def remove(path: Path) -> None:
+    """Remove a file, a symlink (never followed) or a folder, if there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)

@@ -1,14 +1,10 @@
 """Scheduled benchmark runs (e.g. nightly) as a Prefect deployment.
 
-``d2 schedule --cron "0 3 * * *" --out runs/nightly`` serves, from this process, the
-``scheduled-benchmark`` flow with the validated params of the command line; with
-``--work-pool NAME`` the deployment is registered for that Prefect work pool instead, whose
-workers import the flow by its module path (``d2`` installed there). Either way a scheduled run
-is :func:`d2.flows.benchmark.run_benchmark` on ``run.runner`` (threads, or a Dask or Ray cluster
-at ``run.address``). Every scheduled run writes into the same folder, so with the stage cache a
-night without code or params changes computes nothing, and MLflow keeps one parent run per
-night. Point ``PREFECT_API_URL`` at a running ``prefect server start`` to see the schedule and
-its runs in the Prefect UI.
+``d2 schedule --cron "0 3 * * *" --out runs/nightly`` serves the ``scheduled-benchmark`` flow from
+this process with the command line's validated params, or with ``--work-pool NAME`` registers it
+for that pool's workers (``d2`` installed there). A scheduled run is
+:func:`d2.flows.benchmark.run_benchmark` on ``run.runner`` into the same folder every time: with the
+stage cache, a night without changes computes nothing; MLflow keeps one parent run per night.
 """
 
 from __future__ import annotations

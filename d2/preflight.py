@@ -1,26 +1,19 @@
-"""What ``d2 <command>`` checks before anything else: :func:`preflight`, in seconds, before the
-Prefect API server starts (~7 s).
+"""What ``d2 <command>`` checks before anything else, in seconds, before the Prefect API server
+starts (~7 s): :func:`preflight`. Each problem is one :class:`InputError` line naming the problem
+and the fix; every probe answers within :data:`CONNECT_TIMEOUT_S` seconds.
 
 First the params against the inputs, the dataset, the priors and the devices
-(:mod:`d2.validation`), then the machine. Each problem is one :class:`InputError` line naming
-the problem and the fix; every probe answers within :data:`CONNECT_TIMEOUT_S` seconds:
-
-* Prefect's home (``PREFECT_HOME``) and result storage, the stage cache (``run.cache_dir``),
-  ``--out``, and the MLflow store (a ``sqlite:`` or ``file:`` store and the artifact folder
-  ``D2_MLFLOW_ARTIFACTS``) can be written; an ``http(s)`` MLflow server, a Dask scheduler or a
-  Ray cluster (``run.address``) accepts a connection. A folder that does not exist yet is judged
-  by its nearest existing parent; nothing is left behind.
-* Path components fit the file system's name limit; ``--name`` is a plain name of at most 128 bytes.
-* Free disk under ``--out`` and the cache covers every object's images, and available memory
-  the largest array a stage holds (:func:`estimates`): an absurd resolution or count is refused
-  here, not by a failed allocation minutes later.
-* A read-only cache must hold each object's first stage (such a cache only serves hits; a later
-  miss is named by the stage cache when the run reaches it).
+(:mod:`d2.validation`), then the machine: Prefect's home and result storage, the stage cache,
+``--out`` and the MLflow store can be written (a folder not created yet is judged by its nearest
+existing parent; nothing is left behind); an MLflow server, a Dask scheduler or a Ray cluster
+accepts a connection; free disk and available memory cover the run's images (:func:`estimates`:
+an absurd resolution is refused here, not by a failed allocation minutes later); a read-only
+cache holds each object's first stage (it only serves hits; a later miss is named by the stage
+cache when the run reaches it).
 
 This module sits beside :mod:`d2.cli`, its only caller: it may use the stage cache's keys
-(:mod:`d2.tasks`), never the flows. :func:`hold_run_folder` then takes the run folder's lock,
-so that a second run into the same folder is refused at once, even while the first is still
-starting Prefect (the flow adopts that lock).
+(:mod:`d2.tasks`), never the flows. :func:`hold_run_folder` takes the run folder's lock before
+Prefect starts, so that a second run into the same folder is refused at once.
 """
 
 from __future__ import annotations
@@ -110,8 +103,7 @@ def unreachable(address: str, default_port: int) -> str | None:
 
 
 def check_runner(run: BaseModel) -> None:
-    """A Dask scheduler or Ray cluster at ``run.address`` accepts a connection, and the runner's
-    packages are installed."""
+    """A Dask scheduler or Ray cluster at ``run.address`` accepts a connection; Ray is installed."""
     if run.runner == "threads":
         return
     if run.address and run.address != "auto":
@@ -123,12 +115,9 @@ def check_runner(run: BaseModel) -> None:
                              f"start it ({start}), fix run.address, or set run.address=null for a local cluster")
     import importlib.util
 
-    need = {"dask": ("distributed", "prefect_dask", "pip install prefect-dask"),
-            "ray": ("ray", "prefect_ray", "pip install -e '.[ray]' (ray, prefect-ray)")}[run.runner]
-    for module in need[:2]:
-        if importlib.util.find_spec(module) is None:
-            raise InputError(f"run.runner = {run.runner} needs the {module} package: {need[2]}; "
-                             "or set run.runner=threads")
+    if run.runner == "ray" and importlib.util.find_spec("prefect_ray") is None:  # optional (prefect-dask is not)
+        raise InputError("run.runner = ray needs the ray and prefect-ray packages: pip install -e '.[ray]'; "
+                         "or set run.runner=threads")
 
 
 def check_mlflow() -> None:
@@ -170,9 +159,7 @@ def check_mlflow() -> None:
 
 
 def _gb(n: float) -> str:
-    if n >= 1e12:
-        return f"{n / 1e12:,.0f} TB"
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
 def estimates(p: BaseModel, command: str) -> list[tuple[int, str, str, bool]]:
@@ -322,14 +309,15 @@ def preflight(command: str, args: Mapping[str, Any], p: BaseModel) -> list[str]:
     if demo_prepares:
         check_writable(data, "the demo's dataset folder", "give --data a writable folder, or run d2 from a writable "
                        "project folder")
-    cache = Path(os.path.abspath(os.path.expanduser(p.run.cache_dir)))
+    cache: Path | None = Path(os.path.abspath(os.path.expanduser(p.run.cache_dir)))
     try:
         check_writable(cache, "the stage cache (run.cache_dir)", "set run.cache_dir to a writable folder")
-        cache_ok = True
     except InputError:
         if not cache.is_dir():
             raise
-        cache_ok = False  # a read-only cache: it may still serve every result the run needs
+        if command not in ("sweep", "schedule"):  # (a sweep's points: their own keys, checked by the stages)
+            check_readonly_cache(p, objects, cache)
+        cache = None  # read-only: it may still serve every result the run needs, and needs no room
     if p.run.mlflow:
         check_mlflow()
     check_runner(p.run)
@@ -342,9 +330,7 @@ def preflight(command: str, args: Mapping[str, Any], p: BaseModel) -> list[str]:
         count = len(p.run.objects or p.prepare.objects or benchmark_objects())
     else:
         count = len(objects)
-    check_disk(p, out, cache if cache_ok else None, count, len(points))
-    if not cache_ok and command != "sweep":  # (a sweep's points: their own keys, checked by the stages)
-        check_readonly_cache(p, objects, cache)
+    check_disk(p, out, cache, count, len(points))
     return warnings
 
 

@@ -58,7 +58,7 @@ def _server_class() -> type:
                     log = open(Path(home) / "server.log", "ab")  # noqa: SIM115  (closed below)
             popen = functools.partial(subprocess.Popen, start_new_session=True, stdin=subprocess.DEVNULL,
                                       stdout=log, stderr=log)
-            server_mod.subprocess = types.SimpleNamespace(**vars(subprocess), Popen=popen)
+            server_mod.subprocess = types.SimpleNamespace(**{**vars(subprocess), "Popen": popen})
             try:
                 return super()._run_uvicorn_command()
             finally:

@@ -18,11 +18,14 @@ moment (the cleanup's own KILLED updates), and a write from the handler would wa
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import signal
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 from typing import Any
 
@@ -30,62 +33,38 @@ STOP_GRACE_SECONDS = 3.0  # a server that has not stopped this long after SIGTER
 QUICK_MLFLOW_SECONDS = 2.0  # what a forced end still gives MLflow before the process ends
 SECOND_SIGNAL_DEADLINE = 6.0  # after a second Ctrl-C, seconds the cleanup may still take before a forced end
 
-_watchdogs: dict[int, subprocess.Popen] = {}  # server pid -> its watchdog
+_watchdog: subprocess.Popen | None = None  # the process that stops our server if this one is killed
 _exported_url: str | None = None  # the PREFECT_API_URL this process exported for its children
 
 
-class _OwnSession:
-    """Stands in for the ``subprocess`` module while Prefect starts its server: every ``Popen``
-    gets a session of its own and writes its output to ``log`` (when given)."""
-
-    def __init__(self, module: Any, log: Any) -> None:
-        self._module, self._log = module, log
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
-
-    def Popen(self, *args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802  (the module's name)
-        kwargs["start_new_session"] = True
-        kwargs.setdefault("stdin", subprocess.DEVNULL)
-        if self._log is not None:
-            kwargs.setdefault("stdout", self._log)
-            kwargs.setdefault("stderr", self._log)
-        return self._module.Popen(*args, **kwargs)
-
-
-def _server_log() -> Any:
-    """``$PREFECT_HOME/server.log`` opened for appending (None when it cannot be: the server then
-    writes to this process's stderr)."""
-    home = os.environ.get("PREFECT_HOME")
-    if not home:
-        return None
-    try:
-        Path(home).mkdir(parents=True, exist_ok=True)
-        return open(Path(home) / "server.log", "ab")  # noqa: SIM115  (the server process holds it)
-    except OSError:
-        return None
+# ---------------------------------------------------------------------------------------
+# The Prefect API server. Prefect has no public way to start its ephemeral server in a session
+# of its own: this section alone uses its internals (``SubprocessASGIServer._run_uvicorn_command``,
+# which calls its module's ``subprocess.Popen``, and the class's ``_instances``, one per port).
 
 
 def _server_class() -> type:
-    """Prefect's ``SubprocessASGIServer`` whose process runs in its own session. Instances are
-    shared with Prefect's class (one per port), so Prefect's client finds and reuses it.
-
-    Prefect has no public way to start its ephemeral server in a session of its own, so this and
-    :func:`_servers` are the only places that use its internals (``_run_uvicorn_command``,
-    ``_instances``)."""
+    """Prefect's ``SubprocessASGIServer`` whose process runs in its own session, its output in
+    ``$PREFECT_HOME/server.log``. Instances are shared with Prefect's class, so its client finds
+    and reuses the server."""
     import prefect.server.api.server as server_mod
 
     class SessionASGIServer(server_mod.SubprocessASGIServer):
         def _run_uvicorn_command(self) -> subprocess.Popen:
-            log = _server_log()
-            real = server_mod.subprocess
-            server_mod.subprocess = _OwnSession(real, log)
+            home, log = os.environ.get("PREFECT_HOME"), None  # no log file: the server writes to our stderr
+            with contextlib.suppress(OSError):
+                if home:
+                    Path(home).mkdir(parents=True, exist_ok=True)
+                    log = open(Path(home) / "server.log", "ab")  # noqa: SIM115  (closed below)
+            popen = functools.partial(subprocess.Popen, start_new_session=True, stdin=subprocess.DEVNULL,
+                                      stdout=log, stderr=log)
+            server_mod.subprocess = types.SimpleNamespace(**{**vars(subprocess), "Popen": popen})
             try:
                 return super()._run_uvicorn_command()
             finally:
-                server_mod.subprocess = real
+                server_mod.subprocess = subprocess
                 if log is not None:
-                    log.close()  # the server has its own copy of the descriptor
+                    log.close()
 
     return SessionASGIServer
 
@@ -98,21 +77,19 @@ def _servers() -> list[Any]:
 def start_prefect() -> None:
     """Start the ephemeral Prefect API server now, in its own session, with a watchdog, and export
     its address to child processes (unless ``PREFECT_API_URL`` names a server not started here)."""
-    global _exported_url
+    global _exported_url, _watchdog
     url = os.environ.get("PREFECT_API_URL")
     if url and url != _exported_url:
         return  # an external server
     if url and any(s.running and s.server_process is not None and s.server_process.poll() is None
                    for s in _servers()):
         return  # ours, still serving (an earlier command in this process)
-    if url:
-        del os.environ["PREFECT_API_URL"]
+    os.environ.pop("PREFECT_API_URL", None)
     server = _server_class()()
     server.start()
-    proc = server.server_process
-    if proc is not None and proc.pid not in _watchdogs:
-        _watchdogs[proc.pid] = subprocess.Popen(
-            [sys.executable, "-I", __file__, str(os.getpid()), str(proc.pid)],  # runs watchdog()
+    if server.server_process is not None and (_watchdog is None or _watchdog.poll() is not None):
+        _watchdog = subprocess.Popen(
+            [sys.executable, "-I", __file__, str(os.getpid()), str(server.server_process.pid)],  # runs watchdog()
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _exported_url = server.api_url
     os.environ["PREFECT_API_URL"] = _exported_url  # Dask / Ray workers use this server, start none
@@ -140,28 +117,21 @@ def watchdog(parent: int, server: int) -> None:
 def stop_prefect(now: bool = False) -> None:
     """Stop the ephemeral Prefect API server this process started, and its watchdog (no-op when
     there is none): SIGTERM, then SIGKILL after :data:`STOP_GRACE_SECONDS` (at once with ``now``)."""
-    global _exported_url
+    global _exported_url, _watchdog
     for server in _servers():
-        proc = getattr(server, "server_process", None)
+        proc = server.server_process
         if proc is not None:
+            proc.kill() if now else proc.terminate()
             try:
-                if now:
-                    proc.kill()
-                else:
-                    proc.terminate()
-                proc.wait(timeout=0 if now else STOP_GRACE_SECONDS)
+                proc.wait(timeout=STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            except OSError:
-                pass
-        try:
+        with contextlib.suppress(Exception):  # exiting anyway
             server.stop()  # Prefect's own bookkeeping (the process is gone by now)
-        except Exception:  # noqa: BLE001  (exiting anyway)
-            pass
-        dog = _watchdogs.pop(getattr(proc, "pid", -1), None)
-        if dog is not None:
-            dog.kill()
-            dog.wait()
+    if _watchdog is not None:
+        _watchdog.kill()
+        _watchdog.wait()
+        _watchdog = None
     if _exported_url and os.environ.get("PREFECT_API_URL") == _exported_url:
         del os.environ["PREFECT_API_URL"]
     _exported_url = None
@@ -183,7 +153,7 @@ def server_problem() -> str | None:
     """A one-line message when the Prefect API server this process started has exited (None
     while it serves, or when there is none)."""
     for server in _servers():
-        proc = getattr(server, "server_process", None)
+        proc = server.server_process
         if proc is not None and proc.poll() is not None:
             quiet_prefect_runs()
             log = Path(os.environ.get("PREFECT_HOME", ".")) / "server.log"
@@ -205,6 +175,9 @@ class Interrupts:
     notice = ""  # printed when a second signal ends the process at once
 
 
+_previous: dict[int, Any] = {}  # the handlers install_handlers replaced
+
+
 def install_handlers(notice: str) -> None:
     """SIGINT and SIGTERM raise ``KeyboardInterrupt(<signal name>)`` once; a second one bounds the
     cleanup to :data:`SECOND_SIGNAL_DEADLINE` seconds (then :func:`quit_now`). Main thread only."""
@@ -214,38 +187,24 @@ def install_handlers(notice: str) -> None:
 
 
 def restore_handlers() -> None:
-    """Put back the handlers :func:`install_handlers` replaced (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
+    """Put back the handlers :func:`install_handlers` replaced (none when it ran on another thread)."""
     while _previous:
-        sig, handler = _previous.popitem()
-        signal.signal(sig, handler)
-
-
-_previous: dict[int, Any] = {}
+        signal.signal(*_previous.popitem())
 
 
 def _on_signal(signum: int, frame: Any) -> None:
-    name = signal.Signals(signum).name
     Interrupts.count += 1
     if Interrupts.count == 1:
-        Interrupts.name = name
+        Interrupts.name = signal.Signals(signum).name
         quiet_prefect_runs()  # Prefect's "Crash detected!" would repeat the one line d2 prints
-        raise KeyboardInterrupt(name)  # and the flows' driver stops at its next check of interrupted()
-    if Interrupts.count == 2:  # the cleanup goes on; a watchdog ends the process if it takes too long
-        try:
+        raise KeyboardInterrupt(Interrupts.name)  # and the flows' driver stops at its next check of interrupted()
+    if Interrupts.count == 2:  # the cleanup goes on; a timer ends the process if it takes too long
+        with contextlib.suppress(OSError, ValueError):
             print(f"interrupted again: finishing the cleanup, at most {SECOND_SIGNAL_DEADLINE:g} s more",
                   file=sys.stderr, flush=True)
-        except (OSError, ValueError):
-            pass
-        threading.Thread(target=_deadline, daemon=True, name="d2-second-signal").start()
-
-
-def _deadline() -> None:
-    import time
-
-    time.sleep(SECOND_SIGNAL_DEADLINE)
-    quit_now()
+        timer = threading.Timer(SECOND_SIGNAL_DEADLINE, quit_now)
+        timer.daemon = True
+        timer.start()
 
 
 def interrupted() -> bool:
@@ -256,9 +215,6 @@ def interrupted() -> bool:
 def quit_now() -> None:
     """End the process now: runs still ``running`` are marked ``interrupted`` (MLflow runs KILLED,
     given at most :data:`QUICK_MLFLOW_SECONDS`), the Prefect server is killed, exit 130."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     runs = sys.modules.get("d2.flows.run")  # loaded when this process runs a flow
     if runs is not None:
         reason = f"interrupted by {Interrupts.name or 'a signal'}, then again (stopped at once)"
@@ -271,11 +227,9 @@ def quit_now() -> None:
             t.start()
             t.join(QUICK_MLFLOW_SECONDS)
     stop_prefect(now=True)
-    try:
+    with contextlib.suppress(OSError, ValueError):
         print(Interrupts.notice or "interrupted again: stopped at once", file=sys.stderr, flush=True)
         sys.stdout.flush()
-    except (OSError, ValueError):
-        pass
     os._exit(130)
 
 

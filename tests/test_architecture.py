@@ -19,6 +19,7 @@ ALLOWED = {
     "tasks": {"tasks", "stages", "eval", "world"},
     "reports": {"reports", "stages", "eval"},  # pages and tables over a run folder's files
     "flows": {"flows", "tasks", "stages", "eval", "world", "reports"},
+    "preflight": {"tasks", "world"},  # beside the CLI, its only caller: the stage cache's keys, never the flows
 }
 
 

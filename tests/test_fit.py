@@ -43,7 +43,7 @@ def _small_cfg(**kw) -> FitConfig:
     base = dict(lambda_lpips=0.0, lambda_ssim=1.0, lambda_l1=1.0, progress=False, turntable_frames=0,
                 export_ply=False, checkpoint_every=0, num_gaussians=60, batch_size=2, densify_from=2,
                 densify_every=2, sh_degree=1, sh_increase_every=0, opacity_reset_every=0,
-                opacity_reset_at_densify_from=not FitConfig().opacity_reset_at_densify_from, lr_means=1.6e-3)
+                opacity_reset_at_densify_from=False, lr_means=1.6e-3)
     base.update(kw)
     return FitConfig(**base)
 

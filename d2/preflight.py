@@ -240,7 +240,7 @@ def check_readonly_cache(p: BaseModel, inputs: list[tuple[str, Path]], cache: Pa
     spec = STAGES.specs["conditions"]
     for obj, src in inputs:
         key, _ = C.stage_key(spec, C.stage_inputs(spec, {"input": src}, p), p)
-        record, reason = C.verify_entry(C.entry_dir(cache, spec.name, key), full=p.run.verify_cache == "full")
+        record, reason = C.verify_entry(Path(cache) / spec.name / key, full=p.run.verify_cache == "full")
         if record is None or not p.run.use_cache:
             raise InputError(f"the stage cache {cache} is read-only and holds no {spec.name} result for {obj} "
                              f"({reason if p.run.use_cache else 'run.use_cache is false'}); "

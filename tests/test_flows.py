@@ -189,7 +189,9 @@ def test_schedule_registers_the_deployment_for_a_work_pool(toy, tmp_path):
 
     from d2.flows.schedule import build_schedule, serve_schedule
 
-    pool = f"pool-{tmp_path.name}"[:60]
+    import uuid
+
+    pool = f"pool-{uuid.uuid4().hex[:12]}"  # Prefect's database outlives the test session
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
         dep = build_schedule(toy_params(tmp_path), toy.data, tmp_path / "nightly", "0 3 * * *", name="n",

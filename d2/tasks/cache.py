@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,11 @@ def _module_file(name: str) -> Path | None:
 def _imports_of(name: str, path: Path) -> tuple[bytes, list[str]]:
     """(source bytes, absolute names of the modules it imports anywhere in the file)."""
     st = path.stat()
-    return _parse(name, path, st.st_size, st.st_mtime_ns)
+    with _PARSE_LOCK:  # CPython 3.11's ast.parse is not safe in two threads at once (SystemError)
+        return _parse(name, path, st.st_size, st.st_mtime_ns)
+
+
+_PARSE_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=None)

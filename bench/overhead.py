@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from d2.cli import prepare_dataset
     from d2.config import load_params
-    from d2.flows.benchmark import list_objects
+    from d2.validation import dataset_objects
 
     cache = Path(tempfile.mkdtemp(prefix="d2-bench-cache-"))
     overrides = ["run.max_parallel=1", "run.progress=false", f"run.cache_dir={cache}",
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "meta.json").exists():
         prepare_dataset(p, data)
     if args.objects:
-        names = list_objects(data)[: args.objects]
+        names = dataset_objects(data)[: args.objects]
         from d2.config import with_overrides
 
         p = with_overrides(p, [f"run.objects=[{', '.join(names)}]"])

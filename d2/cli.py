@@ -106,10 +106,11 @@ def cmd_generate(args: argparse.Namespace, p: Any) -> None:
 
 def cmd_benchmark(args: argparse.Namespace, p: Any) -> None:
     """A dataset: one asset per object, then the tables."""
-    from d2.flows import list_objects, run_benchmark
+    from d2.flows import run_benchmark
+    from d2.validation import dataset_objects
 
     data = Path(args.data or p.run.data_dir)
-    total = len(list_objects(data, p.run.objects)) * STAGES_PER_OBJECT + 1
+    total = len(dataset_objects(data, p.run.objects)) * STAGES_PER_OBJECT + 1
     _run_flow(args, p, total, f"{args.command} {data.name}", lambda: run_benchmark(data, args.out, p),
               lambda r: [r.get("table") or json.dumps(r.get("summary", {}), indent=2), f"tables: {r['results_dir']}",
                          "turntable videos:", *(f"  {obj}: {path}" for obj, path in r["videos"].items())])
@@ -117,14 +118,14 @@ def cmd_benchmark(args: argparse.Namespace, p: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace, p: Any) -> None:
     """Prepare the mini-benchmark if missing, run the benchmark on CPU, print the results."""
-    from d2.flows import list_objects
+    from d2.validation import dataset_objects
 
     data = Path(args.data or p.run.data_dir)
     t0 = time.perf_counter()
     if not (data / "meta.json").exists():
         _print(f"preparing the procedural mini-benchmark in {data} ...")
         prepare_dataset(p, data)
-    objects = list_objects(data, p.run.objects)
+    objects = dataset_objects(data, p.run.objects)
     _print(f"benchmark: {len(objects)} objects ({', '.join(objects)}), backends "
            f"video={p.priors.video_backend or p.priors.backend} multiview={p.priors.multiview_backend or p.priors.backend}, "
            f"V={p.sampling.num_views} F={p.sampling.num_frames} {p.sampling.resolution}px, "
@@ -135,13 +136,13 @@ def cmd_demo(args: argparse.Namespace, p: Any) -> None:
 
 def cmd_sweep(args: argparse.Namespace, p: Any) -> None:
     """A grid of overrides: one benchmark per point, sharing unchanged stages."""
-    from d2.flows import list_objects, run_sweep
-    from d2.validation import grid_points, parse_grid
+    from d2.flows import run_sweep
+    from d2.validation import dataset_objects, grid_points, parse_grid
 
     grid = parse_grid(args.grid)
     data = Path(args.data or p.run.data_dir)
     points = len(grid_points(p, grid))
-    total = points * (len(list_objects(data, p.run.objects)) * STAGES_PER_OBJECT + 1)
+    total = points * (len(dataset_objects(data, p.run.objects)) * STAGES_PER_OBJECT + 1)
     _run_flow(args, p, total, f"sweep {points} points", lambda: run_sweep(data, args.out, p, grid),
               lambda r: [r["table"]])
 

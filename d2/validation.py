@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from d2.config import ParamsError, get_param, parse_override, with_overrides
 from d2.stages import conditions as C
 from d2.utils.io import InputError
+from d2.utils.paths import UnsafeName, safe_name
 
 MAX_GRID_POINTS = 4096  # a sweep grid larger than this is refused (each point is a whole benchmark)
 
@@ -88,7 +89,8 @@ def check_gt(gt_dir: str | os.PathLike, params: BaseModel, input_dir: str | os.P
 
 
 def dataset_objects(data_dir: str | os.PathLike, only: list[str] | None = None) -> list[str]:
-    """The objects of a benchmark dataset (``input/<object>``), restricted to ``only`` (run.objects)."""
+    """The objects of a benchmark dataset (``input/<object>``, each a plain folder name), restricted
+    to ``only`` (run.objects); :func:`check_dataset` checks their inputs and ground truth."""
     data = Path(data_dir).expanduser()
     inputs = data / "input"
     if not data.is_dir():
@@ -105,6 +107,11 @@ def dataset_objects(data_dir: str | os.PathLike, only: list[str] | None = None) 
             raise InputError(f"run.objects names objects not in {inputs}: {', '.join(unknown)} "
                              f"(has: {', '.join(names)})")
         names = [o for o in names if o in only]
+    for n in names:
+        try:
+            safe_name(n, f"object folder {inputs / n}:")
+        except UnsafeName as e:
+            raise InputError(str(e)) from None
     return names
 
 

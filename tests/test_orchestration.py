@@ -232,19 +232,18 @@ def test_a_hit_is_one_verified_lookup_and_a_cached_task_run_in_prefect(toy, tmp_
     from prefect.client.orchestration import get_client
 
     from d2.tasks import cache as cache_mod
-    from d2.tasks.stage_task import configured_task, task_arguments
+    from d2.tasks.stage_task import stage_call
 
     calls = []
     key_of, verify = cache_mod.stage_key, cache_mod.verify_entry
     monkeypatch.setattr(cache_mod, "stage_key", lambda *a: calls.append("key") or key_of(*a))
     monkeypatch.setattr(cache_mod, "verify_entry", lambda *a, **k: calls.append("verify") or verify(*a, **k))
     p = toy_params(tmp_path)
-    args = task_arguments(toy.stages, "conditions", "apple", {"input": toy.data / "input" / "apple"}, p,
-                          tmp_path / "cache")
+    t, args = stage_call(toy.stages, "conditions", "apple", {"input": toy.data / "input" / "apple"}, p,
+                         tmp_path / "cache")
 
     @flow
     def twice() -> list:
-        t = configured_task("conditions", "apple", p)
         return [t(**args, return_state=True) for _ in range(2)]
 
     first, second = twice()

@@ -9,7 +9,7 @@ drives its stage graphs with :func:`d2.flows.graph.drive`.
 """
 
 from d2.flows.asset import asset_flow, run_asset
-from d2.flows.benchmark import benchmark_flow, list_objects, run_benchmark
+from d2.flows.benchmark import benchmark_flow, run_benchmark
 from d2.flows.sweep import run_sweep, sweep_flow
 
-__all__ = ["asset_flow", "run_asset", "benchmark_flow", "run_benchmark", "list_objects", "sweep_flow", "run_sweep"]
+__all__ = ["asset_flow", "run_asset", "benchmark_flow", "run_benchmark", "sweep_flow", "run_sweep"]

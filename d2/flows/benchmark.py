@@ -22,29 +22,15 @@ from d2.tasks.stages import StageSet
 from d2.tasks.tracking import flat_numbers
 from d2.utils.io import write_json
 from d2.utils.paths import safe_name
-from d2.validation import InputError, dataset_objects
+from d2.validation import dataset_objects
 
 GENERATION_STAGES = ("conditions", "sampling", "fit")  # what "generation time" adds up
 
 
-def list_objects(data_dir: str | Path, only: list[str] | None = None) -> list[str]:
-    """Object names of a dataset (folders of ``<data>/input``, ``run.objects`` when given), each a
-    plain folder name with a ground-truth folder (:class:`d2.validation.InputError` otherwise)."""
-    data = Path(data_dir)
-    names = dataset_objects(data, only)
-    for n in names:
-        safe_name(n, f"object folder {data / 'input' / n}:")
-        if not (data / "gt" / n).is_dir():
-            raise InputError(f"object '{n}' has no ground truth folder {data / 'gt' / n}")
-    return names
-
-
 def checked_objects(data: Path, params: BaseModel, stages: StageSet) -> list[str]:
-    """:func:`list_objects`, and the stage set's check of the dataset under ``params``."""
-    objects = list_objects(data, params.run.objects)
-    if stages.check_dataset is not None:
-        stages.check_dataset(data, params, objects)
-    return objects
+    """The dataset's objects (``run.objects`` of them), checked by the stage set under ``params``."""
+    objects = dataset_objects(data, params.run.objects)
+    return stages.check_dataset(data, params, objects) if stages.check_dataset is not None else objects
 
 
 def object_jobs(run: Run, data_dir: Path, objects: list[str]) -> list[Job]:

@@ -24,7 +24,7 @@ from d2.lifecycle import Interrupts, interrupted, server_problem
 from d2.tasks.cache import store_dir
 from d2.tasks.manifest import StageResult
 from d2.tasks.progress import read_progress
-from d2.tasks.stage_task import configured_task, task_arguments
+from d2.tasks.stage_task import stage_call
 from d2.tasks.tracking import log_object
 
 
@@ -104,13 +104,12 @@ def drive(jobs: list[Job], max_parallel: int) -> None:
             job.graph.close()
             advance(job, None)  # a closed graph stops at once: the job ends
             continue
-        status = "cached" if fut.state.name == "Cached" else None
-        for attempt in result.get("failed_attempts", []) if status is None else []:
+        for attempt in result["failed_attempts"]:  # the failed attempts before a computed result
             job.run.recorder.add_error(job.obj, stage.name, attempt)
         out_dir = job.run.run_dir / stage.dest if stage.dest else job.run.out_dir(job.obj, stage.name)
         store = store_dir(job.run.cache_dir, result)  # under this run's cache root (results name no path)
         place(store, out_dir, job.run.run_dir)
-        rec = StageResult.from_task(result, job.obj, out_dir, time.perf_counter() - t_submit, status, store)
+        rec = StageResult.from_task(result, job.obj, out_dir, time.perf_counter() - t_submit, store)
         job.results[stage.name] = rec
         job.run.recorder.add(rec)
         advance(job, str(store))
@@ -125,9 +124,9 @@ def submit(job: Job, stage: Stage) -> Any:
     progress = run.progress_file(job.obj, stage.name)
     with contextlib.suppress(OSError):
         progress.unlink()
-    task = configured_task(stage.name, job.obj, p, run.label)
+    task, arguments = stage_call(run.stages, stage.name, job.obj, stage.inputs, p, run.cache_dir, progress, run.label)
     with gpu_request(p, device):
-        return task.submit(**task_arguments(run.stages, stage.name, job.obj, stage.inputs, p, run.cache_dir, progress))
+        return task.submit(**arguments)
 
 
 def raise_failures(jobs: list[Job]) -> None:

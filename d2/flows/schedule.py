@@ -15,8 +15,9 @@ from typing import Any
 from prefect import flow
 from pydantic import BaseModel
 
-from d2.flows.benchmark import list_objects, run_benchmark
+from d2.flows.benchmark import run_benchmark
 from d2.flows.run import flow_params
+from d2.validation import dataset_objects
 
 
 @flow(name="scheduled-benchmark", log_prints=False)
@@ -35,7 +36,7 @@ def build_schedule(params: BaseModel, data_dir: str | Path, out_dir: str | Path,
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
-    list_objects(data_dir, params.run.objects)  # the dataset must exist now, not at 3 a.m.
+    dataset_objects(data_dir, params.run.objects)  # the dataset must exist now, not at 3 a.m.
     return scheduled_benchmark.to_deployment(
         name=name, schedule=Cron(cron, timezone=timezone or "UTC"), work_pool_name=work_pool,
         entrypoint_type=EntrypointType.MODULE_PATH,

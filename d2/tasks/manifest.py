@@ -36,13 +36,12 @@ class StageResult:
 
     @classmethod
     def from_task(cls, result: dict[str, Any], obj: str, out_dir: Path, seconds: float,
-                  status: str | None, store_dir: Path) -> "StageResult":
-        """From a stage task's JSON result (``status``, when given, overrides its own) and its entry's
-        ``out/`` under the run's cache root (the result itself names no path)."""
-        return cls(stage=result["stage"], object=obj, status=status or result["status"], key=result["key"],
-                   seconds=seconds, compute_seconds=float(result["compute_seconds"]),
-                   store_dir=Path(store_dir), out_dir=out_dir, outputs=list(result["outputs"]),
-                   info=dict(result.get("info", {})))
+                  store_dir: Path) -> "StageResult":
+        """From a stage task's JSON result and its entry's ``out/`` under the run's cache root (the
+        result itself names no path)."""
+        return cls(stage=result["stage"], object=obj, status=result["status"], key=result["key"], seconds=seconds,
+                   compute_seconds=float(result["compute_seconds"]), store_dir=Path(store_dir), out_dir=out_dir,
+                   outputs=list(result["outputs"]), info=dict(result.get("info", {})))
 
     def to_json(self) -> dict[str, Any]:
         """JSON form for the manifest."""

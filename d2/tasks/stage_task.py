@@ -34,16 +34,12 @@ def _run_stage(stages: StageSet, stage: str, obj: str, inputs: dict[str, str], p
 stage_task = task(_run_stage, name="stage", cache_policy=NO_CACHE, persist_result=False, log_prints=False)
 
 
-def configured_task(stage: str, obj: str, params: Any, label: str = "") -> Any:
-    """The stage task with its retries and run name (``stage[label/obj]``)."""
-    name = f"{stage}[{label + '/' if label else ''}{obj}]"
-    return stage_task.with_options(name=stage, task_run_name=name, retries=params.run.retries,
-                                   retry_delay_seconds=params.run.retry_delay_s)
-
-
-def task_arguments(stages: StageSet, stage: str, obj: str, inputs: dict[str, str | os.PathLike], params: Any,
-                   cache_dir: Path, progress_path: Path | None = None) -> dict[str, Any]:
-    """The task's keyword arguments: everything serializable (paths as strings, params as a dict)."""
-    return {"stages": stages, "stage": stage, "obj": obj, "inputs": {k: str(v) for k, v in inputs.items()},
-            "params": params.model_dump(mode="json"), "cache_dir": str(cache_dir),
-            "progress_path": str(progress_path) if progress_path else None}
+def stage_call(stages: StageSet, stage: str, obj: str, inputs: dict[str, str | os.PathLike], params: Any,
+               cache_dir: Path, progress_path: Path | None = None, label: str = "") -> tuple[Any, dict[str, Any]]:
+    """The stage task with its retries and run name (``stage[label/obj]``), and its keyword
+    arguments: everything serializable (paths as strings, params as a dict)."""
+    task = stage_task.with_options(name=stage, task_run_name=f"{stage}[{label + '/' if label else ''}{obj}]",
+                                   retries=params.run.retries, retry_delay_seconds=params.run.retry_delay_s)
+    return task, {"stages": stages, "stage": stage, "obj": obj, "inputs": {k: str(v) for k, v in inputs.items()},
+                  "params": params.model_dump(mode="json"), "cache_dir": str(cache_dir),
+                  "progress_path": str(progress_path) if progress_path else None}

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from d2.config import Params
 from d2.tasks.cache import StageSpec
 from d2.tasks.progress import reporter
+from d2.validation import check_dataset, check_input
 
 
 @dataclass(frozen=True)
@@ -239,20 +240,6 @@ SPECS: dict[str, StageSpec] = {
                         ("protocol", "metrics"), device_key="metrics.device"),
 }
 
-def check_asset_input(input_path: Path, params: BaseModel, gt_dir: str | Path | None) -> None:
-    """One input (and its ground truth, when given) checked before the first stage."""
-    from d2.validation import check_input
-
-    check_input(input_path, params, gt_dir)
-
-
-def check_benchmark_dataset(data_dir: Path, params: BaseModel, objects: list[str] | None) -> list[str]:
-    """Every object's input and every ground-truth view and frame the protocol needs, before the first stage."""
-    from d2.validation import check_dataset
-
-    return check_dataset(data_dir, params, objects)
-
-
 def label_dataset(tables_dir: Path, dataset: str) -> str:
     """Name the scored dataset (``--data`` as given) in a run's copy of the results tables;
     returns their markdown table."""
@@ -265,5 +252,5 @@ def label_dataset(tables_dir: Path, dataset: str) -> str:
     return results_markdown(results)
 
 
-STAGES = StageSet(SPECS, Params, check_benchmark_dataset, check_asset_input, label_dataset)
+STAGES = StageSet(SPECS, Params, check_dataset, check_input, label_dataset)
 """The pipeline's stages (the default of every flow)."""

@@ -32,7 +32,7 @@ def _run_flow(args: argparse.Namespace, p: Any, total: int, title: str, run: Cal
     display of ``total`` stages; then ``describe(result)`` and where the run's manifest, report and
     MLflow run are."""
     from d2.preflight import hold_run_folder
-    from d2.tasks.progress import ProgressDisplay
+    from d2.execution.progress import ProgressDisplay
 
     hold_run_folder(args.out)
     start_prefect()
@@ -161,7 +161,7 @@ def cmd_report(args: argparse.Namespace, p: Any) -> None:
 
 def cmd_evaluate(args: argparse.Namespace, p: Any) -> None:
     """Score predictions against ground truth (Consistent4D layout)."""
-    from d2.eval.benchmark import evaluate_command
+    from d2.eval.scoring import evaluate_command
 
     evaluate_command(args.pred, args.gt, out=args.out, require_metrics=args.require_metrics or (),
                      protocol=p.protocol, metrics_cfg=p.metrics, progress=p.run.progress, print_fn=_print)

@@ -12,7 +12,7 @@ cache holds each object's first stage (it only serves hits; a later miss is name
 cache when the run reaches it).
 
 This module sits beside :mod:`d2.cli`, its only caller: it may use the stage cache's keys
-(:mod:`d2.tasks`), never the flows. :func:`hold_run_folder` takes the run folder's lock before
+(:mod:`d2.execution`), never the flows. :func:`hold_run_folder` takes the run folder's lock before
 Prefect starts, so that a second run into the same folder is refused at once.
 """
 
@@ -234,8 +234,8 @@ def check_disk(p: BaseModel, out: Path | None, cache: Path | None, objects: int,
 def check_readonly_cache(p: BaseModel, inputs: list[tuple[str, Path]], cache: Path) -> None:
     """A cache this process cannot write only serves hits: each object's first stage (the
     conditions of its input) must be there, verified."""
-    from d2.tasks import cache as C
-    from d2.tasks.stages import STAGES
+    from d2.execution import cache as C
+    from d2.execution.stages import STAGES
 
     spec = STAGES.specs["conditions"]
     for obj, src in inputs:

@@ -2,7 +2,7 @@
 
 ``make_toy(tmp_path)`` writes a small package of toy stage modules (one module per stage,
 ``sampling`` importing a helper module, so tests can edit code on disk), builds its
-:class:`~d2.tasks.stages.StageSet` (``toy.stages``, what the flows take) and writes a 2-object
+:class:`~d2.execution.stages.StageSet` (``toy.stages``, what the flows take) and writes a 2-object
 dataset in the benchmark layout. The toy stages
 do real (tiny) file work: each output depends on its inputs and its params, so the cache
 can be checked by what it recomputes.
@@ -20,8 +20,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from d2.config import RunConfig
-from d2.tasks.cache import StageSpec
-from d2.tasks.stages import StageSet
+from d2.execution.cache import StageSpec
+from d2.execution.stages import StageSet
 
 
 class ToyConditions(BaseModel):

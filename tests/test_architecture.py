@@ -9,17 +9,17 @@ PKG = Path(__file__).resolve().parents[1] / "d2"
 
 # layer -> layers it may import (besides itself, d2.config, d2.env, d2.lifecycle, d2.utils, d2.validation;
 # d2.lifecycle, the process's Prefect server and signal handling, imports no d2 module at all):
-# nothing below flows imports flows, nothing below tasks imports tasks, stages / eval / world never
-# import train, tasks or flows, train never imports tasks
+# nothing below flows imports flows, nothing below execution imports execution, stages / eval / world never
+# import train, execution or flows, train never imports execution
 ALLOWED = {
     "stages": {"stages", "eval"},
     "eval": {"eval", "stages"},
     "world": {"world", "stages", "eval"},
     "train": {"train", "stages", "eval", "world"},
-    "tasks": {"tasks", "stages", "eval", "world"},
+    "execution": {"execution", "stages", "eval", "world"},
     "reports": {"reports", "stages", "eval"},  # pages and tables over a run folder's files
-    "flows": {"flows", "tasks", "stages", "eval", "world", "reports"},
-    "preflight": {"tasks", "world"},  # beside the CLI, its only caller: the stage cache's keys, never the flows
+    "flows": {"flows", "execution", "stages", "eval", "world", "reports"},
+    "preflight": {"execution", "world"},  # beside the CLI, its only caller: the stage cache's keys, never the flows
 }
 
 

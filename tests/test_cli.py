@@ -150,8 +150,8 @@ def test_sweep_2x2_over_2_objects_shares_conditions(env, tmp_path):
 
 
 def test_real_stage_code_versions_cover_their_helpers():
-    from d2.tasks.cache import module_closure
-    from d2.tasks.stages import SPECS
+    from d2.execution.cache import module_closure
+    from d2.execution.stages import SPECS
 
     assert {"d2.stages.priors", "d2.stages.cameras", "d2.utils.io"} <= set(module_closure(list(SPECS["conditions"].modules)))
     assert {"d2.stages.gaussians", "d2.stages.render"} <= set(module_closure(list(SPECS["fit"].modules)))
@@ -161,8 +161,8 @@ def test_real_stage_code_versions_cover_their_helpers():
 def test_prior_weights_are_part_of_the_keys(tmp_path):
     """Replacing the weights a backend loads (same params) changes the conditions/sampling keys."""
     from d2.config import load_params
-    from d2.tasks.cache import stage_key
-    from d2.tasks.stages import SPECS, prior_weights
+    from d2.execution.cache import stage_key
+    from d2.execution.stages import SPECS, prior_weights
 
     w = tmp_path / "video"
     w.mkdir()

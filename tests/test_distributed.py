@@ -85,7 +85,7 @@ def _race(args):
     toy_stage, root = args[1], Path(args[2])
     import importlib
 
-    from d2.tasks.cache import StageSpec, run_stage
+    from d2.execution.cache import StageSpec, run_stage
 
     mod = importlib.import_module(toy_stage)
     spec = StageSpec("conditions", mod.compute, (toy_stage,), ("conditions",))

@@ -75,7 +75,7 @@ def test_dvc_repro_then_nothing_to_do_then_exp_run(tmp_path):
 STAGE_IMPORTS = {
     "prepare": "import d2.cli, d2.preflight, d2.validation, d2.world.benchmark",
     "benchmark": ("import importlib, d2.cli, d2.preflight, d2.validation, d2.flows, d2.reports.html\n"
-                  "from d2.tasks.stages import STAGES\n"
+                  "from d2.execution.stages import STAGES\n"
                   "for spec in STAGES.specs.values():\n    [importlib.import_module(m) for m in spec.modules]"),
     "report": "import d2.cli, d2.reports.run_report, d2.reports.html",
 }
@@ -99,7 +99,7 @@ def test_each_stage_depends_on_every_module_its_command_imports():
         uncovered = sorted(f for f in files if not any(f == d or f.startswith(d + "/") for d in deps))
         assert uncovered == [], f"dvc.yaml stage {stage} misses deps on {uncovered}"
     # and no more than that: the procedural data does not depend on the flows, nor the benchmark on training
-    assert not any(d.startswith(("d2/flows", "d2/tasks", "d2/reports")) for d in stages["prepare"]["deps"])
+    assert not any(d.startswith(("d2/flows", "d2/execution", "d2/reports")) for d in stages["prepare"]["deps"])
     assert not any(d.startswith("d2/train") for s in ("prepare", "benchmark", "report") for d in stages[s]["deps"])
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from d2.eval import metrics as M
-from d2.eval.benchmark import (BenchmarkError, FrameScore, aggregate, evaluate, evaluate_command, load_benchmark)
+from d2.eval.scoring import (BenchmarkError, FrameScore, aggregate, evaluate, evaluate_command, load_benchmark)
 from d2.eval.protocol import Protocol
 from d2.stages.cameras import OrbitSpec, frame_times
 from d2.utils.io import load_image, save_image

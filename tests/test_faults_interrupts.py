@@ -173,7 +173,7 @@ def test_an_interrupted_sweep_ends_every_manifest_and_mlflow_run_it_opened(tmp_p
     from d2.flows import run as runs
     from d2.flows.sweep import run_sweep
     from d2.lifecycle import Interrupts
-    from d2.tasks.manifest import LISTENERS
+    from d2.execution.manifest import LISTENERS
     from d2.validation import parse_grid
 
     toy = make_toy(tmp_path)

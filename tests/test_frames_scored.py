@@ -15,13 +15,13 @@ import torch
 
 from d2.config import load_params, preset_path
 from d2.eval import metrics as M
-from d2.eval.benchmark import BenchmarkData, evaluate_dirs
+from d2.eval.scoring import BenchmarkData, evaluate_dirs
 from d2.eval.protocol import FramePairingError, Protocol, frames_to_score
 from d2.stages.cameras import OrbitSpec
 from d2.stages.conditions import ConditionsConfig, source_frames
 from d2.stages.export import GAUSSIANS_FILE, render_views, save_gaussians
 from d2.stages.gaussians import procedural_gaussians
-from d2.tasks.stages import compute_render_eval
+from d2.execution.stages import compute_render_eval
 from d2.utils.io import load_image, save_image
 from d2.validation import InputError, scored_frames
 

@@ -19,8 +19,8 @@ from d2.cli import main
 from d2.config import load_params
 from d2.flows import run_benchmark
 from d2.flows.run import RunFolderBusy, open_run_folder
-from d2.tasks.cache import run_stage, store_dir, verify_entry
-from d2.tasks.stages import STAGES
+from d2.execution.cache import run_stage, store_dir, verify_entry
+from d2.execution.stages import STAGES
 
 from d2_toy import make_toy, prepare_tiny, toy_params
 
@@ -80,7 +80,7 @@ def test_each_task_in_a_subprocess_from_pickled_arguments_equals_in_process(tiny
         import json, pickle, sys
         from d2.env import setup_env
         setup_env()
-        from d2.tasks.stage_task import _run_stage
+        from d2.execution.stage_task import _run_stage
         calls = pickle.loads(open(sys.argv[1], "rb").read())
         print(json.dumps([_run_stage(**c) for c in calls]))
     """)
@@ -135,8 +135,8 @@ def test_keys_follow_the_code_a_stage_runs(tmp_path):
     script = textwrap.dedent("""
         import json, sys
         from pathlib import Path
-        from d2.tasks.cache import code_version
-        from d2.tasks.stages import SPECS
+        from d2.execution.cache import code_version
+        from d2.execution.stages import SPECS
         root = Path(sys.argv[1])
         def versions():
             return {n: code_version(list(s.modules), [s.compute]) for n, s in SPECS.items()}
@@ -231,8 +231,8 @@ def test_a_hit_is_one_verified_lookup_and_a_cached_task_run_in_prefect(toy, tmp_
     from prefect import flow
     from prefect.client.orchestration import get_client
 
-    from d2.tasks import cache as cache_mod
-    from d2.tasks.stage_task import stage_call
+    from d2.execution import cache as cache_mod
+    from d2.execution.stage_task import stage_call
 
     calls = []
     key_of, verify = cache_mod.stage_key, cache_mod.verify_entry
@@ -287,7 +287,7 @@ def test_a_garbage_checkpoint_is_a_fresh_start(tmp_path):
 
 def test_a_read_only_cache_serves_its_hits(toy, tmp_path, monkeypatch):
     """A cache the user may not write (root writes anyway, so writability is also patched)."""
-    from d2.tasks import cache as cache_mod
+    from d2.execution import cache as cache_mod
 
     run_benchmark(toy.data, tmp_path / "a", toy_params(tmp_path), stages=toy.stages)
     root = tmp_path / "cache"

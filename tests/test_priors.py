@@ -173,7 +173,7 @@ def test_missing_weights_errors_name_every_file(tmp_path):
 
 
 def test_every_backend_module_is_in_the_cache_key_of_a_stage_that_loads_priors():
-    from d2.tasks.cache import module_closure
+    from d2.execution.cache import module_closure
 
     closure = module_closure(["d2.stages.priors"])
     for module in ("base", "config", "folder", "gaussian", "tiny", "mini", "svd", "sv3d_p"):

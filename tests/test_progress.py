@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from d2.tasks.progress import STARTING, ProgressDisplay
+from d2.execution.progress import STARTING, ProgressDisplay
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,9 +63,9 @@ def test_a_computing_stage_reports_its_steps_to_its_progress_file(tmp_path) -> N
 
     from d2.stages.cameras import OrbitSpec
     from d2.stages.fit import FitConfig, write_matrix
-    from d2.tasks.cache import StageSpec, run_stage
-    from d2.tasks.progress import read_progress
-    from d2.tasks.stages import compute_fit
+    from d2.execution.cache import StageSpec, run_stage
+    from d2.execution.progress import read_progress
+    from d2.execution.stages import compute_fit
 
     from d2_toy import toy_params
 
@@ -76,7 +76,7 @@ def test_a_computing_stage_reports_its_steps_to_its_progress_file(tmp_path) -> N
     params = SimpleNamespace(fit=cfg, run=toy_params(tmp_path).run)
     spec = StageSpec("fit", lambda inputs, out, p: compute_fit(inputs, out, p), ("d2.stages.fit",), ())
     progress = tmp_path / "run" / ".fit.progress.json"
-    from d2.tasks import cache as cache_mod
+    from d2.execution import cache as cache_mod
 
     key_of = cache_mod.stage_key
     cache_mod.stage_key = lambda spec, inputs, p: ("k" * 64, {})  # params here are not a pydantic root model

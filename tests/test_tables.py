@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2.eval.benchmark import FrameScore, Results, aggregate
+from d2.eval.scoring import FrameScore, Results, aggregate
 from d2.eval.protocol import Protocol
 from d2.eval.tables import (PUBLISHED_TABLE2, UNAVAILABLE, AblationPoint, load_results, results_csv,
                             results_markdown, table2_markdown, write_ablation_table, write_figure_grid,

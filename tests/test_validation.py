@@ -420,7 +420,7 @@ def test_sixteen_bit_png_is_not_white_in_pillow_but_is_here(tmp_path: Path) -> N
 
 def test_evaluate_scores_sixteen_bit_ground_truth(tmp_path: Path) -> None:
     """d2 evaluate reads 16-bit ground truth at its values: the 8-bit copy of it scores ~ 8-bit PSNR."""
-    from d2.eval.benchmark import evaluate
+    from d2.eval.scoring import evaluate
     from d2.eval.metrics import MetricsConfig
     from d2.eval.protocol import Protocol
 
@@ -454,14 +454,14 @@ def test_frame_number_rules() -> None:
 def test_one_frame_naming_rule(tmp_path: Path) -> None:
     """A folder of frames is read in the order of the last number in the names; the benchmark layout
     (ground truth, predictions, input frames scored as the front view) takes the ``<i>.png|jpg|jpeg`` of them."""
-    from d2.eval import benchmark
+    from d2.eval import scoring
     from d2.stages.conditions import frame_files, list_frames
 
     d = frames(tmp_path / "f", [10, 2], "frame_{}.png")
     frames(d, [3], "{}.jpg")
     (d / "notes.txt").write_text("not a frame")
     assert [p.name for p in frame_files(d)] == ["frame_2.png", "3.jpg", "frame_10.png"]
-    assert list_frames(d) == {3: d / "3.jpg"} and benchmark.list_frames is list_frames
+    assert list_frames(d) == {3: d / "3.jpg"} and scoring.list_frames is list_frames
     png(d / "03.png")
     with pytest.raises(InputError, match=r"f: two files for frame 3 \(03.png, 3.jpg\); keep one"):
         list_frames(d)

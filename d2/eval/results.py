@@ -1,7 +1,7 @@
 """What an evaluation computed: per-frame scores, their means (frames -> views -> objects), the
 protocol and the metric definitions; and the merge of several objects' results into one table.
 
-:mod:`d2.eval.benchmark` scores renders into these; :mod:`d2.eval.tables` writes them.
+:mod:`d2.eval.scoring` scores renders into these; :mod:`d2.eval.tables` writes them.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from d2.flows.graph import Graph, Job, Stage, drive, raise_failures
 from d2.flows.run import flow_params, run_scope
 from d2.flows.runners import with_runner
-from d2.tasks.stages import StageSet
+from d2.execution.stages import StageSet
 from d2.utils.paths import safe_name
 
 

@@ -18,8 +18,8 @@ from d2.flows.asset import object_graph
 from d2.flows.graph import Graph, Job, Stage, drive, raise_failures
 from d2.flows.run import Run, flow_params, run_scope
 from d2.flows.runners import with_runner
-from d2.tasks.stages import StageSet
-from d2.tasks.tracking import flat_numbers
+from d2.execution.stages import StageSet
+from d2.execution.tracking import flat_numbers
 from d2.utils.io import write_json
 from d2.utils.paths import safe_name
 from d2.validation import dataset_objects

@@ -21,11 +21,11 @@ from d2.config import get_param
 from d2.flows.run import Run, place
 from d2.flows.runners import gpu_request
 from d2.lifecycle import Interrupts, interrupted, server_problem
-from d2.tasks.cache import store_dir
-from d2.tasks.manifest import StageResult
-from d2.tasks.progress import read_progress
-from d2.tasks.stage_task import stage_call
-from d2.tasks.tracking import log_object
+from d2.execution.cache import store_dir
+from d2.execution.manifest import StageResult
+from d2.execution.progress import read_progress
+from d2.execution.stage_task import stage_call
+from d2.execution.tracking import log_object
 
 
 @dataclass(frozen=True)

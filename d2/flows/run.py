@@ -24,9 +24,9 @@ from pydantic import BaseModel
 from d2.config import flatten_params
 from d2.lifecycle import Interrupts, interrupted
 from d2.reports.html import track_report, write_run_report
-from d2.tasks.manifest import LISTENERS, Recorder
-from d2.tasks.stages import STAGES, StageSet
-from d2.tasks.tracking import Tracker, close_open_runs, make_tracker, prefect_flow_run_id
+from d2.execution.manifest import LISTENERS, Recorder
+from d2.execution.stages import STAGES, StageSet
+from d2.execution.tracking import Tracker, close_open_runs, make_tracker, prefect_flow_run_id
 from d2.utils.io import write_json
 from d2.utils.paths import RunFolderLocked, adopt_run_folder_lock, inside, lock_run_folder, safe_name
 
@@ -187,7 +187,7 @@ def finish(run: Run, status: str, error: str | None = None, t0: float | None = N
 def abandon_runs(reason: str) -> list[str]:
     """Mark every run of this process still ``running`` as ``interrupted`` in its manifest file, at
     once and without the recorders' locks (a second Ctrl-C may land while one is held); returns
-    their MLflow run ids (to end as KILLED with :func:`d2.tasks.tracking.close_open_runs`)."""
+    their MLflow run ids (to end as KILLED with :func:`d2.execution.tracking.close_open_runs`)."""
     ids: list[str] = []
     for recorder in list(ACTIVE.values()):
         path = recorder.run_dir / "manifest.json"

@@ -1,6 +1,6 @@
 """Where stage tasks run (``run.runner``): this process's threads, a Dask cluster or a Ray cluster.
 
-Stage tasks are self-contained (:mod:`d2.tasks.stage_task`), so any Prefect task runner runs them;
+Stage tasks are self-contained (:mod:`d2.execution.stage_task`), so any Prefect task runner runs them;
 the flow's driver stays in the calling process and records everything. ``threads``: ``run.max_parallel``
 threads. ``dask``: the scheduler at ``run.address`` (SLURM, Kubernetes, ``dask scheduler``), else a
 local cluster of ``run.workers`` one-thread processes, or with ``run.gpus`` one worker per GPU, each

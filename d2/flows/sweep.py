@@ -19,8 +19,8 @@ from d2.flows.graph import Job, drive, raise_failures
 from d2.flows.run import finish, flow_params, run_scope
 from d2.flows.runners import with_runner
 from d2.reports.run_report import sweep_report
-from d2.tasks.stages import StageSet
-from d2.tasks.tracking import flat_numbers
+from d2.execution.stages import StageSet
+from d2.execution.tracking import flat_numbers
 from d2.utils.io import write_json, write_text
 from d2.validation import grid_points
 

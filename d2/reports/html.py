@@ -414,7 +414,7 @@ def report_artifacts(page: str | Path) -> list[tuple[Path, str]]:
 
 
 def track_report(tracker: Any, page: str | None) -> None:
-    """Give the run's MLflow run (a :class:`d2.tasks.tracking.Tracker`, or None) the report's
+    """Give the run's MLflow run (a :class:`d2.execution.tracking.Tracker`, or None) the report's
     path as tag ``d2.report`` and its previews as artifacts; a failure here is printed, never raised."""
     if tracker is None or not page:
         return

@@ -361,7 +361,7 @@ def save_mini_prior(prior: Prior, folder: str | os.PathLike, extra: dict[str, An
 
 
 class MetricLogger:
-    """MLflow curves (local sqlite store of :mod:`d2.tasks.env`) with explicit run ids; no-op when off."""
+    """MLflow curves (local sqlite store of :mod:`d2.execution.env`) with explicit run ids; no-op when off."""
 
     def __init__(self, enabled: bool, experiment: str, run_name: str, params: dict[str, Any]) -> None:
         self.client = None

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from d2.tasks.manifest import LISTENERS
+from d2.execution.manifest import LISTENERS
 from d2.utils.io import write_json
 
 _current = threading.local()  # .path: the progress file of the stage this thread computes

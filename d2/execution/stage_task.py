@@ -2,7 +2,7 @@
 
 A pure function of serializable arguments (the stage set, pickled by reference; names, input
 paths, params as a dict, the cache root) that touches nothing outside the cache and returns
-:func:`d2.tasks.cache.run_stage`'s small JSON dict, so it runs the same in a thread, another
+:func:`d2.execution.cache.run_stage`'s small JSON dict, so it runs the same in a thread, another
 process or another machine that sees the cache. Prefect keeps no cache or result of its own: a
 hit ends the task run in a ``Completed`` state named ``Cached``, as a Prefect cache hit shows.
 """
@@ -17,8 +17,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from d2.tasks.cache import run_stage
-from d2.tasks.stages import StageSet
+from d2.execution.cache import run_stage
+from d2.execution.stages import StageSet
 
 
 def _run_stage(stages: StageSet, stage: str, obj: str, inputs: dict[str, str], params: dict[str, Any],

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from d2.config import flatten_params, params_hash
 from d2.env import project_root
-from d2.tasks.manifest import StageResult
+from d2.execution.manifest import StageResult
 
 _MAX_PARAM_LEN = 6000
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Mapping
 from pydantic import BaseModel
 
 from d2.config import NO_EFFECT, params_subset_hash
-from d2.tasks.progress import set_progress_file
+from d2.execution.progress import set_progress_file
 from d2.utils.io import strict_json, write_json
 
 log = logging.getLogger("d2.cache")
@@ -295,7 +295,7 @@ def run_stage(spec: StageSpec, obj: str, inputs: Mapping[str, str | os.PathLike]
     The key is computed once and the entry verified once, under the key's lock: of two workers
     that need one key, one computes and the other then serves what it stored. ``run.use_cache:
     false`` recomputes; a read-only cache serves verified hits and names itself on a miss. A
-    computing stage reports its progress to ``progress_path`` (:mod:`d2.tasks.progress`).
+    computing stage reports its progress to ``progress_path`` (:mod:`d2.execution.progress`).
 
     Returns :func:`result_from_record`'s dict (status ``computed`` or ``cached``).
     """

@@ -17,8 +17,8 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from d2.config import Params
-from d2.tasks.cache import StageSpec
-from d2.tasks.progress import reporter
+from d2.execution.cache import StageSpec
+from d2.execution.progress import reporter
 from d2.validation import check_dataset, check_input
 
 
@@ -177,7 +177,7 @@ def get_metric_suite(cfg: BaseModel, definitions: str) -> Any:
 def compute_metrics(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
     """eval renders vs ground truth of one object -> per-frame scores (``results.json``; FVD is pooled
     over the benchmark by the tables stage)."""
-    from d2.eval.benchmark import score_object
+    from d2.eval.scoring import score_object
     from d2.utils.io import write_json
 
     proto = params.protocol
@@ -193,7 +193,7 @@ def compute_metrics(inputs: dict[str, Path], out: Path, params: BaseModel) -> di
 def compute_tables(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
     """Per-object scores of every object (and the mean generation time) -> the benchmark's results
     tables (frames -> views -> objects; FVD pooled over all objects and views)."""
-    from d2.eval.benchmark import pooled_fvd
+    from d2.eval.scoring import pooled_fvd
     from d2.eval.results import Results, merge_results
     from d2.eval.tables import results_markdown, write_results
 
@@ -234,9 +234,9 @@ SPECS: dict[str, StageSpec] = {
     "fit": StageSpec("fit", compute_fit, ("d2.stages.fit", "d2.stages.fit_check"), ("fit",), device_key="fit.device"),
     "render_eval": StageSpec("render_eval", compute_render_eval, ("d2.stages.export",),
                              ("protocol", "render_eval"), device_key="render_eval.device"),
-    "metrics": StageSpec("metrics", compute_metrics, ("d2.eval.benchmark",), ("protocol", "metrics"),
+    "metrics": StageSpec("metrics", compute_metrics, ("d2.eval.scoring",), ("protocol", "metrics"),
                          device_key="metrics.device"),
-    "tables": StageSpec("tables", compute_tables, ("d2.eval.benchmark", "d2.eval.tables"),
+    "tables": StageSpec("tables", compute_tables, ("d2.eval.scoring", "d2.eval.tables"),
                         ("protocol", "metrics"), device_key="metrics.device"),
 }
 

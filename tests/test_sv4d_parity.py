@@ -190,3 +190,11 @@ def test_bad_conditioning_is_refused_before_any_work(golden):
              num_video_frames=5)
     with pytest.raises(ValueError, match="adm_in_channels = 4 \\* model_channels"):
         tiny_sv4d_unet_config("sv4d2", adm_in_channels=96)
+
+
+def test_attention_in_pieces_gives_the_same_output(golden):
+    """Attention batches above attention_max_batch run in pieces (CUDA's grid limit); the result is unchanged."""
+    data, meta = golden
+    cfg = tiny_sv4d_unet_config("sv4d2", attention_max_batch=5)
+    unet = load_sv4d_unet(golden_weights(data, "sv4d2"), "sv4d2", torch.float64, config=cfg)
+    torch.testing.assert_close(run(unet, data, meta), data["sv4d2.output"], atol=1e-12, rtol=0)

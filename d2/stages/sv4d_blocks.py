@@ -73,10 +73,9 @@ class Attention(nn.Module):
         b = x.shape[0]
         q, k, v = (p(s).view(b, s.shape[1], self.heads, self.dim_head).transpose(1, 2)
                    for p, s in ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx)))  # [B, heads, L, d]
-        out = torch.cat([F.scaled_dot_product_attention(q[i:i + self.max_batch], k[i:i + self.max_batch],
-                                                         v[i:i + self.max_batch])
-                         for i in range(0, b, self.max_batch)]) if b > self.max_batch else \
-            F.scaled_dot_product_attention(q, k, v)
+        pieces = [slice(i, i + self.max_batch) for i in range(0, b, self.max_batch)]
+        outs = [F.scaled_dot_product_attention(q[p], k[p], v[p]) for p in pieces]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)  # [B, heads, Lq, d]
         return self.to_out(out.transpose(1, 2).reshape(b, x.shape[1], self.heads * self.dim_head))
 
 
@@ -193,7 +192,8 @@ class ResBlock(nn.Module):
         """2-D: x [N, C, H, W], emb [N, E]; 3-D: x [B, C, T, H, W], emb [B, T, E]."""
         h = self.in_layers(x)
         e = self.emb_layers(emb).type(h.dtype)
-        e = e.permute(0, 2, 1)[..., None, None] if self.temporal else e[..., None, None]  # [B, C, T, 1, 1] / [N, C, 1, 1]
+        # one embedding per frame [B, C, T, 1, 1] (3-D), per image [N, C, 1, 1] (2-D)
+        e = e.permute(0, 2, 1)[..., None, None] if self.temporal else e[..., None, None]
         return self.skip_connection(x) + self.out_layers(h + e)
 
 
@@ -257,8 +257,10 @@ class MotionTransformer(nn.Module):
        per-view embedding, regrouped by V (:class:`AxisTransformerBlock`): attention across
        the V views of each frame and pixel. With ``use_3d_attention`` the rows are laid out
        (sequence, view, pixel) x frames before the same regrouping by V, which then groups V
-       consecutive rows of that layout, as sgm does; cross-attention to the CLIP embeddings
-       laid out (sequence, frame, pixel). Blended with the input by ``time_mixer``;
+       consecutive rows of that layout: V neighbouring pixels (raster order) of one view, so
+       this layer never mixes views (sgm's code does exactly this; views then meet only in the
+       temporal resnets). Cross-attention to the CLIP embeddings laid out (sequence, frame,
+       pixel), row for row. Blended with the input by ``time_mixer``;
     3. motion (``motion_blocks``): rows (sequence, frame, view * pixel) plus a per-frame
        embedding, regrouped by T: attention across the T frames of each view and pixel,
        cross-attention to the reference views' latents (``cond_view [B * V, 4, h, w]``,

@@ -96,7 +96,7 @@ SV4D_CHECKPOINTS: dict[str, tuple[str, str]] = {"sv4d": ("stabilityai/sv4d", "sv
 
 
 def tiny_sv4d_unet_config(version: SV4DVersion = "sv4d", **overrides) -> SV4DUNetConfig:
-    """A few-thousand-parameter UNet with ``version``'s flags (tests): widths 32, two levels, heads of 16."""
+    """A tiny UNet (0.8 M parameters) with ``version``'s flags, for tests: widths 32, two levels, heads of 16."""
     base = dict(model_channels=32, channel_mult=(1, 1), num_res_blocks=1, attention_resolutions=(1,),
                 num_head_channels=16, context_dim=32, adm_in_channels=128)
     flags = {k: getattr(SV4D_CONFIGS[version], k)

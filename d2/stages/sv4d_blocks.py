@@ -50,7 +50,9 @@ class Attention(nn.Module):
     """Multi-head (cross-)attention, sgm's ``CrossAttention`` / ``MemoryEfficientCrossAttention``.
 
     A context of a single token is computed in closed form: the softmax over one key is
-    exactly 1, so every query receives ``to_out(to_v(context))``. Batches larger than
+    exactly 1, so every query receives ``to_out(to_v(context))``. ``context_repeats`` = r says
+    each context row serves r consecutive query rows (sgm repeats the rows; projecting each
+    row once gives the same values for r times less work). Batches larger than
     ``max_batch`` sequences run in pieces (CUDA's fused kernels hold at most 65535 blocks on
     their batch axis; sgm splits at 32768 as well).
     """
@@ -65,10 +67,13 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """x [B, Lq, query_dim], context [B, Lk, context_dim] (None: self-attention) -> [B, Lq, query_dim]."""
+    def forward(self, x: Tensor, context: Tensor | None = None, context_repeats: int = 1) -> Tensor:
+        """x [B, Lq, query_dim], context [B / r, Lk, context_dim] (None: self-attention) -> [B, Lq, query_dim]."""
         if context is not None and context.shape[1] == 1:
-            return self.to_out(self.to_v(context)).expand(-1, x.shape[1], -1)  # [B, 1, D] seen as [B, Lq, D]
+            out = self.to_out(self.to_v(context))  # [B / r, 1, D]
+            return out.repeat_interleave(context_repeats, dim=0).expand(-1, x.shape[1], -1)  # seen as [B, Lq, D]
+        if context is not None and context_repeats > 1:
+            context = context.repeat_interleave(context_repeats, dim=0)
         ctx = x if context is None else context
         b = x.shape[0]
         q, k, v = (p(s).view(b, s.shape[1], self.heads, self.dim_head).transpose(1, 2)
@@ -112,10 +117,10 @@ class TransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, dim_head, context_dim, max_batch=max_batch)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        """x [B, L, dim], context [B, Lc, context_dim] -> [B, L, dim]."""
+    def forward(self, x: Tensor, context: Tensor, context_repeats: int = 1) -> Tensor:
+        """x [B, L, dim], context [B / context_repeats, Lc, context_dim] -> [B, L, dim]."""
         x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
+        x = self.attn2(self.norm2(x), context, context_repeats) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -140,14 +145,17 @@ class AxisTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, dim_head, context_dim, max_batch=max_batch)
         self.norm1, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor, n: int) -> Tensor:
-        """x [B, S, C], context [B / n * S, Lc, context_dim] -> [B, S, C], attending over groups of n rows."""
+    def forward(self, x: Tensor, context: Tensor, n: int, context_repeats: int = 1) -> Tensor:
+        """x [B, S, C], context [B / n * S / r, Lc, context_dim] -> [B, S, C], attending over groups of n rows.
+
+        Context row i serves the regrouped rows i r .. i r + r - 1 (r = ``context_repeats``).
+        """
         rows, s, c = x.shape
         x = x.view(rows // n, n, s, c).transpose(1, 2).reshape(rows // n * s, n, c)  # [(B/n) S, n, C]
         if self.has_ff_in:
             x = self.ff_in(self.norm_in(x)) + x
         x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
+        x = self.attn2(self.norm2(x), context, context_repeats) + x
         x = self.ff(self.norm3(x)) + x
         return x.view(rows // n, s, n, c).transpose(1, 2).reshape(rows, s, c)
 
@@ -309,8 +317,7 @@ class MotionTransformer(nn.Module):
         hw = hh * ww
         x_in = x
         view_lat = F.interpolate(cond_view, size=(hh, ww), mode="bilinear")  # [B V, Dm, H, W]
-        spatial_ctx = context[:, :, None].expand(b, t, v, d).reshape(-1, 1, d)  # [B T V, 1, D]
-        camera_ctx = context[:, :, None].expand(b, t, hw, d).reshape(-1, 1, d)  # [B T HW, 1, D]
+        frame_ctx = context.reshape(b * t, 1, d)  # [B T, 1, D]: sgm repeats it V times (spatial), HW times (camera)
         motion_ctx = view_lat.permute(0, 2, 3, 1).reshape(-1, 1, cond_view.shape[1])  # [B V HW, 1, Dm]
 
         x = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(-1, hw, c))  # [N, HW, C]
@@ -323,15 +330,15 @@ class MotionTransformer(nn.Module):
         if self.use_3d_attention:
             emb_view = emb_view.repeat(1, hw, 1).view(-1, 1, c)  # [B V HW, 1, C]
 
-        motion_mixer = self.time_mixer_motion or self.time_mixer
+        motion_mixer = self.time_mixer if self.time_mixer_motion is None else self.time_mixer_motion
         for block, camera_block, motion_block in zip(self.transformer_blocks, self.time_mix_blocks,
                                                      self.motion_blocks):
-            x = block(x, spatial_ctx)  # [B T V, HW, C]
+            x = block(x, frame_ctx, v)  # [B T V, HW, C]
             if self.use_3d_attention:
                 x = x.view(b, t, v, hw, c).permute(0, 2, 3, 1, 4).reshape(-1, t, c)  # [B V HW, T, C]
             else:
                 x = x.view(b, t, v, hw, c).permute(0, 2, 1, 3, 4).reshape(b * v, -1, c)  # [B V, T HW, C]
-            x = self.time_mixer(x, camera_block(x + emb_view, camera_ctx, v))
+            x = self.time_mixer(x, camera_block(x + emb_view, frame_ctx, v, hw))
             if self.use_3d_attention:
                 x = x.view(b, v, hw, t, c).permute(0, 3, 1, 2, 4).reshape(b * t, -1, c)  # [B T, V HW, C]
             else:

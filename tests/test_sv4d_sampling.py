@@ -76,13 +76,14 @@ class TinySgmUNet(nn.Module):
         assert n == t * v and x.shape[0] == b * n and y.shape[0] == b * n and cond_motion.shape[0] == b * t
         emb = self.time_embed(sinusoid(timesteps, self.model_channels).to(x.dtype)) + self.label_emb(y)
         hid = (self.inp(x) + emb[:, :, None, None]).view(b, t, v, -1, h, w)
-        hid = hid + (self.ctx(context) + self.pos_t[:t])[:, :, None, :, None, None] + self.pos_v[:v][None, None, :, :,
-                                                                                                     None, None]
+        hid = hid + (self.ctx(context) + self.pos_t[:t])[:, :, None, :, None, None]  # per frame: CLIP, position
+        hid = hid + self.pos_v[:v][None, None, :, :, None, None]  # per view: position
         cv = Fn.interpolate(cond_view, size=(h, w), mode="bilinear")
         ind = image_only_indicator.reshape(b, t, v)[..., None, None, None]
         hid = hid + ind * self.view(cv).view(b, 1, v, -1, h, w) + self.motion(cond_motion).view(b, t, 1, -1, h, w)
         hid = torch.tanh(hid)
-        hid = hid + torch.tanh(self.mix[0]) * hid.mean(1, keepdim=True) + torch.tanh(self.mix[1]) * hid.mean(2, keepdim=True)
+        mix_t, mix_v = torch.tanh(self.mix)  # attention over frames and over views, in miniature
+        hid = hid + mix_t * hid.mean(1, keepdim=True) + mix_v * hid.mean(2, keepdim=True)
         return self.out(hid.reshape(b * n, -1, h, w))
 
 
@@ -120,7 +121,8 @@ def test_script_defaults():
     assert (c.frames_per_window, c.views_per_window, c.stride, c.guider, c.cfg_max, c.cfg_min) == \
         (5, 8, 4, "spatiotemporal", 2.5, 1.5)
     assert (a.sigma_min, a.sigma_max, a.rho) == (0.002, 700.0, 7.0)
-    assert window_plan(a, 21) == {"anchors": [4, 8, 12, 16, 20], "windows": [list(range(s, s + 5)) for s in range(0, 17, 4)]}
+    assert window_plan(a, 21) == {"anchors": [4, 8, 12, 16, 20],
+                                  "windows": [list(range(s, s + 5)) for s in range(0, 17, 4)]}
     assert window_plan(b, 21)["windows"] == [list(range(12)), list(range(9, 21))]  # the last one clamped
     assert window_plan(b, 24)["windows"] == [list(range(12)), list(range(12, 24))]
     assert window_plan(c, 21)["windows"] == [list(range(s, s + 5)) for s in range(0, 17, 4)]
@@ -495,7 +497,8 @@ class Engine:
                                                en_and_decode_n_samples_a_time=encoding_t),
             ConcatTimestepEmbedderND(WIDTHS[1], "polar_rad"),
             ConcatTimestepEmbedderND(WIDTHS[2], "azimuth_rad"),
-            VideoPredictionEmbedderWithEncoder(n_view, comps.encode, "cond_view", en_and_decode_n_samples_a_time=encoding_t),
+            VideoPredictionEmbedderWithEncoder(n_view, comps.encode, "cond_view",
+                                               en_and_decode_n_samples_a_time=encoding_t),
             VideoPredictionEmbedderWithEncoder(n_time, comps.encode, "cond_motion",
                                                en_and_decode_n_samples_a_time=encoding_t),
         ])
@@ -653,7 +656,8 @@ def _additional_model_inputs(batch2model_input, num_samples, value_dict, batch, 
     for k in batch2model_input:
         if k == "image_only_indicator":
             assert T is not None
-            additional_model_inputs[k] = torch.zeros(num_samples[0] * 2, num_samples[1]) + value_dict["image_only_indicator"]
+            additional_model_inputs[k] = (torch.zeros(num_samples[0] * 2, num_samples[1])
+                                          + value_dict["image_only_indicator"])
         else:
             additional_model_inputs[k] = batch[k]
     return additional_model_inputs
@@ -751,8 +755,8 @@ def decode_latents(model, samples_z, img_matrix, frame_indices, view_indices, ti
 FORCE_UC = ["cond_frames", "cond_frames_without_noise", "cond_view", "cond_motion"]
 
 
-def sv4d_script(images_v0, reference_views, comps, first_stage_decoder, num_steps=20, seed=23, elevations_deg=10.0, azimuths_deg=None,
-                img_size=RES, decoding_t=4):
+def sv4d_script(images_v0, reference_views, comps, first_stage_decoder, num_steps=20, seed=23, elevations_deg=10.0,
+                azimuths_deg=None, img_size=RES, decoding_t=4):
     """simple_video_sample_4d.py's sample(); ``reference_views`` [8, 1, 3, H, W] stand for SV3D's subsampled views."""
     T = 5  # number of frames per sample
     V = 8  # number of views per sample
@@ -849,8 +853,8 @@ SV4D2_CONFIGS = {
 }
 
 
-def sv4d2_script(images_v0, comps, first_stage_decoder, sv4d2_model, num_steps=50, n_frames=21, seed=23, elevations_deg=0.0,
-                 azimuths_deg=None, img_size=RES, decoding_t=4):
+def sv4d2_script(images_v0, comps, first_stage_decoder, sv4d2_model, num_steps=50, n_frames=21, seed=23,
+                 elevations_deg=0.0, azimuths_deg=None, img_size=RES, decoding_t=4):
     """simple_video_sample_4d2.py's sample(); returns img_matrix and each window's latents (frames, [T*V, C, h, w])."""
     config = SV4D2_CONFIGS[sv4d2_model]
     T = config["T"]

@@ -36,7 +36,7 @@ float32). Guider scale per sample ``n = (t, v)``:
 
     spatiotemporal (SV4D, SV4D 2.0 8 views)  min + (max - min) * (t / (T-1) / 2 + tri(v / (Vw-1)) / 2),
                                              tri(x) = 2 |x - round(x)| (0 at the first and last
-                                             view, 1 half-way: the views behind the object)
+                                             view, largest half-way: the views behind the object)
     linear (SV4D 2.0 4 views)                linspace(min, max, N) over the flattened samples; the
                                              script's ``min_cfg: 2.0`` does not reach this guider
                                              (sgm's ``get_guider_no_st`` passes it to the
@@ -70,16 +70,22 @@ input view, the input view last (``azimuths_deg[-1] = 360``, SV3D_p order,
                       above
     polar             SV4D: 90 deg - elevation of each view; SV4D 2.0: relative to the input
                       view's, plus 90 deg (the script's ``polars - polars_rad[v0] + pi/2``)
-    SV4D's references SV4D's script samples 21 SV3D views at k * 360/21 deg and keeps the 8 nearest
-                      to 40 deg steps (k = 2, 5, 7, 9, 12, 14, 16, 19); here they are the conditions
-                      stage's reference orbit (SV3D_p) at our azimuths, so with our uniform orbit
-                      (V = 9) the views are at 40, 80, ..., 320 deg, up to 5.7 deg from the script's;
+    SV4D's references SV4D's script samples 21 SV3D views at k * 360/21 deg (SV3D_u by default,
+                      SV3D_p with ``--sv3d_version sv3d_p``) and keeps the 8 nearest to 40 deg steps
+                      (k = 2, 5, 7, 9, 12, 14, 16, 19); here they are the conditions stage's
+                      reference orbit (SV3D_p) at our azimuths, so with our uniform orbit (V = 9)
+                      the views are at 40, 80, ..., 320 deg, up to 5.7 deg from the script's;
                       passing the script's azimuths reproduces its cameras exactly
     SV4D 2.0 azimuths the scripts' defaults are 60, 120, 180, 240 (4 views) and 30, 75, ..., 330
                       (8 views), leaving part of the circle unseen; their ``--azimuths_deg`` takes
                       any, and our uniform orbit is one such choice
+    input video       the scripts' ``preprocess_video`` (one box over all frames, the object at
+                      ``image_frame_ratio`` 0.917 (SV4D) / 0.9 (SV4D 2.0) of the side, white
+                      background, 576 px) is the conditions stage's (``video_framing: fraction``,
+                      ``video_box: union``, ``object_fraction``)
     output            the scripts decode per window and keep images; we return the latents (the
-                      decoder runs only where a later window is conditioned on its images)
+                      decoder runs only where a later window is conditioned on its images);
+                      decode them per image (the scripts' first stage is a per-image decoder)
 
 Randomness: one CPU generator seeded with ``seed`` makes the scripts' draws in their order and
 shapes: per conditioner call (two per window condition, c then uc) ``[1]`` + the cond_frames
@@ -230,12 +236,13 @@ def model_cameras(cfg: SV4DSamplingConfig, azimuths_deg: Sequence[float],
                   elevations_deg: float | Sequence[float]) -> tuple[Tensor, Tensor]:
     """(polars_rad, azimuths_rad) [Vw] float64 the network gets for our rows 0..V-2 (see the module docstring)."""
     v = len(azimuths_deg)
-    elev = [float(elevations_deg)] * v if isinstance(elevations_deg, (int, float)) else [float(e) for e in elevations_deg]
+    elev = ([float(elevations_deg)] * v if isinstance(elevations_deg, (int, float))
+            else [float(e) for e in elevations_deg])
     if len(elev) != v:
         raise ValueError(f"elevations_deg has {len(elev)} values for {v} views")
     if abs(math.remainder(float(azimuths_deg[-1]), 360.0)) > 1e-6:
-        raise ValueError(f"the input view must be the last orbit view (azimuth 360, SV3D_p order); got azimuths_deg[-1] "
-                         f"= {azimuths_deg[-1]}")
+        raise ValueError(f"the input view must be the last orbit view (azimuth 360, SV3D_p order); got "
+                         f"azimuths_deg[-1] = {azimuths_deg[-1]}")
     polar = torch.tensor([math.radians(90.0 - e) for e in elev], dtype=torch.float64)
     azim = torch.tensor([math.radians(float(a) % 360.0) for a in azimuths_deg[:-1]], dtype=torch.float64)
     if cfg.loop == "sv4d2":  # relative to the input view's polar, plus 90 deg
@@ -302,10 +309,10 @@ def window_condition(frames: Tensor, views: Tensor | None, polars_rad: Tensor, a
     cond_frames, cond_view, cond_motion = noised[0]
     concat = comps.encode(cond_frames).float()  # [N, C, h, w]
     motion = comps.encode(cond_motion).float()  # [T, C, h, w]
-    view = comps.encode(cond_view).float() if views is not None and multiview else torch.zeros_like(motion[:1]).expand(
-        vw, -1, -1, -1).clone()
-    if not multiview:
-        view = view * 0
+    if views is not None and multiview:
+        view = comps.encode(cond_view).float()  # [Vw, C, h, w]
+    else:  # SV4D 2.0's first window: the script encodes blank views, then zeroes them in both branches
+        view = torch.zeros((vw, *motion.shape[1:]), device=motion.device)
     crossattn = comps.clip(frames).float().reshape(1, t, -1)  # [1, T, D]
     w_sigma, w_polar, w_azim = comps.vector_widths
     device = concat.device
@@ -360,8 +367,8 @@ def sample_sv4d_matrix(video: Tensor, orbit: Tensor | None, azimuths_deg: Sequen
     num_views, num_frames = len(azimuths_deg), video.shape[0]
     check_matrix_shape(cfg, num_views, num_frames)
     if cfg.loop == "sv4d" and (orbit is None or orbit.shape[0] != num_views):
-        raise ValueError(f"sv4d is conditioned on the reference orbit's novel views: pass orbit [{num_views}, 3, H, W] "
-                         f"(the conditions stage's reference orbit), got "
+        raise ValueError(f"sv4d is conditioned on the reference orbit's novel views: pass orbit "
+                         f"[{num_views}, 3, H, W] (the conditions stage's reference orbit), got "
                          f"{None if orbit is None else tuple(orbit.shape)}")
     polars, azims = model_cameras(cfg, azimuths_deg, elevation_deg)
     plan = window_plan(cfg, num_frames)
@@ -392,7 +399,7 @@ def sample_sv4d_matrix(video: Tensor, orbit: Tensor | None, azimuths_deg: Sequen
         return edm_sample(denoiser, noise.to(device), sigmas, "euler", progress=progress, desc=desc)
 
     def decoded(z: Tensor) -> Tensor:
-        """[n, C, h, w] -> images [n, 3, H, W] in [-1, 1] (one decoder call per image, as the scripts)."""
+        """[n, C, h, w] -> images [n, 3, H, W] in [-1, 1], each image on its own (the per-image first stage)."""
         return torch.cat([comps.decode(z[i:i + 1]).float() for i in range(z.shape[0])])
 
     with torch.no_grad():
@@ -405,9 +412,11 @@ def sample_sv4d_matrix(video: Tensor, orbit: Tensor | None, azimuths_deg: Sequen
                 views_pm1[f] = decoded(z[i])
             for w in plan["windows"]:
                 t0, t1 = w[0], w[-1]
-                full = torch.randn((num_frames, num_views, *noise.shape[1:]), generator=gen)  # the script's latent_matrix
+                # the script draws a whole latent_matrix [F, V, C, h, w] per window and uses the window's part
+                full = torch.randn((num_frames, num_views, *noise.shape[1:]), generator=gen)
                 forward = window_condition(frames_pm1[w], views_pm1[t0], polars, azims, comps, gen)
                 backward = window_condition(frames_pm1[w[::-1]], views_pm1[t1], polars, azims, comps, gen)
+                # one state in forward frame order; even steps (step 0 first) run the window backwards
                 z = run(forward, full[t0:t1 + 1, 1:].flatten(0, 1), f"sv4d frames {t0}-{t1}",
                         pick=lambda i, f_=forward, b_=backward: (f_, False) if i % 2 == 1 else (b_, True))
                 z = z.view(t, vw, *noise.shape[1:]).cpu()

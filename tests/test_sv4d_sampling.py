@@ -22,12 +22,12 @@ counts (5 x 8 and 12 x 4 per window, 21 frames, 9 / 5 views); only pixels, width
 small.
 
 Precision. Both sides run float32 but round differently in the last bits: the sigmas (float64
-here, float32 in sgm), CPU convolutions of different batch sizes (the script encodes 8 images
-and decodes 4 latents per call, we a window at once and one latent per call). The first Euler step from sigma 700
-cancels two numbers near 700 |noise|, where one float32 ulp is 6e-5 to 2.4e-4, so such last-bit
-differences can come out as a few of those ulps: ``ATOL`` = 1e-3 absolute on latents of size ~1
-(measured: < 1e-5 with 3-4 steps, 2.4e-4 with 2 steps). A real difference (a scale, a window,
-an anchor, a noise draw) moves them by > 1e-2.
+here, float32 in sgm) and CPU convolutions of different batch sizes (the script encodes 8
+images and decodes 4 latents per call, we a window at once and one latent per call). The first
+Euler step from sigma 700 cancels two numbers near 700 |noise|, where one float32 ulp is 6e-5
+to 2.4e-4, so last-bit differences can come out as a few of those ulps: ``ATOL`` = 1e-3
+absolute on latents of size ~1 (measured: < 1e-5 with 3-4 steps, 2.4e-4 with 2 steps). A real
+difference (a scale, a window, an anchor, a noise draw) moves them by > 1e-2.
 """
 
 from __future__ import annotations

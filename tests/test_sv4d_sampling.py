@@ -16,8 +16,8 @@ own functions back in and finds the same results (~1e-5).
 Components: a tiny multi-view prior (VAE 4 x 4 latents, per-image decoder, CLIP) and
 :class:`TinySgmUNet`, a random-weight stand-in with sgm ``SpatialUNetModelWithTime.forward``'s
 signature that uses every input (x, timesteps, context, y, cond_view, cond_motion,
-image_only_indicator, num_video_frames) and mixes frames and views by position. Swapping in the
-real network at tiny size is one line: :func:`make_network`. The windows keep the scripts'
+image_only_indicator, num_video_frames) and mixes frames and views by position; the parity tests
+run again with the ported network itself at tiny size (:func:`real_components`). The windows keep the scripts'
 counts (5 x 8 and 12 x 4 per window, 21 frames, 9 / 5 views); only pixels, widths and steps are
 small.
 
@@ -90,8 +90,22 @@ class TinySgmUNet(nn.Module):
 
 
 def make_network() -> nn.Module:
-    """The network both sides run (the one line to change for the real architecture at tiny size)."""
+    """The stand-in network both sides run in most tests (fast, uses every input)."""
     return TinySgmUNet()
+
+
+REAL_WIDTHS = (32, 48, 48)  # vector widths of the tiny SV4DUNet: they add up to its adm_in_channels = 4 x 32
+
+
+def real_components(prior: nn.Module, version: str):
+    """Stability's network as ported (:class:`d2.stages.sv4d.SV4DUNet`) at tiny size with ``version``'s flags."""
+    from d2.stages.sv4d import SV4DUNet, tiny_sv4d_unet_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(6)
+        net = SV4DUNet(tiny_sv4d_unet_config(version, context_dim=32,
+                                             adm_in_channels=sum(REAL_WIDTHS))).eval()
+    return components_from_prior(prior, net, vector_widths=REAL_WIDTHS)
 
 
 @pytest.fixture(scope="module")
@@ -495,10 +509,10 @@ class Engine:
             FrozenOpenCLIPImagePredictionEmbedder(n_time, lambda x: comps.clip(x).reshape(x.shape[0], -1),
                                                   "cond_frames_without_noise"),
             VideoPredictionEmbedderWithEncoder(n_time * n_view, comps.encode, "cond_frames",
-                                               sigma_cond=ConcatTimestepEmbedderND(WIDTHS[0], None),
+                                               sigma_cond=ConcatTimestepEmbedderND(comps.vector_widths[0], None),
                                                en_and_decode_n_samples_a_time=encoding_t),
-            ConcatTimestepEmbedderND(WIDTHS[1], "polar_rad"),
-            ConcatTimestepEmbedderND(WIDTHS[2], "azimuth_rad"),
+            ConcatTimestepEmbedderND(comps.vector_widths[1], "polar_rad"),
+            ConcatTimestepEmbedderND(comps.vector_widths[2], "azimuth_rad"),
             VideoPredictionEmbedderWithEncoder(n_view, comps.encode, "cond_view",
                                                en_and_decode_n_samples_a_time=encoding_t),
             VideoPredictionEmbedderWithEncoder(n_time, comps.encode, "cond_motion",
@@ -957,8 +971,10 @@ def _check(ours, info, theirs_latents, theirs_images, comps, video):
         torch.testing.assert_close(ours[-1], comps.encode(video * 2 - 1) * comps.scale_factor)
 
 
-def test_sv4d_matches_stability_script(parts):
+@pytest.mark.parametrize("network", ["stand-in", "SV4DUNet"])
+def test_sv4d_matches_stability_script(parts, network):
     prior, comps, video, orbit = parts
+    comps = real_components(prior, "sv4d") if network == "SV4DUNet" else comps
     steps = 4  # backward, forward, backward, forward
     # the script's default cameras: SV3D's views k * 360/21 deg, k = 2, 5, ..., 19; ours, input view last
     azimuths = [k * 360.0 / 21 for k in SUBSAMPLED[1:]] + [360.0]
@@ -973,9 +989,11 @@ def test_sv4d_matches_stability_script(parts):
     _check(ours, info, _script_latents(RECORDED, 21, 9), _images(img_matrix, 9), comps, video)
 
 
+@pytest.mark.parametrize("network", ["stand-in", "SV4DUNet"])
 @pytest.mark.parametrize("model", ["sv4d2", "sv4d2_8views"])
-def test_sv4d2_matches_stability_script(parts, model):
+def test_sv4d2_matches_stability_script(parts, model, network):
     prior, comps, video, _ = parts
+    comps = real_components(prior, model) if network == "SV4DUNet" else comps
     steps = 3
     cfg = (SV4DSamplingConfig.sv4d2 if model == "sv4d2" else SV4DSamplingConfig.sv4d2_8views)(num_steps=steps)
     script_az = [0, 60, 120, 180, 240] if model == "sv4d2" else [0, 30, 75, 120, 165, 210, 255, 300, 330]

@@ -273,11 +273,10 @@ def run_experiment(out_dir: str | Path, cfg: ExperimentConfig) -> dict[str, Any]
     """Run the composition experiment (and the ablation); write tables, images and ``results.json``."""
     from tqdm.auto import tqdm
 
-    from d2.train.data import _world
+    import d2.world as world
     from d2.utils.io import image_grid, save_image, write_json, write_text
 
     torch.set_num_threads(cfg.threads)
-    world = _world()
     objects = cfg.objects or list(world.benchmark_objects())
     unknown = [o for o in objects if o not in world.benchmark_objects()]
     if unknown:

@@ -1,0 +1,52 @@
+"""The sampling methods as benchmark rows: one sweep over ``sampling.method`` on the real stages at
+tiny sizes gives one comparison table (a row per method, time per asset, peak GPU memory, the
+protocol in its caption) and a report with every method's matrix and turntable per object."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+from d2.cli import main
+
+from d2_toy import prepare_tiny
+
+METHODS = ("diffusion2", "video_only", "multiview_only", "static")
+
+
+def test_a_sweep_over_the_methods_is_one_comparison_table_and_one_report(tmp_path: Path) -> None:
+    params, data = prepare_tiny(tmp_path)
+    out = tmp_path / "compare"
+    assert main(["sweep", "--params", str(params), "--data", str(data), "--out", str(out), "--set",
+                 "run.objects=[windmill]", "--set", "fit.iterations=2", "--grid",
+                 "sampling.method=" + ",".join(METHODS)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    sampling = [s for s in manifest["stages"] if s["stage"] == "sampling"]
+    assert sorted(s["info"]["method"] for s in sampling) == sorted(METHODS)
+    assert {s["info"]["peak_gpu_memory"] for s in manifest["stages"] if s["stage"] in ("sampling", "fit")} == {"cpu"}
+
+    text = (out / "results" / "ablation.csv").read_text()
+    caption = text.splitlines()[0]
+    assert caption.startswith("# One row per sweep point. Protocol 'consistent4d'")  # the one protocol, named
+    rows = list(csv.DictReader(line for line in text.splitlines() if not line.startswith("#")))
+    assert [r["sampling.method"] for r in rows] == list(METHODS)
+    times = [float(r["time per asset ↓"].removesuffix(" s")) for r in rows]
+    assert all(t > 0 for t in times)
+    assert times[3] < times[0]  # static samples nothing: its generation is the cheaper one
+    assert [r["peak GPU memory ↓"] for r in rows] == ["cpu"] * 4  # on the CPU: said, not a number
+    assert all(re.fullmatch(r"\d+\.\d{2}", r["PSNR ↑"]) for r in rows)
+    md = (out / "results" / "ablation.md").read_text()
+    assert md.count("| p0") == 4 and "time per asset: the conditions + sampling + fit compute seconds" in md
+
+    page = (out / "report" / "index.html").read_text()
+    assert "One row per sweep point. Protocol &#39;consistent4d&#39;" in page
+    for i, method in enumerate(METHODS):
+        pid = f"p{i:02d}_method={method}"
+        assert method in page
+        for name in ("sampling/grid.png", "sampling/grid.mp4", "fit/turntable.mp4"):
+            src = f"../points/{pid}/objects/windmill/{name}"
+            assert f'src="{src}"' in page, src
+            assert (out / "points" / pid / "objects" / "windmill" / name).is_file()

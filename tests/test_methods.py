@@ -50,3 +50,30 @@ def test_a_sweep_over_the_methods_is_one_comparison_table_and_one_report(tmp_pat
             src = f"../points/{pid}/objects/windmill/{name}"
             assert f'src="{src}"' in page, src
             assert (out / "points" / pid / "objects" / "windmill" / name).is_file()
+
+
+def test_peak_gpu_memory_is_the_largest_over_the_cuda_devices_named_and_cpu_elsewhere(monkeypatch) -> None:
+    import torch
+
+    from d2.utils.gpu import peak_gpu_memory
+
+    with peak_gpu_memory(["cpu"]) as peak:
+        pass
+    assert peak == {"peak_gpu_memory": "cpu"}
+    reset: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset.append)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", {"cuda": 5 * 2**20, "cuda:1": 7 * 2**20}.__getitem__)
+    with peak_gpu_memory(["auto", "cuda:1", "cpu", "cuda"]) as peak:
+        assert reset == ["cuda", "cuda:1"]  # each CUDA device once, before the block
+        assert peak == {}
+    assert peak == {"peak_gpu_memory": 7 * 2**20}
+
+
+def test_a_points_peak_gpu_memory_is_the_largest_any_stage_recorded() -> None:
+    from d2.reports.run_report import peak_gpu_memory
+
+    stage = lambda peak: {"info": {} if peak is None else {"peak_gpu_memory": peak}}  # noqa: E731
+    assert peak_gpu_memory({"stages": [stage("cpu"), stage(3 * 2**30), stage(2**30), stage(None)]}) == 3 * 2**30
+    assert peak_gpu_memory({"stages": [stage("cpu"), stage(None)]}) == "cpu"
+    assert peak_gpu_memory({"stages": [stage(None)]}) is None  # not recorded: the table says '-', not 0

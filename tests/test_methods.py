@@ -77,3 +77,13 @@ def test_a_points_peak_gpu_memory_is_the_largest_any_stage_recorded() -> None:
     assert peak_gpu_memory({"stages": [stage("cpu"), stage(3 * 2**30), stage(2**30), stage(None)]}) == 3 * 2**30
     assert peak_gpu_memory({"stages": [stage("cpu"), stage(None)]}) == "cpu"
     assert peak_gpu_memory({"stages": [stage(None)]}) is None  # not recorded: the table says '-', not 0
+
+
+def test_a_swept_knob_the_points_method_ignores_is_named(tmp_path: Path) -> None:
+    from d2.reports.run_report import ignored_knobs
+    from d2.utils.io import write_json
+
+    write_json(tmp_path / "objects" / "ball" / "sampling" / "matrix.json", {"ignored_knobs": ["s0", "k"]})
+    params = {"sampling.s0": "0.3", "sampling.method": "static", "fit.seed": "1"}
+    assert ignored_knobs(tmp_path, params) == ["sampling.s0"]
+    assert ignored_knobs(tmp_path / "none", params) == []

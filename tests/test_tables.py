@@ -119,7 +119,8 @@ def test_ablation_table_and_figure_grid(tmp_path: Path):
     pts = [AblationPoint(label="video only", params={"s0": 1.0, "k": 0}, metrics={"ssim": 0.5}, time_s=30.0,
                          peak_gpu_memory=3 * 2**30 // 2, protocol="Protocol 'c4d'"),
            AblationPoint(label="s0=0.5,k=10", params={"s0": 0.5, "k": 10}, metrics={"ssim": 0.61},
-                         unavailable={"clip": "no weights"}, peak_gpu_memory="cpu", protocol="Protocol 'c4d'")]
+                         unavailable={"clip": "no weights"}, peak_gpu_memory="cpu", protocol="Protocol 'c4d'",
+                         ignored=["sampling.s0"])]
     files = write_ablation_table(pts, tmp_path, ["clip", "ssim"], protocol_text="Protocol X")
     text = files["csv"].read_text()
     assert text.startswith("# One row per sweep point. Protocol 'c4d'\n")  # the caption names the one protocol
@@ -129,6 +130,7 @@ def test_ablation_table_and_figure_grid(tmp_path: Path):
     assert rows[1][-2:] == ["30.0 s", "1.50 GiB"] and rows[2][-2:] == ["-", "cpu"]
     md = files["md"].read_text()
     assert md.startswith("**One row per sweep point. Protocol 'c4d'**") and "Protocol X" in md and "no weights" in md
+    assert "s0=0.5,k=10: its sampling method does not read sampling.s0" in md
     assert "\\caption{One row per sweep point. Protocol 'c4d'}" in files["tex"].read_text()
     # points scored under different protocols: a protocol column, and the caption says they do not compare
     mixed = write_ablation_table([pts[0], pts[1].model_copy(update={"protocol": "Protocol 'd2'"})], tmp_path / "m",

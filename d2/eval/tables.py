@@ -350,6 +350,7 @@ class AblationPoint(BaseModel):
     time_s: float | None = None  # generation time per asset: conditions + sampling + fit compute seconds, mean per object
     peak_gpu_memory: int | str | None = None  # peak GPU bytes over its generation stages; "cpu": not on a GPU; None: not recorded
     protocol: str = ""  # the protocol that scored it (protocol_line); a column only when the points' differ
+    ignored: list[str] = Field(default_factory=list)  # its varied knobs its sampling method does not read
 
 
 def format_memory(value: int | str | None) -> str:
@@ -408,6 +409,8 @@ def write_ablation_table(points: list[AblationPoint], out_dir: str | Path, metri
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     notes = ([protocol_text] if protocol_text else []) + COST_NOTES + [
+        f"{p.label}: its sampling method does not read {', '.join(p.ignored)} (the same matrix whatever the value; "
+        "the value still enters the cache key)" for p in points if p.ignored] + [
         f"{METRIC_LABELS.get(m, m)} unavailable at {p.label}: {why}" for p in points for m, why in p.unavailable.items()]
     buf = io.StringIO()
     buf.write(f"# {caption}\n")

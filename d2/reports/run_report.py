@@ -79,6 +79,14 @@ def peak_gpu_memory(manifest: dict[str, Any]) -> int | str | None:
     return "cpu" if "cpu" in peaks else None
 
 
+def ignored_knobs(point_dir: Path, params: dict[str, Any]) -> list[str]:
+    """The varied ``sampling.*`` knobs (of ``params``) that the point's sampling method does not read,
+    as its first object's ``matrix.json`` records them."""
+    metas = sorted((point_dir / "objects").glob("*/sampling/matrix.json"))
+    ignored = json.loads(metas[0].read_text()).get("ignored_knobs", []) if metas else []
+    return [k for k in params if k.startswith("sampling.") and k.split(".", 1)[1] in ignored]
+
+
 def sweep_report(run_dir: Path, out_dir: Path, points: dict[str, list[str]]) -> tuple[dict[str, Any], Path]:
     """The comparison table of a sweep's ``points`` (id -> overrides; one row each, with its
     generation time per asset and peak GPU memory, captioned with the protocol) and its figure grid
@@ -104,7 +112,8 @@ def sweep_report(run_dir: Path, out_dir: Path, points: dict[str, list[str]]) -> 
         memory = peak_gpu_memory(manifest)
         table_rows.append(AblationPoint(label=pid, params=params, metrics=results.mean, unavailable=results.unavailable,
                                         time_s=results.generation_time_s, peak_gpu_memory=memory,
-                                        protocol=protocol_line(results, "each point")))
+                                        protocol=protocol_line(results, "each point"),
+                                        ignored=ignored_knobs(pdir, params)))
         metrics[pid] = {"params": params, "mean": results.mean, "time_per_asset_s": results.generation_time_s,
                         "peak_gpu_memory": memory}
         obj = results.objects[0] if results.objects else None

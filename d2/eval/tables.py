@@ -366,8 +366,9 @@ COST_NOTES = [
     "time per asset: the conditions + sampling + fit compute seconds, mean over the objects (a stage served "
     "from the cache counts the seconds it took when it was computed, so points that share a stage share its cost).",
     "peak GPU memory: the most memory torch held allocated on the GPU during the point's conditions, sampling and "
-    "fit stages (torch.cuda.max_memory_allocated; the models included; the largest over the objects); cpu: the "
-    "stages ran on the CPU and nothing was measured; -: not recorded.",
+    "fit stages (torch.cuda.max_memory_allocated; the models included; the largest over the objects; one count "
+    "per device and process, so stages run at once on one device disturb each other's: compare runs made with "
+    "run.max_parallel=1); cpu: the stages ran on the CPU and nothing was measured; -: not recorded.",
     "Published figures are not rows of this table: each point's own table2.md lists them apart, marked "
     "published, under the protocol that allows the comparison.",
 ]

@@ -122,7 +122,6 @@ class SamplingConfig(BaseModel):
 
 def ignored_knobs(cfg: SamplingConfig) -> list[str]:
     """The sampling knobs ``cfg.method`` does not read (no-effect knobs left out)."""
-    effect = [k for k, f in type(cfg).model_fields.items() if not (f.json_schema_extra or {}).get("no_effect")]
     match cfg.method:
         case "diffusion2":
             return []
@@ -131,7 +130,8 @@ def ignored_knobs(cfg: SamplingConfig) -> list[str]:
         case "multiview_only":  # the video condition is built (same noise draws), never used
             return [*WEIGHT_KNOBS, "video_cfg_min", "video_cfg_max", "fps_id", "motion_bucket_id", "video_cond_aug"]
         case "static":
-            return [k for k in effect if k not in STATIC_KNOBS]
+            return [k for k, f in type(cfg).model_fields.items()
+                    if k not in STATIC_KNOBS and not (f.json_schema_extra or {}).get("no_effect")]
 
 
 def weights_at(i: int, cfg: SamplingConfig, num_views: int) -> tuple[Tensor, Tensor]:
@@ -355,11 +355,12 @@ def run_sampling(conditions_dir: str | Path, out_dir: str | Path, cfg: SamplingC
                  on_step: Callable[[int, int, dict[str, float]], None] | None = None) -> Path:
     """Stage: conditions folder -> matrix folder.
 
-    Writes (atomically, the folder appears whole) ``latents.pt`` ({"latents": [V, F, C, h, w]};
-    methods that sample latents), ``view_XX/frame_YY.png``, ``grid.png`` (rows = views, columns = frames), ``grid.mp4`` (over
-    frames, all views tiled), ``references/orbit_view_XX.png`` + ``references/video_frame_YY.png``
-    (the conditions), ``matrix.json`` (V, F, resolution, azimuths_deg, elevation_deg, fov_deg,
-    radius, times, input_view_index, seed, input_kind, method, the knobs it ignores, sampling config).
+    Writes (atomically, the folder appears whole) ``latents.pt`` ({"latents": [V, F, C, h, w]}; by
+    the methods that sample latents), ``view_XX/frame_YY.png``, ``grid.png`` (rows = views,
+    columns = frames), ``grid.mp4`` (over frames, all views tiled), ``references/orbit_view_XX.png``
+    + ``references/video_frame_YY.png`` (the conditions), ``matrix.json`` (V, F, resolution,
+    azimuths_deg, elevation_deg, fov_deg, radius, times, input_view_index, seed, input_kind,
+    method, ignored_knobs, sampling config, steps).
     """
     from d2.stages.cameras import frame_times
     from d2.stages.conditions import load_conditions

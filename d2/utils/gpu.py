@@ -27,7 +27,8 @@ def peak_gpu_memory(devices: Iterable[str]) -> Iterator[dict[str, Any]]:
     the block ran, or ``"cpu"`` when none of them is a CUDA device (nothing is measured there).
 
     The count covers every tensor of this process on that device, models loaded before the
-    block included; stages running at once on one device share it.
+    block included. It is one count per device and process: with several stages at once on one
+    device each start resets it for all, so measure with ``run.max_parallel: 1``.
     """
     import torch
 

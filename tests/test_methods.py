@@ -9,18 +9,23 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from d2.cli import main
 
-from d2_toy import prepare_tiny
+from d2_toy import write_tiny_params
 
 METHODS = ("diffusion2", "video_only", "multiview_only", "static")
 
 
+@pytest.mark.slow  # ~25 s of CPU: prepare, 4 points through every stage, the report
 def test_a_sweep_over_the_methods_is_one_comparison_table_and_one_report(tmp_path: Path) -> None:
-    params, data = prepare_tiny(tmp_path)
-    out = tmp_path / "compare"
-    assert main(["sweep", "--params", str(params), "--data", str(data), "--out", str(out), "--set",
-                 "run.objects=[windmill]", "--set", "fit.iterations=2", "--grid",
+    data, out = tmp_path / "data", tmp_path / "compare"
+    params = write_tiny_params(tmp_path / "params.yaml", f"run.cache_dir={tmp_path / 'cache'}", "run.progress=false",
+                               f"run.data_dir={data}", "run.mlflow=false", "prepare.objects=[windmill]",
+                               "fit.iterations=2")
+    assert main(["prepare", "--params", str(params)]) == 0
+    assert main(["sweep", "--params", str(params), "--data", str(data), "--out", str(out), "--grid",
                  "sampling.method=" + ",".join(METHODS)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "completed"

@@ -347,8 +347,8 @@ class AblationPoint(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)  # varied parameters -> value
     metrics: dict[str, float | None] = Field(default_factory=dict)  # metric -> mean over the benchmark (None: none)
     unavailable: dict[str, str] = Field(default_factory=dict)  # metric -> reason
-    time_s: float | None = None  # generation time per asset: conditions + sampling + fit compute seconds, mean per object
-    peak_gpu_memory: int | str | None = None  # peak GPU bytes over its generation stages; "cpu": not on a GPU; None: not recorded
+    time_s: float | None = None  # generation time per asset: conditions + sampling + fit seconds, mean per object
+    peak_gpu_memory: int | str | None = None  # peak GPU bytes of its generation; "cpu": not on a GPU; None: unrecorded
     protocol: str = ""  # the protocol that scored it (protocol_line); a column only when the points' differ
     ignored: list[str] = Field(default_factory=list)  # its varied knobs its sampling method does not read
 

@@ -71,7 +71,7 @@ class SamplingConfig(BaseModel):
     """Knobs of the composed sampler (docs/method.md; the authors' values: params/authors.yaml)."""
 
     model_config = ConfigDict(extra="forbid")
-    method: SamplingMethod = "diffusion2"  # the matrix: diffusion2 (composed scores), video_only (w_video = 1: independent rows), multiview_only (w_multiview = 1: independent columns), static (the input frame in every entry, no prior call)
+    method: SamplingMethod = "diffusion2"  # diffusion2: composed scores; video_only / multiview_only: w_video / w_multiview = 1; static: the input frame everywhere
     num_views: int = Field(8, ge=1)  # V: views of the orbit (must match the conditions)
     num_frames: int = Field(8, ge=1)  # F: frames of the video (must match the conditions)
     resolution: int = Field(16, ge=8)  # image side in pixels (must match the priors and the conditions)

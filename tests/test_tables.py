@@ -131,6 +131,10 @@ def test_ablation_table_and_figure_grid(tmp_path: Path):
     md = files["md"].read_text()
     assert md.startswith("**One row per sweep point. Protocol 'c4d'**") and "Protocol X" in md and "no weights" in md
     assert "s0=0.5,k=10: its sampling method does not read sampling.s0" in md
+    assert "CLIP unavailable at s0=0.5,k=10: no weights" in md
+    both = write_ablation_table([p.model_copy(update={"unavailable": {"clip": "no weights"}}) for p in pts],
+                                tmp_path / "both", ["clip"])["md"].read_text()
+    assert both.count("no weights") == 1 and "CLIP unavailable at every point: no weights" in both
     assert "\\caption{One row per sweep point. Protocol 'c4d'}" in files["tex"].read_text()
     # points scored under different protocols: a protocol column, and the caption says they do not compare
     mixed = write_ablation_table([pts[0], pts[1].model_copy(update={"protocol": "Protocol 'd2'"})], tmp_path / "m",

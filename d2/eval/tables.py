@@ -409,10 +409,16 @@ def write_ablation_table(points: list[AblationPoint], out_dir: str | Path, metri
     caption = ablation_caption(points)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    unavailable: dict[tuple[str, str], list[str]] = {}  # (metric, reason) -> the points it holds for
+    for p in points:
+        for m, why in p.unavailable.items():
+            unavailable.setdefault((m, why), []).append(p.label)
     notes = ([protocol_text] if protocol_text else []) + COST_NOTES + [
         f"{p.label}: its sampling method does not read {', '.join(p.ignored)} (the same matrix whatever the value; "
         "the value still enters the cache key)" for p in points if p.ignored] + [
-        f"{METRIC_LABELS.get(m, m)} unavailable at {p.label}: {why}" for p in points for m, why in p.unavailable.items()]
+        f"{METRIC_LABELS.get(m, m)} unavailable at "
+        f"{'every point' if len(labels) == len(points) > 1 else ', '.join(labels)}: {why}"
+        for (m, why), labels in unavailable.items()]
     buf = io.StringIO()
     buf.write(f"# {caption}\n")
     w = csv.writer(buf, lineterminator="\n")

@@ -158,6 +158,13 @@ def test_sweep_report_plots_each_metric_against_each_knob(tmp_path: Path) -> Non
         assert f"points/{pid}/report/index.html" in text
         assert (sweep / "points" / pid / "report" / "index.html").is_file()
     assert min(iio.imread(sweep / "report" / "media" / "figure.png").shape[:2]) >= MIN_PREVIEW
+    # per object, every point's matrix and turntable side by side (a missing matrix said as such)
+    assert text.count('src="../points/p00_s0=0.3/objects/ball/fit/turntable.mp4"') == 1
+    assert text.count('src="../points/p01_s0=0.5/objects/ball/fit/turntable.mp4"') == 1
+    assert text.count("no matrix") == 2  # these points' matrices have no grid.png
+    save_image(sweep / "points" / "p01_s0=0.5" / "objects" / "ball" / "sampling" / "grid.png", torch.rand(3, 8, 8))
+    text = build_html_report(sweep).read_text()
+    assert 'src="../points/p01_s0=0.5/objects/ball/sampling/grid.png"' in text and text.count("no matrix") == 1
     svg = svg_plot([0.3, 0.5, 0.5], [1.0, 2.0, 4.0], "k", "m")
     assert svg.count("<circle") == 3 and "<polyline" in svg  # every point, the mean per value joined
 

@@ -1,5 +1,6 @@
 """The composed sampler: schedules, pinned-weight equivalence, Gaussian target, chunking, seeds, stage outputs."""
 
+import hashlib
 import json
 import math
 
@@ -9,7 +10,17 @@ import torch
 from d2.stages.cameras import orbit_azimuths
 from d2.stages.conditions import Conditions, write_conditions
 from d2.stages.priors import GaussianPriorConfig, PriorsConfig, load_priors
-from d2.stages.sampling import SamplingConfig, run_sampling, sample_matrix, weights_at
+from d2.stages.sampling import (
+    ComposedDenoiser,
+    SamplingConfig,
+    build_matrix_conditions,
+    edm_sample,
+    ignored_knobs,
+    method_matrix,
+    run_sampling,
+    sample_matrix,
+    weights_at,
+)
 from d2.stages.schedules import (
     base_multiview_weight,
     karras_sigmas,
@@ -155,7 +166,7 @@ def test_cfg_scales():
     torch.testing.assert_close(tri[[0, 5, 10, 15, 20]], torch.tensor([1.0, 1.75, 2.5, 1.75, 1.0]))
 
 
-# ---------------------------------------------------------------- pinned weights
+# ---------------------------------------------------------------- pinned weights, methods
 
 
 def _plain_euler(prior, cond, noise, cfg_scale, sigmas):
@@ -168,17 +179,22 @@ def _plain_euler(prior, cond, noise, cfg_scale, sigmas):
     return x
 
 
-@pytest.mark.parametrize("pinned", ["video", "multiview"])
-def test_pinned_weight_equals_plain_single_model_sampler(tiny, pinned):
+@pytest.mark.parametrize("method", ["video_only", "multiview_only"])
+def test_the_extreme_methods_are_independent_single_model_samples(tiny, method):
+    """video_only: every row an independent video-prior sample with that row's noise; multiview_only:
+    every column an independent multi-view sample. The same bytes as the composition with its weight
+    schedule pinned to that extreme (how the miniature experiment ran them before the methods)."""
     video, mv = tiny
-    cfg = _cfg(weight_schedule="constant", w_multiview_constant=0.0 if pinned == "video" else 1.0,
-               per_view_video_weight=False)
+    cfg = _cfg(method=method)
     cond = _conditions(32)
     noise = torch.randn(V, F_, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     got = sample_matrix(video, mv, cond, cfg, noise=noise)
+    pinned = _cfg(weight_schedule="constant", w_multiview_constant=0.0 if method == "video_only" else 1.0,
+                  per_view_video_weight=False)
+    assert torch.equal(got, sample_matrix(video, mv, cond, pinned, noise=noise))
     sigmas = karras_sigmas(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
     with torch.no_grad():
-        if pinned == "video":  # row by row, row v conditioned on orbit view v
+        if method == "video_only":  # row by row, row v conditioned on orbit view v
             scale = torch.linspace(1.5, 3.0, F_)[None]
             for v in range(V):
                 c = video.condition(cond.orbit[v:v + 1], cond_aug=0.0, fps_id=24, motion_bucket_id=127)
@@ -190,6 +206,77 @@ def test_pinned_weight_equals_plain_single_model_sampler(tiny, pinned):
                                  elevations_deg=10.0)
                 col = _plain_euler(mv, c, noise[:, f][None], torch.full((1, V), 2.5), sigmas)[0]
                 torch.testing.assert_close(got[:, f], col, atol=2e-4, rtol=1e-4)
+
+
+def test_diffusion2_is_the_composed_sampler_byte_for_byte(tiny, tmp_path):
+    """The default method writes the matrix the composed denoiser gives when driven by hand (the
+    stage's code path before it had methods): same seeded draws, same bytes."""
+    video, mv = tiny
+    cond = _conditions(32)
+    write_conditions(cond, tmp_path / "cond")
+    cfg = _cfg(num_steps=3, rollback_steps=1, video_cond_aug=0.02, multiview_cond_aug=0.01)
+    assert cfg.method == "diffusion2"
+    out = run_sampling(tmp_path / "cond", tmp_path / "m", cfg, tiny)
+    got = torch.load(out / "latents.pt", weights_only=True)["latents"]
+    from d2.stages.conditions import load_conditions
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    vcond, mcond = build_matrix_conditions(video, mv, load_conditions(tmp_path / "cond"), cfg, gen)
+    noise = torch.randn((V, F_, 4, 16, 16), generator=gen)
+    den = ComposedDenoiser(video, mv, vcond, mcond, cfg, V, F_)
+    with torch.no_grad():
+        ref = edm_sample(den, noise, karras_sigmas(3), "euler", 1, "linear", gen)
+    assert hashlib.sha256(got.numpy().tobytes()).hexdigest() == hashlib.sha256(ref.numpy().tobytes()).hexdigest()
+    meta = json.loads((out / "matrix.json").read_text())
+    assert meta["method"] == "diffusion2" and meta["ignored_knobs"] == []
+
+
+def test_static_puts_the_input_views_first_frame_everywhere_without_a_prior_call(tiny, tmp_path, monkeypatch):
+    video, mv = tiny
+    for prior in (video, mv):
+        monkeypatch.setattr(prior, "denoise", lambda *a, **k: pytest.fail("static must not call a prior"))
+    cond = _conditions(32)
+    write_conditions(cond, tmp_path / "cond", store_dtype="float32")
+    out = run_sampling(tmp_path / "cond", tmp_path / "m", _cfg(method="static"), tiny)
+    from d2.utils.io import load_image
+
+    expect = (cond.input * 255 + 0.5).floor() / 255  # the PNG's 8 bits
+    for v in range(V):
+        for f in range(F_):
+            torch.testing.assert_close(load_image(out / f"view_{v:02d}" / f"frame_{f:02d}.png"), expect,
+                                       atol=1e-6, rtol=0)
+    assert not (out / "latents.pt").exists() and (out / "grid.png").is_file() and (out / "grid.mp4").is_file()
+    meta = json.loads((out / "matrix.json").read_text())
+    assert meta["method"] == "static" and meta["steps"] == [] and "num_steps" in meta["ignored_knobs"]
+    # a video input whose orbit came from its last frame: the first frame is the video's
+    late = Conditions(**{**cond.__dict__, "input": cond.video[-1].clone(), "input_frame_index": F_ - 1})
+    _, images = method_matrix(tiny, late, _cfg(method="static"))
+    assert images.shape == (V, F_, 3, 32, 32) and bool((images == cond.video[0]).all())
+
+
+# every knob some method ignores, and another valid value of it
+OTHER_VALUE = dict(weight_schedule="cosine", w_multiview_constant=0.3, s0=0.3, k=5.0, logistic_min=0.1,
+                   logistic_max=0.9, step_fraction="i/N", per_view_video_weight=False, per_view_amplitude=0.4,
+                   multiview_cfg="triangle", multiview_cfg_scale=4.0, multiview_cfg_min=1.5, multiview_cond_aug=0.05,
+                   video_cfg_min=1.0, video_cfg_max=2.0, fps_id=6, motion_bucket_id=60, video_cond_aug=0.05,
+                   num_steps=2, sigma_min=0.01, sigma_max=80.0, rho=5.0, solver="heun", rollback_steps=2,
+                   rollback_noise="vp", seed=5, decode_chunk=2, devices=["cpu"])
+
+
+@pytest.mark.parametrize("method", ["video_only", "multiview_only", "static"])
+def test_the_knobs_a_method_ignores_do_not_change_its_matrix(tiny, method):
+    cfg = _cfg(method=method, num_steps=2, rollback_steps=1, video_cond_aug=0.02, multiview_cond_aug=0.01)
+    ignored = ignored_knobs(cfg)
+    assert ignored and set(ignored) <= set(OTHER_VALUE)
+    other = SamplingConfig(**{**cfg.model_dump(), **{k: OTHER_VALUE[k] for k in ignored}})
+    cond = _conditions(32)
+    a, b = method_matrix(tiny, cond, cfg), method_matrix(tiny, cond, other)
+    assert torch.equal(a[1], b[1]) and (a[0] is None) == (b[0] is None)
+    assert a[0] is None or torch.equal(a[0], b[0])
+    # and a knob it reads does change it
+    read = other.model_copy(update={"num_frames": F_ - 1} if method == "static" else {"seed": 99})
+    moved = method_matrix(tiny, _conditions(32, f=F_ - 1) if method == "static" else cond, read)[1]
+    assert moved.shape != a[1].shape or not torch.equal(moved, a[1])
 
 
 # ---------------------------------------------------------------- Gaussian target

@@ -116,14 +116,31 @@ def test_tables_label_protocol_definitions_and_pooled_fvd():
 
 
 def test_ablation_table_and_figure_grid(tmp_path: Path):
-    pts = [AblationPoint(label="video only", params={"s0": 1.0, "k": 0}, metrics={"ssim": 0.5}, time_s=30.0),
+    pts = [AblationPoint(label="video only", params={"s0": 1.0, "k": 0}, metrics={"ssim": 0.5}, time_s=30.0,
+                         peak_gpu_memory=3 * 2**30 // 2, protocol="Protocol 'c4d'"),
            AblationPoint(label="s0=0.5,k=10", params={"s0": 0.5, "k": 10}, metrics={"ssim": 0.61},
-                         unavailable={"clip": "no weights"})]
+                         unavailable={"clip": "no weights"}, peak_gpu_memory="cpu", protocol="Protocol 'c4d'",
+                         ignored=["sampling.s0"])]
     files = write_ablation_table(pts, tmp_path, ["clip", "ssim"], protocol_text="Protocol X")
-    rows = list(csv.reader(files["csv"].read_text().splitlines()))
-    assert rows[0][:3] == ["point", "s0", "k"]
+    text = files["csv"].read_text()
+    assert text.startswith("# One row per sweep point. Protocol 'c4d'\n")  # the caption names the one protocol
+    rows = list(csv.reader(line for line in text.splitlines() if not line.startswith("#")))
+    assert rows[0][:3] == ["point", "s0", "k"] and rows[0][-2:] == ["time per asset ↓", "peak GPU memory ↓"]
     assert rows[1][3] == "-" and rows[2][3] == UNAVAILABLE and rows[2][4] == "0.6100"
-    assert "Protocol X" in files["md"].read_text() and "no weights" in files["md"].read_text()
+    assert rows[1][-2:] == ["30.0 s", "1.50 GiB"] and rows[2][-2:] == ["-", "cpu"]
+    md = files["md"].read_text()
+    assert md.startswith("**One row per sweep point. Protocol 'c4d'**") and "Protocol X" in md and "no weights" in md
+    assert "s0=0.5,k=10: its sampling method does not read sampling.s0" in md
+    assert "CLIP unavailable at s0=0.5,k=10: no weights" in md
+    both = write_ablation_table([p.model_copy(update={"unavailable": {"clip": "no weights"}}) for p in pts],
+                                tmp_path / "both", ["clip"])["md"].read_text()
+    assert both.count("no weights") == 1 and "CLIP unavailable at every point: no weights" in both
+    assert "\\caption{One row per sweep point. Protocol 'c4d'}" in files["tex"].read_text()
+    # points scored under different protocols: a protocol column, and the caption says they do not compare
+    mixed = write_ablation_table([pts[0], pts[1].model_copy(update={"protocol": "Protocol 'd2'"})], tmp_path / "m",
+                                 ["ssim"])
+    md = mixed["md"].read_text()
+    assert "| point | s0 | k | protocol |" in md and "do not compare" in md.splitlines()[0]
     with pytest.raises(ValueError, match="at least one"):
         write_ablation_table([], tmp_path, ["ssim"])
     imgs = torch.rand(2, 3, 3, 16, 16)

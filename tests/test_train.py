@@ -137,3 +137,19 @@ def test_mirror_orbit_order_keeps_the_input_view_and_is_an_involution() -> None:
     assert 10 < len(flipped) < 54
     for i in flipped:
         torch.testing.assert_close(out[i], seq[i][order].flip(-1))
+
+
+def test_the_composition_experiment_runs_the_sampling_stages_methods(tmp_path) -> None:
+    """One object, one seed, one step: every row is there; the extremes are the stage's methods;
+    static (the stage's) has no motion and no view change."""
+    from d2.train.experiment import ExperimentConfig, run_experiment, sampling_config
+
+    cfg = ExperimentConfig(objects=["bouncing_ball"], seeds=[0], num_steps=1, rollback_steps=0, ablation=False,
+                           progress=False)
+    assert [sampling_config(m, 8, 8, 16, 0, cfg).method for m in ("composed", "video_only", "multiview_only")] == [
+        "diffusion2", "video_only", "multiview_only"]
+    rows = {r["method"]: r for r in run_experiment(tmp_path, cfg)["rows"]}
+    assert list(rows) == ["truth", "static", "composed", "video_only", "multiview_only"]
+    assert rows["truth"]["tde"] == 0 and rows["static"]["flicker"] == 0 and rows["static"]["view_change"] == 0
+    assert len({round(rows[m]["psnr"], 4) for m in ("composed", "video_only", "multiview_only")}) == 3
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "images" / "sampled_bouncing_ball.png").is_file()

@@ -181,12 +181,14 @@ def not_finite_lines(results: "Results") -> list[str]:
     return lines
 
 
-def protocol_line(results: "Results") -> str:
-    """The protocol that made a table, in one line (its first line in Markdown)."""
+def protocol_line(results: "Results", subject: str | None = None) -> str:
+    """The protocol that made a table, in one line (its first line in Markdown): what was scored
+    (``subject``, default the results' method) on which data."""
     p = results.protocol
     return (f"Protocol '{p.name}', metric definitions '{p.metric_definitions}'"
             + (" (Consistent4D's evaluation script)" if p.metric_definitions == "consistent4d" else " (ours)")
-            + f": {results.method} on {results.dataset or results.gt_dir or 'the benchmark'}")
+            + f": {results.method if subject is None else subject} on "
+            + f"{results.dataset or results.gt_dir or 'the benchmark'}")
 
 
 def results_markdown(results: "Results") -> str:
@@ -339,49 +341,96 @@ def load_results(path: str | Path) -> "Results":
 
 
 class AblationPoint(BaseModel):
-    """One point of a sweep: its label, the parameters that vary, and its mean metrics."""
+    """One point of a sweep: its label, the parameters that vary, its mean metrics and its cost."""
 
     label: str  # row label, e.g. "s0=0.5, k=10"
     params: dict[str, Any] = Field(default_factory=dict)  # varied parameters -> value
     metrics: dict[str, float | None] = Field(default_factory=dict)  # metric -> mean over the benchmark (None: none)
     unavailable: dict[str, str] = Field(default_factory=dict)  # metric -> reason
-    time_s: float | None = None  # generation time per object
+    time_s: float | None = None  # generation time per asset: conditions + sampling + fit seconds, mean per object
+    peak_gpu_memory: int | str | None = None  # peak GPU bytes of its generation; "cpu": not on a GPU; None: unrecorded
+    protocol: str = ""  # the protocol that scored it (protocol_line); a column only when the points' differ
+    ignored: list[str] = Field(default_factory=list)  # its varied knobs its sampling method does not read
+
+
+def format_memory(value: int | str | None) -> str:
+    """``2.31 GiB`` / ``512 MiB``, ``cpu`` (computed on the CPU: nothing measured) or ``-`` (not recorded)."""
+    if isinstance(value, bool) or value is None:
+        return NOT_APPLICABLE
+    if isinstance(value, str):
+        return value
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
+
+
+COST_NOTES = [
+    "time per asset: the conditions + sampling + fit compute seconds, mean over the objects (a stage served "
+    "from the cache counts the seconds it took when it was computed, so points that share a stage share its cost).",
+    "peak GPU memory: the most memory torch held allocated on the GPU during the point's conditions, sampling and "
+    "fit stages (torch.cuda.max_memory_allocated; the models included; the largest over the objects; one count "
+    "per device and process, so stages run at once on one device disturb each other's: compare runs made with "
+    "run.max_parallel=1); cpu: the stages ran on the CPU and nothing was measured; -: not recorded.",
+    "Published figures are not rows of this table: each point's own table2.md lists them apart, marked "
+    "published, under the protocol that allows the comparison.",
+]
 
 
 def ablation_rows(points: list[AblationPoint], metrics: list[str]) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted rows of an ablation table (params columns, metric columns, time)."""
+    """Header and formatted rows of an ablation table (params columns, the protocol when the points'
+    differ, metric columns, time per asset, peak GPU memory)."""
     if not points:
         raise ValueError("ablation table needs at least one point")
     params = list(dict.fromkeys(k for p in points for k in p.params))
-    head = ["point"] + params + [f"{METRIC_LABELS.get(m, m)} {'↑' if HIGHER_IS_BETTER.get(m, True) else '↓'}"
-                                 for m in metrics] + ["time ↓"]
+    mixed = len({p.protocol for p in points}) > 1
+    head = (["point"] + params + (["protocol"] if mixed else [])
+            + [f"{METRIC_LABELS.get(m, m)} {'↑' if HIGHER_IS_BETTER.get(m, True) else '↓'}" for m in metrics]
+            + ["time per asset ↓", "peak GPU memory ↓"])
     rows = []
     for p in points:
-        rows.append([p.label] + [str(p.params.get(k, NOT_APPLICABLE)) for k in params]
+        rows.append([p.label] + [str(p.params.get(k, NOT_APPLICABLE)) for k in params] + ([p.protocol] if mixed else [])
                     + [format_value(m, p.metrics.get(m), m in p.unavailable) for m in metrics]
-                    + [format_time(p.time_s)])
+                    + [format_time(p.time_s), format_memory(p.peak_gpu_memory)])
     return head, rows
+
+
+def ablation_caption(points: list[AblationPoint]) -> str:
+    """The table's caption: the one protocol every point was scored under, or a warning that they differ."""
+    protocols = list(dict.fromkeys(p.protocol for p in points))
+    if len(protocols) > 1:
+        return "One row per sweep point; the points were scored under different protocols (column protocol): " \
+               "rows under different protocols do not compare"
+    return f"One row per sweep point. {protocols[0]}" if protocols[0] else "One row per sweep point"
 
 
 def write_ablation_table(points: list[AblationPoint], out_dir: str | Path, metrics: list[str],
                          protocol_text: str = "") -> dict[str, Path]:
-    """ablation.csv / ablation.md / ablation.tex: one row per sweep point."""
+    """ablation.csv / ablation.md / ablation.tex: one row per sweep point, captioned with the
+    protocol (:func:`ablation_caption`); ``protocol_text`` (its description) leads the notes."""
     head, rows = ablation_rows(points, metrics)
+    caption = ablation_caption(points)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    notes = ([protocol_text] if protocol_text else []) + [
-        f"{METRIC_LABELS.get(m, m)} unavailable at {p.label}: {why}" for p in points for m, why in p.unavailable.items()]
+    unavailable: dict[tuple[str, str], list[str]] = {}  # (metric, reason) -> the points it holds for
+    for p in points:
+        for m, why in p.unavailable.items():
+            unavailable.setdefault((m, why), []).append(p.label)
+    notes = ([protocol_text] if protocol_text else []) + COST_NOTES + [
+        f"{p.label}: its sampling method does not read {', '.join(p.ignored)} (the same matrix whatever the value; "
+        "the value still enters the cache key)" for p in points if p.ignored] + [
+        f"{METRIC_LABELS.get(m, m)} unavailable at "
+        f"{'every point' if len(labels) == len(points) > 1 else ', '.join(labels)}: {why}"
+        for (m, why), labels in unavailable.items()]
     buf = io.StringIO()
+    buf.write(f"# {caption}\n")
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(head)
     w.writerows(rows)
-    md = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    md = [f"**{caption}**", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     md += [""] + [f"- {n}" for n in notes]
     files = {"csv": out / "ablation.csv", "md": out / "ablation.md", "tex": out / "ablation.tex"}
     write_text(files["csv"], buf.getvalue())
     write_text(files["md"], "\n".join(md) + "\n")
-    write_text(files["tex"], _tex_table(head, rows, "Ablation", notes, False))
+    write_text(files["tex"], _tex_table(head, rows, caption, notes, False))
     return files
 
 

@@ -109,19 +109,23 @@ def _quiet(cfg: BaseModel) -> BaseModel:
 def compute_conditions(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
     """input (image / video / frames / orbit) -> reference orbit + reference video."""
     from d2.stages.conditions import run_conditions
+    from d2.utils.gpu import peak_gpu_memory
 
-    run_conditions(inputs["input"], out, _quiet(params.conditions), get_priors(params))
-    return _read_json(out / "conditions.json", keep=("num_views", "num_frames", "resolution", "kind"))
+    with peak_gpu_memory([params.priors.device]) as peak:
+        run_conditions(inputs["input"], out, _quiet(params.conditions), get_priors(params))
+    return {**_read_json(out / "conditions.json", keep=("num_views", "num_frames", "resolution", "kind")), **peak}
 
 
 def compute_sampling(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
     """conditions -> the V x F matrix (score composition of the two priors)."""
     from d2.stages.sampling import run_sampling
+    from d2.utils.gpu import peak_gpu_memory
 
     replicas = [get_priors(params, d) for d in params.sampling.devices] or None  # one prior pair per device
     priors = replicas[0] if replicas else get_priors(params)
-    run_sampling(inputs["conditions"], out, _quiet(params.sampling), priors, replicas, on_step=reporter())
-    return _read_json(out / "matrix.json", keep=("V", "F", "resolution"))
+    with peak_gpu_memory(params.sampling.devices or [params.priors.device]) as peak:
+        run_sampling(inputs["conditions"], out, _quiet(params.sampling), priors, replicas, on_step=reporter())
+    return {**_read_json(out / "matrix.json", keep=("V", "F", "resolution", "method")), **peak}
 
 
 def compute_fit(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
@@ -129,10 +133,12 @@ def compute_fit(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
     matrix at its own views and times (``matrix_psnr`` in fit.json)."""
     from d2.stages.fit import run_fit
     from d2.stages.fit_check import record_matrix_fit
+    from d2.utils.gpu import peak_gpu_memory
 
     warm_imports()
-    summary = run_fit(inputs["matrix"], out, _quiet(params.fit), on_step=reporter())
-    return {**summary, **record_matrix_fit(out, inputs["matrix"])}
+    with peak_gpu_memory([params.fit.device]) as peak:
+        summary = run_fit(inputs["matrix"], out, _quiet(params.fit), on_step=reporter())
+    return {**summary, **record_matrix_fit(out, inputs["matrix"]), **peak}
 
 
 def asset_frames(conditions_dir: Path, params: BaseModel) -> dict[int, float]:

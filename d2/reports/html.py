@@ -7,7 +7,9 @@ the page (``report/media/...``) or relative links to the run folder's own output
   object the input, the sampled matrix as a labelled grid (views down, frames across), one video
   per evaluation view with input | prediction | ground truth side by side (and ``compare.mp4``,
   all views stacked), the turntable, the fit's numbers and a WebGL viewer of the 4D Gaussians;
-* sweep: the ablation table, the figure grid, one plot (inline SVG) of each metric against each
+* sweep: the comparison table (one row per point, captioned with its protocol, with the time per
+  asset and the peak GPU memory), per object every point's matrix (``grid.png``, ``grid.mp4``) and
+  turntable side by side, the figure grid, one plot (inline SVG) of each metric against each
   swept knob, and a link to every point's own report.
 
 The markup is in ``templates/`` (jinja2, autoescaped): this module reads the folder, writes the
@@ -319,17 +321,53 @@ def svg_plot(xs: list[Any], ys: list[float], xlabel: str, ylabel: str) -> str:
     return templates().get_template("plot.svg.j2").render(p=p) if p else ""
 
 
+def comparison_table(run_dir: Path) -> dict[str, Any] | None:
+    """The sweep's comparison table as the run wrote it (``results/ablation.csv``: its ``#`` caption,
+    header and rows; the notes of ``ablation.md``); None when the run has none (stages without
+    results tables)."""
+    path = run_dir / "results" / "ablation.csv"
+    if not path.is_file():
+        return None
+    import csv
+
+    lines = path.read_text().splitlines()
+    caption = " ".join(line[1:].strip() for line in lines if line.startswith("#"))
+    rows = list(csv.reader(line for line in lines if not line.startswith("#")))
+    md = run_dir / "results" / "ablation.md"
+    notes = [line[2:] for line in md.read_text().splitlines() if line.startswith("- ")] if md.is_file() else []
+    return {"caption": caption, "header": rows[0], "rows": rows[1:], "notes": notes} if rows else None
+
+
+def side_by_side(run_dir: Path, points: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """Per object (of any point), every point's matrix (grid.png, grid.mp4) and turntable, in the
+    points' order: ``[{"name", "cells": [{"point", "grid", "grid_video", "turntable"}]}]`` (links
+    into the points' folders; None where a point has no such file)."""
+    pdirs = {pid: run_dir / "points" / pid for pid in points}
+    objects = list(dict.fromkeys(o for d in pdirs.values() for o in list_objects(d)))
+
+    def link(path: Path) -> str | None:
+        return rel(path, out) if path.is_file() else None
+
+    return [{"name": obj, "cells": [
+        {"point": pid, "grid": link(d / "objects" / obj / "sampling" / "grid.png"),
+         "grid_video": link(d / "objects" / obj / "sampling" / "grid.mp4"),
+         "turntable": link(d / "objects" / obj / "fit" / "turntable.mp4")} for pid, d in pdirs.items()]}
+        for obj in objects]
+
+
 def sweep_body(run_dir: Path, manifest: dict[str, Any], out: Path) -> dict[str, Any]:
-    """The sweep's ablation table, figure grid, metric-vs-knob plots and links to the points."""
+    """The sweep's comparison table, each object's matrices and turntables side by side, figure
+    grid, metric-vs-knob plots and links to the points."""
     sweep = read_json(run_dir / "sweep.json") or {}
     grid: dict[str, list[Any]] = sweep.get("grid") or manifest.get("grid") or {}
     rows: list[dict[str, Any]] = sweep.get("rows") or []
     knobs = list(grid)
     metrics = [k for k in dict.fromkeys(k for r in rows for k in r)
                if k not in knobs and k != "point" and all(isinstance(r.get(k), (int, float)) for r in rows)]
-    body: dict[str, Any] = {"ablation": None, "figure": None, "points": []}
-    if rows:
-        body["ablation"] = {"header": ["point"] + knobs + metrics,
+    body: dict[str, Any] = {"ablation": comparison_table(run_dir), "figure": None, "points": [],
+                            "side_by_side": side_by_side(run_dir, manifest.get("points") or {}, out)}
+    if rows and body["ablation"] is None:
+        body["ablation"] = {"caption": "", "notes": [], "header": ["point"] + knobs + metrics,
                             "rows": [[r.get("point")] + [r.get(k) for k in knobs] + [r.get(m) for m in metrics]
                                      for r in rows]}
     fig = run_dir / "results" / "figure.png"

@@ -69,12 +69,31 @@ def build_report(run_dir: Path, out_dir: Path | None = None, metrics_path: Path 
     return {"out_dir": str(out_dir), "table_path": str(table), "metrics": metrics}
 
 
+def peak_gpu_memory(manifest: dict[str, Any]) -> int | str | None:
+    """The largest ``peak_gpu_memory`` any stage of a run recorded (bytes), ``"cpu"`` when every
+    stage that recorded one ran on the CPU, None when none did."""
+    peaks = [rec.get("info", {}).get("peak_gpu_memory") for rec in manifest.get("stages", [])]
+    numbers = [p for p in peaks if isinstance(p, int) and not isinstance(p, bool)]
+    if numbers:
+        return max(numbers)
+    return "cpu" if "cpu" in peaks else None
+
+
+def ignored_knobs(point_dir: Path, params: dict[str, Any]) -> list[str]:
+    """The varied ``sampling.*`` knobs (of ``params``) that the point's sampling method does not read,
+    as its first object's ``matrix.json`` records them."""
+    metas = sorted((point_dir / "objects").glob("*/sampling/matrix.json"))
+    ignored = json.loads(metas[0].read_text()).get("ignored_knobs", []) if metas else []
+    return [k for k in params if k.startswith("sampling.") and k.split(".", 1)[1] in ignored]
+
+
 def sweep_report(run_dir: Path, out_dir: Path, points: dict[str, list[str]]) -> tuple[dict[str, Any], Path]:
-    """The ablation table of a sweep's ``points`` (id -> overrides) and its figure grid (one row per
-    point: the first object's evaluation views at the middle frame) in ``out_dir``."""
+    """The comparison table of a sweep's ``points`` (id -> overrides; one row each, with its
+    generation time per asset and peak GPU memory, captioned with the protocol) and its figure grid
+    (one row per point: the first object's evaluation views at the middle frame) in ``out_dir``."""
     import torch
 
-    from d2.eval.tables import AblationPoint, load_results, write_ablation_table, write_figure_grid
+    from d2.eval.tables import AblationPoint, load_results, protocol_line, write_ablation_table, write_figure_grid
     from d2.utils.io import load_image
 
     table_rows: list[AblationPoint] = []
@@ -82,14 +101,21 @@ def sweep_report(run_dir: Path, out_dir: Path, points: dict[str, list[str]]) -> 
     images: list[torch.Tensor] = []
     labels: list[str] = []
     requested: list[str] = []
+    described: list[str] = []
     for pid, overrides in points.items():
         pdir = run_dir / "points" / pid
         results = load_results(pdir / "results")
         requested = requested or list(results.metrics)
+        described = described if results.protocol.describe() in described else described + [results.protocol.describe()]
         params = dict(o.split("=", 1) for o in overrides)
+        manifest = json.loads((pdir / "manifest.json").read_text()) if (pdir / "manifest.json").is_file() else {}
+        memory = peak_gpu_memory(manifest)
         table_rows.append(AblationPoint(label=pid, params=params, metrics=results.mean, unavailable=results.unavailable,
-                                    time_s=results.generation_time_s))
-        metrics[pid] = {"params": params, "mean": results.mean}
+                                        time_s=results.generation_time_s, peak_gpu_memory=memory,
+                                        protocol=protocol_line(results, "each point"),
+                                        ignored=ignored_knobs(pdir, params)))
+        metrics[pid] = {"params": params, "mean": results.mean, "time_per_asset_s": results.generation_time_s,
+                        "peak_gpu_memory": memory}
         obj = results.objects[0] if results.objects else None
         if obj is not None:
             render = pdir / "objects" / obj / "render_eval"
@@ -102,7 +128,7 @@ def sweep_report(run_dir: Path, out_dir: Path, points: dict[str, list[str]]) -> 
             if imgs and (not images or images[0].shape[0] == len(imgs)):
                 images.append(torch.stack(imgs))  # [K, 3, H, W]
                 labels.append(pid)
-    files = write_ablation_table(table_rows, out_dir, requested)
+    files = write_ablation_table(table_rows, out_dir, requested, " ".join(described))
     if images and len({tuple(r.shape) for r in images}) == 1:
         write_figure_grid(torch.stack(images), out_dir / "figure.png", row_labels=labels)
     return metrics, files["md"]

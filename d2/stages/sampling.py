@@ -10,6 +10,22 @@ on Karras sigmas, x kept in fp32, the first ``rollback_steps`` steps each taken 
 re-add noise, step again from the same sigma: the authors' variance reduction). Rows and
 columns go through the UNets ``chunk_size`` sequences at a time, so memory is bounded by the
 chunk, not by V x F. All randomness comes from one CPU generator seeded with ``seed``.
+
+``sampling.method`` picks the matrix (:func:`method_matrix`; the paper's ablation extremes beside
+the composition, one benchmark row each):
+
+    diffusion2      the composed sampler above; reads every knob
+    video_only      the same sampler, conditions and initial noise with the weights forced to
+                    w_video = 1, w_multiview = 0 at every step and view: row v is an independent
+                    video-prior sample conditioned on orbit view v
+    multiview_only  likewise with w_video = 0, w_multiview = 1: column f is an independent
+                    multi-view sample conditioned on video frame f
+    static          no prior call: the input view's first frame (the input image when it is
+                    frame 0 of the reference video, as for image and first-frame video inputs,
+                    else the reference video's frame 0) in every entry
+
+A knob a method does not read (:func:`ignored_knobs`, recorded in ``matrix.json``) still enters
+the stage's cache key: changing it recomputes the same matrix under a new key.
 """
 
 from __future__ import annotations
@@ -42,10 +58,20 @@ if TYPE_CHECKING:
     from d2.stages.conditions import Conditions
 
 
+SamplingMethod = Literal["diffusion2", "video_only", "multiview_only", "static"]
+
+# the weight-schedule knobs (what video_only / multiview_only replace by fixed weights)
+WEIGHT_KNOBS = ("weight_schedule", "w_multiview_constant", "s0", "k", "logistic_min", "logistic_max", "step_fraction",
+                "per_view_video_weight", "per_view_amplitude")
+# what the static method reads (besides the no-effect knobs)
+STATIC_KNOBS = ("method", "num_views", "num_frames", "resolution", "grid_thumb", "video_fps")
+
+
 class SamplingConfig(BaseModel):
     """Knobs of the composed sampler (docs/method.md; the authors' values: params/authors.yaml)."""
 
     model_config = ConfigDict(extra="forbid")
+    method: SamplingMethod = "diffusion2"  # diffusion2: composed scores; video_only / multiview_only: w_video / w_multiview = 1; static: the input frame everywhere
     num_views: int = Field(8, ge=1)  # V: views of the orbit (must match the conditions)
     num_frames: int = Field(8, ge=1)  # F: frames of the video (must match the conditions)
     resolution: int = Field(16, ge=8)  # image side in pixels (must match the priors and the conditions)
@@ -94,8 +120,28 @@ class SamplingConfig(BaseModel):
         return self
 
 
+def ignored_knobs(cfg: SamplingConfig) -> list[str]:
+    """The sampling knobs ``cfg.method`` does not read (no-effect knobs left out)."""
+    match cfg.method:
+        case "diffusion2":
+            return []
+        case "video_only":  # the multi-view condition is built (same noise draws), never used
+            return [*WEIGHT_KNOBS, "multiview_cfg", "multiview_cfg_scale", "multiview_cfg_min", "multiview_cond_aug"]
+        case "multiview_only":  # the video condition is built (same noise draws), never used
+            return [*WEIGHT_KNOBS, "video_cfg_min", "video_cfg_max", "fps_id", "motion_bucket_id", "video_cond_aug"]
+        case "static":
+            return [k for k, f in type(cfg).model_fields.items()
+                    if k not in STATIC_KNOBS and not (f.json_schema_extra or {}).get("no_effect")]
+
+
 def weights_at(i: int, cfg: SamplingConfig, num_views: int) -> tuple[Tensor, Tensor]:
-    """(w_video [V], w_multiview [V]) float32 at step i."""
+    """(w_video [V], w_multiview [V]) float32 at step i: the schedule's, or the method's fixed ones."""
+    ones, zeros = torch.ones(num_views), torch.zeros(num_views)
+    match cfg.method:
+        case "video_only":
+            return ones, zeros
+        case "multiview_only":
+            return zeros, ones
     m = base_multiview_weight(i, cfg.num_steps, cfg.weight_schedule, cfg.w_multiview_constant, cfg.s0,
                               cfg.k, cfg.logistic_min, cfg.logistic_max, cfg.step_fraction)
     wv, wm = composition_weights(m, num_views, cfg.per_view_video_weight, cfg.per_view_amplitude)
@@ -260,6 +306,28 @@ def sample_matrix(video_prior: Prior, multiview_prior: Prior, conditions: "Condi
     return x.float().cpu()
 
 
+def static_matrix(conditions: "Conditions", num_views: int, num_frames: int) -> Tensor:
+    """[V, F, 3, H, W]: the input view's first frame in every entry (see the module docstring)."""
+    first = conditions.input if conditions.input_frame_index == 0 else conditions.video[0]  # [3, H, W]
+    return first.float()[None, None].expand(num_views, num_frames, *first.shape).clone()
+
+
+def method_matrix(priors: tuple[Prior, Prior], conditions: "Conditions", cfg: SamplingConfig,
+                  replicas: list[tuple[Prior, Prior]] | None = None,
+                  on_step: Callable[[int, int, Tensor, float], None] | None = None) -> tuple[Tensor | None, Tensor]:
+    """``cfg.method``'s matrix: (latents [V, F, C, h, w] fp32, or None for a method without
+    latents; images [V, F, 3, H, W] in [0, 1]), both on the CPU. ``replicas`` and ``on_step`` as
+    for :func:`sample_matrix`."""
+    video_prior, multiview_prior = priors
+    match cfg.method:
+        case "diffusion2" | "video_only" | "multiview_only":  # one sampler; weights_at forces the extremes
+            latents = sample_matrix(video_prior, multiview_prior, conditions, cfg, replicas=replicas, on_step=on_step)
+            return latents, decode_matrix(video_prior, latents, cfg.decode_chunk, cfg.progress)
+        case "static":
+            return None, static_matrix(conditions, cfg.num_views, cfg.num_frames)
+    raise ValueError(f"unknown sampling.method {cfg.method!r}")
+
+
 def decode_matrix(video_prior: Prior, latents: Tensor, chunk: int = 14, progress: bool = False) -> Tensor:
     """[V, F, C, h, w] latents -> [V, F, 3, H, W] images in [0, 1]; each row decoded as one video."""
     rows = []
@@ -287,11 +355,12 @@ def run_sampling(conditions_dir: str | Path, out_dir: str | Path, cfg: SamplingC
                  on_step: Callable[[int, int, dict[str, float]], None] | None = None) -> Path:
     """Stage: conditions folder -> matrix folder.
 
-    Writes (atomically, the folder appears whole) ``latents.pt`` ({"latents": [V, F, C, h, w]}),
-    ``view_XX/frame_YY.png``, ``grid.png`` (rows = views, columns = frames), ``grid.mp4`` (over
-    frames, all views tiled), ``references/orbit_view_XX.png`` + ``references/video_frame_YY.png``
-    (the conditions), ``matrix.json`` (V, F, resolution, azimuths_deg, elevation_deg, fov_deg,
-    radius, times, input_view_index, seed, input_kind, sampling config).
+    Writes (atomically, the folder appears whole) ``latents.pt`` ({"latents": [V, F, C, h, w]}; by
+    the methods that sample latents), ``view_XX/frame_YY.png``, ``grid.png`` (rows = views,
+    columns = frames), ``grid.mp4`` (over frames, all views tiled), ``references/orbit_view_XX.png``
+    + ``references/video_frame_YY.png`` (the conditions), ``matrix.json`` (V, F, resolution,
+    azimuths_deg, elevation_deg, fov_deg, radius, times, input_view_index, seed, input_kind,
+    method, ignored_knobs, sampling config, steps).
     """
     from d2.stages.cameras import frame_times
     from d2.stages.conditions import load_conditions
@@ -307,12 +376,11 @@ def run_sampling(conditions_dir: str | Path, out_dir: str | Path, cfg: SamplingC
         if on_step is not None:
             on_step(i, n, steps[-1])
 
-    latents = sample_matrix(video_prior, multiview_prior, conditions, cfg, replicas=replicas,
-                            on_step=step_done)  # [V, F, C, h, w]
-    images = decode_matrix(video_prior, latents, cfg.decode_chunk, cfg.progress)  # [V, F, 3, H, W]
-    v, f = latents.shape[:2]
+    latents, images = method_matrix(priors, conditions, cfg, replicas, step_done)  # [V, F, C, h, w], [V, F, 3, H, W]
+    v, f = images.shape[:2]
     with atomic_dir(out_dir) as tmp:
-        save_tensor(tmp / "latents.pt", {"latents": latents})
+        if latents is not None:
+            save_tensor(tmp / "latents.pt", {"latents": latents})
         for vi in range(v):
             for fi in range(f):
                 save_image(tmp / f"view_{vi:02d}" / f"frame_{fi:02d}.png", images[vi, fi])
@@ -335,6 +403,6 @@ def run_sampling(conditions_dir: str | Path, out_dir: str | Path, cfg: SamplingC
             "azimuths_deg": list(conditions.azimuths_deg), "elevation_deg": conditions.elevation_deg,
             "fov_deg": conditions.fov_deg, "radius": conditions.radius, "times": frame_times(f),
             "input_view_index": conditions.input_view_index, "seed": cfg.seed, "input_kind": conditions.kind,
-            "sampling": cfg.model_dump(), "steps": steps,
+            "method": cfg.method, "ignored_knobs": ignored_knobs(cfg), "sampling": cfg.model_dump(), "steps": steps,
         })
     return Path(out_dir)

@@ -10,6 +10,8 @@ noise and conditions:
     video_only      w_video = 1 everywhere: every row is an independent video-prior sample
     multiview_only  w_multiview = 1 everywhere: every column an independent multi-view sample
 
+(the sampling stage's methods ``diffusion2``, ``video_only`` and ``multiview_only``,
+:mod:`d2.stages.sampling`)
 and scored against the exact renders of the world at the same cameras and times
 (``scene.render(orbit_azimuths(V), frame_times(F))``):
 
@@ -23,8 +25,9 @@ and scored against the exact renders of the world at the same cameras and times
                    between frames as the truth; > 1 flicker, < 1 frozen)
     combined       (tde + vde) / 2, lower is better: the issue's "combined measure"
 
-Reference rows: ``truth`` (all zeros / perfect) and ``static`` (the input frame copied into
-every entry: the error of a matrix with no motion and no view change).
+Reference rows: ``truth`` (all zeros / perfect) and ``static`` (the sampling stage's ``static``
+method, the input frame copied into every entry: the error of a matrix with no motion and no
+view change).
 
 Also the Figure-5 ablation in miniature: the composed sampler with the logistic schedule at
 s0 in {0.3, 0.5, 0.7} x k in {5, 20, 50}, as a table and an image grid.
@@ -37,8 +40,6 @@ Command::
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ from torch import Tensor
 from d2.stages.cameras import OrbitSpec, frame_times, orbit_azimuths
 from d2.stages.priors import Prior, load_prior_folder
 
-METHODS = ("composed", "video_only", "multiview_only")
+METHODS = ("composed", "video_only", "multiview_only")  # this experiment's labels
+STAGE_METHOD = {"composed": "diffusion2", "video_only": "video_only", "multiview_only": "multiview_only"}  # sampling.method of each
 
 
 class ExperimentConfig(BaseModel):
@@ -152,29 +154,25 @@ def make_video_conditions(video: Tensor, priors: tuple[Prior, Prior], v: int, se
 
 def sampling_config(method: str, v: int, f: int, resolution: int, seed: int, cfg: ExperimentConfig,
                     s0: float | None = None, k: float | None = None) -> Any:
-    """The sampler's config of one method (``logistic`` when s0 and k are given)."""
+    """The sampler's config of one method (composed: ``logistic`` when s0 and k are given, else the
+    authors' constant 0.6; the extremes ignore the weight schedule)."""
     from d2.stages.sampling import SamplingConfig
 
-    base = dict(num_views=v, num_frames=f, resolution=resolution, num_steps=cfg.num_steps,
-                rollback_steps=cfg.rollback_steps, seed=seed, chunk_size=cfg.chunk_size, decode_chunk=10, progress=False)
-    if method == "composed":
-        if s0 is not None and k is not None:
-            return SamplingConfig(**base, weight_schedule="logistic", s0=s0, k=k)
-        return SamplingConfig(**base, weight_schedule="constant")  # the authors' constant 0.6
-    if method == "video_only":
-        return SamplingConfig(**base, weight_schedule="constant", w_multiview_constant=0.0, per_view_video_weight=False)
-    if method == "multiview_only":
-        return SamplingConfig(**base, weight_schedule="constant", w_multiview_constant=1.0,
-                              per_view_video_weight=False)
-    raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+    if method not in STAGE_METHOD:
+        raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+    base = dict(method=STAGE_METHOD[method], num_views=v, num_frames=f, resolution=resolution,
+                num_steps=cfg.num_steps, rollback_steps=cfg.rollback_steps, seed=seed, chunk_size=cfg.chunk_size,
+                decode_chunk=14, progress=False)
+    if s0 is not None and k is not None:
+        return SamplingConfig(**base, weight_schedule="logistic", s0=s0, k=k)
+    return SamplingConfig(**base, weight_schedule="constant")
 
 
 def sample_images(priors: tuple[Prior, Prior], conditions: Any, scfg: Any) -> Tensor:
-    """[V, F, 3, H, W] decoded matrix in [0, 1]."""
-    from d2.stages.sampling import decode_matrix, sample_matrix
+    """[V, F, 3, H, W] decoded matrix in [0, 1] (the sampling stage's method)."""
+    from d2.stages.sampling import method_matrix
 
-    lat = sample_matrix(priors[0], priors[1], conditions, scfg)
-    return decode_matrix(priors[0], lat).clamp(0, 1)
+    return method_matrix(priors, conditions, scfg)[1].clamp(0, 1)
 
 
 def fit_and_score(mat: Tensor, scene: Any, work: Path, cfg: ExperimentConfig) -> dict[str, float]:
@@ -273,11 +271,11 @@ def run_experiment(out_dir: str | Path, cfg: ExperimentConfig) -> dict[str, Any]
     """Run the composition experiment (and the ablation); write tables, images and ``results.json``."""
     from tqdm.auto import tqdm
 
-    from d2.train.data import _world
+    import d2.world as world
+    from d2.stages.sampling import static_matrix
     from d2.utils.io import image_grid, save_image, write_json, write_text
 
     torch.set_num_threads(cfg.threads)
-    world = _world()
     objects = cfg.objects or list(world.benchmark_objects())
     unknown = [o for o in objects if o not in world.benchmark_objects()]
     if unknown:
@@ -303,7 +301,7 @@ def run_experiment(out_dir: str | Path, cfg: ExperimentConfig) -> dict[str, Any]
         g = truths[obj]
         video = g[v - 1]  # [F, 3, R, R] the input video (azimuth 0 = the orbit's last view)
         cond = make_video_conditions(video, priors, v, seed, cfg, oracle_orbit=g[:, 0] if setting == "oracle" else None)
-        static = video[0][None, None].expand_as(g)
+        static = static_matrix(cond, v, f)
         for name, mat in (("truth", g), ("static", static)):
             if seed == cfg.seeds[0]:
                 rows.append({"object": obj, "seed": seed, "setting": setting, "method": name,

@@ -31,6 +31,7 @@ from d2.eval.protocol import Protocol
 from d2.stages.conditions import ConditionsConfig
 from d2.stages.fit import FitConfig, fitted_views
 from d2.stages.priors import PriorsConfig
+from d2.stages.priors.sv4d import SV4D_METHODS, sv4d_backend_problem
 from d2.stages.sampling import SamplingConfig
 from d2.utils.bounded_yaml import YAMLLimitError, load_bounded_yaml, yaml_problem
 from d2.world.benchmark import PrepareConfig
@@ -113,6 +114,8 @@ class Params(BaseModel):
             problems.append(f"the fit sees {side}x{side} px images (fit.resolution, else sampling.resolution), smaller "
                             f"than its SSIM's {SSIM_WINDOW} px window; set fit.resolution to {SSIM_WINDOW} or more, "
                             "or fit.lambda_ssim=0")
+        if self.sampling.method in SV4D_METHODS and (why := sv4d_backend_problem(self.priors, self.sampling.method)):
+            problems.append(why)
         try:  # the matrix has sampling.num_views views
             fitted_views(self.fit, self.sampling.num_views)
         except ValueError as e:

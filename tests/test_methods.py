@@ -92,3 +92,27 @@ def test_a_swept_knob_the_points_method_ignores_is_named(tmp_path: Path) -> None
     params = {"sampling.s0": "0.3", "sampling.method": "static", "fit.seed": "1"}
     assert ignored_knobs(tmp_path, params) == ["sampling.s0"]
     assert ignored_knobs(tmp_path / "none", params) == []
+
+
+@pytest.mark.slow  # ~1 min of CPU: 4 points at SV4D's layout (9 views x 21 frames) through every stage
+def test_the_comparison_sweep_holds_both_sv4d_rows_with_the_tiny_backends(tmp_path: Path) -> None:
+    """The baselines in the same sweep: SV4D and SV4D 2.0 (its 8-view checkpoint, which shares
+    SV4D's 9 x 21 layout) beside Diffusion² and the static reference, one table, one protocol."""
+    methods = ("diffusion2", "static", "sv4d", "sv4d2_8views")
+    data, out = tmp_path / "data", tmp_path / "compare"
+    layout = [f"{s}.{k}={n}" for s in ("conditions", "sampling") for k, n in (("num_views", 9), ("num_frames", 21))]
+    params = write_tiny_params(tmp_path / "params.yaml", f"run.cache_dir={tmp_path / 'cache'}", "run.progress=false",
+                               f"run.data_dir={data}", "run.mlflow=false", "prepare.objects=[windmill]",
+                               "prepare.num_frames=21", "protocol.num_frames=null", "fit.iterations=2", *layout)
+    assert main(["prepare", "--params", str(params)]) == 0
+    assert main(["sweep", "--params", str(params), "--data", str(data), "--out", str(out), "--grid",
+                 "sampling.method=" + ",".join(methods)]) == 0
+    text = (out / "results" / "ablation.csv").read_text()
+    rows = list(csv.DictReader(line for line in text.splitlines() if not line.startswith("#")))
+    assert [r["sampling.method"] for r in rows] == list(methods)
+    assert all(re.fullmatch(r"\d+\.\d{2}", r["PSNR ↑"]) for r in rows)
+    for i, method in enumerate(methods):
+        point = out / "points" / f"p{i:02d}_method={method}"
+        matrix = json.loads((point / "objects" / "windmill" / "sampling" / "matrix.json").read_text())
+        assert (matrix["method"], matrix["V"], matrix["F"]) == (method, 9, 21)
+        assert json.loads((point / "results" / "results.json").read_text())["method"] == method

@@ -19,7 +19,7 @@ from d2.stages.conditions import load_conditions, make_conditions, run_condition
 from d2.stages.priors import (PriorsConfig, build_tiny_prior, load_priors, set_resnet_norm_eps, sgm_clip_resize)
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ["authors", "demo", "fast", "paper"]
+PRESETS = ["authors", "demo", "fast", "paper", "sv4d", "sv4d2"]
 # the authors preset at test size: tiny random priors on the CPU, 3 views x 4 frames at 32 px
 TINY = ["priors.backend=tiny", "priors.device=cpu", "conditions.num_views=3", "conditions.num_frames=4",
         "conditions.resolution=32", "conditions.num_steps=2", "conditions.progress=false", "sampling.num_views=3",
@@ -53,7 +53,7 @@ def test_every_preset_validates_and_preset_path_finds_it():
         for line in text.splitlines():  # one comment per knob
             if re.match(r"^\s+\w+: ", line):
                 assert "  # " in line, f"{name}: uncommented line {line!r}"
-    with pytest.raises(ParamsError, match="unknown preset 'papr'; known presets: authors, demo, fast, paper"):
+    with pytest.raises(ParamsError, match="unknown preset 'papr'; known presets: authors, demo, fast, paper, sv4d, sv4d2"):
         preset_path("papr")
     with pytest.raises(ParamsError, match="bare name"):
         preset_path("../params")

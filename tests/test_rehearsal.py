@@ -39,7 +39,7 @@ KEPT = ("conditions.num_views", "conditions.num_frames", "conditions.frame_start
         "conditions.elevation_deg", "conditions.fov_deg", "conditions.radius", "sampling.num_views",
         "sampling.num_frames", "protocol.eval_azimuths_deg", "protocol.input_azimuth_deg", "protocol.elevation_deg",
         "protocol.num_frames", "protocol.include_front_view", "protocol.metric_definitions", "protocol.background",
-        "metrics.metrics", "sampling.weight_schedule", "fit.exclude_views")
+        "metrics.metrics", "sampling.weight_schedule", "fit.exclude_views", "sampling.method")
 
 
 def test_the_overlay_changes_only_sizes():

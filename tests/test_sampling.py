@@ -228,7 +228,7 @@ def test_diffusion2_is_the_composed_sampler_byte_for_byte(tiny, tmp_path):
         ref = edm_sample(den, noise, karras_sigmas(3), "euler", 1, "linear", gen)
     assert hashlib.sha256(got.numpy().tobytes()).hexdigest() == hashlib.sha256(ref.numpy().tobytes()).hexdigest()
     meta = json.loads((out / "matrix.json").read_text())
-    assert meta["method"] == "diffusion2" and meta["ignored_knobs"] == []
+    assert meta["method"] == "diffusion2" and meta["ignored_knobs"] == ["sv4d_cfg_min", "sv4d_cfg_max"]  # SV4D's only
 
 
 def test_static_puts_the_input_views_first_frame_everywhere_without_a_prior_call(tiny, tmp_path, monkeypatch):
@@ -260,7 +260,7 @@ OTHER_VALUE = dict(weight_schedule="cosine", w_multiview_constant=0.3, s0=0.3, k
                    multiview_cfg="triangle", multiview_cfg_scale=4.0, multiview_cfg_min=1.5, multiview_cond_aug=0.05,
                    video_cfg_min=1.0, video_cfg_max=2.0, fps_id=6, motion_bucket_id=60, video_cond_aug=0.05,
                    num_steps=2, sigma_min=0.01, sigma_max=80.0, rho=5.0, solver="heun", rollback_steps=2,
-                   rollback_noise="vp", seed=5, decode_chunk=2, devices=["cpu"])
+                   rollback_noise="vp", seed=5, decode_chunk=2, devices=["cpu"], sv4d_cfg_min=1.2, sv4d_cfg_max=3.0)
 
 
 @pytest.mark.parametrize("method", ["video_only", "multiview_only", "static"])

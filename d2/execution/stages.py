@@ -98,7 +98,19 @@ def prior_weights(params: BaseModel) -> dict[str, Path]:
             out[f"{family}_weights"] = path
     if cfg.components_path and Path(cfg.components_path).expanduser().exists():
         out["components"] = Path(cfg.components_path).expanduser()
+    if params.sampling.method.startswith("sv4d") and cfg.sv4d_path and Path(cfg.sv4d_path).expanduser().exists():
+        out["sv4d_weights"] = Path(cfg.sv4d_path).expanduser()
     return out
+
+
+def get_sv4d(params: BaseModel, device: str | None = None) -> Any:
+    """The network of an sv4d* sampling method (None for the others), built once per process and config."""
+    if not params.sampling.method.startswith("sv4d"):
+        return None
+    from d2.stages.priors.sv4d import build_sv4d_network
+
+    key = f"sv4d|{params.sampling.method}|{params.priors.model_dump_json()}|{device}"
+    return _built_once(key, lambda: build_sv4d_network(params.priors, params.sampling.method, device))
 
 
 def _quiet(cfg: BaseModel) -> BaseModel:
@@ -117,14 +129,15 @@ def compute_conditions(inputs: dict[str, Path], out: Path, params: BaseModel) ->
 
 
 def compute_sampling(inputs: dict[str, Path], out: Path, params: BaseModel) -> dict:
-    """conditions -> the V x F matrix (score composition of the two priors)."""
+    """conditions -> the V x F matrix (score composition of the two priors, or sampling.method's)."""
     from d2.stages.sampling import run_sampling
     from d2.utils.gpu import peak_gpu_memory
 
     replicas = [get_priors(params, d) for d in params.sampling.devices] or None  # one prior pair per device
     priors = replicas[0] if replicas else get_priors(params)
     with peak_gpu_memory(params.sampling.devices or [params.priors.device]) as peak:
-        run_sampling(inputs["conditions"], out, _quiet(params.sampling), priors, replicas, on_step=reporter())
+        run_sampling(inputs["conditions"], out, _quiet(params.sampling), priors, replicas, on_step=reporter(),
+                     sv4d=get_sv4d(params))
     return {**_read_json(out / "matrix.json", keep=("V", "F", "resolution", "method")), **peak}
 
 
@@ -218,7 +231,7 @@ def compute_tables(inputs: dict[str, Path], out: Path, params: BaseModel) -> dic
             unavailable["fvd"] = reason
     # no dataset label here: the entry is keyed on the ground truth's content, not on where it lies;
     # the run labels its copy with the dataset as the user named it (label_dataset)
-    results = merge_results(parts, params.protocol, requested, fvd=fvd,
+    results = merge_results(parts, params.protocol, requested, method=params.sampling.method, fvd=fvd,
                             unavailable=unavailable, generation_time_s=generation_s)
     write_results(results, out)
     return {"summary": {**results.mean, "frames": results.frames}, "unavailable": results.unavailable,
@@ -243,7 +256,7 @@ SPECS: dict[str, StageSpec] = {
     "metrics": StageSpec("metrics", compute_metrics, ("d2.eval.scoring",), ("protocol", "metrics"),
                          device_key="metrics.device"),
     "tables": StageSpec("tables", compute_tables, ("d2.eval.scoring", "d2.eval.tables"),
-                        ("protocol", "metrics"), device_key="metrics.device"),
+                        ("protocol", "metrics", "sampling.method"), device_key="metrics.device"),
 }
 
 def label_dataset(tables_dir: Path, dataset: str) -> str:

@@ -23,6 +23,14 @@ the composition, one benchmark row each):
     static          no prior call: the input view's first frame (the input image when it is
                     frame 0 of the reference video, as for image and first-frame video inputs,
                     else the reference video's frame 0) in every entry
+    sv4d            Stability's SV4D (baseline): its script's loop (anchor frames, then dense
+                    windows) with its own network, conditioned on the reference video and the
+                    reference orbit (SV3D_p's views, as the script takes SV3D's), sharing the
+                    multi-view prior's first stage and CLIP (:mod:`d2.stages.sv4d_sampling`,
+                    :func:`sv4d_loop_config`: the script's layout, windows and guider, with
+                    num_steps, the sigmas and the seed of this config; V = 9, F = 21)
+    sv4d2           SV4D 2.0 (4 views x 12 frames a window; V = 5), likewise without the orbit
+    sv4d2_8views    SV4D 2.0's 8-view checkpoint (8 views x 5 frames a window; V = 9, F = 5 + 4k)
 
 A knob a method does not read (:func:`ignored_knobs`, recorded in ``matrix.json``) still enters
 the stage's cache key: changing it recomputes the same matrix under a new key.
@@ -53,18 +61,23 @@ from d2.stages.schedules import (
     multiview_cfg_scales,
     video_cfg_scales,
 )
+from d2.stages.sv4d_sampling import SV4DSamplingConfig, check_matrix_shape
 
 if TYPE_CHECKING:
     from d2.stages.conditions import Conditions
+    from d2.stages.priors.sv4d import SV4DNetwork
 
 
-SamplingMethod = Literal["diffusion2", "video_only", "multiview_only", "static"]
+SamplingMethod = Literal["diffusion2", "video_only", "multiview_only", "static", "sv4d", "sv4d2", "sv4d2_8views"]
 
 # the weight-schedule knobs (what video_only / multiview_only replace by fixed weights)
 WEIGHT_KNOBS = ("weight_schedule", "w_multiview_constant", "s0", "k", "logistic_min", "logistic_max", "step_fraction",
                 "per_view_video_weight", "per_view_amplitude")
 # what the static method reads (besides the no-effect knobs)
 STATIC_KNOBS = ("method", "num_views", "num_frames", "resolution", "grid_thumb", "video_fps")
+# what the SV4D methods read: the knobs they share with the composed sampler, their guider scales, the display
+SV4D_ONLY = ("sv4d_cfg_min", "sv4d_cfg_max")  # what only the SV4D methods read
+SV4D_KNOBS = (*STATIC_KNOBS, "num_steps", "sigma_min", "sigma_max", "rho", "seed", "sv4d_cfg_min", "sv4d_cfg_max")
 
 
 class SamplingConfig(BaseModel):
@@ -107,6 +120,8 @@ class SamplingConfig(BaseModel):
     grid_thumb: int = Field(32, ge=8)  # cell side in grid.png / grid.mp4 (a smaller matrix is enlarged by a whole factor)
     video_fps: int = Field(8, ge=1)  # fps of grid.mp4
     progress: bool = Field(True, json_schema_extra={"no_effect": True})  # show tqdm bars
+    sv4d_cfg_min: float | None = Field(None, ge=0)  # sv4d* methods: the guider's min scale; None: the script's (1.0; SV4D 2.0 8 views 1.5)
+    sv4d_cfg_max: float | None = Field(None, ge=0)  # sv4d* methods: the guider's max scale; None: the script's (2.0; SV4D 2.0 8 views 2.5)
 
     @model_validator(mode="after")
     def _finite_schedules(self) -> "SamplingConfig":
@@ -117,21 +132,41 @@ class SamplingConfig(BaseModel):
         problem = karras_problem("sampling", self.sigma_min, self.sigma_max, self.rho)
         if problem:
             raise ValueError(problem)
+        if self.method in ("sv4d", "sv4d2", "sv4d2_8views"):
+            check_matrix_shape(sv4d_loop_config(self), self.num_views, self.num_frames)
         return self
+
+
+def sv4d_loop_config(cfg: SamplingConfig) -> SV4DSamplingConfig:
+    """The loop of an sv4d* method: its script's layout, windows and guider, with this config's
+    steps, EDM sigmas and seed (the knobs the methods share) and the guider scales when set."""
+    knobs = dict(num_steps=cfg.num_steps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho, seed=cfg.seed)
+    knobs.update({k: v for k, v in (("cfg_min", cfg.sv4d_cfg_min), ("cfg_max", cfg.sv4d_cfg_max)) if v is not None})
+    match cfg.method:
+        case "sv4d":
+            return SV4DSamplingConfig(**knobs)
+        case "sv4d2":
+            return SV4DSamplingConfig.sv4d2(**knobs)
+        case "sv4d2_8views":
+            return SV4DSamplingConfig.sv4d2_8views(**knobs)
+    raise ValueError(f"sampling.method = {cfg.method} is not an SV4D method")
 
 
 def ignored_knobs(cfg: SamplingConfig) -> list[str]:
     """The sampling knobs ``cfg.method`` does not read (no-effect knobs left out)."""
     match cfg.method:
         case "diffusion2":
-            return []
+            return list(SV4D_ONLY)
         case "video_only":  # the multi-view condition is built (same noise draws), never used
-            return [*WEIGHT_KNOBS, "multiview_cfg", "multiview_cfg_scale", "multiview_cfg_min", "multiview_cond_aug"]
+            return [*WEIGHT_KNOBS, "multiview_cfg", "multiview_cfg_scale", "multiview_cfg_min", "multiview_cond_aug",
+                    *SV4D_ONLY]
         case "multiview_only":  # the video condition is built (same noise draws), never used
-            return [*WEIGHT_KNOBS, "video_cfg_min", "video_cfg_max", "fps_id", "motion_bucket_id", "video_cond_aug"]
-        case "static":
+            return [*WEIGHT_KNOBS, "video_cfg_min", "video_cfg_max", "fps_id", "motion_bucket_id", "video_cond_aug",
+                    *SV4D_ONLY]
+        case "static" | "sv4d" | "sv4d2" | "sv4d2_8views":
+            read = STATIC_KNOBS if cfg.method == "static" else SV4D_KNOBS
             return [k for k, f in type(cfg).model_fields.items()
-                    if k not in STATIC_KNOBS and not (f.json_schema_extra or {}).get("no_effect")]
+                    if k not in read and not (f.json_schema_extra or {}).get("no_effect")]
 
 
 def weights_at(i: int, cfg: SamplingConfig, num_views: int) -> tuple[Tensor, Tensor]:
@@ -314,10 +349,12 @@ def static_matrix(conditions: "Conditions", num_views: int, num_frames: int) -> 
 
 def method_matrix(priors: tuple[Prior, Prior], conditions: "Conditions", cfg: SamplingConfig,
                   replicas: list[tuple[Prior, Prior]] | None = None,
-                  on_step: Callable[[int, int, Tensor, float], None] | None = None) -> tuple[Tensor | None, Tensor]:
+                  on_step: Callable[[int, int, Tensor, float], None] | None = None,
+                  sv4d: "SV4DNetwork | None" = None) -> tuple[Tensor | None, Tensor]:
     """``cfg.method``'s matrix: (latents [V, F, C, h, w] fp32, or None for a method without
     latents; images [V, F, 3, H, W] in [0, 1]), both on the CPU. ``replicas`` and ``on_step`` as
-    for :func:`sample_matrix`."""
+    for :func:`sample_matrix`; ``sv4d``: the network of the sv4d* methods
+    (:func:`d2.stages.priors.sv4d.build_sv4d_network`)."""
     video_prior, multiview_prior = priors
     match cfg.method:
         case "diffusion2" | "video_only" | "multiview_only":  # one sampler; weights_at forces the extremes
@@ -325,6 +362,20 @@ def method_matrix(priors: tuple[Prior, Prior], conditions: "Conditions", cfg: Sa
             return latents, decode_matrix(video_prior, latents, cfg.decode_chunk, cfg.progress)
         case "static":
             return None, static_matrix(conditions, cfg.num_views, cfg.num_frames)
+        case "sv4d" | "sv4d2" | "sv4d2_8views":  # Stability's loop and network; the multi-view prior's VAE and CLIP
+            from d2.stages.sv4d_sampling import components_from_prior, sample_sv4d_matrix
+
+            if sv4d is None:
+                raise ValueError(f"sampling.method = {cfg.method} needs its network (build_sv4d_network)")
+            comps = components_from_prior(multiview_prior, sv4d.network, sv4d.vector_widths)
+            loop = sv4d_loop_config(cfg)
+            orbit = conditions.orbit if loop.loop == "sv4d" else None  # SV4D 2.0 takes no reference views
+            with torch.no_grad():
+                latents, _ = sample_sv4d_matrix(conditions.video.float(), orbit, list(conditions.azimuths_deg),
+                                                conditions.elevation_deg, comps, loop)
+                images = torch.stack([torch.cat([comps.decode(row[f:f + 1]) for f in range(row.shape[0])])
+                                      for row in latents])  # per image, as the scripts' first stage decodes
+            return latents.float().cpu(), ((images + 1) / 2).clamp(0, 1).float().cpu()
     raise ValueError(f"unknown sampling.method {cfg.method!r}")
 
 
@@ -352,8 +403,9 @@ def _thumbs(images: Tensor, size: int) -> Tensor:
 
 def run_sampling(conditions_dir: str | Path, out_dir: str | Path, cfg: SamplingConfig,
                  priors: tuple[Prior, Prior], replicas: list[tuple[Prior, Prior]] | None = None,
-                 on_step: Callable[[int, int, dict[str, float]], None] | None = None) -> Path:
-    """Stage: conditions folder -> matrix folder.
+                 on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+                 sv4d: "SV4DNetwork | None" = None) -> Path:
+    """Stage: conditions folder -> matrix folder (``sv4d``: the network of the sv4d* methods).
 
     Writes (atomically, the folder appears whole) ``latents.pt`` ({"latents": [V, F, C, h, w]}; by
     the methods that sample latents), ``view_XX/frame_YY.png``, ``grid.png`` (rows = views,
@@ -376,7 +428,7 @@ def run_sampling(conditions_dir: str | Path, out_dir: str | Path, cfg: SamplingC
         if on_step is not None:
             on_step(i, n, steps[-1])
 
-    latents, images = method_matrix(priors, conditions, cfg, replicas, step_done)  # [V, F, C, h, w], [V, F, 3, H, W]
+    latents, images = method_matrix(priors, conditions, cfg, replicas, step_done, sv4d)  # [V,F,C,h,w], [V,F,3,H,W]
     v, f = images.shape[:2]
     with atomic_dir(out_dir) as tmp:
         if latents is not None:

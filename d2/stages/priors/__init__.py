@@ -9,6 +9,7 @@
     folder.py    the prior folder layout (save / load)
     svd.py       ``svd``: SVD-XT from a folder or the Hugging Face cache
     sv3d_p.py    ``sv3d_p``: SV3D_p from Stability's checkpoint (``stability`` = svd + sv3d_p)
+    sv4d.py      the SV4D / SV4D 2.0 network of the ``sv4d*`` sampling methods, per backend
 
 :func:`build_prior` names every backend's builder in its code, so each backend module is in the
 import closure, hence the cache key, of every stage that loads priors.

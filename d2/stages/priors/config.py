@@ -118,6 +118,7 @@ class PriorsConfig(BaseModel):
     multiview_backend: Backend | None = None  # override for the multi-view family (e.g. "sv3d_p", "mini")
     video_path: str | None = None  # video weights: diffusers-layout / d2 prior folder (svd, mini)
     multiview_path: str | None = None  # multi-view weights: sv3d_p.safetensors file or d2 prior folder
+    sv4d_path: str | None = None  # SV4D / SV4D 2.0 checkpoint (sampling.method sv4d*: sv4d.safetensors, sv4d2.safetensors, ...); None: the Hugging Face cache
     components_path: str | None = None  # folder with vae/ image_encoder/ feature_extractor/ for sv3d_p (default: SVD-XT)
     hf_repo_id: str = SVD_XT_REPO  # Hugging Face repo searched in the local cache when video_path is unset
     hf_cache_dir: str | None = None  # Hugging Face cache dir (default: HF_HUB_CACHE / ~/.cache/huggingface/hub)

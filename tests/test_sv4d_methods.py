@@ -89,3 +89,7 @@ def test_missing_sv4d_weights_name_the_file_and_how_to_get_them(tmp_path):
         build_sv4d_network(p.priors, "sv4d")
     with pytest.raises(FileNotFoundError, match="priors.sv4d_path"):
         build_sv4d_network(p.priors.model_copy(update={"sv4d_path": str(tmp_path / "none.safetensors")}), "sv4d")
+    garbage = tmp_path / "sv4d.safetensors"
+    garbage.write_bytes(b"\x00" * 7 + b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"sv4d\.safetensors: not a readable sv4d checkpoint"):
+        build_sv4d_network(p.priors.model_copy(update={"sv4d_path": str(garbage)}), "sv4d")

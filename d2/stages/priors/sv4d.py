@@ -64,6 +64,10 @@ def build_sv4d_network(cfg: PriorsConfig, version: str, device: str | torch.devi
         path = Path(cfg.sv4d_path).expanduser() if cfg.sv4d_path else find_sv4d_checkpoint(version, cfg.hf_cache_dir)
         if not path.is_file():
             raise FileNotFoundError(f"priors.sv4d_path = {cfg.sv4d_path}: file not found (the {version} checkpoint)")
-        out = SV4DNetwork(load_sv4d_unet(path, version, DTYPES[cfg.dtype]), SGM_VECTOR_WIDTHS)
+        try:
+            net = load_sv4d_unet(path, version, DTYPES[cfg.dtype])
+        except Exception as e:  # noqa: BLE001  (a truncated or foreign file, whatever the reader raises: named, with why)
+            raise ValueError(f"{path}: not a readable {version} checkpoint ({type(e).__name__}: {e})") from None
+        out = SV4DNetwork(net, SGM_VECTOR_WIDTHS)
     out.network.to(dev).eval().requires_grad_(False)
     return out
